@@ -1,0 +1,128 @@
+"""The `kdtool` app: global flags, subcommand registration and the one-line error rule.
+
+Each subcommand lives in its own module under kdtool/cli/ and exposes `main` (a command) or
+`app` (a Typer group). Every command is wrapped so that a KdtoolError prints one line and
+exits with its code (2 bad input, 1 runtime failure); --debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+import traceback
+import warnings
+from typing import Annotated
+
+import typer
+
+from kdtool import __version__
+from kdtool.cli.common import STATE
+from kdtool.errors import KdtoolError
+
+app = typer.Typer(
+    name="kdtool",
+    help="Predict how small a knowledge-distillation student can get, from SAE measurements.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+#: (command name, module under kdtool.cli). Order = order in --help.
+COMMANDS = [
+    ("info", "info"),
+    ("predict", "predict"),
+    ("calibrate", "calibrate"),
+    ("plot", "plot"),
+    ("toy", "toy"),
+    ("cache-acts", "cache_acts"),
+    ("train-sae", "train_sae"),
+    ("stats", "stats"),
+    ("distill", "distill"),
+    ("probe", "probe"),
+    ("completion", "completion"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kdtool {__version__}")
+        raise typer.Exit(0)
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout; no progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Predict how small a knowledge-distillation student can get, from SAE measurements.
+
+    Subcommands exchange safetensors and Parquet files so they chain in shell scripts.
+    Example: kdtool predict --features 28665 --alpha 0.99238 --widths 128,256,512
+    """
+    STATE.json, STATE.quiet, STATE.debug = json_out, quiet, debug
+    warnings.showwarning = _showwarning
+
+
+def _fail(name: str, message: str, code: int) -> None:
+    print(f"kdtool {name}: error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def guarded(name: str, fn):
+    """Wrap a command: record its options for provenance; turn errors into one line + exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        STATE.command = f"kdtool {name}"
+        STATE.params = dict(kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except KdtoolError as exc:
+            if STATE.debug:
+                traceback.print_exc()
+            _fail(name, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            print(f"kdtool {name}: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become one line
+            if STATE.debug:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(name, f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(f"kdtool.cli.{module_name}")
+        if hasattr(module, "app"):
+            for cmd in module.app.registered_commands:
+                cmd.callback = guarded(f"{name} {cmd.name or cmd.callback.__name__}", cmd.callback)
+            app.add_typer(module.app, name=name)
+        else:
+            app.command(name, help=module.main.__doc__)(guarded(name, module.main))
+
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    if "_KDTOOL_COMPLETE" in os.environ:  # TAB pressed: register Typer's shell classes (add_completion=False skips it)
+        from typer._completion_classes import completion_init
+
+        completion_init()
+    app(prog_name="kdtool")

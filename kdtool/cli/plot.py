@@ -1,0 +1,8 @@
+"""kdtool plot: placeholder until its issue lands."""
+
+from kdtool.errors import RuntimeFailure
+
+
+def main() -> None:
+    """Not implemented yet."""
+    raise RuntimeFailure("not implemented yet")

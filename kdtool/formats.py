@@ -1,0 +1,216 @@
+"""Reading and writing kdtool's files: atomic writes, Parquet/CSV/JSON tables, safetensors.
+
+One place decides how provenance is stored:
+- Parquet: schema metadata key ``kdtool`` (provenance JSON) plus ``kdtool.kind`` and
+  optional ``kdtool.summary`` (JSON).
+- safetensors: ``__metadata__`` keys ``kdtool`` (provenance JSON) and ``kdtool.kind``.
+- JSON: top-level keys ``kind`` and ``provenance``.
+See docs/formats.md for each artifact's schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdtool import provenance as _prov
+from kdtool.errors import BadInput, MissingColumns, UnknownFormat
+
+TABLE_SUFFIXES = {".parquet", ".pq", ".csv", ".json", ".jsonl", ".tsv"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    A crash or an exception leaves no partial file under the final name.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
+    write_text(path, json.dumps(_prov.jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _schema_metadata(kind: str, provenance: dict | None, summary: Any | None) -> dict[bytes, bytes]:
+    meta = {b"kdtool.kind": kind.encode()}
+    if provenance is not None:
+        meta[b"kdtool"] = _prov.dumps(provenance).encode()
+    if summary is not None:
+        meta[b"kdtool.summary"] = json.dumps(_prov.jsonable(summary)).encode()
+    return meta
+
+
+def write_parquet(
+    path: str | os.PathLike,
+    columns: dict[str, Any],
+    *,
+    kind: str,
+    provenance: dict | None = None,
+    summary: Any | None = None,
+) -> None:
+    """Write a dict of equal-length columns as Parquet with kdtool metadata, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    table = table.replace_schema_metadata(_schema_metadata(kind, provenance, summary))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """kdtool metadata of a Parquet file: {'kind', 'provenance', 'summary'} (missing -> None)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise BadInput(f"{path}: not a readable Parquet file ({exc})") from exc
+    out: dict[str, Any] = {"kind": None, "provenance": None, "summary": None}
+    if b"kdtool.kind" in meta:
+        out["kind"] = meta[b"kdtool.kind"].decode()
+    if b"kdtool" in meta:
+        out["provenance"] = json.loads(meta[b"kdtool"])
+    if b"kdtool.summary" in meta:
+        out["summary"] = json.loads(meta[b"kdtool.summary"])
+    return out
+
+
+def read_table(path: str | os.PathLike, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read Parquet, CSV/TSV, JSON (list of records or dict of columns) or JSONL into numpy columns.
+
+    Raises BadInput naming the file for anything unreadable, and MissingColumns when a
+    required column is absent.
+    """
+    import numpy as np
+
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInput(f"{p}: is a folder, expected a table file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p)
+            cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        elif suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pcsv
+
+            opts = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            table = pcsv.read_csv(p, parse_options=opts)
+            cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        elif suffix in (".json", ".jsonl"):
+            text = p.read_text()
+            if suffix == ".jsonl":
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                obj = json.loads(text)
+                records = obj.get("rows", obj) if isinstance(obj, dict) else obj
+            if isinstance(records, dict):
+                cols = {k: np.asarray(v) for k, v in records.items()}
+            elif isinstance(records, list) and records and isinstance(records[0], dict):
+                keys = list(records[0])
+                cols = {k: np.asarray([r.get(k) for r in records]) for k in keys}
+            else:
+                raise BadInput(f"{p}: JSON must be a list of records or an object of columns")
+        else:
+            raise UnknownFormat(f"{p}: unknown table format {suffix!r} (use .parquet, .csv, .tsv, .json or .jsonl)")
+    except (BadInput, UnknownFormat):
+        raise
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types
+        raise BadInput(f"{p}: cannot read as {suffix.lstrip('.')} ({str(exc).splitlines()[0]})") from exc
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise MissingColumns(f"{p}: missing column(s) {', '.join(missing)} (has: {', '.join(cols) or 'none'})")
+    lengths = {len(v) for v in cols.values()}
+    if len(lengths) > 1:
+        raise BadInput(f"{p}: columns have different lengths")
+    if cols and lengths == {0}:
+        raise BadInput(f"{p}: table has no rows")
+    return cols
+
+
+def numeric_column(cols: dict[str, Any], name: str, path: str | os.PathLike, *, positive: bool = False):
+    """A column as float64, refusing non-numbers, NaN and infinities with a one-line error."""
+    import numpy as np
+
+    try:
+        arr = np.asarray(cols[name], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadInput(f"{path}: column {name!r} is not numeric") from None
+    if not np.all(np.isfinite(arr)):
+        raise BadInput(f"{path}: column {name!r} has NaN or infinite values")
+    if positive and np.any(arr <= 0):
+        raise BadInput(f"{path}: column {name!r} must be > 0")
+    return arr
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: no such file")
+    try:
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{p}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise BadInput(f"{p}: expected a JSON object")
+    return obj
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, *, kind: str, provenance: dict | None = None,
+                     extra: dict[str, str] | None = None) -> None:
+    """Save torch tensors as safetensors with kdtool metadata, atomically."""
+    from safetensors.torch import save_file
+
+    meta = {"kdtool.kind": kind}
+    if provenance is not None:
+        meta["kdtool"] = _prov.dumps(provenance)
+    meta.update(extra or {})
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a safetensors header without loading tensors: {'tensors': {name: {dtype, shape}}, 'metadata': {...}}."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or n > 100 * 2**20:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{p}: not a safetensors file ({exc})") from exc
+    meta = header.pop("__metadata__", {}) or {}
+    tensors = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}
+    return {"tensors": tensors, "metadata": meta}
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN/inf: map them to null."""
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
