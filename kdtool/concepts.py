@@ -1,0 +1,546 @@
+"""The default probe concepts: six binary labels built offline from real text (paper section 7.1).
+
+The paper probes "is this a question / French / code / about sports / legal / medical" on The Pile.
+We rebuild the same six from text that ships in Debian packages (fetched by
+scripts/fetch-concept-sources into $KDTOOL_HOME/sources), with every label taken from how the
+source itself marks the text, and the mark removed where a probe could key on it:
+
+- question: Austen sentences ending in '?' vs in '.' (r-cran-janeaustenr); the final
+  punctuation and all double quotes removed.
+- french: paragraphs of manpages-fr vs the same pages in manpages; roff markup removed, French
+  paragraphs left untranslated (identical to the English page, or mostly English function words)
+  dropped.
+- code: a python3.11-doc reST paragraph with the code block it introduces vs prose paragraphs
+  with no code; '::', code-block directives and inline roles removed.
+- sports / legal / medical: WordNet glosses whose topic domain (or the synset itself) lies under
+  the concept's root synsets vs other glosses (wordnet-base); leading '(law)'-style tags removed.
+
+Negatives are drawn to match the positives' length (and part of speech for WordNet).
+Each example records `source` (package) and `item` (the source unit it came from: a chapter, a
+man page, a doc page, a synset) so the control task (Hewitt & Liang 2019) can give every item one
+fixed random label. Classes are balanced, up to `per_class` each, sampled deterministically from
+`seed`. Details, licences and counts: docs/probe.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import random
+import re
+import textwrap
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdtool.errors import BadInput
+
+CONCEPTS = ("question", "french", "code", "sports", "legal", "medical")
+
+#: Concept -> the Debian packages it needs (see kdtool.debsource.CONCEPT_PACKAGES).
+PACKAGES = {
+    "question": ("r-cran-janeaustenr",),
+    "french": ("manpages", "manpages-fr"),
+    "code": ("python3.11-doc",),
+    "sports": ("wordnet-base",),
+    "legal": ("wordnet-base",),
+    "medical": ("wordnet-base",),
+}
+
+#: WordNet 3.0 roots per topic concept: a synset is positive when its topic domain (';c' pointer)
+#: lies under one of these synsets by hyponymy, or when the synset itself does.
+WORDNET_ROOTS = {
+    "sports": (
+        "n00523513",  # sport, athletics (topic domain of baseball, tennis, golf, ... glosses)
+        "n09820263",  # athlete, jock
+    ),
+    "legal": (
+        "n08441203",  # law, jurisprudence (domain of case law, legislation, ...)
+        "n06479665",  # legal document, legal instrument
+        "n10249950",  # lawyer, attorney
+        "n08329453",  # court, tribunal, judicature
+    ),
+    "medical": (
+        "n06045562",  # medical science (domain of medicine, surgery, pathology, psychiatry, ...)
+        "n14070360",  # disease
+        "n14299637",  # symptom
+        "n01024392",  # medical procedure
+        "n00657604",  # medical care
+        "n03740161",  # medicine, medication, drug
+        "n10020890",  # doctor, physician
+    ),
+}
+
+LICENCES = {
+    "r-cran-janeaustenr": "Austen's novels: public domain; package MIT (Julia Silge)",
+    "manpages": "Linux man-pages: Linux-man-pages-copyleft and others (see its copyright file)",
+    "manpages-fr": "French translations of man-pages: GPL-3+",
+    "python3.11-doc": "Python documentation: PSF License 2 (Python Software Foundation)",
+    "wordnet-base": "WordNet 3.0 licence (Princeton University), permissive",
+}
+
+
+class SourceMissing(Exception):
+    """A concept's source package is not under the sources folder (message says how to fetch it)."""
+
+
+@dataclass
+class Candidates:
+    """Texts that could become examples of one concept, per class: (text, source, item)."""
+
+    pos: list[tuple[str, str, str]] = field(default_factory=list)
+    neg: list[tuple[str, str, str]] = field(default_factory=list)
+    #: optional stratum per entry (e.g. part of speech); negatives are drawn to match the positives' mix
+    pos_strata: list[str] | None = None
+    neg_strata: list[str] | None = None
+
+
+def _root(pkg: str, sources: Path) -> Path:
+    d = sources / pkg
+    if not (d / "usr").is_dir():
+        raise SourceMissing(f"package {pkg} not found under {sources} (run scripts/fetch-concept-sources)")
+    return d
+
+
+def _clip(text: str, max_chars: int) -> str:
+    """Cut at a word boundary so a text never exceeds max_chars."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    return cut[: cut.rfind(" ")] if " " in cut else cut
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+# ---------------------------------------------------------------- question: Austen's sentences
+_ABBREV = {"Mr", "Mrs", "Dr", "St", "Messrs", "Esq", "Col", "Capt", "Rev", "Sir", "Mme", "Gen", "Lt"}
+_BOUNDARY = re.compile(r"([.?!])([\"'\u201d\u2019]*)\s+(?=[\"'\u201c\u2018]?[A-Z])")
+_CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+([IVXLC\d]+)\b")
+_QUOTES = re.compile(r"[\"\u201c\u201d]")
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Split at . ? ! (plus closing quotes) before a capital, keeping abbreviations like 'Mr.' whole."""
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(paragraph):
+        before = paragraph[start : m.start()].split()
+        if m.group(1) == "." and before and before[-1].strip("\"'") in _ABBREV:
+            continue
+        out.append(paragraph[start : m.end()].strip())
+        start = m.end()
+    tail = paragraph[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+def question_candidates(sources: Path, *, min_words: int = 5, max_words: int = 60, **_) -> Candidates:
+    from kdtool.rdata import read_lazyload
+
+    stem = _root("r-cran-janeaustenr", sources) / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    books = read_lazyload(stem)
+    cands = Candidates()
+    for book in sorted(books):
+        chapter, para = 0, []
+        for line in [*books[book], ""]:
+            if _CHAPTER.match(line or ""):
+                chapter += 1
+            if line and line.strip():
+                para.append(line.strip())
+                continue
+            text = " ".join(para).replace("_", "")
+            para = []
+            if chapter == 0 or not text:
+                continue
+            for sent in split_sentences(text):
+                core = sent.rstrip("\"'\u201d\u2019 ")
+                if not core or core[-1] not in ".?" or "!" in core or not (min_words <= _words(core) <= max_words):
+                    continue
+                n_q = core.count("?")
+                if core.endswith("?") and n_q == 1:
+                    label = 1
+                elif core.endswith(".") and n_q == 0:
+                    label = 0
+                else:
+                    continue  # a question inside a statement (or vice versa): ambiguous label
+                clean = re.sub(r"\s+", " ", _QUOTES.sub("", core[:-1])).strip()
+                clean = clean.strip("'\u2018\u2019 ")
+                entry = (clean, "r-cran-janeaustenr", f"austen:{book}:ch{chapter}")
+                (cands.pos if label else cands.neg).append(entry)
+    return cands
+
+
+# ---------------------------------------------------------------- french: parallel man pages
+_ROFF_ESCAPES = [
+    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
+    (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""),  # string interpolation
+    (re.compile(r"\\\((hy|en|em|mi)"), "-"),
+    (re.compile(r"\\\((aq|cq|oq)"), "'"),
+    (re.compile(r"\\\((dq|lq|rq)"), '"'),
+    (re.compile(r"\\\(Fo"), "\u00ab"),
+    (re.compile(r"\\\(Fc"), "\u00bb"),
+    (re.compile(r"\\\(.."), ""),
+    (re.compile(r"\\\[[^\]]*\]"), ""),
+    (re.compile(r"\\[-]"), "-"),
+    (re.compile(r"\\[ ~0|^]"), " "),
+    (re.compile(r"\\[&:c%]"), ""),
+    (re.compile(r"\\e"), "\\\\"),
+]
+_ROFF_TEXT_MACROS = {"B", "I", "BR", "RB", "IR", "RI", "BI", "IB", "SM", "SB"}
+
+
+def roff_paragraphs(source: str) -> list[str]:
+    """Prose paragraphs of a man page: macro lines end a paragraph, examples (.EX/.nf) are skipped."""
+    paras, cur, literal, skip_next = [], [], False, False
+    for raw in source.splitlines():
+        if raw.startswith(('.\\"', "'\\\"", '\\"')):
+            continue
+        if raw.startswith((".", "'")):
+            parts = raw[1:].split(None, 1)
+            macro = parts[0] if parts else ""
+            if macro in ("EX", "nf"):
+                literal = True
+            elif macro in ("EE", "fi"):
+                literal = False
+            if macro in _ROFF_TEXT_MACROS and not literal:
+                cur.append(parts[1].replace('"', "") if len(parts) > 1 else "")
+                continue
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            skip_next = macro == "TP"  # the next line is the tag (an option or a name), not prose
+            continue
+        if literal:
+            continue
+        if skip_next:
+            skip_next = False
+            continue
+        cur.append(raw)
+    if cur:
+        paras.append(" ".join(cur))
+    out = []
+    for p in paras:
+        for pattern, repl in _ROFF_ESCAPES:
+            p = pattern.sub(repl, p)
+        out.append(re.sub(r"\s+", " ", p).strip())
+    return [p for p in out if p]
+
+
+def _man_pages(root: Path) -> dict[str, Path]:
+    """{'man7/pipe.7': path} for real (non-link, non-.so) pages."""
+    out = {}
+    for path in sorted(root.glob("man*/*.gz")):
+        if path.is_symlink():
+            continue
+        out[f"{path.parent.name}/{path.name[:-3]}"] = path
+    return out
+
+
+#: Function words used only to drop paragraphs that po4a left untranslated (not to label anything).
+_EN_WORDS = frozenset("the is of and to in that this for are with be it by or as not on".split())
+_FR_WORDS = frozenset("le la les de des est et une un du pour dans que sont au aux ne pas sur par".split())
+
+
+def _mostly_english(text: str) -> bool:
+    words = re.findall(r"[a-zàâçéèêëîïôûùüÿœ]+", text.lower())
+    return sum(w in _EN_WORDS for w in words) > sum(w in _FR_WORDS for w in words)
+
+
+def french_candidates(sources: Path, *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
+    en_pages = _man_pages(_root("manpages", sources) / "usr/share/man")
+    fr_pages = _man_pages(_root("manpages-fr", sources) / "usr/share/man/fr")
+    cands = Candidates()
+    for page in sorted(set(en_pages) & set(fr_pages)):  # the same pages in both languages
+        en = roff_paragraphs(gzip.decompress(en_pages[page].read_bytes()).decode("utf-8", "replace"))
+        fr = roff_paragraphs(gzip.decompress(fr_pages[page].read_bytes()).decode("utf-8", "replace"))
+        en_set = set(en)
+        for text in en:
+            if _words(text) >= min_words:
+                cands.neg.append((_clip(text, max_chars), "manpages", f"manpages:{page}"))
+        for text in fr:
+            # po4a leaves paragraphs it has no translation for in English (identical to the English page,
+            # or from another man-pages version): those are not French text
+            if _words(text) >= min_words and text not in en_set and not _mostly_english(text):
+                cands.pos.append((_clip(text, max_chars), "manpages-fr", f"manpages-fr:{page}"))
+    return cands
+
+
+# ---------------------------------------------------------------- code: reST paragraphs and code blocks
+_ROLE = re.compile(r":[\w:+-]+:`([^`]*)`")
+_CODE_DIRECTIVES = ("code-block", "sourcecode", "code", "testcode", "doctest", "highlight-python")
+_UNDERLINE = re.compile(r"^([=\-~^*#+`'\".:_])\1{2,}\s*$")
+_LIST = re.compile(r"^(\s*([*+-]|\d+[.)]|#\.|\(\w\))\s|\s*[+|=]-*[+|=])")
+
+
+def _role_text(m: re.Match) -> str:
+    inner = m.group(1)
+    if "<" in inner and inner.endswith(">"):
+        inner = inner[: inner.rfind("<")].strip()
+    return inner.lstrip("~!")
+
+
+def rest_inline(text: str) -> str:
+    """reST inline markup to plain text: roles, ``literals``, `links`_, *emphasis*, footnote refs."""
+    text = _ROLE.sub(_role_text, text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    text = re.sub(r"`([^`<]+?)(\s*<[^>]*>)?`_{1,2}", r"\1", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+    text = re.sub(r"(?<!\w)\*([^*\s][^*]*)\*", r"\1", text)
+    text = re.sub(r"\s*\[(#\w*|\d+)\]_", "", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """Maximal runs of non-blank lines with the indentation of their first line."""
+    out, cur = [], []
+    for line in [*lines, ""]:
+        if line.strip():
+            cur.append(line.rstrip())
+        elif cur:
+            out.append((len(cur[0]) - len(cur[0].lstrip()), cur))
+            cur = []
+    return out
+
+
+def rest_examples(source: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(introducing paragraph, code) pairs and plain prose paragraphs of one top-level reST document."""
+    blocks = _blocks(source.splitlines())
+    with_code, prose = [], []
+    i = 0
+    while i < len(blocks):
+        indent, lines = blocks[i]
+        first = lines[0].strip()
+        is_para = (
+            indent == 0
+            and all(not ln[:1].isspace() for ln in lines)  # a definition list indents its second line
+            and not first.startswith(("..", ">>>", ":"))
+            and not any(_UNDERLINE.match(ln) for ln in lines)
+            and not _LIST.match(lines[0])
+        )
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        code, j = None, i + 1
+        if is_para and lines[-1].endswith("::") and nxt and nxt[0] > 0:  # literal block
+            code_blocks = []
+            while j < len(blocks) and blocks[j][0] > 0:
+                code_blocks.append(blocks[j][1])
+                j += 1
+            code = code_blocks
+        elif is_para and nxt and nxt[0] == 0:
+            nfirst = nxt[1][0].strip()
+            if nfirst.startswith(">>>"):  # doctest block
+                code, j = [nxt[1]], i + 2
+            elif nfirst.startswith(".. ") and nfirst[3:].split("::")[0].strip() in _CODE_DIRECTIVES:
+                body = [ln for ln in nxt[1][1:] if not ln.strip().startswith(":")]  # directive options
+                code_blocks = [body] if body else []
+                j = i + 2
+                while j < len(blocks) and blocks[j][0] > 0:
+                    code_blocks.append(blocks[j][1])
+                    j += 1
+                code = code_blocks or None
+        if is_para:
+            text = " ".join(ln.strip() for ln in lines)
+            if code:
+                # reST: 'Example::' renders as 'Example:'; 'Example ::' and a lone '::' render as nothing
+                intro = text[:-2].rstrip() if text.endswith(" ::") or text == "::" else text.removesuffix(":")
+                intro = rest_inline(intro)
+                body = textwrap.dedent("\n\n".join("\n".join(b) for b in code)).strip("\n")
+                with_code.append((intro, body))
+                i = j
+                continue
+            if not text.endswith(":"):  # a paragraph ending in ':' introduces something: not plain prose
+                prose.append(rest_inline(text))
+        i += 1
+    return with_code, prose
+
+
+def code_candidates(sources: Path, *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
+    root = _root("python3.11-doc", sources) / "usr/share/doc/python3.11/html/_sources"
+    cands = Candidates()
+    for path in sorted(root.rglob("*.rst.txt")):
+        rel = path.relative_to(root).as_posix()[: -len(".txt")]
+        with_code, prose = rest_examples(path.read_text(encoding="utf-8", errors="replace"))
+        for intro, code in with_code:
+            intro = intro if len(intro) <= max_chars // 2 else "… " + intro[-(max_chars // 2) :].split(" ", 1)[-1]
+            room = max_chars - len(intro) - 2
+            kept = []
+            for line in code.splitlines():
+                if sum(len(k) + 1 for k in kept) + len(line) > room:
+                    break
+                kept.append(line)
+            if _words(intro) >= 3 and kept and any(k.strip() for k in kept):
+                cands.pos.append((intro + "\n\n" + "\n".join(kept).rstrip(), "python3.11-doc", f"python-doc:{rel}"))
+        for text in prose:
+            if _words(text) >= min_words:
+                cands.neg.append((_clip(text, max_chars), "python3.11-doc", f"python-doc:{rel}"))
+    return cands
+
+
+# ---------------------------------------------------------------- sports / legal / medical: WordNet glosses
+_POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
+_LEADING_TAGS = re.compile(r"^(\s*\([^()]*\)\s*)+")
+
+
+@dataclass
+class WordNet:
+    gloss: dict[str, str]  # "n08441203" -> gloss text
+    hyponyms: dict[str, list[str]]
+    domains: dict[str, list[str]]  # synset -> its topic-domain synsets (';c')
+
+    def subtree(self, root: str) -> set[str]:
+        out, stack = {root}, [root]
+        while stack:
+            for h in self.hyponyms.get(stack.pop(), ()):
+                if h not in out:
+                    out.add(h)
+                    stack.append(h)
+        return out
+
+
+def read_wordnet(dict_dir: Path) -> WordNet:
+    """Parse WordNet's data.{noun,verb,adj,adv} (format: wndb(5WN)) into glosses, hyponyms and topic domains."""
+    wn = WordNet({}, defaultdict(list), defaultdict(list))
+    for pos, name in _POS_FILES.items():
+        path = dict_dir / f"data.{name}"
+        if not path.exists():
+            raise SourceMissing(f"{path} not found (is wordnet-base unpacked?)")
+        for line in path.open(encoding="latin-1"):
+            if line.startswith("  "):  # licence header
+                continue
+            head, _, gloss = line.partition(" | ")
+            f = head.split()
+            key = pos + f[0]
+            n_words = int(f[3], 16)
+            k = 4 + 2 * n_words
+            n_ptrs = int(f[k])
+            k += 1
+            for _ in range(n_ptrs):
+                symbol, offset, tpos = f[k], f[k + 1], f[k + 2].replace("s", "a")
+                k += 4
+                if symbol in ("~", "~i"):
+                    wn.hyponyms[key].append(tpos + offset)
+                elif symbol == ";c":
+                    wn.domains[key].append(tpos + offset)
+            wn.gloss[key] = gloss.strip()
+    return wn
+
+
+def wordnet_candidates(
+    concept: str, sources: Path, *, min_words: int = 4, max_chars: int = 600, wordnet: WordNet | None = None, **_
+) -> Candidates:
+    wn = wordnet or read_wordnet(_root("wordnet-base", sources) / "usr/share/wordnet")
+    tree: set[str] = set()
+    for root in WORDNET_ROOTS[concept]:
+        tree |= wn.subtree(root)
+    cands = Candidates(pos_strata=[], neg_strata=[])
+    for key in sorted(wn.gloss):
+        text = _clip(_LEADING_TAGS.sub("", wn.gloss[key]).strip(), max_chars)  # drop '(law)'-style tags
+        if _words(text) < min_words:
+            continue
+        positive = key in tree or any(d in tree for d in wn.domains.get(key, ()))
+        entry = (text, "wordnet-base", f"wordnet:{key}")
+        if positive:
+            cands.pos.append(entry)
+            cands.pos_strata.append(key[0])
+        else:
+            cands.neg.append(entry)
+            cands.neg_strata.append(key[0])
+    return cands
+
+
+# ---------------------------------------------------------------- sampling
+#: word-count bins: negatives are drawn to match the positives' length distribution
+_LENGTH_BINS = (6, 9, 13, 18, 25, 35, 50, 70, 100)
+
+
+def _stratum(text: str, extra: str) -> str:
+    words = _words(text)
+    return f"{extra}:{sum(words >= b for b in _LENGTH_BINS)}"
+
+
+def _dedupe(entries: list[tuple[str, str, str]], strata: list[str] | None, banned: set[str]):
+    seen, out, out_strata = set(), [], []
+    for i, e in enumerate(entries):
+        if e[0] in seen or e[0] in banned:
+            continue
+        seen.add(e[0])
+        out.append(e)
+        out_strata.append(_stratum(e[0], strata[i] if strata else ""))
+    return out, out_strata
+
+
+def balance(cands: Candidates, per_class: int, seed: int, concept: str):
+    """Up to per_class examples per class, the same number in each.
+
+    Negatives are drawn stratum by stratum to match the positives' mix of length (word-count bins)
+    and, where the builder gives one, part of speech: otherwise a probe could key on length alone
+    (Austen's questions are shorter than her statements; doc paragraphs with code are longer).
+    When a stratum runs short, the rest is filled at random from the remaining negatives."""
+    overlap = {e[0] for e in cands.pos} & {e[0] for e in cands.neg}  # same text in both classes: unusable
+    pos, pos_strata = _dedupe(cands.pos, cands.pos_strata, overlap)
+    neg, neg_strata = _dedupe(cands.neg, cands.neg_strata, overlap)
+    n = min(per_class, len(pos), len(neg))
+    rng = random.Random(f"{seed}:{concept}")
+    chosen_pos = rng.sample(range(len(pos)), n)
+    want = Counter(pos_strata[i] for i in chosen_pos)
+    by_stratum = defaultdict(list)
+    for i, s in enumerate(neg_strata):
+        by_stratum[s].append(i)
+    chosen_neg = []
+    for s in sorted(want):
+        pool = by_stratum.get(s, [])
+        chosen_neg += rng.sample(pool, min(want[s], len(pool)))
+    rest = sorted(set(range(len(neg))) - set(chosen_neg))
+    chosen_neg += rng.sample(rest, n - len(chosen_neg))
+    rows = [(*pos[i], 1) for i in chosen_pos] + [(*neg[i], 0) for i in chosen_neg]
+    rng.shuffle(rows)
+    return rows, {"positives_available": len(pos), "negatives_available": len(neg), "per_class": n}
+
+
+_BUILDERS = {
+    "question": question_candidates,
+    "french": french_candidates,
+    "code": code_candidates,
+}
+
+
+def build(sources: str | Path, *, concepts=CONCEPTS, per_class: int = 1000, seed: int = 0, max_chars: int = 600):
+    """Build the concept set. Returns (columns, report): columns text/concept/label/source/item;
+    report[concept] = {'per_class', 'positives_available', ...} or {'error': why it could not be built}."""
+    sources = Path(sources)
+    unknown = [c for c in concepts if c not in CONCEPTS]
+    if unknown:
+        raise BadInput(f"--concepts: unknown concept(s) {', '.join(unknown)} (choose from {', '.join(CONCEPTS)})")
+    if per_class < 2:
+        raise BadInput("--per-class must be >= 2")
+    columns: dict[str, list] = {"text": [], "concept": [], "label": [], "source": [], "item": []}
+    report: dict[str, dict] = {}
+    wordnet = None
+    for concept in concepts:
+        try:
+            if concept in _BUILDERS:
+                cands = _BUILDERS[concept](sources, max_chars=max_chars)
+            else:
+                if wordnet is None:
+                    wordnet = read_wordnet(_root("wordnet-base", sources) / "usr/share/wordnet")
+                cands = wordnet_candidates(concept, sources, max_chars=max_chars, wordnet=wordnet)
+        except SourceMissing as exc:
+            report[concept] = {"error": str(exc)}
+            continue
+        rows, info = balance(cands, per_class, seed, concept)
+        if info["per_class"] < 2:
+            report[concept] = {
+                "error": f"too few examples ({info['positives_available']} positive, "
+                f"{info['negatives_available']} negative)",
+                **info,
+            }
+            continue
+        info["sources"] = sorted({r[1] for r in rows})
+        report[concept] = info
+        for text, source, item, label in rows:
+            columns["text"].append(text)
+            columns["concept"].append(concept)
+            columns["label"].append(label)
+            columns["source"].append(source)
+            columns["item"].append(item)
+    return columns, report
