@@ -63,8 +63,10 @@ def g(alpha, capacity: Capacity = "paper"):
 
 def critical_width(n_features, alpha, capacity: Capacity = "paper"):
     """d* = F / g(alpha): below it, features are necessarily dropped."""
-    return np.asarray(n_features, dtype=np.float64) / g(alpha, capacity) if np.ndim(n_features) else (
-        float(n_features) / g(alpha, capacity)
+    return (
+        np.asarray(n_features, dtype=np.float64) / g(alpha, capacity)
+        if np.ndim(n_features)
+        else (float(n_features) / g(alpha, capacity))
     )
 
 
@@ -130,8 +132,8 @@ class FloorModel:
     def min_width(self, target: float, *, scale: float = 1.0, baseline: float = 0.0) -> int | None:
         """Smallest integer d_S with scale * L*(d_S) + baseline <= target; None if none exists.
 
-        With a calibration (scale=C, baseline=B) no width reaches target <= B... except that
-        at d_S >= d* the geometric term is exactly 0, so target == B is reachable.
+        Pure arithmetic: target == baseline is met once every feature with non-zero weight is
+        kept. `target_width` adds the calibrated reading (a target at or below B is refused).
         """
         if scale <= 0:
             raise BadInput(f"calibration slope must be > 0, got {scale}")
@@ -148,3 +150,37 @@ class FloorModel:
         while self.kept(d) < k:
             d += 1
         return d
+
+
+def target_width(
+    model: FloorModel, target: float, *, scale: float = 1.0, baseline: float = 0.0, calibrated: bool = False
+) -> tuple[int | None, str]:
+    """Minimum width for a target loss, with a one-line explanation.
+
+    Uncalibrated: the smallest d_S with L*(d_S) <= target. Calibrated (floor = C L* + B): the
+    smallest d_S with C L*(d_S) + B <= target, and None when target <= B: B is the
+    width-independent part of the floor (paper section 6.3), so widening the student only
+    approaches it; reaching it exactly would need a geometric floor of 0 *and* an exact fit.
+    """
+    if not math.isfinite(target):
+        raise BadInput(f"--target-loss must be a finite number, got {target}")
+    if calibrated:
+        if not (math.isfinite(scale) and scale > 0):
+            raise BadInput(
+                f"calibration slope C = {scale:.4g} is not > 0: the fit says floors do not fall with "
+                "the predicted floor, so no width can be solved for"
+            )
+        if target <= baseline:
+            return None, (
+                f"no width reaches {target:g}: it is at or below the width-independent baseline "
+                f"B = {baseline:.4g} nats; a wider student only shrinks the geometric part C*L*, "
+                "so only a different objective or depth can go below B"
+            )
+        d = model.min_width(target, scale=scale, baseline=baseline)
+        return d, (
+            f"smallest width with C*L* + B = {scale:.4g}*L* + {baseline:.4g} <= {target:g} (d* = {model.d_star:,.0f})"
+        )
+    if target < 0:
+        return None, f"no width reaches {target:g}: the floor L* is a sum of importances, never < 0"
+    d = model.min_width(target)
+    return d, f"smallest width with L* <= {target:g} (d* = {model.d_star:,.0f})"

@@ -1,8 +1,171 @@
-"""kdtool calibrate: placeholder until its issue lands."""
+"""kdtool calibrate: fit observed distillation floors against Eq. 2's prediction (paper section 6.3).
 
-from kdtool.errors import RuntimeFailure
+Thin: read and join the tables, run kdtool.calibration.calibrate, write calib.json and/or
+print the fits and the decomposition.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdtool.cli import common
 
 
-def main() -> None:
-    """Not implemented yet."""
-    raise RuntimeFailure("not implemented yet")
+class BootMethod(str, Enum):
+    residual = "residual"
+    pairs = "pairs"
+
+
+class DecompFit(str, Enum):
+    auto = "auto"
+    affine = "affine"
+    affine_fixed = "affine_fixed"
+
+
+def main(
+    observed: Annotated[
+        Path,
+        typer.Argument(
+            help="Observed floors: CSV/Parquet/JSON with columns width and floor (e.g. students/floors.parquet); "
+            "an optional predicted column is used when --predicted is not given.",
+            show_default=False,
+        ),
+    ],
+    predicted: Annotated[
+        Optional[Path],
+        typer.Option("--predicted", "-p", help="Output of `kdtool predict` (csv/parquet/json), joined by width."),
+    ] = None,
+    layer: Annotated[
+        Optional[int], typer.Option("--layer", "-l", help="Layer of a multi-layer --predicted table to use.")
+    ] = None,
+    column: Annotated[str, typer.Option("--column", help="Column of OBSERVED holding the observed floor.")] = "floor",
+    baseline: Annotated[
+        Optional[float], typer.Option("--baseline", help="Fix B for the affine_fixed fit (nats).")
+    ] = None,
+    baseline_width: Annotated[
+        Optional[int],
+        typer.Option(
+            "--baseline-width",
+            help="Fix B = the observed floor at this control width (the paper: 1024); "
+            "affine_fixed fits C on the other widths.",
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none).")
+    ] = 1000,
+    method: Annotated[
+        BootMethod,
+        typer.Option(
+            "--bootstrap-method", help="residual (fixed widths, resampled residuals) or pairs (resampled points)."
+        ),
+    ] = BootMethod.residual,
+    decomposition_fit: Annotated[
+        DecompFit,
+        typer.Option(
+            "--decomposition-fit",
+            help="Fit whose C and B the decomposition uses; auto: affine_fixed when a baseline is given, else affine.",
+        ),
+    ] = DecompFit.auto,
+    seed: common.SeedOpt = 0,
+    output: common.OutputOpt = None,
+) -> None:
+    """Fit observed floors to the predicted floor: linear, affine, affine_fixed and power-law fits.
+
+    Each fit reports R^2 = 1 - SS_res/SS_tot, RMSE, leave-one-out error and bootstrap 95%
+    intervals; the decomposition splits each floor into geometric C*predicted and baseline B.
+    Writes calib.json with -o (read by `predict --calibration`); --json prints it.
+
+    Example: kdtool calibrate kdtool/data/paper_pythia410m.csv --baseline-width 1024 -o calib.json
+    """
+    from kdtool import calibration as cal
+    from kdtool.cli.common import STATE
+
+    cfg = cal.CalibrationConfig(
+        baseline=baseline,
+        baseline_width=baseline_width,
+        bootstrap=bootstrap,
+        seed=seed,
+        method=method.value,
+        decomposition_fit=decomposition_fit.value,
+    )
+    points = cal.load_points(observed, predicted=predicted, column=column, layer=layer)
+    result = cal.calibrate(points, cfg)
+    for name in cal.FITS:
+        if "skipped" in result[name] and not (name == "affine_fixed" and not cfg.has_baseline):
+            common.warn(f"{name} fit skipped: {result[name]['skipped']}")
+        elif result[name].get("at_bound"):
+            common.warn(f"power_law: gamma = {result[name]['gamma']:.4g} is at its search bound {cal.GAMMA_BOUNDS}")
+    obj = {
+        "kind": cal.KIND,
+        "inputs": {
+            "observed": str(observed),
+            "predicted": None if predicted is None else str(predicted),
+            "column": column,
+            "layer": layer,
+        },
+        **result,
+        "provenance": common.make_provenance(
+            inputs=[p for p in (observed, predicted) if p is not None], seed=seed, config=result["config"]
+        ),
+    }
+    if output is not None:
+        common.emit_json(obj, output)
+        common.log(f"wrote {output}")
+    if STATE.json:
+        common.emit_json(obj)
+    elif not STATE.quiet:
+        _show(result)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _show(result: dict) -> None:
+    """Human tables on stderr: the fits, then the decomposition."""
+    from rich.table import Table
+
+    from kdtool import calibration as cal
+
+    fits = Table(title="calibration fits (95% CI: bootstrap)", title_justify="left")
+    for name in ("fit", "param", "value", "95% CI", "R^2", "RMSE", "LOO RMSE"):
+        fits.add_column(name, justify="left" if name in ("fit", "param") else "right")
+    for name in cal.FITS:
+        entry = result[name]
+        if "skipped" in entry:
+            fits.add_row(name, "", "skipped", "", "", "", "")
+            continue
+        ci = entry.get("ci95") or {}
+        keys = [k for k in ("C", "B", "a", "gamma", "c") if k in entry]
+        for i, key in enumerate(keys):
+            fixed = name == "affine_fixed" and key == "B"
+            band = f"[{_fmt(ci[key][0])},{_fmt(ci[key][1])}]" if key in ci else ("fixed" if fixed else "-")
+            scores = (f"{entry['r2']:.4f}", _fmt(entry["rmse"]), _fmt(entry["loo_rmse"])) if i == 0 else ("", "", "")
+            fits.add_row(name if i == 0 else "", key, _fmt(entry[key]), band, *scores)
+    console = common.err_console()
+    console.print(fits)
+    for name in cal.FITS:
+        if "skipped" in result[name]:
+            console.print(f"  {name}: skipped: {result[name]['skipped']}")
+    dfit, rows = result["decomposition_fit"], result["decomposition"]
+    if not rows:
+        console.print(f"decomposition: none ({dfit.get('skipped', 'no predicted floors')})")
+        return
+    dec = Table(title=f"decomposition ({dfit['fit']}: C={dfit['C']:.4g}, B={dfit['B']:.4g})", title_justify="left")
+    for name in ("width", "observed", "predicted", "geometric C*pred", "baseline B", "% geometric"):
+        dec.add_column(name, justify="right")
+    for r in rows:
+        pct = "-" if r["pct_geometric"] is None else f"{100 * r['pct_geometric']:.1f}%"
+        dec.add_row(
+            str(r["width"]),
+            f"{r['observed']:.4g}",
+            f"{r['predicted']:.4g}",
+            f"{r['geometric']:.4g}",
+            f"{r['baseline']:.4g}",
+            pct,
+        )
+    console.print(dec)
