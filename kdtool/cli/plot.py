@@ -1,8 +1,167 @@
-"""kdtool plot: placeholder until its issue lands."""
+"""kdtool plot KIND INPUT... -o FIG: draw one of the registered figures (kdtool/plots/__init__.py KINDS).
 
-from kdtool.errors import RuntimeFailure
+Example: kdtool plot capacity -o capacity.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdtool.cli import common
+from kdtool.errors import BadInput
 
 
-def main() -> None:
-    """Not implemented yet."""
-    raise RuntimeFailure("not implemented yet")
+class PlotStyle(str, Enum):
+    paper = "paper"
+    slides = "slides"
+
+
+class CapacityKind(str, Enum):
+    paper = "paper"
+    naive = "naive"
+
+
+#: options-dict keys filled by the generic flags (a --set KEY may not reuse them)
+GENERIC_KEYS = ("layer", "widths", "features", "alpha", "capacity", "title")
+
+
+def _kinds() -> dict[str, tuple[str, str, str]]:
+    from kdtool.plots import KINDS  # a plain dict: no matplotlib, cheap on every TAB press
+
+    return KINDS
+
+
+def complete_kind(incomplete: str) -> list[tuple[str, str]]:
+    """TAB completion for KIND: registered kinds with their help."""
+    return [(name, spec[2]) for name, spec in _kinds().items() if name.startswith(incomplete)]
+
+
+def _parse_set(items: list[str]) -> dict:
+    """--set KEY=VALUE (repeatable): VALUE is read as JSON when it parses (numbers, true, [1,2]), else text."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise BadInput(f"--set: expected KEY=VALUE with KEY a name, got {item!r}")
+        if key in GENERIC_KEYS:
+            raise BadInput(f"--set: {key!r} has its own flag (--{key})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(
+    kind: Annotated[
+        Optional[str],
+        typer.Argument(help="Figure kind (see --list).", autocompletion=complete_kind, show_default=False),
+    ] = None,
+    inputs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help="Input files: stats Parquet, predict table, calib.json, ... (per kind).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Figure file; format from the suffix: .png, .pdf or .svg.", dir_okay=False),
+    ] = None,
+    style: Annotated[PlotStyle, typer.Option("--style", help="paper (column width) or slides.")] = PlotStyle.paper,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Only these layers: 12 or 8,12,16.")] = None,
+    widths: Annotated[
+        Optional[str], typer.Option("--widths", help="Student widths to mark: 128,256,512 or 64:1024:64.")
+    ] = None,
+    features: Annotated[
+        Optional[int], typer.Option("--features", help="Feature count F for `capacity` (default 28,665 = paper).")
+    ] = None,
+    alpha: Annotated[
+        Optional[str], typer.Option("--alpha", help="Sparsities to mark on `capacity` (default 0.8,0.9,0.95,0.99).")
+    ] = None,
+    capacity: Annotated[
+        CapacityKind, typer.Option("--capacity", help="g(alpha) per Eq. 1 (paper) or 1 (naive) for `floor`.")
+    ] = CapacityKind.paper,
+    title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="Extra figure option KEY=VALUE, repeatable (e.g. --set d_star=1065).", show_default=False
+        ),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the figure kinds and exit.")] = False,
+) -> None:
+    """Draw a figure from kdtool files: `kdtool plot KIND INPUT... -o FIG`.
+
+    Example: kdtool plot floor stats.parquet --layer 12 --widths 128,256,512,768,1024 -o floor.pdf
+    """
+    from kdtool.cli.common import STATE, log
+
+    kinds = _kinds()
+    if list_:
+        if STATE.json:
+            common.emit_json(
+                {name: {"help": spec[2], "module": spec[0], "function": spec[1]} for name, spec in kinds.items()}
+            )
+        else:
+            width = max(map(len, kinds), default=0)
+            for name, spec in kinds.items():
+                print(f"{name:<{width}}  {spec[2]}")
+        return
+    if kind is None:
+        raise BadInput("KIND is missing: give a figure kind (kdtool plot --list shows them)")
+    if kind not in kinds:
+        raise BadInput(f"unknown figure kind {kind!r}; kinds: {', '.join(kinds)}")
+    if output is None:
+        raise BadInput("-o/--output FIG is required (.png, .pdf or .svg)")
+    from kdtool.plots import style as plot_style
+
+    plot_style.check_output(output)
+    paths = list(inputs or [])
+    for p in paths:
+        if not p.exists():
+            raise BadInput(f"{p}: no such file")
+    from kdtool import parsing
+
+    options: dict = _parse_set(list(set_ or []))
+    options.update(
+        {
+            "layer": common.parse_opt("--layer", lambda t: parsing.parse_int_list(t, minimum=0), layer)
+            if layer
+            else None,
+            "widths": common.parse_opt("--widths", parsing.parse_int_list, widths) if widths else None,
+            "features": features,
+            "alpha": common.parse_opt("--alpha", parsing.parse_float_list, alpha) if alpha else None,
+            "capacity": capacity.value,
+            "title": title,
+        }
+    )
+    if features is not None and features < 1:
+        raise BadInput(f"--features must be >= 1, got {features}")
+    import importlib
+
+    module_name, function_name, _ = kinds[kind]
+    if "." not in module_name:  # registry entries may name a module of kdtool.plots by its short name
+        module_name = f"kdtool.plots.{module_name}"
+    fn = getattr(importlib.import_module(module_name), function_name)
+    prov = common.make_provenance(inputs=paths, config={"kind": kind, "style": style.value, "options": options})
+    with plot_style.provenance_context(prov, kind=f"kdtool.figure.{kind}"):
+        fn(paths, output, style=style.value, options=options)
+    if STATE.json:
+        common.emit_json({"kind": kind, "output": str(output), "inputs": [str(p) for p in paths]})
+    else:
+        log(f"wrote {output}")
+
+
+def _kinds_help() -> str:
+    lines = [f"  {name}: {spec[2]}" for name, spec in _kinds().items()]
+    return "\n\nKinds:\n\n" + "\n\n".join(lines) if lines else ""
+
+
+main.__doc__ = (main.__doc__ or "").rstrip() + _kinds_help() + "\n"

@@ -4,11 +4,22 @@ Each entry names a module and a function with the signature
     fn(inputs: list[pathlib.Path], output: pathlib.Path, *, style: str, options: dict) -> None
 that reads kdtool files, draws with matplotlib (Agg, imported inside) and saves through
 kdtool.plots.style.save (format from the suffix, atomic). One module per figure family.
-`options` carries the generic plot flags (e.g. {"layer": 12}); functions ignore unknown keys.
+`options` carries the generic plot flags (keys and types: see kdtool/cli/plot.py, e.g.
+{"layer": [12], "widths": [128, 256]} plus any `--set KEY=VALUE`); functions ignore unknown keys.
 """
 
 from __future__ import annotations
 
 #: kind -> (module, function, one-line help naming the paper figure)
 KINDS: dict[str, tuple[str, str, str]] = {
+    "capacity": ("kdtool.plots.theory", "capacity",
+                 "Fig. 1: g(alpha) and d* = F/g against alpha (input: stats files, optional)"),
+    "importance": ("kdtool.plots.theory", "importance",
+                   "Fig. 5a: feature importance vs rank, log-log, one line per layer (input: stats files)"),
+    "floor": ("kdtool.plots.theory", "floor",
+              "Fig. 5b: predicted floor vs width, one line per layer, d* marked (input: stats or predict files)"),
+    "calibration": ("kdtool.plots.theory", "calibration",
+                    "Fig. 7: observed vs predicted floors, linear and affine fits with R^2 (input: calib.json)"),
+    "calibration-normalized": ("kdtool.plots.theory", "calibration_normalized",
+                               "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)"),
 }

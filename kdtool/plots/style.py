@@ -102,7 +102,9 @@ def figure(style: str = "paper", nrows: int = 1, ncols: int = 1, **kwargs):
             "figure.dpi": 100,
             "axes.grid": True,
             "grid.alpha": 0.25,
-            "legend.frameon": False,
+            "legend.frameon": True,  # a light box keeps in-panel legends readable over grid and d* lines
+            "legend.framealpha": 0.85,
+            "legend.edgecolor": "none",
             "svg.hashsalt": "kdtool",
             "axes.formatter.use_mathtext": True,
         }
@@ -110,6 +112,29 @@ def figure(style: str = "paper", nrows: int = 1, ncols: int = 1, **kwargs):
     kwargs.setdefault("figsize", (w * ncols, h * nrows))
     kwargs.setdefault("constrained_layout", True)
     return plt.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+def figure_with_legend_row(style: str, ncols: int, legend_entries: int):
+    """(fig, axes[ncols], legend_axes[ncols]): panels on top, a blank row below each for its legend.
+
+    For legends too long to sit inside a panel: the row is sized to `legend_entries` lines, so the
+    legend never covers data or the axis label (fill it with `legend_below`).
+    """
+    check_style(style)
+    spec = _STYLES[style]
+    w, h = spec["panel_width"], spec["panel_height"]
+    line_in = spec["legend.fontsize"] * 1.55 / 72  # one legend entry, in inches
+    leg_h = legend_entries * line_in + 0.08
+    fig, axes = figure(style, 2, ncols, figsize=(w * ncols, h + leg_h), gridspec_kw={"height_ratios": [h, leg_h]})
+    for ax in axes[1]:
+        ax.axis("off")
+    return fig, list(axes[0]), list(axes[1])
+
+
+def legend_below(legend_ax, handles, labels, **kwargs) -> None:
+    """Put a legend at the top of a blank legend axis (from figure_with_legend_row)."""
+    if handles:
+        legend_ax.legend(handles, labels, loc="upper center", borderaxespad=0.0, **kwargs)
 
 
 def layer_style(index: int) -> dict:
