@@ -1,0 +1,812 @@
+"""Distil one teacher into several narrower students at once (paper section 6, appendix E).
+
+Every width trains against ONE teacher forward per batch: the teacher's soft targets for a
+micro-batch are computed once and every student steps on them. Per width: AdamW, linear
+warmup, cosine decay to ``min_lr_ratio x lr``, gradient clipping; evaluation on a held-out
+split (never the training batches: the authors' code evaluated on its first training
+batches) every ``eval_every`` steps and at the last step; floor = mean eval per-token KL over
+the evaluations in the final ``floor_fraction`` (10%) of steps, with its std.
+
+Under torchrun every rank reads the same global batch and trains on its own rows
+(rank r of W takes rows [r B/W, (r+1) B/W)); DDP averages the gradients, so W processes
+follow the single-process run up to float rounding. NCCL on GPU, gloo on CPU.
+
+Outputs (rank 0): ``width{W}/`` (HF save_pretrained + tokenizer + kdtool.json),
+``curves.parquet``, ``floors.parquet``, and ``checkpoint/`` for --resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdtool.errors import BadInput, RuntimeFailure
+from kdtool.students import StudentPolicy
+
+CURVES_KIND = "kdtool.distill.curves"
+FLOORS_KIND = "kdtool.distill.floors"
+#: config fields a --resume must agree on (eval/save cadence may change)
+RESUME_FIELDS = (
+    "widths",
+    "temperature",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "min_lr_ratio",
+    "warmup",
+    "weight_decay",
+    "betas",
+    "eps",
+    "grad_clip",
+    "ce_weight",
+    "seed",
+    "heads",
+    "ffn_ratio",
+    "init_std",
+    "topk",
+    "run_key",
+)
+
+
+@dataclass
+class DistillConfig:
+    """One distillation job (defaults = the paper's schedule, appendix E)."""
+
+    widths: list[int]  # student hidden widths
+    temperature: float = 2.0  # softmax temperature T of teacher and student
+    steps: int = 30_000  # optimizer steps
+    batch_size: int = 32  # sequences per step (global, across ranks)
+    seq_len: int = 512  # tokens per sequence
+    micro_batch: int = 0  # rows per forward pass (0 = the whole local batch); gradients accumulate
+    lr: float = 3e-4  # peak AdamW learning rate
+    min_lr_ratio: float = 0.0  # cosine decays to lr x this (0 = to zero, as transformers' cosine schedule)
+    warmup: int = 1000  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay, on every parameter (torch's default grouping)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (torch defaults; the paper does not say)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm per student (0 = off)
+    ce_weight: float = 0.0  # loss = (1-w) T^2 KL + w CE on the data; 0 = pure distillation (paper)
+    eval_every: int = 500  # steps between held-out evaluations (plus step 0 and the last step)
+    eval_batches: int = 8  # held-out batches per evaluation (the same batches every time)
+    save_every: int = 1000  # steps between checkpoints (0 = only at the end)
+    floor_fraction: float = 0.1  # floor = mean eval KL over evaluations at step >= (1 - this) x steps
+    seed: int = 0  # student init (per width: seed, width) and anything else random
+    heads: str = "head-dim:64"  # student head policy (kdtool.students)
+    ffn_ratio: str = "4"  # FFN = ratio x width, or "teacher"
+    init_std: str = "teacher"  # teacher | small-init | number
+    topk: int = 0  # > 0 when training on cached top-k teacher targets (--teacher-cache)
+    device: str = "cpu"  # torch device for teacher and students
+    amp: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | off
+    eval_target_budget: int = 1 << 30  # keep held-out teacher targets in memory up to this many bytes
+    run_key: dict = field(default_factory=dict)  # teacher/data identity, checked on --resume
+
+    def __post_init__(self):
+        self.widths = [int(w) for w in self.widths]
+        self.betas = tuple(float(b) for b in self.betas)
+        if not self.widths:
+            raise BadInput("--widths: give at least one width")
+        if len(set(self.widths)) != len(self.widths):
+            raise BadInput(f"--widths: repeated width in {self.widths}")
+        checks = [
+            (self.temperature > 0, "--temperature must be > 0"),
+            (self.steps >= 1, "--steps must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.seq_len >= 2, "--seq-len must be >= 2"),
+            (self.micro_batch >= 0, "--micro-batch must be >= 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+            (0 <= self.warmup < self.steps, f"--warmup ({self.warmup}) must be < --steps ({self.steps})"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "--betas must be two numbers in [0, 1)"),
+            (self.grad_clip >= 0, "--grad-clip must be >= 0"),
+            (0 <= self.ce_weight <= 1, "--ce-weight must be in [0, 1]"),
+            (self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.eval_batches >= 1, "--eval-batches must be >= 1"),
+            (self.save_every >= 0, "--save-every must be >= 0"),
+            (0 < self.floor_fraction <= 1, "floor fraction must be in (0, 1]"),
+            (self.topk >= 0, "--topk must be >= 0"),
+            (self.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+        _ = self.policy  # validates heads/ffn/init
+
+    @property
+    def policy(self) -> StudentPolicy:
+        return StudentPolicy(heads=self.heads, ffn_ratio=str(self.ffn_ratio), init_std=str(self.init_std))
+
+
+def lr_factor(step: int, *, warmup: int, steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    started_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_init(device: str) -> Dist:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch
+    import torch.distributed as td
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    started = False
+    if not td.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        td.init_process_group(backend=backend)
+        started = True
+    return Dist(rank=td.get_rank(), world=td.get_world_size(), local_rank=local, started_here=started)
+
+
+def dist_close(d: Dist) -> None:
+    if d.started_here:
+        import torch.distributed as td
+
+        td.destroy_process_group()
+
+
+def _all_reduce(t, d: Dist):
+    if d.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def as_batch(x):
+    """Normalise what a data source yields to (tokens LongTensor[B,S], mask BoolTensor[B,S])."""
+    import torch
+
+    if isinstance(x, dict):
+        ids = x["input_ids"]
+        mask = x.get("attention_mask")
+    elif isinstance(x, (tuple, list)):
+        ids, mask = x[0], (x[1] if len(x) > 1 else None)
+    else:
+        ids, mask = x, None
+    ids = torch.as_tensor(ids).long()
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    return ids, mask
+
+
+class _Cursor:
+    """The training stream, positioned at a batch index; reopened with skip_batches when it jumps."""
+
+    def __init__(self, open_fn: Callable[[int], Iterator], cfg: DistillConfig):
+        self.open_fn, self.cfg = open_fn, cfg
+        self.it, self.pos = None, -1
+
+    def get(self, index: int):
+        if self.it is None or self.pos != index:
+            self.it, self.pos = iter(self.open_fn(index)), index
+        try:
+            x = next(self.it)
+        except StopIteration:
+            raise RuntimeFailure(
+                f"training data ran out after {index} batches of {self.cfg.batch_size}x{self.cfg.seq_len}; "
+                "use a bigger dataset or fewer --steps"
+            ) from None
+        self.pos += 1
+        return _check_shape(as_batch(x), self.cfg, "training")
+
+
+def _check_shape(batch, cfg: DistillConfig, what: str):
+    ids, mask = batch
+    if tuple(ids.shape) != (cfg.batch_size, cfg.seq_len) or ids.shape != mask.shape:
+        raise RuntimeFailure(f"{what} batch has shape {tuple(ids.shape)}, expected ({cfg.batch_size}, {cfg.seq_len})")
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class DistillResult:
+    floors: dict[str, list]  # columns of floors.parquet
+    curves: dict[str, list]  # columns of curves.parquet
+    out_dir: Path | None
+    resumed_from: int = 0
+
+
+class _Teacher:
+    """Soft targets for train step i / eval batch j: from the cache, or one teacher forward."""
+
+    def __init__(self, cfg, teacher, cache, rows, device, autocast):
+        self.cfg, self._teacher, self.cache, self.rows = cfg, teacher, cache, rows
+        self.device, self.autocast = device, autocast
+        self.forwards = 0
+
+    @property
+    def model(self):
+        if self._teacher is None:
+            raise RuntimeFailure("the teacher is needed (a batch is not in --teacher-cache) but was not loaded")
+        if callable(self._teacher) and not hasattr(self._teacher, "forward"):
+            self._teacher = self._teacher()
+            self._teacher.eval()
+        return self._teacher
+
+    def compute(self, tokens, mask):
+        import torch
+
+        from kdtool.kd_losses import teacher_target
+
+        with torch.no_grad(), self.autocast():
+            logits = self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits
+        self.forwards += 1
+        return teacher_target(logits, self.cfg.temperature, self.cfg.topk or None)
+
+
+def _chunks(n: int, micro: int) -> list[tuple[int, int]]:
+    size = micro if 0 < micro < n else n
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def _student_sums(model, tokens, mask, target, cfg, autocast):
+    """Forward one student on a chunk: (loss sums as tensors for backward, LossSums)."""
+    from kdtool.kd_losses import LossSums, ce_per_token, kl_per_token
+
+    with autocast():
+        logits = model(input_ids=tokens, attention_mask=mask).logits  # [b, S, V]
+    kl = kl_per_token(logits, target, cfg.temperature)  # [b, S]
+    m = mask.float()
+    kl_sum = (kl * m).sum()
+    ce, valid = ce_per_token(logits, tokens, mask)
+    ce_sum = (ce * valid.float()).sum()
+    sums = LossSums(
+        kl_sum.item(), m.sum().item(), ce_sum.item(), valid.float().sum().item(), float((mask.sum(1) > 0).sum().item())
+    )
+    return kl_sum, ce_sum, sums
+
+
+def run(
+    cfg: DistillConfig,
+    *,
+    teacher_config,
+    teacher=None,
+    train_batches: Callable[[int], Iterator] | None = None,
+    eval_batches: Callable[[], Iterator] | None = None,
+    out_dir: str | Path | None = None,
+    tokenizer=None,
+    cache=None,
+    resume: bool = False,
+    provenance: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> DistillResult:
+    """Train one student per width against the teacher; write outputs to out_dir (rank 0).
+
+    teacher: a causal LM (or a zero-argument loader, called only if some batch is not cached).
+    train_batches(skip) -> iterator of global [B, S] batches (a LongTensor, a (ids, mask) pair or
+    a dict with input_ids/attention_mask), starting after `skip` batches. eval_batches() -> the
+    held-out stream. Both must be deterministic: the same call yields the same batches.
+    """
+    import torch
+
+    from kdtool import students as st
+    from kdtool.kd_losses import LossSums
+
+    d = dist_init(cfg.device)
+    try:
+        device = torch.device(f"cuda:{d.local_rank}" if cfg.device.startswith("cuda") and d.world > 1 else cfg.device)
+        use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+        def autocast():
+            if use_amp:
+                return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        if cfg.batch_size % d.world:
+            raise BadInput(f"--batch-size {cfg.batch_size} must be divisible by the {d.world} processes")
+        per = cfg.batch_size // d.world
+        rows = (d.rank * per, (d.rank + 1) * per)
+        out = Path(out_dir) if out_dir is not None else None
+        emit = callback or (lambda event: None)
+
+        models = {w: st.build_student(teacher_config, w, cfg.policy, seed=cfg.seed).to(device) for w in cfg.widths}
+        optims = {
+            w: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            for w, m in models.items()
+        }
+
+        def factor(s):
+            return lr_factor(s, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+
+        scheds = {w: torch.optim.lr_scheduler.LambdaLR(o, factor) for w, o in optims.items()}
+        step, tokens_seen, rows_log = 0, 0, []
+        resumed_from = 0
+        if resume:
+            if out is None:
+                raise BadInput("--resume needs an output folder")
+            state = load_checkpoint(out, cfg, models, optims, scheds, device)
+            if state is not None:
+                step, tokens_seen, rows_log = state["step"], state["tokens_seen"], state["curves"]
+                resumed_from = step
+                emit({"event": "resumed", "step": step})
+            else:
+                emit({"event": "fresh", "reason": f"no checkpoint in {out / 'checkpoint'}"})
+        train = {w: (torch.nn.parallel.DistributedDataParallel(m) if d.world > 1 else m) for w, m in models.items()}
+
+        teach = _Teacher(cfg, teacher, cache, rows, device, autocast)
+        cursor = _Cursor(train_batches, cfg) if train_batches is not None else None
+        evaluator = _Evaluator(cfg, teach, eval_batches, rows, device, autocast, d)
+        if step == 0:
+            rows_log += _curve_rows(cfg, 0, 0, None, evaluator.run(models), {}, {})
+            emit({"event": "eval", "step": 0, "eval": rows_log[-1]})
+
+        while step < cfg.steps:
+            hit = cache.load("train", step, rows) if cache is not None else None
+            if hit is not None:
+                tokens, mask, target_all = hit
+            else:
+                if cursor is None:
+                    raise RuntimeFailure(f"no training data given and step {step} is not in --teacher-cache")
+                tokens, mask = cursor.get(step)
+                tokens, mask = tokens[rows[0] : rows[1]], mask[rows[0] : rows[1]]
+                target_all = None
+            local_tokens = max(float(mask.sum().item()), 1.0)
+            local_ce = max(float((mask[:, :-1] & mask[:, 1:]).sum().item()), 1.0)
+            stats = {w: LossSums() for w in cfg.widths}
+            pieces = []
+            chunks = _chunks(tokens.shape[0], cfg.micro_batch)
+            for ci, (lo, hi) in enumerate(chunks):
+                tok, m = tokens[lo:hi].to(device), mask[lo:hi].to(device)
+                if target_all is not None:
+                    target = target_all.rows(lo, hi).to(device)
+                else:
+                    target = teach.compute(tok, m)
+                    pieces.append(target)
+                for w, model in train.items():
+                    sync = ci == len(chunks) - 1 or d.world == 1
+                    ctx = model.no_sync() if not sync else _null()
+                    with ctx:
+                        kl_sum, ce_sum, sums = _student_sums(model, tok, m, target, cfg, autocast)
+                        loss = (1 - cfg.ce_weight) * cfg.temperature**2 * kl_sum / local_tokens
+                        if cfg.ce_weight:
+                            loss = loss + cfg.ce_weight * ce_sum / local_ce
+                        loss.backward()
+                    stats[w].add(sums)
+            if cache is not None and target_all is None:
+                from kdtool.kd_losses import TopKTarget
+
+                cache.save("train", step, rows, tokens, mask, TopKTarget.cat(pieces))
+            norms, lrs = {}, {}
+            for w, model in models.items():
+                lrs[w] = scheds[w].get_last_lr()[0]
+                if cfg.grad_clip > 0:
+                    norms[w] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                optims[w].step()
+                scheds[w].step()
+                optims[w].zero_grad(set_to_none=True)
+            train_vals = {}
+            for w in cfg.widths:
+                s = LossSums.from_tensor(_all_reduce(stats[w].as_tensor(), d))
+                train_vals[w] = s.values(cfg.temperature) | {"tokens": s.tokens}
+            tokens_seen += int(train_vals[cfg.widths[0]]["tokens"])
+            if not all(math.isfinite(v["kl"]) for v in train_vals.values()):
+                bad = [w for w, v in train_vals.items() if not math.isfinite(v["kl"])]
+                raise RuntimeFailure(
+                    f"training diverged at step {step + 1} (non-finite KL at width {bad}); lower --lr or raise --warmup"
+                )
+            step += 1
+            ev = evaluator.run(models) if (step % cfg.eval_every == 0 or step == cfg.steps) else None
+            new = _curve_rows(cfg, step, tokens_seen, train_vals, ev, lrs, norms)
+            rows_log += new
+            emit({"event": "step", "step": step, "rows": new, "teacher_forwards": teach.forwards})
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and out is not None:
+                save_checkpoint(out, cfg, models, optims, scheds, step, tokens_seen, rows_log, d)
+                emit({"event": "checkpoint", "step": step})
+
+        curves = _columns(rows_log)
+        floors = compute_floors(cfg, curves, models)
+        if out is not None and d.main:
+            write_outputs(out, cfg, models, tokenizer, curves, floors, provenance)
+            save_checkpoint(out, cfg, models, optims, scheds, step, tokens_seen, rows_log, d)
+        if d.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+        return DistillResult(floors=floors, curves=curves, out_dir=out, resumed_from=resumed_from)
+    finally:
+        dist_close(d)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class _Evaluator:
+    """Held-out evaluation: the same `eval_batches` batches every time, teacher targets kept when small."""
+
+    def __init__(self, cfg, teach: _Teacher, source, rows, device, autocast, d: Dist):
+        self.cfg, self.teach, self.source, self.rows = cfg, teach, source, rows
+        self.device, self.autocast, self.d = device, autocast, d
+        self.batches = None
+        self.targets: dict[int, Any] = {}
+        self.kept_bytes = 0
+
+    def _load(self):
+        cache = self.teach.cache
+        out, it, pos = [], None, 0
+        for j in range(self.cfg.eval_batches):
+            hit = cache.load("eval", j, self.rows) if cache is not None else None
+            if hit is not None:
+                tok, m, tgt = hit
+                out.append((tok, m))
+                self.targets[j] = tgt
+                continue
+            if self.source is None:
+                raise RuntimeFailure("no held-out data given and the eval batches are not in --teacher-cache")
+            try:
+                if it is None:
+                    it = iter(self.source())
+                while pos < j:  # batches before j were cached: skip them in the stream
+                    next(it)
+                    pos += 1
+                tok, m = _check_shape(as_batch(next(it)), self.cfg, "held-out")
+                pos += 1
+            except StopIteration:
+                raise RuntimeFailure(f"held-out data ran out after {j} batches; lower --eval-batches") from None
+            out.append((tok[self.rows[0] : self.rows[1]], m[self.rows[0] : self.rows[1]]))
+        self.batches = out
+
+    def _target(self, j, tok, m):
+        from kdtool.kd_losses import TopKTarget
+
+        if j in self.targets:
+            return self.targets[j].to(self.device)
+        parts = [
+            self.teach.compute(tok[lo:hi].to(self.device), m[lo:hi].to(self.device))
+            for lo, hi in _chunks(tok.shape[0], self.cfg.micro_batch)
+        ]
+        if len(parts) == 1:
+            target = parts[0]
+        elif isinstance(parts[0], TopKTarget):
+            target = TopKTarget.cat(parts)
+        else:
+            import torch
+
+            from kdtool.kd_losses import FullTarget
+
+            target = FullTarget(torch.cat([p.logp for p in parts]))
+        if self.teach.cache is not None:
+            self.teach.cache.save("eval", j, self.rows, tok, m, target)
+        if self.kept_bytes + target.nbytes() <= self.cfg.eval_target_budget:
+            self.targets[j] = target
+            self.kept_bytes += target.nbytes()
+        return target
+
+    def run(self, models) -> dict[int, dict[str, float]]:
+        import torch
+
+        from kdtool.kd_losses import LossSums
+
+        if self.batches is None:
+            self._load()
+        sums = {w: LossSums() for w in models}
+        for m in models.values():
+            m.eval()
+        with torch.no_grad():
+            for j, (tok, mask) in enumerate(self.batches):
+                target = self._target(j, tok, mask)
+                for lo, hi in _chunks(tok.shape[0], self.cfg.micro_batch):
+                    t, mk = tok[lo:hi].to(self.device), mask[lo:hi].to(self.device)
+                    sub = target.rows(lo, hi).to(self.device)
+                    for w, model in models.items():
+                        sums[w].add(_student_sums(model, t, mk, sub, self.cfg, self.autocast)[2])
+        for m in models.values():
+            m.train()
+        out = {}
+        for w in models:
+            s = LossSums.from_tensor(_all_reduce(sums[w].as_tensor(), self.d))
+            out[w] = s.values(self.cfg.temperature)
+        return out
+
+
+def _curve_rows(cfg, step, tokens, train_vals, ev, lrs, norms) -> list[dict]:
+    nan = float("nan")
+    rows = []
+    for w in cfg.widths:
+        tv = (train_vals or {}).get(w, {})
+        e = (ev or {}).get(w, {})
+        rows.append(
+            {
+                "width": w,
+                "step": step,
+                "tokens": tokens,
+                "train_kl": tv.get("kl", nan),
+                "train_kl_scaled": tv.get("kl_scaled", nan),
+                "train_ce": tv.get("ce", nan),
+                "eval_kl": e.get("kl", nan),
+                "eval_kl_scaled": e.get("kl_scaled", nan),
+                "eval_raw_kl": e.get("raw_kl", nan),
+                "eval_ce": e.get("ce", nan),
+                "lr": lrs.get(w, nan),
+                "grad_norm": norms.get(w, nan),
+            }
+        )
+    return rows
+
+
+CURVE_COLUMNS = (
+    "width",
+    "step",
+    "tokens",
+    "train_kl",
+    "train_kl_scaled",
+    "train_ce",
+    "eval_kl",
+    "eval_kl_scaled",
+    "eval_raw_kl",
+    "eval_ce",
+    "lr",
+    "grad_norm",
+)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in CURVE_COLUMNS}
+
+
+def floor_window(steps: int, fraction: float) -> int:
+    """First step whose evaluation counts towards the floor."""
+    return int(math.ceil((1.0 - fraction) * steps))
+
+
+def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> dict[str, list]:
+    """Floor per width: mean (and sample std) of the held-out evaluations in the final 10% of steps."""
+    import numpy as np
+
+    from kdtool import students as st
+
+    start = floor_window(cfg.steps, cfg.floor_fraction)
+    w_arr = np.asarray(curves["width"])
+    s_arr = np.asarray(curves["step"])
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "width",
+            "params",
+            "non_embedding_params",
+            "floor",
+            "floor_std",
+            "floor_scaled",
+            "raw_kl",
+            "raw_kl_std",
+            "eval_ce",
+            "n_evals",
+            "steps",
+            "tokens",
+            "temperature",
+            "layers",
+            "heads",
+            "ffn",
+            "topk",
+        )
+    }
+    for w in cfg.widths:
+        sel = (w_arr == w) & (s_arr >= start) & (s_arr > 0) & np.isfinite(np.asarray(curves["eval_kl"], float))
+        kl = np.asarray(curves["eval_kl"], float)[sel]
+        raw = np.asarray(curves["eval_raw_kl"], float)[sel]
+        ce = np.asarray(curves["eval_ce"], float)[sel]
+        n = int(sel.sum())
+        out["width"].append(int(w))
+        if models is not None:
+            counts = st.param_counts(models[w])
+            desc = st.describe(models[w].config)
+        else:
+            counts, desc = {"params": 0, "non_embedding_params": 0}, {"layers": 0, "heads": 0, "ffn": 0}
+        out["params"].append(counts["params"])
+        out["non_embedding_params"].append(counts["non_embedding_params"])
+        floor = float(kl.mean()) if n else float("nan")
+        out["floor"].append(floor)
+        out["floor_std"].append(float(kl.std(ddof=1)) if n > 1 else 0.0)
+        out["floor_scaled"].append(cfg.temperature**2 * floor)
+        out["raw_kl"].append(float(raw.mean()) if n else float("nan"))
+        out["raw_kl_std"].append(float(raw.std(ddof=1)) if n > 1 else 0.0)
+        out["eval_ce"].append(float(ce.mean()) if n else float("nan"))
+        out["n_evals"].append(n)
+        out["steps"].append(int(s_arr[w_arr == w].max()))
+        out["tokens"].append(int(np.asarray(curves["tokens"])[w_arr == w].max()))
+        out["temperature"].append(float(cfg.temperature))
+        out["layers"].append(int(desc["layers"]))
+        out["heads"].append(int(desc["heads"]))
+        out["ffn"].append(int(desc["ffn"]))
+        out["topk"].append(int(cfg.topk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def write_outputs(out: Path, cfg, models, tokenizer, curves, floors, provenance) -> None:
+    """width{W}/ dirs (atomic swap), curves.parquet and floors.parquet, all with provenance."""
+    from kdtool import formats
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "config": _cfg_dict(cfg),
+        "floor_from_step": floor_window(cfg.steps, cfg.floor_fraction),
+        "names": {
+            "floor": "per-token KL(teacher||student) at T, nats (paper's per-token KL)",
+            "floor_scaled": "T^2 x floor",
+            "raw_kl": "T^2 x KL summed over a sequence (paper's raw)",
+        },
+    }
+    for i, w in enumerate(cfg.widths):
+        row = {k: v[i] for k, v in floors.items()}
+        _save_student(
+            out / f"width{w}",
+            models[w],
+            tokenizer,
+            {"kind": "kdtool.distill.student", "floor": row, "provenance": provenance},
+        )
+    formats.write_parquet(out / "curves.parquet", curves, kind=CURVES_KIND, provenance=provenance, summary=summary)
+    formats.write_parquet(out / "floors.parquet", floors, kind=FLOORS_KIND, provenance=provenance, summary=summary)
+
+
+def _save_student(final: Path, model, tokenizer, info: dict) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from kdtool import formats
+
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    formats.write_json(tmp / "kdtool.json", info)
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cfg_dict(cfg: DistillConfig) -> dict:
+    out = asdict(cfg)
+    out["betas"] = list(cfg.betas)
+    return out
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(st[1].astype("int64")),
+            "pos": int(st[2]),
+            "has_gauss": int(st[3]),
+            "cached": float(st[4]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, cfg, models, optims, scheds, step, tokens_seen, rows_log, d: Dist) -> None:
+    """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
+    RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
+    import torch
+
+    if not d.main:
+        return
+    final = out / "checkpoint"
+    tmp = out / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for w, m in models.items():
+        torch.save(
+            {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
+            tmp / f"width{w}.pt",
+        )
+    torch.save(
+        {
+            "step": step,
+            "data_position": step,
+            "tokens_seen": tokens_seen,
+            "curves": rows_log,
+            "config": _cfg_dict(cfg),
+            "world": d.world,
+            "rng": _rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    old = out / ".checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, cfg, models, optims, scheds, device) -> dict | None:
+    """Restore every width's model/optimizer/scheduler and the RNG; None when there is no checkpoint."""
+    import torch
+
+    folder = out / "checkpoint"
+    if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
+        folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
+    if not (folder / "state.pt").exists():
+        return None
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
+    saved, now = state["config"], _cfg_dict(cfg)
+    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
+        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+    for w in cfg.widths:
+        blob = torch.load(folder / f"width{w}.pt", map_location=device, weights_only=True)
+        models[w].load_state_dict(blob["model"])
+        optims[w].load_state_dict(blob["optim"])
+        scheds[w].load_state_dict(blob["sched"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def _norm(v):
+    if isinstance(v, (tuple, list)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v

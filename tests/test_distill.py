@@ -1,0 +1,368 @@
+"""kdtool distill: losses named as the paper uses them, the training loop, floors, resume, teacher cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+from kdtool import distill, formats
+from kdtool.errors import BadInput, RuntimeFailure
+from kdtool.kd_losses import FullTarget, LossSums, ce_per_token, kl_per_token, teacher_target
+from kdtool.teacher_cache import TeacherCache
+
+VOCAB, SEQ, BATCH = 96, 16, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_teacher(arch: str = "gpt_neox"):
+    """A random teacher with peaked outputs (large init std), so a narrow student cannot copy it."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            initializer_range=0.3,
+            tie_word_embeddings=True,
+        )
+    else:
+        cfg = GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            initializer_range=0.3,
+        )
+    return cfg, AutoModelForCausalLM.from_config(cfg).eval()
+
+
+DATA = torch.randint(0, VOCAB, (64, BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def train_batches(skip):
+    return iter(DATA[skip:48])
+
+
+def eval_batches():
+    return iter(DATA[48:])
+
+
+def small_cfg(**kw):
+    base = dict(
+        widths=[8, 32],
+        steps=12,
+        warmup=2,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        eval_every=4,
+        eval_batches=2,
+        heads="head-dim:8",
+        lr=3e-3,
+        save_every=0,
+        init_std="0.02",
+    )
+    return distill.DistillConfig(**(base | kw))
+
+
+class CountingTeacher(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **kw):
+        self.calls += 1
+        return self.model(**kw)
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_kl_matches_definition_and_masks_padding():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11)
+    T = 2.0
+    kl = kl_per_token(s, teacher_target(t, T), T)
+    p, logq = F.softmax(t / T, -1), F.log_softmax(s / T, -1)
+    expected = (p * (p.log() - logq)).sum(-1)
+    torch.testing.assert_close(kl, expected)
+    torch.testing.assert_close(kl, F.kl_div(logq, p, reduction="none").sum(-1))
+    assert torch.all(kl >= -1e-6)
+    assert kl_per_token(t, teacher_target(t, T), T).abs().max() < 1e-5  # student == teacher
+    # padding: masked positions do not change the sums, whatever the logits there
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    s2 = s.clone()
+    s2[1, 3:] += 100
+    a = (kl_per_token(s, teacher_target(t, T), T) * mask).sum()
+    b = (kl_per_token(s2, teacher_target(t, T), T) * mask).sum()
+    torch.testing.assert_close(a, b)
+
+
+def test_named_values_relate_as_in_table3():
+    """raw = T^2 x KL summed over positions; per-token = raw / (S T^2): the paper's 2,703 -> 1.320 at S=512."""
+    s = LossSums(kl_sum=1.320 * 512 * 32, tokens=512 * 32, sequences=32, ce_sum=3.0 * 511 * 32, ce_tokens=511 * 32)
+    v = s.values(2.0)
+    assert v["kl"] == pytest.approx(1.320)
+    assert v["kl_scaled"] == pytest.approx(4 * 1.320)
+    assert v["raw_kl"] == pytest.approx(1.320 * 2048)  # 2,703.4 (Table 3)
+    assert v["ce"] == pytest.approx(3.0)
+
+
+def test_ce_skips_padding_pairs():
+    logits = torch.randn(1, 4, 7)
+    tokens = torch.tensor([[1, 2, 3, 0]])
+    mask = torch.tensor([[True, True, True, False]])
+    ce, valid = ce_per_token(logits, tokens, mask)
+    assert valid.tolist() == [[True, True, False]]
+    torch.testing.assert_close(ce[0, 0], F.cross_entropy(logits[0, :1], tokens[0, 1:2]))
+
+
+def test_topk_kl_is_a_lower_bound_and_exact_at_k_vocab_minus_1():
+    torch.manual_seed(1)
+    t, s, T = torch.randn(3, 6, 20) * 2, torch.randn(3, 6, 20), 2.0
+    full = kl_per_token(s, teacher_target(t, T), T)
+    prev = None
+    for k in (1, 4, 10, 19):
+        approx = kl_per_token(s, teacher_target(t, T, topk=k), T)
+        assert torch.all(approx <= full + 1e-5)
+        if prev is not None:
+            assert torch.all(approx >= prev - 1e-5)  # a finer partition keeps more of the KL
+        prev = approx
+    torch.testing.assert_close(prev, full)  # k = V-1: the rest bin is one token
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = [distill.lr_factor(s, warmup=10, steps=110, min_lr_ratio=0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
+    assert all(a >= b for a, b in zip(f[10:-1], f[11:], strict=True))
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert distill.lr_factor(110, warmup=10, steps=110, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(warmup=12), "--warmup"),
+        (dict(widths=[8, 8]), "repeated"),
+        (dict(temperature=0), "--temperature"),
+        (dict(heads="bad"), "--heads"),
+    ],
+)
+def test_config_errors_name_the_option(kw, message):
+    with pytest.raises(BadInput, match=message):
+        small_cfg(**kw)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_run_outputs_floors_and_is_deterministic(tmp_path):
+    tc, teacher = tiny_teacher()
+    counting = CountingTeacher(teacher)
+    cfg = small_cfg()
+    r1 = distill.run(
+        cfg,
+        teacher_config=tc,
+        teacher=counting,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        out_dir=tmp_path / "a",
+        provenance={"test": 1},
+    )
+    # one teacher forward per training batch for all widths; eval targets computed once and kept
+    assert counting.calls == cfg.steps + cfg.eval_batches
+    r2 = distill.run(
+        cfg, teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches, out_dir=None
+    )
+    assert r1.floors["floor"] == r2.floors["floor"]
+    np.testing.assert_array_equal(np.asarray(r1.curves["train_kl"]), np.asarray(r2.curves["train_kl"]))
+    # floor = mean held-out KL over evaluations at step >= 0.9 x steps (steps 11..12 -> only step 12 here)
+    c = r1.curves
+    for i, w in enumerate(cfg.widths):
+        sel = [
+            c["eval_kl"][j]
+            for j in range(len(c["width"]))
+            if c["width"][j] == w and c["step"][j] >= 11 and not math.isnan(c["eval_kl"][j])
+        ]
+        assert r1.floors["floor"][i] == pytest.approx(np.mean(sel))
+        assert r1.floors["floor_scaled"][i] == pytest.approx(4 * r1.floors["floor"][i])
+        assert r1.floors["raw_kl"][i] == pytest.approx(r1.floors["floor"][i] * SEQ * 4, rel=1e-6)
+    # training lowers the KL
+    first = [c["eval_kl"][j] for j in range(len(c["width"])) if c["step"][j] == 0]
+    assert all(f > fl for f, fl in zip(first, r1.floors["floor"], strict=True))
+    # files: floors readable by calibrate as is, curves with the issue's columns, students reloadable
+    floors = formats.read_table(
+        tmp_path / "a" / "floors.parquet",
+        required=("width", "floor", "floor_std", "params", "non_embedding_params", "raw_kl", "steps"),
+    )
+    assert floors["width"].tolist() == [8, 32]
+    meta = formats.parquet_metadata(tmp_path / "a" / "floors.parquet")
+    assert meta["kind"] == "kdtool.distill.floors" and meta["provenance"] == {"test": 1}
+    curves = formats.read_table(
+        tmp_path / "a" / "curves.parquet", required=("width", "step", "tokens", "train_kl", "eval_kl", "eval_ce", "lr")
+    )
+    assert curves["tokens"].max() == cfg.steps * BATCH * SEQ
+    from kdtool.calibration import load_points
+
+    pts = load_points(tmp_path / "a" / "floors.parquet")
+    assert pts.width.tolist() == [8, 32]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "width8")
+    assert student.config.hidden_size == 8 and student.config.vocab_size == VOCAB
+    assert (tmp_path / "a" / "width8" / "model.safetensors").exists()
+
+
+def test_micro_batches_match_the_full_batch(tmp_path):
+    tc, teacher = tiny_teacher()
+    cfg = small_cfg(widths=[16], steps=4, eval_every=2)
+    full = distill.run(cfg, teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches)
+    micro = distill.run(
+        small_cfg(widths=[16], steps=4, eval_every=2, micro_batch=1),
+        teacher_config=tc,
+        teacher=teacher,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+    )
+    assert micro.floors["floor"][0] == pytest.approx(full.floors["floor"][0], rel=1e-4)
+
+
+def test_wider_student_reaches_a_lower_floor():
+    tc, teacher = tiny_teacher("llama")
+    cfg = small_cfg(widths=[4, 48], steps=30, eval_every=3, lr=1e-2, heads="head-dim:4")
+    r = distill.run(cfg, teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches)
+    narrow, wide = r.floors["floor"]
+    assert wide < narrow
+    assert r.floors["params"][0] < r.floors["params"][1]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    tc, teacher = tiny_teacher()
+    cfg = small_cfg(steps=8, save_every=3, eval_every=2)
+    whole = distill.run(
+        cfg,
+        teacher_config=tc,
+        teacher=teacher,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        out_dir=tmp_path / "whole",
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(event):
+        if event.get("event") == "step" and event["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill.run(
+            cfg,
+            teacher_config=tc,
+            teacher=teacher,
+            train_batches=train_batches,
+            eval_batches=eval_batches,
+            out_dir=tmp_path / "cut",
+            callback=kill_at_5,
+        )
+    opened = []
+
+    def tracking(skip):
+        opened.append(skip)
+        return train_batches(skip)
+
+    resumed = distill.run(
+        cfg,
+        teacher_config=tc,
+        teacher=teacher,
+        train_batches=tracking,
+        eval_batches=eval_batches,
+        out_dir=tmp_path / "cut",
+        resume=True,
+    )
+    assert resumed.resumed_from == 3 and opened == [3]  # data position restored, not replayed from 0
+    assert resumed.floors["floor"] == whole.floors["floor"]
+    assert resumed.curves["eval_kl"][:2] == whole.curves["eval_kl"][:2]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "width32").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "width32").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BadInput, match="other settings.*temperature"):
+        distill.run(
+            small_cfg(steps=8, save_every=3, eval_every=2, temperature=3.0),
+            teacher_config=tc,
+            teacher=teacher,
+            train_batches=train_batches,
+            eval_batches=eval_batches,
+            out_dir=tmp_path / "cut",
+            resume=True,
+        )
+
+
+def test_teacher_cache_skips_the_teacher_on_rerun(tmp_path):
+    tc, teacher = tiny_teacher()
+    k = VOCAB - 1  # the rest bin is a single token: the cached KL is exact, so floors must match a full run
+    cfg = small_cfg(steps=6, topk=k)
+    key = {"teacher": "tiny", "data": "DATA"}
+    cache = TeacherCache(tmp_path / "cache", key=key, topk=k, temperature=2.0, vocab_size=VOCAB)
+    cache.save_teacher(tc)
+    first = distill.run(
+        cfg, teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches, cache=cache
+    )
+    full = distill.run(
+        small_cfg(steps=6), teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches
+    )
+    for a, b in zip(first.floors["floor"], full.floors["floor"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    cache2 = TeacherCache(tmp_path / "cache", key=key, topk=k, temperature=2.0)
+    assert cache2.covers(cfg.steps, cfg.eval_batches, (0, BATCH))
+    assert not cache2.covers(cfg.steps + 1, cfg.eval_batches, (0, BATCH))
+
+    def no_teacher():
+        raise AssertionError("the teacher should not be loaded")
+
+    second = distill.run(
+        cfg,
+        teacher_config=cache2.load_teacher_config(),
+        teacher=no_teacher,
+        train_batches=None,
+        eval_batches=None,
+        cache=cache2,
+    )
+    assert second.floors["floor"] == first.floors["floor"]
+    with pytest.raises(BadInput, match="another run.*temperature"):
+        TeacherCache(tmp_path / "cache", key=key, topk=k, temperature=1.0)
+
+
+def test_data_running_out_is_a_runtime_failure():
+    tc, teacher = tiny_teacher()
+    with pytest.raises(RuntimeFailure, match="ran out after 3 batches"):
+        distill.run(
+            small_cfg(steps=6),
+            teacher_config=tc,
+            teacher=teacher,
+            train_batches=lambda skip: iter(DATA[skip:3]),
+            eval_batches=eval_batches,
+        )
+
+
+def test_full_target_roundtrip_rows():
+    t = teacher_target(torch.randn(4, 3, 9), 2.0)
+    assert isinstance(t, FullTarget) and t.rows(1, 3).logp.shape == (2, 3, 9)
