@@ -127,13 +127,16 @@ def _fmt(v) -> str:
 
 def _show(result: dict) -> None:
     """Human tables on stderr: the fits, then the decomposition."""
+    from rich import box
     from rich.table import Table
 
     from kdtool import calibration as cal
 
-    fits = Table(title="calibration fits (95% CI: bootstrap)", title_justify="left")
-    for name in ("fit", "param", "value", "95% CI", "R^2", "RMSE", "LOO RMSE"):
-        fits.add_column(name, justify="left" if name in ("fit", "param") else "right")
+    fits = Table(
+        title="calibration fits (95% CI: bootstrap; LOO: leave-one-out RMSE)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for name in ("fit", "param", "value", "95% CI", "R^2", "RMSE", "LOO"):
+        fits.add_column(name, justify="left" if name in ("fit", "param") else "right", no_wrap=True)
     for name in cal.FITS:
         entry = result[name]
         if "skipped" in entry:
@@ -143,7 +146,7 @@ def _show(result: dict) -> None:
         keys = [k for k in ("C", "B", "a", "gamma", "c") if k in entry]
         for i, key in enumerate(keys):
             fixed = name == "affine_fixed" and key == "B"
-            band = f"[{_fmt(ci[key][0])},{_fmt(ci[key][1])}]" if key in ci else ("fixed" if fixed else "-")
+            band = f"[{ci[key][0]:.3g}, {ci[key][1]:.3g}]" if key in ci else ("fixed" if fixed else "-")
             scores = (f"{entry['r2']:.4f}", _fmt(entry["rmse"]), _fmt(entry["loo_rmse"])) if i == 0 else ("", "", "")
             fits.add_row(name if i == 0 else "", key, _fmt(entry[key]), band, *scores)
     console = common.err_console()
@@ -155,7 +158,11 @@ def _show(result: dict) -> None:
     if not rows:
         console.print(f"decomposition: none ({dfit.get('skipped', 'no predicted floors')})")
         return
-    dec = Table(title=f"decomposition ({dfit['fit']}: C={dfit['C']:.4g}, B={dfit['B']:.4g})", title_justify="left")
+    dec = Table(
+        title=f"decomposition ({dfit['fit']}: C={dfit['C']:.4g}, B={dfit['B']:.4g})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
     for name in ("width", "observed", "predicted", "geometric C*pred", "baseline B", "% geometric"):
         dec.add_column(name, justify="right")
     for r in rows:
