@@ -61,6 +61,9 @@ class ShardWriter:
             if old["layers"] != self.layers or old["d_model"] != self.d_model or old["dtype"] != dtype:
                 raise BadInput(f"{self.root}: --resume with different layers/d_model/dtype than the cached run")
             self.shards = list(old["shards"])
+        if resume:  # a killed write (SIGKILL skips atomic_path's cleanup) leaves a hidden temp file behind
+            for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("layer*/.*.tmp")]:
+                tmp.unlink(missing_ok=True)
         self._pending: dict[int, list] = {layer: [] for layer in self.layers}
         self._pending_n = 0
 

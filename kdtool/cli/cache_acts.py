@@ -1,8 +1,182 @@
-"""kdtool cache-acts: placeholder until its issue lands."""
+"""kdtool cache-acts: run a teacher over text and cache its residual stream as safetensors shards.
 
-from kdtool.errors import RuntimeFailure
+Thin: parse options, load the teacher (kdtool.models) and text (kdtool.data), run
+kdtool.caching.cache_activations, report. The paper's run on a GPU:
+    kdtool cache-acts --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdtool.cli import common
+from kdtool.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelDtype,
+    ModelOpt,
+    OfflineOpt,
+    RevisionOpt,
+    SeedOpt,
+    SeqLenOpt,
+    SplitOpt,
+    StreamingOpt,
+    TextColumnOpt,
+    TrustRemoteCodeOpt,
+)
+
+PANEL = "Cache"
 
 
-def main() -> None:
-    """Not implemented yet."""
-    raise RuntimeFailure("not implemented yet")
+class ActsDtype(str, Enum):
+    auto = "auto"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+def main(
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            help="hidden_states indices to cache: '8,12,16', a range '4:20:4', 'all' (0..n_layers), 'middle' "
+            "(n_layers // 2) or 'default' (the paper's 8,12,16 if the model has more than 16 blocks, else about "
+            "1/3, 1/2, 2/3 of its depth). L = residual stream after block L; 0 = embeddings.",
+            rich_help_panel=PANEL,
+        ),
+    ] = "default",
+    tokens: Annotated[
+        str,
+        typer.Option(
+            "--tokens", help="Token positions to cache per layer (300M, 2.5B, 50K ...).", rich_help_panel=PANEL
+        ),
+    ] = "1M",
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="Token positions per shard file.", rich_help_panel=PANEL)
+    ] = "64K",
+    acts_dtype: Annotated[
+        ActsDtype,
+        typer.Option(
+            "--acts-dtype",
+            help="Storage dtype of the shards: float16, bfloat16, float32, or auto (bfloat16 for a bf16 teacher, "
+            "else float16).",
+            rich_help_panel=PANEL,
+        ),
+    ] = ActsDtype.auto,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.", rich_help_panel=PANEL)
+    ] = 8,
+    drop_first: Annotated[
+        bool,
+        typer.Option(
+            "--drop-first/--keep-first",
+            help="Drop position 0 of every packed sequence (its activation norm is an outlier).",
+            rich_help_panel=PANEL,
+        ),
+    ] = True,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Cache folder.", file_okay=False, rich_help_panel=PANEL)
+    ] = Path("acts"),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the cache in --output after its last complete shard.", rich_help_panel=PANEL
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a cache already in --output.", rich_help_panel=PANEL)
+    ] = False,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = ModelDtype.auto,
+    device: DeviceOpt = "auto",
+    offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "train",
+    text_column: TextColumnOpt = "text",
+    seq_len: SeqLenOpt = 512,
+    streaming: StreamingOpt = True,
+    seed: SeedOpt = 0,
+) -> None:
+    """Cache a teacher's residual stream (hidden_states[L]) as safetensors shards for train-sae and stats.
+
+    One forward per batch gives every requested layer and stops after the deepest one. Writes
+    OUTPUT/manifest.json and OUTPUT/layer{L}/shard-NNNNN.safetensors; a killed run leaves only
+    complete shards and --resume continues it. With no options: the embedded SmolLM2-135M on the
+    embedded corpus, layers 8, 12, 16 (of 30 blocks; the middle is 15), 1M tokens into acts/.
+    The paper's run: --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M.
+
+    Example: kdtool cache-acts --layers 12 --tokens 200K -o acts
+    """
+    from kdtool import caching
+    from kdtool.cli.options import data_spec, load_teacher, model_spec
+    from kdtool.parsing import parse_count
+
+    n_tokens = common.parse_opt("--tokens", parse_count, tokens)
+    shard_tokens = common.parse_opt("--shard-size", parse_count, shard_size)
+    mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
+    dspec = data_spec(dataset, split, text_column, seq_len, streaming, seed)
+    cfg = caching.CacheConfig(
+        output=output,
+        tokens=n_tokens,
+        shard_tokens=shard_tokens,
+        acts_dtype=acts_dtype.value,
+        batch_size=batch_size,
+        drop_first=drop_first,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    if dspec.dataset is not None and not dspec.local_inputs() and offline:
+        common.warn(f"--dataset {dataset}: not a local path; with --offline it must be in the datasets cache")
+    teacher = load_teacher(mspec)
+    cfg.layers = caching.parse_layers(layers, teacher.n_layers)
+    inputs = [p for p in (teacher.path,) if p] + dspec.local_inputs()
+    provenance = common.make_provenance(
+        inputs=inputs,
+        seed=seed,
+        config={"cache": cfg.__dict__, "data": dspec.describe(), "teacher": teacher.describe()},
+    )
+    common.log(
+        f"caching hidden_states{cfg.layers} of {teacher.name} into {output}/ "
+        f"({n_tokens:,} tokens per layer, seq_len {seq_len})"
+    )
+    with common.progress() as bar:
+        task = bar.add_task("cache-acts", total=n_tokens, rate="")
+        state = {"t0": None, "start": 0, "logged": 0.0}
+        plain = not common.show_progress()  # no bar (a pipe, nohup, --quiet): a log line a minute instead
+
+        def on_progress(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            if state["t0"] is None:  # rates start after the first batch (model warm-up excluded)
+                state["t0"], state["start"], state["logged"] = now, done, now
+                bar.update(task, completed=done)
+                return
+            elapsed = now - state["t0"]
+            rate = (done - state["start"]) / elapsed if elapsed > 0 else 0.0
+            bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s")
+            if plain and now - state["logged"] >= 60:
+                state["logged"] = now
+                eta = (total - done) / rate if rate > 0 else float("inf")
+                common.log(f"cache-acts: {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
+
+        result = caching.cache_activations(teacher, dspec, cfg, provenance=provenance, on_progress=on_progress)
+    summary = result.as_dict()
+    if result.exhausted:
+        common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
+    if common.STATE.json:
+        common.emit_json({"kind": "kdtool.acts.run", **summary, "model": teacher.name, "d_model": teacher.d_model})
+        return
+    common.log(
+        f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({summary['dtype']}) in "
+        f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
+        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)"
+    )

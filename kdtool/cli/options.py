@@ -1,0 +1,180 @@
+"""The model and data flags every teacher-reading command shares, spelled once.
+
+cache-acts, train-sae, stats, distill and probe declare their parameters with these types so
+--model/--dataset/... mean the same everywhere, then call `model_spec(...)`, `data_spec(...)`
+and `load_teacher(...)`:
+
+    def main(model: ModelOpt = None, revision: RevisionOpt = None, dtype: DtypeOpt = ModelDtype.auto,
+             device: DeviceOpt = "auto", offline: OfflineOpt = False, trust_remote_code: TrustRemoteCodeOpt = False,
+             dataset: DatasetOpt = None, split: SplitOpt = "train", text_column: TextColumnOpt = "text",
+             seq_len: SeqLenOpt = 512, streaming: StreamingOpt = True, seed: SeedOpt = 0): ...
+
+Only typer and the standard library at import time (this runs on every TAB press).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from kdtool.cli.common import SeedOpt as SeedOpt  # re-exported: --seed is one of the shared flags
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdtool.data import DataSpec
+    from kdtool.models import LoadedModel, ModelSpec
+
+MODEL_PANEL = "Teacher model"
+DATA_PANEL = "Text data"
+
+
+class ModelDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="Teacher: a hub id (EleutherAI/pythia-410m), a local save_pretrained folder or a .gguf file. "
+        "Default: the embedded SmolLM2-135M (converted once into $KDTOOL_HOME).",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", help="Hub branch, tag or commit of --model.", rich_help_panel=MODEL_PANEL),
+]
+DtypeOpt = Annotated[
+    ModelDtype,
+    typer.Option(
+        "--dtype",
+        help="Dtype the teacher computes in (auto: bfloat16 on a CUDA GPU that supports it, else float32).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Never use the network (models and datasets from local files/cache only).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow a hub model to run its own Python code (only for models you trust).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+DatasetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dataset",
+        help="Text: a datasets hub name (NAME or NAME:CONFIG), a local .txt/.jsonl/.json/.parquet file (.gz ok) "
+        "or folder of them, or a save_to_disk folder. Default: the embedded corpus (scripts/fetch-corpus).",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
+    ),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split to read.", rich_help_panel=DATA_PANEL)]
+TextColumnOpt = Annotated[
+    str, typer.Option("--text-column", help="Field/column holding the text.", rich_help_panel=DATA_PANEL)
+]
+SeqLenOpt = Annotated[
+    int,
+    typer.Option(
+        "--seq-len", min=2, help="Tokens per packed sequence (EOS between documents).", rich_help_panel=DATA_PANEL
+    ),
+]
+StreamingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--streaming/--no-streaming",
+        help="Stream a hub dataset instead of downloading it whole (local files are always streamed).",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+
+
+def model_spec(
+    model: str | None = None,
+    revision: str | None = None,
+    dtype: ModelDtype | str = "auto",
+    device: str = "auto",
+    offline: bool = False,
+    trust_remote_code: bool = False,
+) -> ModelSpec:
+    """The parsed shared model flags as a kdtool.models.ModelSpec (BadInput on bad values)."""
+    from kdtool.models import ModelSpec
+
+    return ModelSpec(
+        model=model,
+        revision=revision,
+        dtype=str(getattr(dtype, "value", dtype)),
+        device=device,
+        offline=offline,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def data_spec(
+    dataset: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    seq_len: int = 512,
+    streaming: bool = True,
+    seed: int = 0,
+    *,
+    holdout: str = "train",
+    **extra,
+) -> DataSpec:
+    """The parsed shared data flags as a kdtool.data.DataSpec; holdout='eval' for evaluation text."""
+    from kdtool.data import DataSpec
+
+    return DataSpec(
+        dataset=dataset,
+        split=split,
+        text_column=text_column,
+        seq_len=seq_len,
+        streaming=streaming,
+        seed=seed,
+        holdout=holdout,
+        **extra,
+    )
+
+
+def load_teacher(spec: ModelSpec) -> LoadedModel:
+    """load_model with the CLI's manners: a log line per step, transformers' own bars and chatter off."""
+    import logging
+
+    from kdtool.cli.common import STATE, log
+    from kdtool.models import EMBEDDED_NAME, load_model
+
+    if not STATE.debug:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+        logging.getLogger("kdtool.models").setLevel(logging.WARNING)
+    log(f"loading {spec.model or EMBEDDED_NAME} ...")
+    loaded = load_model(spec, notify=log)
+    log(
+        f"loaded {loaded.name}: {loaded.n_layers} blocks, d_model {loaded.d_model}, "
+        f"{str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"
+    )
+    return loaded
