@@ -56,12 +56,12 @@ def main(
     ] = "zipf",
     sq_activation: Annotated[
         Optional[float],
-        typer.Option("--sq-activation", help="Parametric spec: E[x_i^2]; default (1-alpha)/3, the toy model's value."),
+        typer.Option("--sq-activation", help="Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value."),
     ] = None,
     capacity: Annotated[
         Optional[CapacityChoice],
         typer.Option(
-            "--capacity", help="paper: g(alpha) of Eq. 1 [default]; naive: one feature per dimension (g = 1)."
+            "--capacity", help="paper (default): g(alpha) of Eq. 1; naive: one feature per dimension (g = 1)."
         ),
     ] = None,
     g_value: Annotated[
