@@ -72,3 +72,23 @@ def test_tab_completion_lists_subcommands(kdtool_proc):
     r = kdtool_proc(env={"_KDTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "kdtool pre", "COMP_CWORD": "1"})
     assert r.returncode == 0, r.stderr
     assert "predict" in r.stdout
+
+
+def test_atomic_write_leaves_no_partial_file_and_normal_mode(tmp_path):
+    import os
+
+    from kdtool.formats import atomic_path, write_text
+
+    target = tmp_path / "out.txt"
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    write_text(target, "whole")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "whole"
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask
