@@ -28,9 +28,11 @@ def main(
     """Show kind, shape/schema, summary numbers and provenance of kdtool files.
 
     Reads any kdtool artifact (Parquet with kdtool metadata, safetensors with __metadata__, kdtool
-    JSON, activation-cache and SAE folders, figures) and plain Parquet/CSV/safetensors. A human
-    view on stdout; `kdtool --json info` prints {"files": [...]}. An unknown or corrupt file stops
-    with exit 2 before anything is printed.
+    JSON, activation-cache and SAE folders, figures) and plain Parquet/CSV/safetensors. An unknown
+    or corrupt file stops with exit 2 before anything is printed.
+
+    Outputs: a human view on stdout; `kdtool --json info` prints {"files": [{path, format, kind,
+    size_bytes, shape, schema, summary, provenance, metadata}, ...]}. Writes no file.
 
     Example: kdtool info stats.parquet calib.json
     """

@@ -99,6 +99,9 @@ def main(
 ) -> None:
     """Draw a figure from kdtool files: `kdtool plot KIND INPUT... -o FIG`.
 
+    Writes FIG (.png, .pdf or .svg, from the suffix; atomically) with this command's provenance in
+    its metadata (`kdtool info FIG` shows it). `kdtool plot --list` prints the kinds.
+
     Example: kdtool plot floor stats.parquet --layer 12 --widths 128,256,512,768,1024 -o floor.pdf
     """
     from kdtool.cli.common import STATE, log
