@@ -386,7 +386,9 @@ def floor(inputs: list[Path], output: Path, *, style: str, options: dict) -> Non
             mx, my = s_["marks"]
             ax.plot(mx[my > 0], my[my > 0], sty["marker"], color=sty["color"], ls="none")
         if s_["band"] is not None:
-            ax.fill_between(s_["x"], s_["band"][0], s_["band"][1], color=sty["color"], alpha=0.15, lw=0)
+            ax.fill_between(
+                s_["x"], s_["band"][0], s_["band"][1], color=sty["color"], alpha=0.15, lw=0, label="bootstrap 95% band"
+            )
     ax.set_yscale("log")
     ax.set_xlim(0, max(s_["x_max"] for s_ in series) * 1.03)
     ax.set_xlabel(r"student width $d_S$ (hidden dimensions)")
@@ -396,14 +398,15 @@ def floor(inputs: list[Path], output: Path, *, style: str, options: dict) -> Non
         "floor_kl": "calibrated floor (nats/token)",
     }
     ax.set_ylabel(ylabels.get(column, column))
-    ax.set_title("predicted loss floor vs width (Eq. 2)")
+    titles = {"floor": "predicted loss floor vs width (Eq. 2)", "floor_kl": r"calibrated floor $C L^* + B$ vs width"}
+    ax.set_title(titles.get(column, f"{column} vs width"))
     _log_minor_labels(ax)
     handles, labels = ax.get_legend_handles_labels()
     if drew_d_star:
         from matplotlib.lines import Line2D
 
         handles.append(Line2D([], [], color=st.GREY, ls=":"))
-        labels.append(r"$d^*$ (floor is 0 beyond it)")
+        labels.append(r"$d^*$ (" + ("geometric " if column != "floor" else "") + "floor is 0 beyond it)")
     if leg_ax is not None:
         st.legend_below(leg_ax, handles, labels)
     else:
