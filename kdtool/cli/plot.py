@@ -72,7 +72,11 @@ def main(
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Figure file; format from the suffix: .png, .pdf or .svg.", dir_okay=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Figure file; format from the suffix: .png, .pdf or .svg (`report`: the report folder).",
+        ),
     ] = None,
     style: Annotated[PlotStyle, typer.Option("--style", help="paper (column width) or slides.")] = PlotStyle.paper,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Only these layers: 12 or 8,12,16.")] = None,
@@ -121,6 +125,10 @@ def main(
         raise BadInput("KIND is missing: give a figure kind (kdtool plot --list shows them)")
     if kind not in kinds:
         raise BadInput(f"unknown figure kind {kind!r}; kinds: {', '.join(kinds)}")
+    if kind == "report":  # a run folder in, a report folder out (kdtool/report.py, CLI side in plot_report.py)
+        from kdtool.cli import plot_report
+
+        return plot_report.run(inputs, output, style=style.value, layer=layer, widths=widths, capacity=capacity.value)
     if output is None:
         raise BadInput("-o/--output FIG is required (.png, .pdf or .svg)")
     from kdtool.plots import style as plot_style
@@ -163,7 +171,8 @@ def main(
 
 
 def _kinds_help() -> str:
-    lines = [f"  {name}: {spec[2]}" for name, spec in _kinds().items()]
+    # "\[" keeps Typer's rich markup from eating bracketed text such as "[stats]"
+    lines = [f"  {name}: {spec[2]}".replace("[", "\\[") for name, spec in _kinds().items()]
     return "\n\nKinds:\n\n" + "\n\n".join(lines) if lines else ""
 
 
