@@ -10,7 +10,7 @@ source itself marks the text, and the mark removed where a probe could key on it
 - french: paragraphs of manpages-fr vs the same pages in manpages; roff markup removed, French
   paragraphs left untranslated (identical to the English page, or mostly English function words)
   dropped.
-- code: a python3.11-doc reST paragraph with the code block it introduces vs prose paragraphs
+- code: a python3.X-doc reST paragraph with the code block it introduces vs prose paragraphs
   with no code; '::', code-block directives and inline roles removed.
 - sports / legal / medical: WordNet glosses whose topic domain (or the synset itself) lies under
   the concept's root synsets vs other glosses (wordnet-base); leading '(law)'-style tags removed.
@@ -40,7 +40,7 @@ CONCEPTS = ("question", "french", "code", "sports", "legal", "medical")
 PACKAGES = {
     "question": ("r-cran-janeaustenr",),
     "french": ("manpages", "manpages-fr"),
-    "code": ("python3.11-doc",),
+    "code": ("python3*-doc",),  # the newest python3.X-doc found
     "sports": ("wordnet-base",),
     "legal": ("wordnet-base",),
     "medical": ("wordnet-base",),
@@ -74,9 +74,16 @@ LICENCES = {
     "r-cran-janeaustenr": "Austen's novels: public domain; package MIT (Julia Silge)",
     "manpages": "Linux man-pages: Linux-man-pages-copyleft and others (see its copyright file)",
     "manpages-fr": "French translations of man-pages: GPL-3+",
-    "python3.11-doc": "Python documentation: PSF License 2 (Python Software Foundation)",
+    "python3.X-doc": "Python documentation: PSF License 2 (Python Software Foundation)",
     "wordnet-base": "WordNet 3.0 licence (Princeton University), permissive",
 }
+
+
+def licence(package: str) -> str:
+    """The licence note for a source package (python3.X-doc for any Python version)."""
+    return LICENCES.get(
+        "python3.X-doc" if re.fullmatch(r"python3\.\d+-doc", package) else package, "see its copyright file"
+    )
 
 
 class SourceMissing(Exception):
@@ -94,11 +101,19 @@ class Candidates:
     neg_strata: list[str] | None = None
 
 
-def _root(pkg: str, sources: Path) -> Path:
-    d = sources / pkg
-    if not (d / "usr").is_dir():
-        raise SourceMissing(f"package {pkg} not found under {sources} (run scripts/fetch-concept-sources)")
-    return d
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_package(pattern: str, sources: list[Path]) -> Path:
+    """The unpacked tree of a package in the first sources folder that has it (a glob such as
+    'python3*-doc' picks the newest version)."""
+    for base in sources:
+        hits = sorted((p for p in base.glob(pattern) if (p / "usr").is_dir()), key=lambda p: _natural(p.name))
+        if hits:
+            return hits[-1]
+    where = " or ".join(str(s) for s in sources)
+    raise SourceMissing(f"package {pattern} not found under {where} (run scripts/fetch-concept-sources)")
 
 
 def _clip(text: str, max_chars: int) -> str:
@@ -135,10 +150,10 @@ def split_sentences(paragraph: str) -> list[str]:
     return out
 
 
-def question_candidates(sources: Path, *, min_words: int = 5, max_words: int = 60, **_) -> Candidates:
+def question_candidates(sources: list[Path], *, min_words: int = 5, max_words: int = 60, **_) -> Candidates:
     from kdtool.rdata import read_lazyload
 
-    stem = _root("r-cran-janeaustenr", sources) / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    stem = find_package("r-cran-janeaustenr", sources) / "usr/lib/R/site-library/janeaustenr/data/Rdata"
     books = read_lazyload(stem)
     cands = Candidates()
     for book in sorted(books):
@@ -247,9 +262,9 @@ def _mostly_english(text: str) -> bool:
     return sum(w in _EN_WORDS for w in words) > sum(w in _FR_WORDS for w in words)
 
 
-def french_candidates(sources: Path, *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
-    en_pages = _man_pages(_root("manpages", sources) / "usr/share/man")
-    fr_pages = _man_pages(_root("manpages-fr", sources) / "usr/share/man/fr")
+def french_candidates(sources: list[Path], *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
+    en_pages = _man_pages(find_package("manpages", sources) / "usr/share/man")
+    fr_pages = _man_pages(find_package("manpages-fr", sources) / "usr/share/man/fr")
     cands = Candidates()
     for page in sorted(set(en_pages) & set(fr_pages)):  # the same pages in both languages
         en = roff_paragraphs(gzip.decompress(en_pages[page].read_bytes()).decode("utf-8", "replace"))
@@ -354,8 +369,12 @@ def rest_examples(source: str) -> tuple[list[tuple[str, str]], list[str]]:
     return with_code, prose
 
 
-def code_candidates(sources: Path, *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
-    root = _root("python3.11-doc", sources) / "usr/share/doc/python3.11/html/_sources"
+def code_candidates(sources: list[Path], *, min_words: int = 8, max_chars: int = 600, **_) -> Candidates:
+    pkg = find_package("python3*-doc", sources)
+    roots = [p for p in sorted(pkg.glob("usr/share/doc/python3*/html/_sources")) if not p.parent.is_symlink()]
+    if not roots:
+        raise SourceMissing(f"{pkg}: no html/_sources folder (not a python3.X-doc package?)")
+    root = roots[0]
     cands = Candidates()
     for path in sorted(root.rglob("*.rst.txt")):
         rel = path.relative_to(root).as_posix()[: -len(".txt")]
@@ -369,10 +388,10 @@ def code_candidates(sources: Path, *, min_words: int = 8, max_chars: int = 600, 
                     break
                 kept.append(line)
             if _words(intro) >= 3 and kept and any(k.strip() for k in kept):
-                cands.pos.append((intro + "\n\n" + "\n".join(kept).rstrip(), "python3.11-doc", f"python-doc:{rel}"))
+                cands.pos.append((intro + "\n\n" + "\n".join(kept).rstrip(), pkg.name, f"python-doc:{rel}"))
         for text in prose:
             if _words(text) >= min_words:
-                cands.neg.append((_clip(text, max_chars), "python3.11-doc", f"python-doc:{rel}"))
+                cands.neg.append((_clip(text, max_chars), pkg.name, f"python-doc:{rel}"))
     return cands
 
 
@@ -426,9 +445,9 @@ def read_wordnet(dict_dir: Path) -> WordNet:
 
 
 def wordnet_candidates(
-    concept: str, sources: Path, *, min_words: int = 4, max_chars: int = 600, wordnet: WordNet | None = None, **_
+    concept: str, sources: list[Path], *, min_words: int = 4, max_chars: int = 600, wordnet: WordNet | None = None, **_
 ) -> Candidates:
-    wn = wordnet or read_wordnet(_root("wordnet-base", sources) / "usr/share/wordnet")
+    wn = wordnet or read_wordnet(find_package("wordnet-base", sources) / "usr/share/wordnet")
     tree: set[str] = set()
     for root in WORDNET_ROOTS[concept]:
         tree |= wn.subtree(root)
@@ -504,10 +523,10 @@ _BUILDERS = {
 }
 
 
-def build(sources: str | Path, *, concepts=CONCEPTS, per_class: int = 1000, seed: int = 0, max_chars: int = 600):
+def build(sources: str | Path | list, *, concepts=CONCEPTS, per_class: int = 1000, seed: int = 0, max_chars: int = 600):
     """Build the concept set. Returns (columns, report): columns text/concept/label/source/item;
     report[concept] = {'per_class', 'positives_available', ...} or {'error': why it could not be built}."""
-    sources = Path(sources)
+    sources = [Path(s) for s in sources] if isinstance(sources, (list, tuple)) else [Path(sources)]
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown:
         raise BadInput(f"--concepts: unknown concept(s) {', '.join(unknown)} (choose from {', '.join(CONCEPTS)})")
@@ -522,7 +541,7 @@ def build(sources: str | Path, *, concepts=CONCEPTS, per_class: int = 1000, seed
                 cands = _BUILDERS[concept](sources, max_chars=max_chars)
             else:
                 if wordnet is None:
-                    wordnet = read_wordnet(_root("wordnet-base", sources) / "usr/share/wordnet")
+                    wordnet = read_wordnet(find_package("wordnet-base", sources) / "usr/share/wordnet")
                 cands = wordnet_candidates(concept, sources, max_chars=max_chars, wordnet=wordnet)
         except SourceMissing as exc:
             report[concept] = {"error": str(exc)}
@@ -536,6 +555,7 @@ def build(sources: str | Path, *, concepts=CONCEPTS, per_class: int = 1000, seed
             }
             continue
         info["sources"] = sorted({r[1] for r in rows})
+        info["licences"] = {pkg: licence(pkg) for pkg in info["sources"]}
         report[concept] = info
         for text, source, item, label in rows:
             columns["text"].append(text)

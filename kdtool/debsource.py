@@ -22,7 +22,8 @@ from pathlib import Path
 
 from kdtool.errors import BadInput, RuntimeFailure
 
-#: The packages the default probe concepts are built from (see docs/probe.md for licences).
+#: The packages the default probe concepts are built from (see docs/probe.md for licences); the
+#: Python docs package is versioned (python3.11-doc on Debian 12): see newest_python_doc().
 CONCEPT_PACKAGES = ("r-cran-janeaustenr", "manpages", "manpages-fr", "python3.11-doc", "wordnet-base")
 
 
@@ -84,6 +85,20 @@ def extract_deb(deb: str | os.PathLike, dest: str | os.PathLike) -> Path:
         shutil.rmtree(dest)
     tmp.rename(dest)
     return dest
+
+
+def newest_python_doc() -> str:
+    """The newest python3.X-doc package apt knows about (python3.11-doc on Debian 12)."""
+    import re
+
+    try:
+        r = subprocess.run(["apt-cache", "pkgnames", "python3."], capture_output=True, text=True, timeout=60)
+        names = [n for n in r.stdout.split() if re.fullmatch(r"python3\.\d+-doc", n)]
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    if not names:
+        return "python3.11-doc"
+    return max(names, key=lambda n: int(n.split(".")[1].split("-")[0]))
 
 
 def fetch(

@@ -22,4 +22,6 @@ KINDS: dict[str, tuple[str, str, str]] = {
                     "Fig. 7: observed vs predicted floors, linear and affine fits with R^2 (input: calib.json)"),
     "calibration-normalized": ("kdtool.plots.theory", "calibration_normalized",
                                "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)"),
+    "probe": ("kdtool.plots.probe", "probe",
+              "Fig. 8: probe accuracy heatmap (concepts x models) and change vs teacher (input: probe.parquet)"),
 }
