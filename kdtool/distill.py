@@ -118,6 +118,10 @@ class DistillConfig:
             if not ok:
                 raise BadInput(message)
         _ = self.policy  # validates heads/ffn/init
+        from kdtool.students import student_heads
+
+        for w in self.widths:  # fail before a slow teacher load
+            student_heads(w, self.heads)
 
     @property
     def policy(self) -> StudentPolicy:
@@ -221,6 +225,46 @@ class _Cursor:
             ) from None
         self.pos += 1
         return _check_shape(as_batch(x), self.cfg, "training")
+
+
+def repeating(open_epoch: Callable[[int, int], Iterator], on_new_epoch: Callable[[int, int], None] | None = None):
+    """train_batches(skip) over a finite corpus: when epoch e ends, epoch e+1 starts (reshuffled by the caller).
+
+    open_epoch(epoch, skip) yields epoch `epoch`'s batches after `skip` of them; every epoch has the
+    same number of batches (the same documents packed in another order). on_new_epoch(epoch, at_batch)
+    is told when the data starts repeating.
+    """
+    length: list[int] = []  # batches per epoch, once known
+
+    def count(epoch: int) -> int:
+        if not length:
+            length.append(sum(1 for _ in open_epoch(epoch, 0)))
+        return length[0]
+
+    def train_batches(skip: int) -> Iterator:
+        epoch, s = divmod(skip, length[0]) if length and length[0] else (0, skip)
+        position = skip
+        while True:
+            n = 0
+            for batch in open_epoch(epoch, s):
+                n += 1
+                position += 1
+                yield batch
+            if n == 0 and s > 0 and not length:  # skipped past the end: learn the epoch length, then jump
+                per = count(epoch)
+                if per == 0:
+                    return
+                epoch, s = divmod(skip, per)
+                continue
+            if n + s == 0:
+                return  # no data at all
+            if not length:
+                length.append(n + s)
+            epoch, s = epoch + 1, 0
+            if on_new_epoch is not None:
+                on_new_epoch(epoch, position)
+
+    return train_batches
 
 
 def _check_shape(batch, cfg: DistillConfig, what: str):

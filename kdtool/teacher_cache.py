@@ -62,10 +62,10 @@ class TeacherCache:
             got = formats.read_json(manifest)
             if got.get("kind") != KIND:
                 raise BadInput(f"--teacher-cache {self.root}: manifest.json is not a kdtool teacher cache")
-            have = got.get("key", {})
-            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            have, now = _flat(got.get("key", {})), _flat(want)
+            diff = sorted(k for k in set(now) | set(have) if now.get(k) != have.get(k))
             if diff:
-                shown = ", ".join(f"{k}={have.get(k)!r} (this run: {want.get(k)!r})" for k in diff[:3])
+                shown = ", ".join(f"{k}={have.get(k)!r} (this run: {now.get(k)!r})" for k in diff[:3])
                 raise BadInput(f"--teacher-cache {self.root}: made for another run: {shown}; use another folder")
             self.vocab_size = got.get("vocab_size")
         elif create:
@@ -169,3 +169,14 @@ class TeacherCache:
             raise BadInput(f"--teacher-cache: {p} is unreadable ({exc}); delete it to recompute") from exc
         target = TopKTarget(t["ids"].long(), t["logp"].float(), t["log_rest"].float())
         return t["tokens"].long(), t["mask"].bool(), target
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'run': {'teacher': x}} -> {'run.teacher': x}: mismatches are reported by leaf."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +367,270 @@ def test_data_running_out_is_a_runtime_failure():
 def test_full_target_roundtrip_rows():
     t = teacher_target(torch.randn(4, 3, 9), 2.0)
     assert isinstance(t, FullTarget) and t.rows(1, 3).logp.shape == (2, 3, 9)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+WORDS = (
+    "the cat sat on a mat and saw one dog run far away from home while rain fell over green hills "
+    "where old trees stood near quiet water under grey sky"
+).split()
+
+
+def make_teacher_dir(path, arch: str = "gpt_neox"):
+    """A saved tiny teacher (byte-level BPE tokenizer + random model) that `--model PATH` loads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([" ".join(WORDS)] * 8, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+            tie_word_embeddings=True,
+        )
+    else:
+        cfg = GPTNeoXConfig(
+            vocab_size=len(fast),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            initializer_range=0.2,
+        )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def make_text(path, paragraphs: int = 600):
+    rng = np.random.default_rng(0)
+    text = "\n\n".join(" ".join(rng.choice(WORDS, size=int(rng.integers(10, 40)))) for _ in range(paragraphs))
+    path.write_text(text + "\n")
+    return path
+
+
+TINY_ARGS = (
+    "--widths",
+    "8,16",
+    "--heads",
+    "head-dim:8",
+    "--steps",
+    "6",
+    "--warmup",
+    "1",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--lr",
+    "3e-3",
+    "--device",
+    "cpu",
+)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    return make_teacher_dir(root / "model"), make_text(root / "text.txt")
+
+
+def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, teacher_and_text):
+    model, text = teacher_and_text
+    out = tmp_path / "students"
+    args = ("--model", model, "--dataset", text, *TINY_ARGS, "-o", out)
+    r = cli("--json", "distill", *args, "--teacher-cache", tmp_path / "tc", "--topk", "16")
+    assert r.exit_code == 0, r.output
+    import json
+
+    rows = json.loads(r.stdout)["rows"]
+    assert [row["width"] for row in rows] == [8, 16]
+    assert all(row["floor"] > 0 and row["raw_kl"] == pytest.approx(row["floor"] * 16 * 4, rel=1e-6) for row in rows)
+    meta = formats.parquet_metadata(out / "floors.parquet")
+    assert meta["provenance"]["params"]["widths"] == "8,16"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "width8").eos_token == "<|endoftext|>"
+    # a rerun with everything cached does not load the teacher (its folder may even be gone)
+    model.rename(tmp_path / "gone")
+    try:
+        r2 = cli(
+            "--json",
+            "distill",
+            "--model",
+            model,
+            "--dataset",
+            text,
+            *TINY_ARGS,
+            "--teacher-cache",
+            tmp_path / "tc",
+            "--topk",
+            "16",
+            "-o",
+            tmp_path / "again",
+        )
+    finally:
+        (tmp_path / "gone").rename(model)
+    assert r2.exit_code == 0, r2.output
+    assert "the teacher is not loaded" in r2.stderr
+    assert json.loads(r2.stdout)["rows"] == rows
+    # an existing checkpoint is not silently overwritten
+    r3 = cli("distill", *args)
+    assert r3.exit_code == 2 and "--resume" in r3.stderr
+
+
+def test_cli_distill_bad_options_are_one_line(cli, tmp_path, teacher_and_text):
+    model, text = teacher_and_text
+    r = cli("distill", "--model", model, "--dataset", text, *TINY_ARGS, "--heads", "head-dim:5", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "multiple of 5" in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, before any model is loaded
+    r = cli("distill", "--widths", "8,x", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--widths" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "students"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tc, teacher = tiny_teacher()
+        distill.run(
+            small_cfg(widths=[8, 16, 32], steps=10, eval_every=1),
+            teacher_config=tc,
+            teacher=teacher,
+            train_batches=train_batches,
+            eval_batches=eval_batches,
+            out_dir=out,
+        )
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Keep the figures a plot function would save, so tests can read what was drawn."""
+    from kdtool.plots import style
+
+    figures = []
+    monkeypatch.setattr(style, "save", lambda fig, output, **kw: figures.append(fig))
+    yield figures
+    import matplotlib.pyplot as plt
+
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_plot_kinds_render_from_a_run_folder(cli, run_dir, tmp_path):
+    from kdtool.plots.style import read_figure_metadata
+
+    for kind in ("distill-curves", "floors", "decomposition"):
+        out = tmp_path / f"{kind}.png"
+        r = cli("plot", kind, run_dir, "-o", out)
+        assert r.exit_code == 0, r.output
+        assert read_figure_metadata(out)["kind"] == f"kdtool.figure.{kind}"
+    r = cli("plot", "floors", run_dir / "curves.parquet", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "floors.parquet" in r.stderr
+
+
+def test_curves_figure_draws_eval_kl_and_floor_lines(run_dir, captured):
+    from kdtool.plots import distill as pd
+
+    pd.curves([run_dir], Path("x.png"), style="paper", options={"widths": [8, 32]})
+    ax = captured[0].axes[0]
+    floors = formats.read_table(run_dir / "floors.parquet")
+    curves = formats.read_table(run_dir / "curves.parquet")
+    solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert len(solid) == 2  # only the widths asked for
+    ev8 = curves["eval_kl"][(curves["width"] == 8) & np.isfinite(curves["eval_kl"])]
+    np.testing.assert_allclose(solid[0].get_ydata(), ev8)
+    dashed = sorted(ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--")
+    np.testing.assert_allclose(dashed, sorted(floors["floor"][[0, 2]]))
+
+
+def test_floors_figure_marks_d_star_from_stats(run_dir, tmp_path, captured):
+    from kdtool import theory
+    from kdtool.plots import distill as pd
+
+    n, l0 = 400, 8.0
+    imp = 1.0 / np.arange(1, n + 1)
+    formats.write_parquet(
+        tmp_path / "stats.parquet",
+        {
+            "layer": np.full(n, 1, np.int32),
+            "feature": np.arange(n, dtype=np.int32),
+            "freq": np.full(n, l0 / n),
+            "importance": imp,
+            "alive": np.ones(n, bool),
+        },
+        kind="kdtool.stats",
+        summary=None,
+    )
+    pd.floors([run_dir / "floors.parquet", tmp_path / "stats.parquet"], Path("x.png"), style="paper", options={})
+    ax = captured[0].axes[0]
+    d_star = n / float(theory.g(1 - l0 / n))
+    vlines = [ln.get_xdata()[0] for ln in ax.get_lines() if len(set(ln.get_xdata())) == 1]
+    assert any(abs(x - d_star) < 1e-6 for x in vlines)
+
+
+def test_decomposition_bars_follow_table5(tmp_path, captured):
+    from kdtool.plots import distill as pd
+
+    calib = {
+        "kind": "kdtool.calibration",
+        "decomposition_fit": {"fit": "affine_fixed", "C": 8.97, "B": 0.586},
+        "decomposition": [
+            {
+                "width": w,
+                "observed": o,
+                "predicted": x,
+                "geometric": 8.97 * x,
+                "baseline": 0.586,
+                "pct_geometric": (o - 0.586) / o,
+            }
+            for w, o, x in ((128, 1.320, 0.0795), (256, 1.008, 0.04), (1024, 0.586, 0.0001))
+        ],
+    }
+    formats.write_json(tmp_path / "calib.json", calib)
+    pd.decomposition([tmp_path / "calib.json"], Path("x.png"), style="paper", options={})
+    ax = captured[0].axes[0]
+    heights = [round(p.get_height(), 3) for p in ax.patches]
+    assert heights == [0.586, 0.586, 0.586, 0.734, 0.422, 0.0]  # baseline bars, then observed - B
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["55.6%", "41.9%", "0.0%"]  # Table 5's % geometric
+    # from floors alone: B = the widest student's floor
+    formats.write_parquet(
+        tmp_path / "floors.parquet", {"width": [128, 1024], "floor": [1.32, 0.586]}, kind="kdtool.distill.floors"
+    )
+    pd.decomposition([tmp_path / "floors.parquet"], Path("y.png"), style="paper", options={})
+    assert [round(p.get_height(), 3) for p in captured[1].axes[0].patches] == [0.586, 0.586, 0.734, 0.0]
