@@ -24,4 +24,10 @@ KINDS: dict[str, tuple[str, str, str]] = {
                                "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)"),
     "probe": ("kdtool.plots.probe", "probe",
               "Fig. 8: probe accuracy heatmap (concepts x models) and change vs teacher (input: probe.parquet)"),
+    "distill-curves": ("kdtool.plots.distill", "curves",
+                       "Fig. 6a/16a: held-out KL vs step per width, floors dashed; training KL (input: students/)"),
+    "floors": ("kdtool.plots.distill", "floors",
+               "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])"),
+    "decomposition": ("kdtool.plots.distill", "decomposition",
+                      "Table 5: floor = baseline B + geometric part per width (input: calib.json or floors.parquet)"),
 }
