@@ -30,4 +30,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
                "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])"),
     "decomposition": ("kdtool.plots.distill", "decomposition",
                       "Table 5: floor = baseline B + geometric part per width (input: calib.json or floors.parquet)"),
+    # Not a figure: a run folder in, a report folder out (kdtool/report.py; kdtool/cli/plot.py special-cases it).
+    "report": ("kdtool.report", "plot_report",
+               "every figure a run folder allows + index.html and README.md with the key tables "
+               "(input: RUN_DIR; -o REPORT_DIR, default RUN_DIR/report)"),
 }
