@@ -12,8 +12,9 @@ source itself marks the text, and the mark removed where a probe could key on it
   dropped.
 - code: a python3.X-doc reST paragraph with the code block it introduces vs prose paragraphs
   with no code; '::', code-block directives and inline roles removed.
-- sports / legal / medical: WordNet glosses whose topic domain (or the synset itself) lies under
-  the concept's root synsets vs other glosses (wordnet-base); leading '(law)'-style tags removed.
+- sports / legal / medical: WordNet glosses whose topic domain lies under the concept's domain
+  synset, or whose synset lies under one of its taxonomy roots, vs other glosses (wordnet-base);
+  leading '(law)'-style tags removed.
 
 Negatives are drawn to match the positives' length (and part of speech for WordNet).
 Each example records `source` (package) and `item` (the source unit it came from: a chapter, a
@@ -46,21 +47,27 @@ PACKAGES = {
     "medical": ("wordnet-base",),
 }
 
-#: WordNet 3.0 roots per topic concept: a synset is positive when its topic domain (';c' pointer)
-#: lies under one of these synsets by hyponymy, or when the synset itself does.
+#: WordNet 3.0 topic-domain roots: a synset is positive when its topic domain (';c' pointer) is one
+#: of these synsets or a hyponym of one (e.g. glosses tagged 'baseball' count for sports).
+WORDNET_DOMAINS = {
+    "sports": ("n00523513",),  # sport, athletics
+    "legal": ("n08441203",),  # law, jurisprudence (case law, legislation, canon law, ...)
+    "medical": ("n06045562",),  # medical science (medicine, surgery, pathology, psychiatry, ...)
+}
+#: WordNet 3.0 taxonomy roots: a synset is also positive when it is itself a hyponym of one of these.
 WORDNET_ROOTS = {
     "sports": (
-        "n00523513",  # sport, athletics (topic domain of baseball, tennis, golf, ... glosses)
+        "n00523513",  # sport, athletics (football, tennis, golf, ...)
         "n09820263",  # athlete, jock
     ),
     "legal": (
-        "n08441203",  # law, jurisprudence (domain of case law, legislation, ...)
+        "n08441203",  # law, jurisprudence
         "n06479665",  # legal document, legal instrument
         "n10249950",  # lawyer, attorney
         "n08329453",  # court, tribunal, judicature
     ),
     "medical": (
-        "n06045562",  # medical science (domain of medicine, surgery, pathology, psychiatry, ...)
+        "n06045562",  # medical science
         "n14070360",  # disease
         "n14299637",  # symptom
         "n01024392",  # medical procedure
@@ -69,6 +76,9 @@ WORDNET_ROOTS = {
         "n10020890",  # doctor, physician
     ),
 }
+#: Subtrees taken out again: WordNet files the Old and New Testament under "will, testament" (a legal
+#: document), which would make scripture (and every gloss in those topic domains) "legal text".
+WORDNET_EXCLUDE = {"legal": ("n06449735", "n06453849")}
 
 LICENCES = {
     "r-cran-janeaustenr": "Austen's novels: public domain; package MIT (Julia Silge)",
@@ -448,15 +458,21 @@ def wordnet_candidates(
     concept: str, sources: list[Path], *, min_words: int = 4, max_chars: int = 600, wordnet: WordNet | None = None, **_
 ) -> Candidates:
     wn = wordnet or read_wordnet(find_package("wordnet-base", sources) / "usr/share/wordnet")
+    excluded: set[str] = set()
+    for root in WORDNET_EXCLUDE.get(concept, ()):
+        excluded |= wn.subtree(root)
+    domains: set[str] = set()
+    for root in WORDNET_DOMAINS[concept]:
+        domains |= wn.subtree(root) - excluded
     tree: set[str] = set()
     for root in WORDNET_ROOTS[concept]:
-        tree |= wn.subtree(root)
+        tree |= wn.subtree(root) - excluded
     cands = Candidates(pos_strata=[], neg_strata=[])
     for key in sorted(wn.gloss):
         text = _clip(_LEADING_TAGS.sub("", wn.gloss[key]).strip(), max_chars)  # drop '(law)'-style tags
         if _words(text) < min_words:
             continue
-        positive = key in tree or any(d in tree for d in wn.domains.get(key, ()))
+        positive = key in tree or any(d in domains for d in wn.domains.get(key, ()))
         entry = (text, "wordnet-base", f"wordnet:{key}")
         if positive:
             cands.pos.append(entry)
