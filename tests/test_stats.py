@@ -1,0 +1,178 @@
+"""kdtool stats: several layers in one file, the schema predict reads, options, errors, streaming from a teacher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_model_dir
+
+from kdtool import activations, formats
+from kdtool.sae_formats import saelens_cfg, save_kdtool
+
+D = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_sae(folder, *, d=D, f=32, layer=3, seed=0, dec_scale=1.0, dead=0):
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(f, d, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    b_enc = -0.5 + 0.1 * torch.randn(f, generator=g)
+    if dead:
+        b_enc[:dead] = -1e3
+    t = {"W_enc": w_dec.t().contiguous(), "b_enc": b_enc, "W_dec": w_dec * dec_scale, "b_dec": torch.zeros(d)}
+    return save_kdtool(folder, t, cfg=saelens_cfg(d, f, layer=layer), kdtool={"layer": layer}, provenance=None)
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("acts") / "acts"
+    g = torch.Generator().manual_seed(1)
+    w = activations.ShardWriter(root, layers=[3, 5], d_model=D, dtype="float16", shard_tokens=2000, info={},
+                                provenance={})  # fmt: skip
+    w.add({3: torch.randn(7000, D, generator=g), 5: 3 * torch.randn(7000, D, generator=g)})
+    w.close()
+    return root
+
+
+def test_several_layers_in_one_file_that_predict_reads(cli, tmp_path, acts):
+    make_sae(tmp_path / "saes" / "layer3", layer=3, dead=5)
+    make_sae(tmp_path / "saes" / "layer5", layer=5, seed=1)
+    out = tmp_path / "stats.parquet"
+    r = cli("--json", "stats", "--sae", tmp_path / "saes", "--acts", acts, "-o", out)
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.stdout)
+    assert [row["layer"] for row in printed["rows"]] == [3, 5]
+    cols = formats.read_table(out)
+    assert set(cols) == {"layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive"}
+    assert cols["layer"].dtype == np.int32 and cols["fires"].dtype == np.int64 and cols["alive"].dtype == bool
+    assert list(np.unique(cols["layer"])) == [3, 5] and len(cols["layer"]) == 64
+    meta = formats.parquet_metadata(out)
+    assert meta["kind"] == "kdtool.stats" and meta["provenance"]["params"]["command"] == "kdtool stats"
+    s3 = meta["summary"]["layers"]["3"]
+    assert s3 == {k: v for k, v in printed["summary"]["layers"]["3"].items()}
+    assert s3["dead"] == 5 and s3["F"] == 27 and s3["tokens"] == 7000 and s3["d_in"] == D
+    assert s3["alpha"] == pytest.approx(1 - s3["L0"] / s3["F"]) and s3["d_star"] == pytest.approx(s3["F"] / s3["g"])
+    r = cli("--json", "predict", out, "--widths", "2,4")
+    assert r.exit_code == 0, r.output
+    pred = json.loads(r.stdout)
+    assert {row["layer"] for row in pred["rows"]} == {3, 5}
+
+
+def test_tokens_limit_and_decoder_norm(cli, tmp_path, acts):
+    make_sae(tmp_path / "unit", layer=3)
+    make_sae(tmp_path / "scaled", layer=3, dec_scale=2.0)
+    x = torch.cat([s[3] for s in activations.ActivationStore(acts).iter_shards([3])])[:2500].float()
+
+    def run(sae, *extra):
+        r = cli("--quiet", "stats", "--sae", sae, "--acts", acts, "-o", tmp_path / "s.parquet", *extra)
+        assert r.exit_code == 0, r.output
+        return formats.read_table(tmp_path / "s.parquet"), formats.parquet_metadata(tmp_path / "s.parquet")
+
+    unit, meta = run(tmp_path / "unit", "--tokens", "2500")
+    assert meta["summary"]["layers"]["3"]["tokens"] == 2500
+    t = _weights(tmp_path / "unit")
+    z = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    np.testing.assert_array_equal(unit["fires"], (z > 0).sum(0).numpy())
+    folded, _ = run(tmp_path / "scaled", "--tokens", "2500")
+    raw, _ = run(tmp_path / "scaled", "--tokens", "2500", "--decoder-norm", "raw")
+    np.testing.assert_allclose(folded["importance"], 4 * raw["importance"], rtol=1e-5)
+    np.testing.assert_allclose(raw["importance"], unit["importance"], rtol=1e-5)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "make,extra,needle",
+    [
+        (lambda p: [make_sae(p / "a", layer=3), make_sae(p / "b", layer=3)], (), "several SAEs for layer(s) [3]"),
+        (lambda p: [make_sae(p / "a", d=6, layer=3)], (), "SAE expects d_in=6"),
+        (lambda p: [make_sae(p / "a", layer=4)], (), "layer(s) [4] not cached"),
+        (lambda p: [make_sae(p / "a", layer=3)], ("--layer", "3,5"), "2 layer(s) for 1 SAE(s)"),
+        (lambda p: [make_sae(p / "a", layer=3)], ("--alive-threshold", "2"), "--alive-threshold"),
+        (lambda p: [make_sae(p / "a", layer=3)], ("-o", "stats.csv"), "Parquet"),
+        (lambda p: [p / "missing"], (), "no such file or folder"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, acts, make, extra, needle):
+    saes = make(tmp_path)
+    args = [a for s in saes for a in ("--sae", s)]
+    r = cli("stats", *args, "--acts", acts, "-o", tmp_path / "s.parquet", *extra)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("kdtool stats: error:") and needle in lines[-1], lines
+
+
+def test_layer_override_and_few_tokens_warning(cli, tmp_path, acts):
+    make_sae(tmp_path / "a", layer=9)
+    r = cli("stats", "--sae", tmp_path / "a", "--acts", acts, "--layer", "5", "-o", tmp_path / "s.parquet")
+    assert r.exit_code == 0, r.output
+    assert "layer from --layer" in r.stderr
+    assert "cannot resolve --alive-threshold" in r.stderr  # 7000 tokens < 1 / 1e-5
+    assert list(np.unique(formats.read_table(tmp_path / "s.parquet")["layer"])) == [5]
+
+
+# ---- streaming from a teacher ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    model = make_model_dir(tmp_path_factory.mktemp("llama"), "llama")
+    corpus = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    docs = [f"Document {i}: the fox {'jumps' if i % 3 else 'naps'} near {i % 7} dogs." for i in range(400)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return model, corpus
+
+
+def test_streamed_stats_equal_cached_stats(cli, tmp_path, teacher):
+    model, corpus = teacher
+    common = ("--model", model, "--dataset", corpus, "--seq-len", "32", "--batch-size", "4")
+    r = cli("--quiet", "cache-acts", *common, "--layers", "2", "--tokens", "1200", "--acts-dtype", "float32",
+            "-o", tmp_path / "acts")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    make_sae(tmp_path / "sae", d=32, f=64, layer=2)
+    r = cli("--quiet", "stats", "--sae", tmp_path / "sae", "--acts", tmp_path / "acts", "-o", tmp_path / "c.parquet")
+    assert r.exit_code == 0, r.output
+    r = cli("--quiet", "stats", "--sae", tmp_path / "sae", *common, "--tokens", "1200", "-o", tmp_path / "s.parquet")
+    assert r.exit_code == 0, r.output
+    cached, streamed = formats.read_table(tmp_path / "c.parquet"), formats.read_table(tmp_path / "s.parquet")
+    np.testing.assert_array_equal(cached["fires"], streamed["fires"])
+    np.testing.assert_allclose(cached["importance"], streamed["importance"], rtol=1e-5)
+    assert formats.parquet_metadata(tmp_path / "s.parquet")["summary"]["layers"]["2"]["tokens"] == 1200
+
+
+def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, teacher):
+    from kdtool.data import DataSpec
+    from kdtool.models import ModelSpec, load_model
+    from kdtool.sae_train import ModelSource, TrainConfig, Trainer
+
+    model, corpus = teacher
+    args = ("--model", model, "--dataset", corpus, "--seq-len", "32", "--batch-size", "4", "--layer", "2",
+            "--features", "64", "--batch-tokens", "128", "--tokens", "3000", "--shuffle-buffer", "500",
+            "--lr", "1e-3", "--device", "cpu")  # fmt: skip
+    r = cli("--quiet", "train-sae", *args, "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "a" / "layer2" / "cfg.json").read_text())
+    assert cfg["kdtool"]["source"]["source"] == "stream" and cfg["kdtool"]["tokens"] == 2944
+    teacher_model = load_model(ModelSpec(model=str(model), device="cpu"))
+    source = ModelSource(teacher_model, DataSpec(dataset=str(corpus), seq_len=32), buffer_tokens=500, batch_size=4)
+    tc = TrainConfig(layers=[2], d_in=32, d_sae=64, batch_tokens=128, tokens=3000, lr=1e-3, checkpoint_every=1000)
+    Trainer(tc, source, tmp_path / "b", stop_after_steps=12).run()
+    r = cli("--quiet", "train-sae", *args, "--resume", "-o", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    wa, wb = _weights(tmp_path / "a" / "layer2"), _weights(tmp_path / "b" / "layer2")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
