@@ -90,7 +90,7 @@ class CacheConfig:
 
     output: Path = Path("acts")  # cache folder (manifest.json + layer{L}/shard-*.safetensors)
     layers: list[int] = field(default_factory=list)  # hidden_states indices; empty = default_layers(n_layers)
-    tokens: int = 1_000_000  # token positions to cache per layer (after dropping first positions)
+    tokens: int = 200_000  # token positions to cache per layer (after dropping first positions)
     shard_tokens: int = 65_536  # token positions per shard file
     acts_dtype: str = "auto"  # storage dtype; auto = bfloat16 for a bf16 model, else float16
     batch_size: int = 8  # sequences per forward

@@ -179,7 +179,37 @@ def stdlib_dir() -> Path:
 
 
 def _stdlib_docstrings() -> Iterator[str]:
-    """One document per standard-library module: its docstring, then each class/function docstring."""
+    """One document per standard-library module, from a cache file after the first full pass.
+
+    Parsing the whole standard library takes seconds, so the documents are kept (gzip'ed JSON
+    Lines) in $KDTOOL_HOME/cache/, keyed by the Python version; an unwritable home just skips it.
+    """
+    import json
+    import platform
+
+    from kdtool.models import kdtool_home
+
+    cache = kdtool_home() / "cache" / f"stdlib-docstrings-{platform.python_version()}.jsonl.gz"
+    if cache.is_file():
+        with gzip.open(cache, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                yield json.loads(line)
+        return
+    docs: list[str] = []
+    for doc in _parse_stdlib_docstrings():
+        docs.append(doc)
+        yield doc
+    try:  # reached only when the consumer read every module
+        from kdtool.formats import atomic_path
+
+        with atomic_path(cache) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(d) + "\n" for d in docs)
+    except OSError:
+        pass
+
+
+def _parse_stdlib_docstrings() -> Iterator[str]:
+    """Module docstring, then each class/function docstring, read with ast (modules are never imported)."""
     root = stdlib_dir()
     skip = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo")
     for path in sorted(root.rglob("*.py")):

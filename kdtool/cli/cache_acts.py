@@ -56,7 +56,7 @@ def main(
         typer.Option(
             "--tokens", help="Token positions to cache per layer (300M, 2.5B, 50K ...).", rich_help_panel=PANEL
         ),
-    ] = "1M",
+    ] = "200K",
     shard_size: Annotated[
         str, typer.Option("--shard-size", help="Token positions per shard file.", rich_help_panel=PANEL)
     ] = "64K",
@@ -110,7 +110,7 @@ def main(
     One forward per batch gives every requested layer and stops after the deepest one. Writes
     OUTPUT/manifest.json and OUTPUT/layer{L}/shard-NNNNN.safetensors; a killed run leaves only
     complete shards and --resume continues it. With no options: the embedded SmolLM2-135M on the
-    embedded corpus, layers 8, 12, 16 (of 30 blocks; the middle is 15), 1M tokens into acts/.
+    embedded corpus, layers 8, 12, 16 (of 30 blocks; the middle is 15), 200K tokens into acts/.
     The paper's run: --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M.
 
     Example: kdtool cache-acts --layers 12 --tokens 200K -o acts
