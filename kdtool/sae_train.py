@@ -47,6 +47,7 @@ LOG_COLUMNS = (
     "lr",
     "elapsed_s",
 )
+LOG_KIND = "kdtool.sae.train_log"  # checkpoint copies: LOG_KIND + ".checkpoint" (not picked up as a run's log)
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_KIND = "kdtool.sae.checkpoint"
 STATE = "state.json"
@@ -446,12 +447,12 @@ class Trainer:
         }
         return cfg, kd
 
-    def _write_log(self, r: LayerRun, path: Path) -> None:
+    def _write_log(self, r: LayerRun, path: Path, *, kind: str = LOG_KIND) -> None:
         cols = {c: [row[c] for row in r.rows] for c in LOG_COLUMNS}
         formats.write_parquet(
             path,
             cols,
-            kind="kdtool.sae.train_log",
+            kind=kind,
             provenance=self.provenance,
             summary={"layer": r.layer, "tokens": self.tokens, "steps": self.step, "config": self.cfg.as_dict()},
         )
@@ -477,7 +478,7 @@ class Trainer:
             formats.save_safetensors(
                 ck / OPTIMIZER, opt_tensors, kind="kdtool.sae.optimizer", provenance=self.provenance
             )
-            self._write_log(r, ck / "train_log.parquet")
+            self._write_log(r, ck / "train_log.parquet", kind=LOG_KIND + ".checkpoint")
             formats.write_json(
                 ck / STATE,
                 {

@@ -30,6 +30,16 @@ KINDS: dict[str, tuple[str, str, str]] = {
                "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])"),
     "decomposition": ("kdtool.plots.distill", "decomposition",
                       "Table 5: floor = baseline B + geometric part per width (input: calib.json or floors.parquet)"),
+    "sae-curves": ("kdtool.plots.sae", "curves",
+                   "Fig. 4/15: SAE reconstruction MSE, L1 term, L0 and fraction alive vs tokens, one line per layer "
+                   "(input: saes/ or train_log.parquet files)"),
+    "layers": ("kdtool.plots.sae", "layers",
+               "Table 1 card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, shaded per column "
+               "(input: stats files)"),
+    "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
+    "l0-mse": ("kdtool.plots.sae", "l0_mse",
+               "L0 vs reconstruction MSE per layer: stats files as points, train logs as trajectories "
+               "(input: stats files, saes/ or train_log.parquet files)"),
     # Not a figure: a run folder in, a report folder out (kdtool/report.py; kdtool/cli/plot.py special-cases it).
     "report": ("kdtool.report", "plot_report",
                "every figure a run folder allows + index.html and README.md with the key tables "
