@@ -67,6 +67,8 @@ class ModelSpec:
     trust_remote_code: bool = False  # allow a hub model's own Python code to run
 
     def __post_init__(self) -> None:
+        self.dtype = str(getattr(self.dtype, "value", self.dtype))  # a CLI enum member -> its text
+        self.device = str(getattr(self.device, "value", self.device))
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         dev = self.device

@@ -54,9 +54,9 @@ def _reference(model_dir, corpus_file, layers, seq_len, batch_size, n_tokens, dr
 @pytest.mark.parametrize("arch,drop_first", [("llama", True), ("gpt_neox", False)])
 def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs, corpus_file, arch, drop_first):
     out = tmp_path / "acts"
-    r = cli("--quiet", "cache-acts", "--model", model_dirs[arch], "--dataset", corpus_file, "--layers", "1,2",
-            "--tokens", "700", "--seq-len", "32", "--batch-size", "4", "--shard-size", "256",
-            "--acts-dtype", "float32", "--drop-first" if drop_first else "--keep-first", "-o", out)
+    opts = "--layers 1,2 --tokens 700 --seq-len 32 --batch-size 4 --shard-size 256 --acts-dtype float32".split()
+    first = "--drop-first" if drop_first else "--keep-first"
+    r = cli("--quiet", "cache-acts", "--model", model_dirs[arch], "--dataset", corpus_file, *opts, first, "-o", out)
     assert r.exit_code == 0, r.output
     store, cached = _load_cache(out)
     assert store.layers == [1, 2] and store.n_tokens == 700
@@ -70,8 +70,8 @@ def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs
 
 
 def test_resume_after_a_kill_gives_identical_shards(cli, tmp_path, model_dirs, corpus_file, monkeypatch):
-    args = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, "--layers", "1,3",
-            "--tokens", "1000", "--seq-len", "24", "--batch-size", "3", "--shard-size", "200"]
+    opts = "--layers 1,3 --tokens 1000 --seq-len 24 --batch-size 3 --shard-size 200".split()
+    args = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts]
     full = tmp_path / "full"
     assert cli("--quiet", *args, "-o", full).exit_code == 0
 
@@ -105,8 +105,8 @@ def test_resume_after_a_kill_gives_identical_shards(cli, tmp_path, model_dirs, c
 
 
 def test_resume_refuses_a_different_configuration(cli, tmp_path, model_dirs, corpus_file):
-    base = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, "--layers", "2",
-            "--tokens", "100", "--seq-len", "16", "-o", tmp_path / "a"]
+    opts = "--layers 2 --tokens 100 --seq-len 16".split()
+    base = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts, "-o", tmp_path / "a"]
     assert cli("--quiet", *base).exit_code == 0
     r = cli("--quiet", *base[:-2], "--seq-len", "32", "-o", tmp_path / "a", "--resume")
     assert r.exit_code == 2
@@ -131,8 +131,8 @@ def test_resume_refuses_a_different_configuration(cli, tmp_path, model_dirs, cor
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, model_dirs, corpus_file, extra, needle):
-    args = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, "--tokens", "50",
-            "--seq-len", "16", "-o", tmp_path / "acts"]
+    opts = ["--tokens", "50", "--seq-len", "16", "-o", tmp_path / "acts"]
+    args = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts]
     r = cli("--quiet", *args, *extra)
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
@@ -140,8 +140,8 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, model_dirs, corpus_file,
 
 
 def test_running_out_of_data_warns_and_keeps_what_it_has(cli, tmp_path, model_dirs, corpus_file):
-    r = cli("cache-acts", "--model", model_dirs["gpt_neox"], "--dataset", corpus_file, "--tokens", "10M",
-            "--seq-len", "64", "--batch-size", "16", "-o", tmp_path / "acts", "--layers", "middle")
+    opts = "--tokens 10M --seq-len 64 --batch-size 16 --layers middle".split()
+    r = cli("cache-acts", "--model", model_dirs["gpt_neox"], "--dataset", corpus_file, *opts, "-o", tmp_path / "acts")
     assert r.exit_code == 0, r.output
     assert "ran out" in r.stderr
     store = activations.ActivationStore(tmp_path / "acts")
@@ -149,8 +149,10 @@ def test_running_out_of_data_warns_and_keeps_what_it_has(cli, tmp_path, model_di
 
 
 def test_json_summary_on_stdout(cli, tmp_path, model_dirs, corpus_file):
-    r = cli("--json", "cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, "--tokens", "64",
-            "--seq-len", "16", "--layers", "all", "-o", tmp_path / "acts")
+    opts = "--tokens 64 --seq-len 16 --layers all".split()
+    r = cli(
+        "--json", "cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts, "-o", tmp_path / "a"
+    )
     assert r.exit_code == 0
     summary = json.loads(r.stdout)
     assert summary["layers"] == [0, 1, 2, 3, 4] and summary["tokens"] == 64 and summary["dtype"] == "float16"

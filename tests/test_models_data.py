@@ -53,8 +53,9 @@ def test_residual_stream_stops_after_the_deepest_block(arch):
     model = make_model(arch, vocab_size=97, n_layers=4)
     blocks = models.decoder_layers(model)
     calls = [0] * len(blocks)
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, b in enumerate(blocks)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(blocks)
+    ]
     head_calls = []
     handles.append(model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1)))
     try:
@@ -195,8 +196,12 @@ def test_folders_and_save_to_disk(tmp_path):
     (folder / "notes.csv").write_text("ignored,file\n")
     # sorted paths: b.jsonl before sub/a.txt
     assert list(data.iter_texts(_spec(folder))) == docs[10:] + docs[:10]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": docs}),
-                               "test": datasets.Dataset.from_dict({"content": docs[:3]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": docs}),
+            "test": datasets.Dataset.from_dict({"content": docs[:3]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "disk"))
     assert list(data.iter_texts(_spec(tmp_path / "disk", text_column="content"))) == docs
     assert list(data.iter_texts(_spec(tmp_path / "disk", text_column="content", split="test"))) == docs[:3]
