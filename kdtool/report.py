@@ -64,7 +64,9 @@ class FigureRule:
 
     figure: str  # figure kind in kdtool.plots.KINDS
     inputs: tuple[str, ...]  # artifact kinds it reads; the first kind present in the run is used
-    per: Literal["run", "file"]  # one figure from all those files, or one figure per file
+    #: one figure from all those files ("run"), one per file ("file"), or one per SAE run folder ("sae-run":
+    #: train logs grouped by the folder above their layer{L}/, so two train-sae runs do not share a figure)
+    per: Literal["run", "file", "sae-run"]
     section: str  # report section the figure goes to
     title: str
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
@@ -84,8 +86,9 @@ _S, _P, _D, _C, _PR, _T = SECTIONS
 # fmt: off
 FIGURES: tuple[FigureRule, ...] = (
     #          figure                    inputs           per     section
-    FigureRule("sae-curves",             (SAE_LOG,),      "run",  _S, "SAE training curves (Fig. 4, 15)"),
-    FigureRule("l0-mse",                 (SAE_LOG,),      "run",  _S, "Sparsity vs reconstruction"),
+    FigureRule("sae-curves",             (SAE_LOG,),      "sae-run", _S, "SAE training curves (Fig. 4, 15)"),
+    FigureRule("l0-mse",                 (SAE_LOG, STATS), "sae-run", _S, "Sparsity vs reconstruction (L0 vs MSE)",
+               extra=(STATS,)),
     FigureRule("sae-layers",             (STATS,),        "run",  _S, "Per-layer SAE measurements (Table 1)"),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
@@ -283,7 +286,9 @@ def discover(run_dir: str | os.PathLike, *, exclude: list[Path] = ()) -> tuple[l
                 else:
                     continue
             except Exception as exc:  # one unreadable file must not stop the report
-                notes.append(f"{_rel(path, root)}: skipped, {_one_line(exc)}")
+                msg = _one_line(exc)
+                msg = msg[len(f"{path}: ") :] if msg.startswith(f"{path}: ") else msg  # the note names the file
+                notes.append(f"{_rel(path, root)}: skipped, {msg}")
                 continue
             if art is not None:
                 artifacts.append(art)
@@ -332,6 +337,18 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+def _groups(main: list[Artifact], per: str) -> list[list[Artifact]]:
+    if per == "run" or len(main) == 1:
+        return [main]
+    if per == "file":
+        return [[a] for a in main]
+    by_folder: dict[Path, list[Artifact]] = {}
+    for a in main:  # sae-run: saes/layer6/train_log.parquet -> saes (a stats file stands alone)
+        key = a.path.parent.parent if a.kind == SAE_LOG else a.path
+        by_folder.setdefault(key, []).append(a)
+    return list(by_folder.values())
+
+
 def plan_figures(
     artifacts: list[Artifact], *, registered: dict | None = None, options: dict | None = None
 ) -> tuple[list[FigureJob], list[str]]:
@@ -351,7 +368,7 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
-        groups = [main] if rule.per == "run" or len(main) == 1 else [[a] for a in main]
+        groups = _groups(main, rule.per)
         for group in groups:
             extra = [a for a in artifacts if a.kind in rule.extra]
             if rule.extra_scope == "folder":
@@ -363,7 +380,12 @@ def plan_figures(
                 d_star = _d_star_for(group[0], artifacts)
                 if d_star is not None:
                     opts["d_star"] = d_star
-            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(group[0].rel)}"
+            label = group[0].rel  # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes)
+            if rule.per == "sae-run" and group[0].kind == SAE_LOG and label.count("/") >= 2:
+                label = label.rsplit("/", 2)[0]
+            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label)}"
+            while any(j.file == f"figures/{name}{FIGURE_SUFFIX}" for j in jobs):
+                name += "-2"
             jobs.append(
                 FigureJob(rule, group + [a for a in extra if a not in group], f"figures/{name}{FIGURE_SUFFIX}", opts)
             )
@@ -410,7 +432,10 @@ def render_figure(
         for w in result.warnings:
             on_warning(f"{job.file}: {w}")
     except Exception as exc:  # a failing figure is a note in the report, not the end of it
-        result.note = f"{job.rule.figure} ({', '.join(result.inputs)}): not drawn, {_one_line(exc)}"
+        msg = _one_line(exc)
+        for art in job.inputs:  # paths as the report shows them, relative to the run folder
+            msg = msg.replace(str(art.path), art.rel)
+        result.note = f"{job.rule.figure} ({', '.join(result.inputs)}): not drawn, {msg}"
         on_warning(result.note)
     finally:
         _close_all_figures()
@@ -474,6 +499,7 @@ def build_report(
             on_figure(res)
     notes += [f.note for f in figures if f.note]
     tables, table_notes = report_tables.build_tables(artifacts)
+    table_notes = [n.replace(f"{run_dir}/", "") for n in table_notes]
     for n in table_notes:
         warn(n)
     notes += table_notes

@@ -1,0 +1,601 @@
+"""`kdtool plot report RUN_DIR`: discovery by metadata, the figures a run allows, tables, pages, failures as notes.
+
+The run folder is written through kdtool's own writers: calib.json by `kdtool calibrate` on the paper's
+Pythia-410M numbers, pred.parquet by `kdtool predict`, and stats/floors/curves/probe/train-log tables
+with formats.write_parquet in the schemas of docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kdtool import formats, report, report_tables, theory
+from kdtool.plots import KINDS
+from kdtool.plots import style as st
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_CSV = REPO / "kdtool" / "data" / "paper_pythia410m.csv"
+WIDTHS = [8, 16, 32, 48]
+LAYERS = ((6, 600, 12.0), (12, 500, 6.0))  # (layer, d_sae, L0)
+SAE_LOG_COLUMNS = (
+    "layer",
+    "step",
+    "tokens",
+    "mse",
+    "l1_term",
+    "loss",
+    "l0",
+    "alive_fraction",
+    "explained_variance",
+    "lambda",
+    "lr",
+    "elapsed_s",
+)  # kdtool.sae_train.LOG_COLUMNS (imports torch)
+#: the figures this run folder allows (FIGURES rules whose inputs are present); toy figures are not among them
+ALLOWED = {
+    "sae-curves",
+    "l0-mse",
+    "sae-layers",
+    "importance",
+    "capacity",
+    "floor",
+    "distill-curves",
+    "floors",
+    "calibration",
+    "calibration-normalized",
+    "decomposition",
+    "probe",
+}
+
+
+def invoke(*args):
+    from kdtool.cli.common import STATE
+    from kdtool.cli.main import app
+
+    STATE.json = STATE.quiet = STATE.debug = False
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def prov(command):
+    from kdtool.provenance import make
+
+    return make(command=command)
+
+
+def write_stats(path: Path) -> dict:
+    """Two layers in the documented kdtool.stats schema; the summary agrees with the rows."""
+    rng = np.random.default_rng(0)
+    cols = {k: [] for k in ("layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive")}
+    summary = {"layers": {}}
+    tokens = 100_000
+    for layer, n, l0 in LAYERS:
+        imp = np.arange(1, n + 1, dtype=float) ** -1.1
+        rng.shuffle(imp)
+        freq = rng.dirichlet(np.ones(n)) * l0
+        alive = np.ones(n, bool)
+        alive[:20] = False
+        freq[~alive] = 0.0
+        imp[~alive] = 0.0
+        F, L0 = int(alive.sum()), float(freq.sum())
+        alpha = 1 - L0 / F
+        g = float(theory.g(alpha))
+        summary["layers"][str(layer)] = {
+            "F": F,
+            "L0": L0,
+            "alpha": alpha,
+            "g": g,
+            "d_star": F / g,
+            "dead": n - F,
+            "d_sae": n,
+            "d_in": 64,
+            "tokens": tokens,
+            "mse": 0.0123,
+            "explained_variance": 0.91,
+            "alive_threshold": 1e-5,
+            "notes": [],
+        }
+        cols["layer"] += [layer] * n
+        cols["feature"] += list(range(n))
+        cols["fires"] += list((freq * tokens).astype(np.int64))
+        cols["freq"] += list(freq)
+        cols["mean_act"] += list(np.sqrt(imp) / 2)
+        cols["importance"] += list(imp)
+        cols["max_act"] += list(np.sqrt(imp) * 3)
+        cols["alive"] += list(alive)
+    cols["layer"] = np.asarray(cols["layer"], np.int32)
+    cols["feature"] = np.asarray(cols["feature"], np.int32)
+    formats.write_parquet(
+        path, cols, kind="kdtool.stats", provenance=prov("kdtool stats acts --sae saes"), summary=summary
+    )
+    return summary
+
+
+def write_students(folder: Path) -> dict:
+    from kdtool import distill
+
+    floors = {
+        "width": WIDTHS,
+        "params": [w * 1000 for w in WIDTHS],
+        "non_embedding_params": [w * 500 for w in WIDTHS],
+        "floor": [1.31, 1.02, 0.74, 0.66],
+        "floor_std": [0.011, 0.012, 0.013, 0.014],
+        "floor_scaled": [4 * f for f in (1.31, 1.02, 0.74, 0.66)],
+        "raw_kl": [2683.0, 2089.0, 1515.5, 1351.7],
+        "eval_ce": [3.1, 3.0, 2.9, 2.85],
+        "n_evals": [2] * 4,
+        "steps": [100] * 4,
+        "tokens": [51_200] * 4,
+    }
+    formats.write_parquet(
+        folder / "floors.parquet",
+        floors,
+        kind=distill.FLOORS_KIND,
+        provenance=prov("kdtool distill --widths 8,16,32,48"),
+        summary={"floor_from_step": 90},
+    )
+    curves = {c: [] for c in distill.CURVE_COLUMNS}
+    for w, f in zip(WIDTHS, floors["floor"], strict=True):
+        for s in range(0, 101, 10):
+            v = f + 2 * np.exp(-s / 20)
+            row = {
+                "width": w,
+                "step": s,
+                "tokens": s * 512,
+                "train_kl": 1.05 * v,
+                "train_kl_scaled": 4.2 * v,
+                "train_ce": 3 + v,
+                "eval_kl": v,
+                "eval_kl_scaled": 4 * v,
+                "eval_raw_kl": 2048 * v,
+                "eval_ce": 3 + v,
+                "lr": 3e-4,
+                "grad_norm": 1.0,
+            }
+            for c in distill.CURVE_COLUMNS:
+                curves[c].append(row[c])
+    formats.write_parquet(
+        folder / "curves.parquet",
+        curves,
+        kind=distill.CURVES_KIND,
+        provenance=prov("kdtool distill"),
+        summary={"floor_from_step": 90},
+    )
+    return floors
+
+
+def write_train_log(path: Path, layer: int, steps: int = 20) -> None:
+    s = np.arange(1, steps + 1) * 10
+    log = {
+        "layer": [layer] * steps,
+        "step": s,
+        "tokens": s * 256,
+        "mse": 1 / s,
+        "l1_term": 0.1 / s,
+        "loss": 1.1 / s,
+        "l0": 50 * np.exp(-s / 80) + layer,
+        "alive_fraction": np.linspace(1, 0.9, steps),
+        "explained_variance": 1 - 1 / s,
+        "lambda": [2.5e-5] * steps,
+        "lr": [1e-3] * steps,
+        "elapsed_s": s * 0.1,
+    }
+    assert tuple(log) == SAE_LOG_COLUMNS
+    formats.write_parquet(
+        path, log, kind="kdtool.sae.train_log", provenance=prov("kdtool train-sae"), summary={"layer": layer}
+    )
+
+
+def write_probe(path: Path) -> dict:
+    from kdtool import probe
+
+    acc = {
+        ("question", "teacher"): 0.912,
+        ("question", "students/width8"): 0.801,
+        ("question", "students/width32"): 0.874,
+        ("french", "teacher"): 0.955,
+        ("french", "students/width8"): 0.902,
+        ("french", "students/width32"): 0.931,
+    }
+    cols = {c: [] for c in probe.COLUMNS}
+    for (concept, model), a in acc.items():
+        width = {"teacher": 64, "students/width8": 8, "students/width32": 32}[model]
+        row = {
+            "concept": concept,
+            "model": model,
+            "role": "teacher" if model == "teacher" else "student",
+            "width": width,
+            "layer": 6,
+            "pool": "mean",
+            "accuracy": a,
+            "accuracy_std": 0.02,
+            "control_accuracy": 0.55,
+            "control_accuracy_std": 0.03,
+            "selectivity": a - 0.55,
+            "n": 200,
+            "n_test": 40,
+        }
+        for c in probe.COLUMNS:
+            cols[c].append(row[c])
+    formats.write_parquet(path, cols, kind="kdtool.probe", provenance=prov("kdtool probe run"))
+    return acc
+
+
+def write_calib(path: Path) -> dict:
+    r = invoke("calibrate", PAPER_CSV, "--bootstrap", "0", "-o", path)
+    assert r.exit_code == 0, r.output
+    return json.loads(path.read_text())
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder with every kind of file but the toy sweep, and its report (drawn once, with --json)."""
+    root = tmp_path_factory.mktemp("run")
+    made = {"stats": write_stats(root / "stats.parquet")}
+    (root / "students").mkdir()
+    made["floors"] = write_students(root / "students")
+    for layer, *_ in LAYERS:
+        write_train_log(root / "saes" / f"layer{layer}" / "train_log.parquet", layer)
+    # checkpoints are skipped: this log must not show up anywhere
+    write_train_log(root / "saes" / "layer6" / "checkpoints" / "tokens-000000001000" / "train_log.parquet", 6, 3)
+    made["probe"] = write_probe(root / "probe.parquet")
+    made["calib"] = write_calib(root / "calib.json")
+    r = invoke("predict", root / "stats.parquet", "--widths", ",".join(map(str, WIDTHS)), "-o", root / "pred.parquet")
+    assert r.exit_code == 0, r.output
+    acts = root / "acts"
+    (acts / "layer6").mkdir(parents=True)
+    (acts / "layer6" / "shard-00000.safetensors").write_bytes(b"not read")
+    formats.write_json(
+        acts / "manifest.json",
+        {
+            "kind": "kdtool.acts",
+            "model": "tiny",
+            "layers": [6, 12],
+            "d_model": 64,
+            "tokens": 4096,
+            "shards": [],
+            "provenance": prov("kdtool cache-acts --tokens 4096"),
+        },
+    )
+    (root / "notes.csv").write_text("a,b\n1,2\n")  # no kdtool metadata: ignored
+    result = invoke("--json", "plot", "report", root, "-o", root / "report")
+    assert result.exit_code == 0, result.output
+    out = root / "report"
+    return {
+        "root": root,
+        "out": out,
+        "made": made,
+        "result": result,
+        "json": json.loads((out / "report.json").read_text()),
+        "html": (out / "index.html").read_text(),
+        "md": (out / "README.md").read_text(),
+    }
+
+
+def table(rep: dict, key: str) -> dict:
+    found = [t for t in rep["json"]["tables"] if t["key"] == key]
+    assert len(found) == 1, [t["key"] for t in rep["json"]["tables"]]
+    t = found[0]
+    return {
+        "columns": t["columns"],
+        "rows": t["rows"],
+        "col": lambda name: [r[t["columns"].index(name)] for r in t["rows"]],
+    }
+
+
+# --------------------------------------------------------------------------------------------- the full run
+
+
+def test_report_draws_exactly_the_figures_the_files_allow(run):
+    figs = run["json"]["figures"]
+    drawn = {f["figure"] for f in figs if f["file"]}
+    registered = set(KINDS) - {"report"}
+    assert drawn == ALLOWED & registered, [f["note"] for f in figs if f["note"]]
+    assert set(run["json"]["unavailable"]) == ALLOWED - registered
+    assert not any(f["figure"].startswith("toy") for f in figs)
+    assert run["json"]["notes"] == []
+    stdout = json.loads(run["result"].stdout)
+    assert sorted(stdout["figures"]) == sorted(f["file"] for f in figs)
+    assert stdout["index"].endswith("index.html") and stdout["notes"] == []
+
+
+def test_figures_are_valid_pngs_carrying_their_inputs(run):
+    for fig in run["json"]["figures"]:
+        path = run["out"] / fig["file"]
+        w, h = png_size(path)
+        assert w > 300 and h > 200, (fig["file"], w, h)
+        meta = st.read_figure_metadata(path)
+        assert meta["kind"] == f"kdtool.figure.{fig['figure']}"
+        assert [Path(i["path"]).relative_to(run["root"]).as_posix() for i in meta["provenance"]["inputs"]] == fig[
+            "inputs"
+        ]
+        assert meta["provenance"]["params"]["command"] == "kdtool plot"  # in-process: argv is pytest's
+        assert meta["provenance"]["params"]["kind"] == "report" and meta["provenance"]["config"]["report"] is True
+    by_kind = {f["figure"]: f for f in run["json"]["figures"]}
+    if "floors" in by_kind:  # d* of the stats file goes with the floors figure
+        assert by_kind["floors"]["inputs"] == ["students/floors.parquet", "stats.parquet"]
+    if "distill-curves" in by_kind:  # the floors beside the curves, not any other
+        assert by_kind["distill-curves"]["inputs"] == ["students/curves.parquet", "students/floors.parquet"]
+    assert by_kind["floor"]["inputs"] == ["stats.parquet"]  # stats win over the predict table for Fig. 5b
+    floor_opts = st.read_figure_metadata(run["out"] / by_kind["floor"]["file"])["provenance"]["config"]["options"]
+    assert floor_opts["widths"] == WIDTHS  # the distilled widths are marked on the predicted curve
+
+
+def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
+    inputs = {i["path"]: i["kind"] for i in run["json"]["inputs"]}
+    assert inputs == {
+        "acts": "kdtool.acts",
+        "calib.json": "kdtool.calibration",
+        "pred.parquet": "kdtool.predict",
+        "probe.parquet": "kdtool.probe",
+        "saes/layer6/train_log.parquet": "kdtool.sae.train_log",
+        "saes/layer12/train_log.parquet": "kdtool.sae.train_log",
+        "stats.parquet": "kdtool.stats",
+        "students/curves.parquet": "kdtool.distill.curves",
+        "students/floors.parquet": "kdtool.distill.floors",
+    }
+    assert list(inputs)[4:6] == ["saes/layer6/train_log.parquet", "saes/layer12/train_log.parquet"]  # natural order
+    t = table(run, "inputs")
+    cmds = dict(zip(t["col"]("file"), t["col"]("command"), strict=True))
+    assert cmds["acts"] == "kdtool cache-acts --tokens 4096"
+    assert cmds["calib.json"] == run["made"]["calib"]["provenance"]["command"]
+    assert dict(zip(t["col"]("file"), t["col"]("details"), strict=True))["acts"].startswith("tiny, 4,096 tokens")
+
+
+def test_sae_table_has_each_layers_measurements(run):
+    t = table(run, "sae_layers")
+    want = run["made"]["stats"]["layers"]
+    assert t["col"]("layer") == [6, 12]
+    for name, key in (("F (alive)", "F"), ("L0", "L0"), ("α", "alpha"), ("g(α)", "g"), ("d*", "d_star")):
+        assert t["col"](name) == pytest.approx([want["6"][key], want["12"][key]]), name
+    d_star = want["6"]["d_star"]
+    assert abs(d_star - want["6"]["F"] / theory.g(want["6"]["alpha"])) < 1e-9
+    assert f"{d_star:,.1f}" in run["html"] and f"{want['6']['alpha']:.5f}" in run["md"]
+    logs = table(run, "sae_training")
+    assert logs["col"]("layer") == [6, 12] and logs["col"]("step") == [200, 200]  # last rows, checkpoint log ignored
+    assert logs["col"]("L0") == pytest.approx([50 * np.exp(-2.5) + 6, 50 * np.exp(-2.5) + 12])
+
+
+def test_calibration_tables_reproduce_the_papers_fits(run):
+    fits = table(run, "calibration")
+    by_fit = {r[0]: dict(zip(fits["columns"], r, strict=True)) for r in fits["rows"]}
+    assert by_fit["affine"]["C"] == pytest.approx(8.96, abs=0.01)  # paper Table 4
+    assert by_fit["affine"]["B"] == pytest.approx(0.623, abs=0.001)
+    assert by_fit["affine"]["R²"] == pytest.approx(0.993, abs=0.001)
+    assert by_fit["linear"]["R²"] == pytest.approx(-1.98, abs=0.01)
+    assert by_fit["power_law"]["γ"] == pytest.approx(0.47, abs=0.01)
+    assert by_fit["affine_fixed"]["note"].startswith("skipped:")
+    dec = table(run, "decomposition")
+    assert dec["col"]("d_S") == [128, 256, 512, 768, 1024]
+    c, b = run["made"]["calib"]["affine"]["C"], run["made"]["calib"]["affine"]["B"]
+    assert dec["col"]("% geometric")[0] == pytest.approx((1.320 - b) / 1.320)
+    assert dec["col"]("geometric C·L*")[0] == pytest.approx(c * 0.0795)
+    for text in ("8.964", "0.9927", "-1.9829", "52.8%"):
+        assert text in run["html"] and text in run["md"], text
+
+
+def test_floor_probe_and_prediction_tables(run):
+    fl = table(run, "distill_floors")
+    assert fl["col"]("d_S") == WIDTHS and fl["col"]("floor (nats/token)") == run["made"]["floors"]["floor"]
+    assert fl["col"]("raw KL") == run["made"]["floors"]["raw_kl"]
+    pred = formats.read_table(run["root"] / "pred.parquet")
+    pt = table(run, "predicted")
+    assert pt["col"]("L*(d_S)") == pytest.approx(list(pred["floor"]))
+    assert pt["col"]("F_S kept") == list(pred["features_kept"])
+    pr = table(run, "probe")
+    assert pr["columns"] == ["concept", "teacher (d=64)", "d_S=32", "d_S=8"]  # teacher, then widest first
+    acc = run["made"]["probe"]
+    assert pr["rows"][0] == [
+        "question",
+        [pytest.approx(100 * acc["question", "teacher"]), 2.0],
+        [pytest.approx(100 * acc["question", "students/width32"]), 2.0],
+        [pytest.approx(100 * acc["question", "students/width8"]), 2.0],
+    ]
+    assert "91.2 ± 2.0" in run["html"] and "80.1 ± 2.0" in run["md"]
+
+
+class _Tags(HTMLParser):
+    VOID = {"meta", "img", "br", "link", "hr", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.imgs, self.links = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        if tag == "a":
+            self.links.append(a.get("href", ""))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+
+def test_pages_are_self_contained_and_well_formed(run):
+    html, md = run["html"], run["md"]
+    p = _Tags()
+    p.feed(html)
+    assert p.errors == [] and p.stack == []
+    drawn = [f["file"] for f in run["json"]["figures"] if f["file"]]
+    assert p.imgs == drawn and all((run["out"] / src).is_file() for src in p.imgs)
+    assert all(link.startswith("#") for link in p.links)
+    ids = {part.split('"')[0] for part in html.split(' id="')[1:]}
+    assert {link[1:] for link in p.links} <= ids
+    for text in (html, md):
+        assert "http://" not in text and "https://" not in text
+        assert "kdtool 0." in text and run["json"]["provenance"]["created"] in text  # how it was made
+    assert "<script" not in html and "<style>" in html
+    assert [line for line in md.splitlines() if line.startswith("![")] == [
+        f"![{f['title']}]({f['file']})".replace("*", "\\*") for f in run["json"]["figures"] if f["file"]
+    ]
+    assert run["json"]["kind"] == "kdtool.report" and run["json"]["provenance"]["params"]["command"] == "kdtool plot"
+
+
+# --------------------------------------------------------------------------------------------- failures and reruns
+
+
+def test_broken_inputs_become_notes_not_a_crash(run, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    shutil.copy(run["root"] / "calib.json", root / "calib.json")
+    (root / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
+    (root / "truncated.json").write_text('{"kind": "kdtool.calibration", "points": [')
+    formats.write_parquet(root / "stats-bad.parquet", {"layer": [1, 1], "feature": [0, 1]}, kind="kdtool.stats")
+    r = invoke("plot", "report", root)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((root / "report" / "report.json").read_text())
+    notes = "\n".join(rep["notes"])
+    assert "garbage.parquet: skipped, not a readable Parquet file" in notes
+    assert "truncated.json: skipped, not valid JSON" in notes and str(root) not in notes
+    bad = [f for f in rep["figures"] if not f["file"]]
+    assert {f["figure"] for f in bad} >= {"importance", "capacity"}
+    assert all(f["note"].startswith(f"{f['figure']} (stats-bad.parquet): not drawn, ") for f in bad)
+    assert next(f for f in bad if f["figure"] == "importance")["note"].endswith(
+        "missing column(s) importance (has: layer, feature)"
+    )
+    assert len(table({"json": rep}, "calibration")["rows"]) == 4  # the good file still gives its tables
+    drawn = {f["figure"] for f in rep["figures"] if f["file"]}
+    assert {"calibration", "calibration-normalized"} <= drawn
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) >= 2 + len(bad) and any("garbage.parquet" in w for w in warnings)
+    html = (root / "report" / "index.html").read_text()
+    assert html.count('<p class="note">') >= len(bad) + 1 and "stats-bad.parquet" in html
+    assert "Not drawn:" in (root / "report" / "README.md").read_text()
+
+
+def _tiny_png(path: Path) -> None:
+    raw = b"\x00\x00\x00\x00"
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw[:2])) + chunk(b"IEND", b"")
+    )
+
+
+def fake_draw(inputs, output, *, style, options):
+    _tiny_png(output)
+
+
+def fake_fail(inputs, output, *, style, options):
+    import warnings
+
+    warnings.warn("ignored before the failure", stacklevel=1)
+    raise ValueError("boom\nsecond line never shown")
+
+
+def test_unregistered_kinds_failures_and_stale_figures(run, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    figs = types.ModuleType("kdtool_test_fakes.figs")  # registry entries name a dotted module
+    figs.fake_draw, figs.fake_fail = fake_draw, fake_fail
+    monkeypatch.setitem(sys.modules, "kdtool_test_fakes.figs", figs)
+    root = tmp_path / "run"
+    root.mkdir()
+    shutil.copy(run["root"] / "probe.parquet", root / "probe.parquet")
+    shutil.copy(run["root"] / "calib.json", root / "calib.json")
+    registered = {
+        "probe": ("kdtool_test_fakes.figs", "fake_draw", "probe help"),
+        "calibration": ("kdtool_test_fakes.figs", "fake_fail", "cal help"),
+        "decomposition": ("kdtool_test_fakes.figs", "fake_draw", "dec help"),
+    }
+    said = []
+    rep = report.build_report(root, registered=registered, on_warning=said.append)
+    files = {f.figure: f.file for f in rep.figures}
+    assert files == {"probe": "figures/probe.png", "calibration": None, "decomposition": "figures/decomposition.png"}
+    assert rep.unavailable == ["calibration-normalized"]
+    assert rep.notes == ["calibration (calib.json): not drawn, ValueError: boom"] and said == rep.notes
+    user_file = root / "report" / "figures" / "mine.png"
+    _tiny_png(user_file)
+    (root / "probe.parquet").unlink()
+    rep = report.build_report(root, registered=registered)
+    assert not (root / "report" / "figures" / "probe.png").exists()  # drawn by the last report, now stale
+    assert user_file.exists() and (root / "report" / "figures" / "decomposition.png").exists()
+    assert "probe" not in (root / "report" / "README.md").read_text().lower()
+
+
+def test_toy_table_and_figures_from_a_toy_sweep(tmp_path):
+    from kdtool import toy_sweep
+
+    rng = np.random.default_rng(1)
+    rows = {c: [] for c in ("n", "d_teacher", "alpha", "d_student", "seed", "floor_data", "pred_refined", "pred_naive")}
+    for alpha in (0.8, 0.99):
+        for ds in (1, 2, 3):
+            for seed in range(3):
+                pred = 1.0 / ds + alpha
+                for c, v in zip(
+                    rows, (10, 3, alpha, ds, seed, pred * (1 + 0.1 * rng.normal()), pred, 2 - ds / 3), strict=True
+                ):
+                    rows[c].append(v)
+    formats.write_parquet(tmp_path / "toy.parquet", rows, kind=toy_sweep.KIND, provenance=prov("kdtool toy"))
+    arts, notes = report.discover(tmp_path)
+    assert [a.kind for a in arts] == ["kdtool.toy"] and notes == []
+    jobs, unavailable = report.plan_figures(arts, registered={"toy-grid": ("m", "f", "h")})
+    assert [j.rule.figure for j in jobs] == ["toy-grid"] and "toy-scatter" in unavailable
+    (t,) = report_tables.toy(arts)
+    by = {r[0]: dict(zip(t.columns, r, strict=True)) for r in t.rows}
+    assert set(by) == {"0.8", "0.99", "all"} and by["all"]["points"] == 6 and by["0.8"]["seeds"] == 3
+    obs = np.asarray(rows["floor_data"]).reshape(2, 3, 3).mean(axis=2)  # alpha x d_S, mean over seeds
+    pred = np.asarray(rows["pred_refined"]).reshape(2, 3, 3)[:, :, 0]
+    assert by["0.99"]["Pearson r (refined)"] == pytest.approx(np.corrcoef(pred[1], obs[1])[0, 1])
+    assert by["all"]["Pearson r (refined)"] == pytest.approx(np.corrcoef(pred.ravel(), obs.ravel())[0, 1])
+    assert by["0.8"]["g(α)"] == pytest.approx(theory.g(0.8))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plot", "report"], "give exactly one run folder (got 0)"),
+        (["plot", "report", "EMPTY", "EMPTY"], "give exactly one run folder (got 2)"),
+        (["plot", "report", "nowhere"], "nowhere: no such folder"),
+        (["plot", "report", "FILE"], "not a folder"),
+        (["plot", "report", "EMPTY"], "no kdtool files found"),
+        (["plot", "report", "RUN", "-o", "FILE"], "exists and is not a folder"),
+        (["plot", "report", "RUN", "--widths", "x"], "--widths"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "RUN").mkdir()
+    formats.write_json(tmp_path / "RUN" / "x.json", {"kind": "kdtool.something", "provenance": None})
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdtool plot: error:") and needle in lines[0], r.stderr
+
+
+def test_report_kind_is_listed_and_every_registered_figure_has_a_rule():
+    assert "report" in KINDS and KINDS["report"][:2] == ("kdtool.report", "plot_report")
+    figures = [r.figure for r in report.FIGURES]
+    assert len(figures) == len(set(figures))
+    drawn_by_rule = {KINDS[f][:2] for f in figures if f in KINDS}
+    missing = [k for k, spec in KINDS.items() if k != "report" and spec[:2] not in drawn_by_rule]
+    assert missing == [], "registered figure kinds that kdtool plot report never draws (add a FIGURES rule)"
+    assert all(r.section in report.SECTIONS for r in report.FIGURES)
