@@ -273,6 +273,15 @@ def run(tmp_path_factory):
         },
     )
     (root / "notes.csv").write_text("a,b\n1,2\n")  # no kdtool metadata: ignored
+    sae = root / "saes" / "layer6"  # an SAE folder as train-sae leaves it (weights are never opened)
+    cfg = {"d_in": 64, "d_sae": 600, "kdtool": {"format": 1, "layer": 6}, "provenance": prov("kdtool train-sae")}
+    formats.write_json(sae / "cfg.json", cfg)
+    (sae / "sae_weights.safetensors").write_bytes(b"not read")
+    student = root / "students" / "width8"  # a distilled student: kdtool.json; its other files are not searched
+    info = {"kind": "kdtool.distill.student", "floor": {"width": 8}, "provenance": prov("kdtool distill")}
+    formats.write_json(student / "kdtool.json", info)
+    (student / "tokenizer.json").write_text("{ not json")
+    formats.write_parquet(student / "stray.parquet", {"x": [1]}, kind="kdtool.stats")
     result = invoke("--json", "plot", "report", root, "-o", root / "report")
     assert result.exit_code == 0, result.output
     out = root / "report"
@@ -343,18 +352,22 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
         "calib.json": "kdtool.calibration",
         "pred.parquet": "kdtool.predict",
         "probe.parquet": "kdtool.probe",
+        "saes/layer6": "kdtool.sae",
         "saes/layer6/train_log.parquet": "kdtool.sae.train_log",
         "saes/layer12/train_log.parquet": "kdtool.sae.train_log",
         "stats.parquet": "kdtool.stats",
         "students/curves.parquet": "kdtool.distill.curves",
         "students/floors.parquet": "kdtool.distill.floors",
+        "students/width8": "kdtool.distill.student",
     }
-    assert list(inputs)[4:6] == ["saes/layer6/train_log.parquet", "saes/layer12/train_log.parquet"]  # natural order
+    assert list(inputs)[5:7] == ["saes/layer6/train_log.parquet", "saes/layer12/train_log.parquet"]  # natural order
     t = table(run, "inputs")
     cmds = dict(zip(t["col"]("file"), t["col"]("command"), strict=True))
     assert cmds["acts"] == "kdtool cache-acts --tokens 4096"
     assert cmds["calib.json"] == run["made"]["calib"]["provenance"]["command"]
-    assert dict(zip(t["col"]("file"), t["col"]("details"), strict=True))["acts"].startswith("tiny, 4,096 tokens")
+    details = dict(zip(t["col"]("file"), t["col"]("details"), strict=True))
+    assert details["acts"].startswith("tiny, 4,096 tokens") and details["students/width8"] == "width 8"
+    assert details["saes/layer6"] == "layer 6, d_in 64, d_sae 600, kdtool layout"
 
 
 def test_sae_table_has_each_layers_measurements(run):
