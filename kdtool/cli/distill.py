@@ -344,6 +344,13 @@ def _run(cfg, d, mspec, dspec, *, output: Path, cache_dir: Path | None, resume: 
     if not d.main:
         return
     secs = time.perf_counter() - t0
+    few = sorted({n for n in result.floors["n_evals"] if n < 2})
+    if few:
+        start = distill.floor_window(cfg.steps, cfg.floor_fraction)
+        common.warn(
+            f"each floor averages {few[0]} evaluation(s) (steps >= {start}); floor_std needs two or more: "
+            f"use --eval-every <= {max(1, (cfg.steps - start) // 2)}"
+        )
     common.log(f"wrote {output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
     shown = (
         "width",
