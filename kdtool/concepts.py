@@ -200,9 +200,11 @@ def question_candidates(sources: list[Path], *, min_words: int = 5, max_words: i
 _ROFF_ESCAPES = [
     (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
     (re.compile(r"\\\*(\[[^\]]*\]|\(..|.)"), ""),  # string interpolation
-    (re.compile(r"\\\((hy|en|em|mi)"), "-"),
-    (re.compile(r"\\\((aq|cq|oq)"), "'"),
-    (re.compile(r"\\\((dq|lq|rq)"), '"'),
+    (re.compile(r"\\(\(em|\[em\])"), "\u2014"),
+    (re.compile(r"\\(\(en|\[en\])"), "\u2013"),
+    (re.compile(r"\\(\((hy|mi)|\[(hy|mi)\])"), "-"),
+    (re.compile(r"\\(\((aq|cq|oq)|\[(aq|cq|oq)\])"), "'"),
+    (re.compile(r"\\(\((dq|lq|rq)|\[(dq|lq|rq)\])"), '"'),
     (re.compile(r"\\\(Fo"), "\u00ab"),
     (re.compile(r"\\\(Fc"), "\u00bb"),
     (re.compile(r"\\\(.."), ""),
@@ -229,7 +231,9 @@ def roff_paragraphs(source: str) -> list[str]:
             elif macro in ("EE", "fi"):
                 literal = False
             if macro in _ROFF_TEXT_MACROS and not literal:
-                cur.append(parts[1].replace('"', "") if len(parts) > 1 else "")
+                args = [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', parts[1] if len(parts) > 1 else "")]
+                # .BR ls (1): alternating fonts join their arguments with no space ("ls(1)")
+                cur.append(("" if len(macro) == 2 and macro not in ("SM", "SB") else " ").join(args))
                 continue
             if cur:
                 paras.append(" ".join(cur))
