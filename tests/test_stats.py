@@ -176,3 +176,28 @@ def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, tea
     assert r.exit_code == 0, r.output
     wa, wb = _weights(tmp_path / "a" / "layer2"), _weights(tmp_path / "b" / "layer2")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+
+def test_sae_figures(cli, tmp_path, acts):
+    from kdtool.plots.style import read_figure_metadata
+
+    r = cli("--quiet", "train-sae", "--acts", acts, "--features", "16", "--l1", "0.05", "--lr", "3e-3",
+            "--batch-tokens", "500", "--log-every", "2", "-o", tmp_path / "saes")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (
+        cli("--quiet", "stats", "--sae", tmp_path / "saes", "--acts", acts, "-o", tmp_path / "s.parquet").exit_code == 0
+    )
+    for kind, inputs in (("sae-curves", [tmp_path / "saes"]), ("layers", [tmp_path / "s.parquet"]),
+                         ("sae-layers", [tmp_path / "s.parquet"]),
+                         ("l0-mse", [tmp_path / "saes", tmp_path / "s.parquet"])):  # fmt: skip
+        out = tmp_path / f"{kind}.png"
+        r = cli("plot", kind, *inputs, "-o", out)
+        assert r.exit_code == 0, r.output
+        assert read_figure_metadata(out)["kind"] == f"kdtool.figure.{kind}"
+    r = cli("plot", "sae-curves", tmp_path / "saes", "--layer", "4", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "layer" in r.stderr
+    r = cli("plot", "layers", tmp_path / "saes" / "layer3" / "train_log.parquet", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "not a `kdtool stats` file" in r.stderr
