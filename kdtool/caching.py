@@ -5,11 +5,15 @@ the deepest block needed); rows are converted to the storage dtype on the model'
 handed to a writer thread that fills `activations.ShardWriter` (one shard per layer in memory
 at most, so memory stays flat in the number of tokens).
 
-Resume: the manifest lists complete shards only. With `per_seq` tokens kept per sequence
-(seq_len, minus one when the first position is dropped) and T tokens already cached, the run
-restarts at the batch holding token T (data.token_batches(skip_batches=...)), recomputes it
-with the same batch composition and discards the rows already written: on CPU the continued
-cache is bit-for-bit the cache an uninterrupted run writes.
+Which positions are kept: all but position 0 of each packed sequence (`drop_first`), and not
+the rare "massive activation" positions whose residual norm exceeds `max_norm_ratio` x the
+batch median at any cached layer (attention sinks; see `outlier_mask`).
+
+Resume: the manifest lists complete shards only, plus `resume_from` = the batch and row where
+the first row not yet in a complete shard came from. A resumed run skips to that batch
+(data.token_batches(skip_batches=...)), recomputes it with the same composition and discards
+the rows already written: on CPU the continued cache is bit-for-bit the cache an uninterrupted
+run writes. That needs the same --batch-size, which --resume checks with the other settings.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _RESUME_KEYS = (
     "shuffle_buffer",
     "txt_unit",
     "drop_first",
+    "max_norm_ratio",
+    "batch_size",
     "model_dtype",
 )
 
@@ -95,6 +101,7 @@ class CacheConfig:
     acts_dtype: str = "auto"  # storage dtype; auto = bfloat16 for a bf16 model, else float16
     batch_size: int = 8  # sequences per forward
     drop_first: bool = True  # skip position 0 of every packed sequence (its norm is an outlier)
+    max_norm_ratio: float = 50.0  # skip positions whose norm exceeds this x the batch median at a layer (0: off)
     resume: bool = False  # continue an interrupted cache in `output`
     overwrite: bool = False  # replace an existing cache in `output`
 
@@ -106,6 +113,8 @@ class CacheConfig:
             raise BadInput(f"--tokens must be >= 1, got {self.tokens}")
         if self.shard_tokens < 1:
             raise BadInput(f"--shard-size must be >= 1, got {self.shard_tokens}")
+        if self.max_norm_ratio < 0:
+            raise BadInput(f"--max-norm-ratio must be >= 0 (0 turns the filter off), got {self.max_norm_ratio}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.resume and self.overwrite:
@@ -129,6 +138,7 @@ class CacheResult:
     seconds: float
     exhausted: bool  # the data ran out before --tokens
     dtype: str
+    dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
 
     @property
     def tokens_per_second(self) -> float:
@@ -145,6 +155,7 @@ class CacheResult:
             "tokens_per_second": round(self.tokens_per_second, 1),
             "exhausted": self.exhausted,
             "dtype": self.dtype,
+            "dropped_outliers": self.dropped_outliers,
         }
 
 
@@ -179,10 +190,41 @@ def _check_resume(root: Path, info: dict, cfg: CacheConfig, layers: list[int], d
         )
 
 
-class _BackgroundWriter:
-    """Runs ShardWriter.add on a thread so the next forward overlaps the shard writes (bounded queue)."""
+class _TrackedWriter(activations.ShardWriter):
+    """A ShardWriter whose manifest also says where the next shard starts in the batch stream.
 
-    def __init__(self, writer: activations.ShardWriter, depth: int = 2):
+    Rows are added batch by batch; `spans` keeps, per batch, its index and the absolute cache
+    row its kept rows start at (counting rows a resume discards). Every manifest write stores
+    `resume_from` = {"batch": b, "row": r}: the first row not in a complete shard is row r of
+    batch b. Resume skips b batches and discards r rows, whatever the outlier filter kept.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spans: list[tuple[int, int, int]] = []  # (batch index, first absolute row, end absolute row)
+        self.next_batch = 0
+
+    def add_batch(self, batch_index: int, start_row: int, kept_rows: int, acts: dict) -> None:
+        self.spans.append((batch_index, start_row, start_row + kept_rows))
+        self.next_batch = batch_index + 1
+        self.add(acts)
+
+    def write_manifest(self) -> None:
+        done = self.tokens
+        where = {"batch": self.next_batch, "row": 0}
+        for batch, lo, hi in self.spans:
+            if lo <= done < hi:
+                where = {"batch": batch, "row": done - lo}
+                break
+        self.spans = [s for s in self.spans if s[2] > done]  # older spans can never be needed again
+        self.info["resume_from"] = where
+        super().write_manifest()
+
+
+class _BackgroundWriter:
+    """Runs the writer on a thread so the next forward overlaps the shard writes (bounded queue)."""
+
+    def __init__(self, writer: _TrackedWriter, depth: int = 2):
         self.writer = writer
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -196,14 +238,14 @@ class _BackgroundWriter:
                 return
             if self.error is None:
                 try:
-                    self.writer.add(item)
+                    self.writer.add_batch(*item)
                 except BaseException as exc:
                     self.error = exc
 
-    def add(self, acts: dict) -> None:
+    def add(self, batch_index: int, start_row: int, kept_rows: int, acts: dict) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put(acts)
+        self.q.put((batch_index, start_row, kept_rows, acts))
 
     def finish(self, close: bool) -> None:
         """Drain the queue; write the final partial shard if close."""
@@ -213,6 +255,21 @@ class _BackgroundWriter:
             raise self.error
         if close:
             self.writer.close()
+
+
+def outlier_mask(hidden: dict, first: int, ratio: float):
+    """[B, S - first] bool: positions to keep, i.e. whose norm is <= ratio x the batch median at every layer.
+
+    Massive activations (attention sinks on the first weak tokens, e.g. an early newline) reach
+    100x the median norm in SmolLM2 and Llama-family models; one such row outweighs thousands of
+    ordinary ones in an SAE's squared error. ratio <= 0 keeps everything.
+    """
+    keep = None
+    for h in hidden.values():
+        norms = h[:, first:, :].float().norm(dim=-1)  # [B, S - first]
+        ok = norms <= ratio * norms.median()
+        keep = ok if keep is None else keep & ok
+    return keep
 
 
 def cache_activations(
@@ -227,6 +284,9 @@ def cache_activations(
     import torch
 
     layers = check_layers(cfg.layers or default_layers(teacher.n_layers), teacher.n_layers)
+    first = 1 if cfg.drop_first else 0
+    if data.seq_len - first < 1:
+        raise BadInput("--seq-len must be >= 2 with --drop-first")
     dtype = storage_dtype(cfg.acts_dtype, teacher.dtype)
     root = cfg.output
     if root.exists() and not root.is_dir():
@@ -245,6 +305,7 @@ def cache_activations(
         "shuffle_buffer": data.shuffle_buffer,
         "txt_unit": data.txt_unit,
         "drop_first": cfg.drop_first,
+        "max_norm_ratio": cfg.max_norm_ratio,
         "model_dtype": str(teacher.dtype).removeprefix("torch."),
         "batch_size": cfg.batch_size,
         "target_tokens": cfg.tokens,
@@ -262,7 +323,13 @@ def cache_activations(
             f"--output {root}: already holds an activation cache; use --resume to continue it or "
             "--overwrite to replace it"
         )
-    writer = activations.ShardWriter(
+    resume_from = {"batch": 0, "row": 0}
+    if has_cache and cfg.resume:
+        old = activations.read_manifest(root)
+        if old["shards"] and "resume_from" not in old:
+            raise BadInput(f"{root}: this cache has no resume point (written by an older kdtool); use --overwrite")
+        resume_from = old.get("resume_from", resume_from)
+    writer = _TrackedWriter(
         root,
         layers=layers,
         d_model=teacher.d_model,
@@ -275,34 +342,37 @@ def cache_activations(
     start_tokens = done = writer.tokens
     started = time.perf_counter()
     if done >= cfg.tokens:
-        return CacheResult(root, layers, done, 0, len(writer.shards), 0.0, False, dtype)
-    first = 1 if cfg.drop_first else 0
-    per_seq = data.seq_len - first
-    if per_seq < 1:
-        raise BadInput("--seq-len must be >= 2 with --drop-first")
-    seqs_done, partial = divmod(done, per_seq)
-    skip_batches, seqs_into_batch = divmod(seqs_done, cfg.batch_size)
-    discard = seqs_into_batch * per_seq + partial  # rows of the first batch that are already cached
+        return CacheResult(root, layers, done, 0, len(writer.shards), 0.0, False, dtype, 0)
+    # Restart at the batch holding the first row not in a complete shard; recomputing that whole
+    # batch keeps its composition (and so every float and the outlier medians) as in the first run.
+    batch_index, discard = int(resume_from["batch"]), int(resume_from["row"])
+    writer.next_batch = batch_index
+    start_row = done - discard  # absolute row of this batch's first kept row
     torch_dtype = getattr(torch, dtype)
     bg = _BackgroundWriter(writer)
-    exhausted = True
-    ok = False
+    exhausted, ok, dropped = True, False, 0
     try:
         with torch.inference_mode():
-            for batch in token_batches(data, teacher.tokenizer, cfg.batch_size, skip_batches=skip_batches):
+            for batch in token_batches(data, teacher.tokenizer, cfg.batch_size, skip_batches=batch_index):
                 hidden = residual_stream(teacher.model, batch.to(teacher.device), None, layers)
+                keep = outlier_mask(hidden, first, cfg.max_norm_ratio) if cfg.max_norm_ratio > 0 else None
                 rows = {}
                 for layer in layers:
-                    h = hidden[layer][:, first:, :]  # [B, per_seq, d]
-                    rows[layer] = h.reshape(-1, h.shape[-1])  # [B * per_seq, d], sequence-major
+                    h = hidden[layer][:, first:, :]  # [B, S - first, d]
+                    h = h.reshape(-1, h.shape[-1])  # [B * (S - first), d], sequence-major
+                    rows[layer] = h if keep is None else h[keep.reshape(-1)]
                 n = next(iter(rows.values())).shape[0]
+                dropped += 0 if keep is None else int(keep.numel() - n)
                 lo, hi = discard, min(n, discard + cfg.tokens - done)
-                discard = 0
                 if hi > lo:
-                    bg.add({layer: r[lo:hi].to(torch_dtype).cpu() for layer, r in rows.items()})
+                    acts = {layer: r[lo:hi].to(torch_dtype).cpu() for layer, r in rows.items()}
+                    bg.add(batch_index, start_row, n, acts)
                     done += hi - lo
                     if on_progress is not None:
                         on_progress(done, cfg.tokens)
+                start_row += n
+                batch_index += 1
+                discard = 0
                 if done >= cfg.tokens:
                     exhausted = False
                     break
@@ -311,5 +381,13 @@ def cache_activations(
         bg.finish(close=ok)
     seconds = time.perf_counter() - started
     return CacheResult(
-        root, layers, writer.tokens, writer.tokens - start_tokens, len(writer.shards), seconds, exhausted, dtype
+        root,
+        layers,
+        writer.tokens,
+        writer.tokens - start_tokens,
+        len(writer.shards),
+        seconds,
+        exhausted,
+        dtype,
+        dropped,
     )

@@ -30,8 +30,8 @@ def _load_cache(root):
     return store, {layer: torch.cat([s[layer] for s in store.iter_shards([layer])]) for layer in store.layers}
 
 
-def _reference(model_dir, corpus_file, layers, seq_len, batch_size, n_tokens, drop_first):
-    """hidden_states of a plain HF forward over the same packed batches."""
+def _reference(model_dir, corpus_file, layers, seq_len, batch_size, n_tokens, drop_first, ratio=0.0):
+    """hidden_states of a plain HF forward over the same packed batches (norm filter re-implemented here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -42,21 +42,26 @@ def _reference(model_dir, corpus_file, layers, seq_len, batch_size, n_tokens, dr
     with torch.inference_mode():
         for batch in data.token_batches(spec, tok, batch_size):
             hs = model(batch, output_hidden_states=True).hidden_states
-            for layer in layers:
-                h = hs[layer][:, 1 if drop_first else 0 :, :]
-                rows[layer].append(h.reshape(-1, h.shape[-1]))
+            kept = [hs[layer][:, 1 if drop_first else 0 :, :].reshape(-1, hs[layer].shape[-1]) for layer in layers]
+            keep = torch.ones(kept[0].shape[0], dtype=torch.bool)
+            for h in kept if ratio else []:
+                norms = h.norm(dim=1)
+                keep &= norms <= ratio * norms.median()
+            for layer, h in zip(layers, kept, strict=True):
+                rows[layer].append(h[keep])
             got += rows[layers[0]][-1].shape[0]
             if got >= n_tokens:
                 break
     return {layer: torch.cat(r)[:n_tokens] for layer, r in rows.items()}
 
 
-@pytest.mark.parametrize("arch,drop_first", [("llama", True), ("gpt_neox", False)])
-def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs, corpus_file, arch, drop_first):
+@pytest.mark.parametrize("arch,drop_first,ratio", [("llama", True, 0.0), ("gpt_neox", False, 1.1)])
+def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs, corpus_file, arch, drop_first, ratio):
     out = tmp_path / "acts"
     opts = "--layers 1,2 --tokens 700 --seq-len 32 --batch-size 4 --shard-size 256 --acts-dtype float32".split()
     first = "--drop-first" if drop_first else "--keep-first"
-    r = cli("--quiet", "cache-acts", "--model", model_dirs[arch], "--dataset", corpus_file, *opts, first, "-o", out)
+    opts += [first, "--max-norm-ratio", str(ratio)]
+    r = cli("--quiet", "cache-acts", "--model", model_dirs[arch], "--dataset", corpus_file, *opts, "-o", out)
     assert r.exit_code == 0, r.output
     store, cached = _load_cache(out)
     assert store.layers == [1, 2] and store.n_tokens == 700
@@ -64,16 +69,18 @@ def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs
     manifest = activations.read_manifest(out)
     assert manifest["seq_len"] == 32 and manifest["drop_first"] is drop_first and manifest["d_model"] == 32
     assert manifest["provenance"]["params"]["layers"] == "1,2"
-    ref = _reference(model_dirs[arch], corpus_file, [1, 2], 32, 4, 700, drop_first)
+    ref = _reference(model_dirs[arch], corpus_file, [1, 2], 32, 4, 700, drop_first, ratio)
     for layer in (1, 2):
         torch.testing.assert_close(cached[layer], ref[layer], rtol=1e-6, atol=1e-6)
 
 
 def test_resume_after_a_kill_gives_identical_shards(cli, tmp_path, model_dirs, corpus_file, monkeypatch):
-    opts = "--layers 1,3 --tokens 1000 --seq-len 24 --batch-size 3 --shard-size 200".split()
+    # A tight norm filter makes the rows kept per batch vary: resume must follow the recorded batch/row.
+    opts = "--layers 1,3 --tokens 1000 --seq-len 24 --batch-size 3 --shard-size 200 --max-norm-ratio 1.1".split()
     args = ["cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts]
     full = tmp_path / "full"
-    assert cli("--quiet", *args, "-o", full).exit_code == 0
+    r = cli("--json", *args, "-o", full)
+    assert r.exit_code == 0 and json.loads(r.stdout)["dropped_outliers"] > 0  # the filter did drop rows
 
     killed = tmp_path / "killed"
     real_flush = activations.ShardWriter._flush
@@ -102,6 +109,15 @@ def test_resume_after_a_kill_gives_identical_shards(cli, tmp_path, model_dirs, c
     for layer in (1, 3):
         assert torch.equal(a[layer], b[layer])  # bit for bit
     assert activations.read_manifest(full)["shards"] == activations.read_manifest(killed)["shards"]
+
+
+def test_outlier_mask_drops_massive_positions_at_every_layer():
+    g = torch.Generator().manual_seed(0)
+    hidden = {layer: torch.randn(2, 6, 8, generator=g) for layer in (4, 8)}
+    hidden[8][1, 3] *= 500  # a massive activation at one position of one layer
+    keep = caching.outlier_mask(hidden, 1, 50.0)  # [2, 5] after dropping position 0
+    assert keep.shape == (2, 5) and keep.sum() == 9 and not keep[1, 2]
+    assert caching.outlier_mask(hidden, 0, 1000.0).all()
 
 
 def test_resume_refuses_a_different_configuration(cli, tmp_path, model_dirs, corpus_file):
@@ -156,6 +172,7 @@ def test_json_summary_on_stdout(cli, tmp_path, model_dirs, corpus_file):
     assert r.exit_code == 0
     summary = json.loads(r.stdout)
     assert summary["layers"] == [0, 1, 2, 3, 4] and summary["tokens"] == 64 and summary["dtype"] == "float16"
+    assert summary["dropped_outliers"] == 0  # random tiny models have no massive activations
 
 
 def test_layer_choices():

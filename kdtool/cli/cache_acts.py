@@ -80,6 +80,16 @@ def main(
             rich_help_panel=PANEL,
         ),
     ] = True,
+    max_norm_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-norm-ratio",
+            min=0.0,
+            help="Skip positions whose residual norm exceeds this many times the batch median at any cached layer "
+            "(massive activations / attention sinks, ~100x in SmolLM2). 0 keeps every position.",
+            rich_help_panel=PANEL,
+        ),
+    ] = 50.0,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Cache folder.", file_okay=False, rich_help_panel=PANEL)
     ] = Path("acts"),
@@ -130,6 +140,7 @@ def main(
         acts_dtype=acts_dtype.value,
         batch_size=batch_size,
         drop_first=drop_first,
+        max_norm_ratio=max_norm_ratio,
         resume=resume,
         overwrite=overwrite,
     )
@@ -178,5 +189,6 @@ def main(
     common.log(
         f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({summary['dtype']}) in "
         f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
-        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)"
+        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
+        f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
     )
