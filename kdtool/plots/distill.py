@@ -307,7 +307,10 @@ def decomposition(inputs: list[Path], output: Path, *, style: str, options: dict
     ax.set_xlabel("student width $d_S$")
     ax.set_ylabel("floor (nats/token)")
     ax.set_ylim(0, float(obs.max()) * 1.2)
-    ax.legend(loc="upper right", title=source, title_fontsize="x-small")
+    handles, labels = ax.get_legend_handles_labels()  # below the panel: bars of any height stay readable
+    fig.legend(
+        handles, labels, loc="outside lower center", ncol=min(3, len(handles)), title=source, title_fontsize="x-small"
+    )
     if options.get("title"):
         ax.set_title(options["title"])
     st.save(fig, output)
