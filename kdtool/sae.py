@@ -128,10 +128,31 @@ class StepStats:
         return self.fires.sum()
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
     if dtype is None:
-        return a @ b
+        return torch.mm(a, b, out=out) if out is not None else a @ b
     return (a.to(dtype) @ b.to(dtype)).float()
+
+
+#: Reused [B, F]-sized scratch tensors, one per role and shared by every SAE of that shape.
+#: Why: a fresh tensor of more than 32 MB is a new mmap whose pages fault in on first touch;
+#: measured on this CPU, allocating the [B, F] blocks cost as much as a third of the step.
+_WORKSPACE: dict = {}
+
+
+def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    key = (name, tuple(shape), like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        for old in [k for k in _WORKSPACE if k[0] == name]:  # one buffer per role: drop other shapes
+            del _WORKSPACE[old]
+        buf = _WORKSPACE[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def release_workspace() -> None:
+    """Free the scratch tensors (they are rebuilt on the next step)."""
+    _WORKSPACE.clear()
 
 
 def loss_value(sae: SparseAutoencoder, x: torch.Tensor, l1: float) -> torch.Tensor:
@@ -161,11 +182,10 @@ def forward_backward(
     B = x.shape[0]
     F = sae.d_sae
     xc = x - sae.b_pre  # [B, d]
-    pre = (
-        torch.addmm(sae.b_enc, xc, sae.W_enc)
-        if matmul_dtype is None
-        else _mm(xc, sae.W_enc, matmul_dtype).add_(sae.b_enc)
-    )  # [B, F]
+    if matmul_dtype is None:
+        pre = torch.addmm(sae.b_enc, xc, sae.W_enc, out=_buffer("pre", (B, F), x))  # [B, F]
+    else:
+        pre = _mm(xc, sae.W_enc, matmul_dtype).add_(sae.b_enc)
     z = pre.relu_()  # in place: pre is not needed again (z > 0 <=> pre > 0)
     use_sparse = kernel == "sparse"
     if kernel == "auto" and x.device.type == "cpu":
@@ -175,7 +195,7 @@ def forward_backward(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             zc = z.to_sparse_csr()  # [B, F] CSR: per token, its active features
-            zt = z.t().contiguous().to_sparse_csr()  # [F, B] CSR: per feature, the tokens it fired on
+            zt = _buffer("zt", (F, B), x).copy_(z.t()).to_sparse_csr()  # [F, B] CSR: per feature, its tokens
         del z, pre
         x_hat = torch.sparse.mm(zc, sae.W_dec).add_(sae.b_pre)  # [B, d]
         e = x_hat.sub_(x)  # [B, d] x_hat - x
@@ -198,11 +218,13 @@ def forward_backward(
         )
         e = x_hat.sub_(x)
         G = e * (2.0 / B)
-        dz = _mm(G, sae.W_dec.t(), matmul_dtype).add_(l1 / B)  # [B, F]
-        mask = z > 0
-        dz.mul_(mask)
-        fires = mask.sum(dim=0)
-        del mask
+        scratch = matmul_dtype is None
+        dz = _mm(G, sae.W_dec.t(), matmul_dtype, out=_buffer("dz", (B, F), x) if scratch else None)  # [B, F]
+        dz.add_(l1 / B)
+        # 1.0 where z > 0: a float mask (a bool one costs 3x more in conversions)
+        active = torch.sign(z, out=_buffer("active", (B, F), x)) if scratch else torch.sign(z)
+        dz.mul_(active)
+        fires = active.sum(dim=0)  # exact in float32 for B < 2^24
         sae.W_dec.grad = _mm(z.t(), G, matmul_dtype)  # [F, d]
         sae.W_enc.grad = _mm(xc.t(), dz, matmul_dtype)  # [d, F]
         g_benc = dz.sum(dim=0)

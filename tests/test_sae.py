@@ -367,7 +367,7 @@ def test_resume_and_overwrite_guards(cli, tmp_path):
     r = cli(*base)
     assert r.exit_code == 2 and "--resume" in r.stderr and "--force" in r.stderr
     r = cli(*base, "--resume", "--l1", "0.5")
-    assert r.exit_code == 2 and "l1: 8e-05 -> 0.5" in r.stderr
+    assert r.exit_code == 2 and "l1: 0.0008 -> 0.5" in r.stderr
     assert cli("--quiet", *base, "--force", "--l1", "0.5").exit_code == 0
     cfg = json.loads((tmp_path / "saes" / "layer3" / "cfg.json").read_text())
     assert cfg["kdtool"]["l1"] == 0.5 and cfg["d_sae"] == 32 and cfg["architecture"] == "standard"

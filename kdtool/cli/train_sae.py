@@ -84,11 +84,11 @@ def main(
         float,
         typer.Option(
             "--l1",
-            help="lambda of the L1 term (summed over features, averaged over tokens); the "
-            "controller's start with --target-l0.",
+            help="lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). "
+            "Its effect scales with the activations: prefer --target-l0. The controller's start with --target-l0.",
             rich_help_panel=SPARSITY_PANEL,
         ),
-    ] = 8e-5,
+    ] = 8e-4,
     target_l0: Annotated[
         Optional[float],
         typer.Option(

@@ -72,6 +72,12 @@ def read_log(path: Path) -> tuple[int, dict]:
     return int(layer), cols
 
 
+def _run_name(path: Path) -> str:
+    """saes_a/layer12/train_log.parquet -> saes_a (the run a log belongs to)."""
+    parent = path.parent
+    return parent.parent.name if parent.name.startswith("layer") else parent.name
+
+
 def read_logs(inputs: list[Path], options: dict) -> list[tuple[int, dict, Path]]:
     wanted = _wanted(options)
     logs = []
@@ -122,13 +128,15 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     fig, axes = st.figure(style, 2, 2, sharex=True)
     panels = [("mse", "reconstruction MSE", True), ("l1_term", "L1 term (lambda * sum z)", True),
               ("l0", "L0 (active latents / token)", True), ("alive_fraction", "fraction alive", False)]  # fmt: skip
-    for i, (layer, cols, _) in enumerate(logs):
+    layers_seen = [layer for layer, _, _ in logs]
+    for i, (layer, cols, path) in enumerate(logs):
         sty = st.layer_style(i)
+        label = f"layer {layer}" if layers_seen.count(layer) == 1 else f"layer {layer} ({_run_name(path)})"
         x = np.asarray(cols[x_key], dtype=float)
         for ax, (key, _, _) in zip(axes.flat, panels, strict=True):
             if key in cols:
                 y = np.asarray(cols[key], dtype=float)
-                ax.plot(x, y, color=sty["color"], linestyle=sty["linestyle"], label=f"layer {layer}")
+                ax.plot(x, y, color=sty["color"], linestyle=sty["linestyle"], label=label)
     for ax, (key, label, logy) in zip(axes.flat, panels, strict=True):
         ax.set_title(label)
         if logy:
@@ -225,12 +233,14 @@ def l0_mse(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
 
     points: dict[int, list[tuple[float, float]]] = {}
     if log_inputs:
-        for layer, cols, _ in read_logs(log_inputs, options):
+        logs = read_logs(log_inputs, options)
+        for layer, cols, path in logs:
             sty = colour(layer)
+            many = [lay for lay, _, _ in logs].count(layer) > 1
             l0, mse = np.asarray(cols["l0"], dtype=float), np.asarray(cols["mse"], dtype=float)
             ax.plot(l0, mse, color=sty["color"], alpha=0.45, linewidth=0.9)
             ax.plot(l0[-1:], mse[-1:], linestyle="none", marker=sty["marker"], color=sty["color"],
-                    label=f"layer {layer} (training)")  # fmt: skip
+                    label=f"layer {layer} (training{', ' + _run_name(path) if many else ''})")  # fmt: skip
     if stats_inputs:
         for label, s, _ in read_summaries(stats_inputs, options):
             layer = int(label.split()[0][1:])
