@@ -40,6 +40,20 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "l0-mse": ("kdtool.plots.sae", "l0_mse",
                "L0 vs reconstruction MSE per layer: stats files as points, train logs as trajectories "
                "(input: stats files, saes/ or train_log.parquet files)"),
+    "toy-grid": ("kdtool.plots.toy", "grid",
+                 "Fig. 2: toy floor vs d_S, rows n, columns alpha; measured mean +- std per d_T, Eq. 2 dashed, "
+                 "d* dotted (input: toy.parquet)"),
+    "toy-scatter": ("kdtool.plots.toy", "scatter",
+                    "Fig. 3: predicted vs measured toy floors, log-log, refined and naive panels, colour = alpha "
+                    "(input: toy.parquet)"),
+    "toy-accuracy": ("kdtool.plots.toy", "accuracy",
+                     "Fig. 11: median accuracy of Eq. 2 per toy configuration, alpha x d_T, one panel per n "
+                     "(input: toy.parquet)"),
+    "toy-scaling": ("kdtool.plots.toy", "scaling",
+                    "Fig. 13: toy floor / total importance vs d_S / d*, all configurations (input: toy.parquet)"),
+    "toy-curves": ("kdtool.plots.toy", "curves",
+                   "Fig. 14: toy student training curves per width, Eq. 2 floors dashed "
+                   "(input: toy.curves.parquet from kdtool toy --log-curves)"),
     # Not a figure: a run folder in, a report folder out (kdtool/report.py; kdtool/cli/plot.py special-cases it).
     "report": ("kdtool.report", "plot_report",
                "every figure a run folder allows + index.html and README.md with the key tables "

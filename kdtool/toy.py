@@ -1,0 +1,454 @@
+"""The paper's toy model (section 4, Experiment 1): data, a batched trainer, floors and predictions.
+
+Toy model (Elhage et al. 2022): x in R^n with x_i = 0 w.p. alpha, else U[0,1];
+    h = W x (W: [d, n]);  x_hat = ReLU(W^T h + b);  loss = sum_i I_i (x_i - x_hat_i)^2, batch mean,
+with I_i = i^-s (Zipf). A teacher of width d_T is trained on the data; students of every width
+d_S = 1..d_T are then distilled from it (target = teacher x_hat) or trained on the data.
+
+Speed: every model of a chunk of configurations is one computation with a leading model axis.
+Models that share a data stream (a teacher and its students: same n, d_T, alpha, seed) share x,
+so the encoder is one bmm per stream: [S, B, n] @ [S, n, K*d]. Students narrower than d_T are
+zero-padded to d_T; padded rows of W get exactly zero gradient, so they stay zero and the
+padded model is the narrow model. Gradients are written by hand (no autograd graph) and the
+importance weights are folded into the small [d, n] gradient tensors instead of the big
+[S, K, B, n] residual.
+
+Determinism: every random draw comes from a generator keyed by (base seed, n, d_T, alpha,
+seed, purpose, width), never by a model's position in a batch, so a model trains identically
+alone (`train_reference`, plain autograd + torch.optim) or in any batch (`train_batch`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from kdtool import theory
+from kdtool.errors import BadInput, RuntimeFailure
+
+Optimizer = Literal["adam", "sgd"]
+Schedule = Literal["constant", "cosine", "linear"]
+Target = Literal["teacher", "data"]
+
+_PURPOSE = {"teacher-data": 1, "student-data": 2, "eval": 3, "init": 4}
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+SGD_MOMENTUM = 0.9
+EVAL_CHUNK = 1024  # eval samples per forward, to bound memory at [S, K, EVAL_CHUNK, n]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How every toy model (teacher and student) is trained and measured."""
+
+    steps: int = 3000  # optimiser steps per model (teachers and students alike)
+    batch_size: int = 256  # fresh samples per step
+    lr: float = 1e-2  # peak learning rate
+    optimizer: Optimizer = "adam"  # adam (torch.optim.Adam defaults) or sgd (momentum 0.9)
+    schedule: Schedule = "cosine"  # lr schedule over the steps: constant, cosine or linear decay to 0
+    target: Target = "teacher"  # students learn the teacher's x_hat (distillation) or the data
+    zipf_exponent: float = 1.0  # I_i = i^-s
+    eval_samples: int = 4096  # held-out samples per (n, d_T, alpha, seed), drawn once
+    floor_fraction: float = 0.1  # the floor averages held-out loss over this final fraction of steps
+    eval_points: int = 10  # held-out evaluations inside that final window
+    curve_points: int = 0  # >0: log this many training-loss points per model (--log-curves)
+    base_seed: int = 0  # --seed: offsets every generator
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 10, f"--steps must be >= 10, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}"),
+            (
+                self.schedule in ("constant", "cosine", "linear"),
+                f"--schedule must be constant, cosine or linear, got {self.schedule!r}",
+            ),
+            (self.target in ("teacher", "data"), f"--target must be teacher or data, got {self.target!r}"),
+            (
+                math.isfinite(self.zipf_exponent) and self.zipf_exponent >= 0,
+                f"--zipf-exponent must be >= 0, got {self.zipf_exponent}",
+            ),
+            (self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}"),
+            (0 < self.floor_fraction <= 1, f"--floor-fraction must be in (0, 1], got {self.floor_fraction}"),
+            (self.eval_points >= 1, f"--eval-points must be >= 1, got {self.eval_points}"),
+            (self.curve_points >= 0, f"curve points must be >= 0, got {self.curve_points}"),
+            (self.base_seed >= 0, f"--seed must be >= 0, got {self.base_seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+        if self.eval_points > self.window:
+            raise BadInput(
+                f"--eval-points {self.eval_points} exceeds the {self.window} steps of the final "
+                f"{self.floor_fraction:g} of training (--steps {self.steps})"
+            )
+
+    @property
+    def window(self) -> int:
+        """Number of final steps the floor averages over."""
+        return max(1, math.ceil(self.steps * self.floor_fraction))
+
+    def eval_steps(self) -> list[int]:
+        """0-based step indices after which the held-out loss is measured (evenly spread, last = final step)."""
+        start = self.steps - self.window
+        points = range(self.eval_points)
+        return sorted({start + math.ceil((k + 1) * self.window / self.eval_points) - 1 for k in points})
+
+    def curve_steps(self) -> list[int]:
+        if self.curve_points <= 0:
+            return []
+        return sorted(
+            {
+                min(self.steps - 1, round(k * (self.steps - 1) / max(1, self.curve_points - 1)))
+                for k in range(self.curve_points)
+            }
+        )
+
+    def lr_at(self, step: int) -> float:
+        frac = step / self.steps
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        if self.schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, order=True)
+class ToyConfigKey:
+    """One configuration of the sweep: a teacher width and students 1..d_T, for each seed."""
+
+    n: int
+    d_teacher: int
+    alpha: float
+
+    @property
+    def label(self) -> str:
+        return f"n={self.n} d_T={self.d_teacher} alpha={self.alpha:g}"
+
+    @property
+    def slug(self) -> str:
+        return f"n{self.n}-dT{self.d_teacher}-a{self.alpha:.6f}"
+
+
+def generator_seed(base_seed: int, key: ToyConfigKey, seed: int, purpose: str, width: int = 0) -> int:
+    """A 63-bit torch seed from everything that identifies a draw (never a batch position)."""
+    alpha_key = int(round(key.alpha * 1_000_000_000))
+    ss = np.random.SeedSequence([base_seed, key.n, key.d_teacher, alpha_key, seed, _PURPOSE[purpose], width])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def importance(n: int, exponent: float = 1.0):
+    """I_i = i^-s as a float32 torch tensor [n]."""
+    import torch
+
+    return torch.from_numpy(theory.zipf_weights(n, exponent)).float()
+
+
+def sparsify_(u, inv_keep):
+    """Uniforms -> toy data in place: x = u / (1-alpha) where u < 1-alpha, else 0.
+
+    One uniform per entry: P(u < p) = p = 1-alpha, and u/p given u < p is U[0,1).
+    `inv_keep` is 1/(1-alpha) as float32 (a scalar tensor or [S, 1, 1]).
+    """
+    u.mul_(inv_keep)
+    return u.mul_(u < 1)
+
+
+def sample(gen, batch: int, n: int, alpha: float):
+    """One fresh batch [batch, n] of toy data from a torch.Generator."""
+    import torch
+
+    u = torch.rand(batch, n, generator=gen)
+    return sparsify_(u, torch.tensor(1.0 / (1.0 - alpha), dtype=torch.float32))
+
+
+def init_weights(d: int, n: int, seed: int):
+    """Xavier-normal W [d, n] (std sqrt(2/(n+d))) from its own generator; b = 0 [n]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, n, generator=gen) * math.sqrt(2.0 / (n + d))
+    return W, torch.zeros(n)
+
+
+def forward(W, b, x):
+    """Reference forward for one model: W [d, n], b [n], x [B, n] -> x_hat [B, n]."""
+    import torch
+
+    return torch.relu((x @ W.T) @ W + b)
+
+
+def weighted_sq(imp, y, t):
+    """Mean over the batch of sum_i I_i (y_i - t_i)^2 (last two dims [B, n])."""
+    return ((y - t).square() * imp).sum(-1).mean(-1)
+
+
+@dataclass
+class TrainResult:
+    """Trained weights and held-out floors of a batch of models [S, K]."""
+
+    W: object  # [S, K, d, n]
+    b: object  # [S, K, n]
+    floor_target: object  # [S, K] held-out loss against the training target, mean over eval points
+    floor_data: object  # [S, K] held-out loss against the data
+    floor_distill: object | None  # [S, K] held-out loss against the teacher's x_hat (when a teacher is given)
+    final_train_loss: object  # [S, K] training objective on the last batch
+    curves: dict = field(default_factory=dict)  # step -> (objective [S,K], data loss [S,K]) on the training batch
+
+
+class _Adam:
+    """torch.optim.Adam's update (foreach=False path), elementwise so a batch of models == each alone."""
+
+    def __init__(self, params):
+        import torch
+
+        self.params = params
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads, lr: float):
+        self.t += 1
+        b1, b2 = ADAM_BETAS
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(ADAM_EPS)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+class _SGD:
+    """torch.optim.SGD with momentum 0.9 (dampening 0, no nesterov)."""
+
+    def __init__(self, params):
+        self.params = params
+        self.buf = [None for _ in params]
+
+    def step(self, grads, lr: float):
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            if self.buf[i] is None:
+                self.buf[i] = g.clone()
+            else:
+                self.buf[i].mul_(SGD_MOMENTUM).add_(g)
+            p.add_(self.buf[i], alpha=-lr)
+
+
+def _teacher_out(Wt, bt, x):
+    """Frozen teachers: Wt [S, dT, n], bt [S, n], x [S, B, n] -> x_hat [S, B, n]."""
+    import torch
+
+    h = torch.bmm(x, Wt.transpose(1, 2))  # [S, B, dT]
+    return torch.baddbmm(bt.unsqueeze(1), h, Wt).clamp_min_(0)
+
+
+def _batched_forward(W, b, x):
+    """W [S, K, d, n], b [S, K, n], x [S, B, n] -> (h^T [S*K, d, B], z [S, K, B, n]) pre-activation.
+
+    The encoder output is kept transposed ([S, K*d, B] = [S*K, d, B], contiguous) so that no
+    step of the forward or backward pass needs a copy: bmm takes transposed views directly.
+    """
+    import torch
+
+    S, K, d, n = W.shape
+    B = x.shape[1]
+    hT = torch.bmm(W.reshape(S, K * d, n), x.transpose(1, 2)).view(S * K, d, B)  # [S*K, d, B]
+    z = torch.baddbmm(b.reshape(S * K, 1, n), hT.transpose(1, 2), W.reshape(S * K, d, n))  # [S*K, B, n]
+    return hT, z.view(S, K, B, n)
+
+
+def _grads(W, b, x, t, c):
+    """Hand-written gradients of the toy loss for every model at once: (dL/dW [S, K, d, n], dL/db [S, K, n]).
+
+    x [S, B, n] data, t [S, B, n] target, c [n] = 2 I_i / B. No autograd graph; the importance
+    weights multiply the small [d, n] results, not the [S, K, B, n] residual.
+    """
+    import torch
+
+    S, K, d, n = W.shape
+    B = x.shape[1]
+    hT, z = _batched_forward(W, b, x)  # hT [S*K, d, B], z [S, K, B, n]
+    zf = z.view(S, K, B * n)
+    # r = (dL/dy) / c on the ReLU's active set, 0 elsewhere; threshold_backward is ReLU's backward in one pass
+    r = torch.ops.aten.threshold_backward(zf - t.reshape(S, 1, B * n), zf, 0.0).view(S * K, B, n)
+    g_dec = torch.bmm(hT, r) * c  # [S*K, d, n]: decoder side, h^T dz
+    dhT = torch.bmm(W.view(S * K, d, n) * c, r.transpose(1, 2))  # [S*K, d, B] = (dz W^T)^T
+    g_enc = torch.bmm(dhT.view(S, K * d, B), x).view(S * K, d, n)  # encoder side, dh^T x
+    return (g_dec + g_enc).view(S, K, d, n), (r.sum(1) * c).view(S, K, n)
+
+
+def _eval_losses(W, b, imp, eval_x, eval_t):
+    """Held-out losses [S, K] against the data and (if eval_t) against the teacher, in chunks."""
+    import torch
+
+    S, K = W.shape[:2]
+    E = eval_x.shape[1]
+    data = torch.zeros(S, K, dtype=torch.float64)
+    dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
+    for lo in range(0, E, EVAL_CHUNK):
+        xc = eval_x[:, lo : lo + EVAL_CHUNK]
+        _, z = _batched_forward(W, b, xc)
+        y = z.clamp_min_(0)  # [S, K, Bc, n]
+        data += ((y - xc.unsqueeze(1)).square_() * imp).sum((-1, -2)).double()
+        if eval_t is not None:
+            dist += ((y - eval_t[:, lo : lo + EVAL_CHUNK].unsqueeze(1)).square_() * imp).sum((-1, -2)).double()
+    return data / E, (dist / E if dist is not None else None)
+
+
+def train_batch(
+    W0,
+    b0,
+    *,
+    alphas,
+    data_seeds,
+    imp,
+    cfg: TrainConfig,
+    eval_x,
+    teacher=None,
+    eval_t=None,
+    train_on_teacher: bool = False,
+) -> TrainResult:
+    """Train S*K toy models at once (S data streams, K models per stream).
+
+    W0 [S, K, d, n] (zero rows = narrower models), b0 [S, K, n]; alphas and data_seeds: one per
+    stream; imp [n]; eval_x [S, E, n] held-out data; teacher = (Wt [S, dT, n], bt [S, n]) frozen,
+    eval_t [S, E, n] its held-out output. With train_on_teacher the target is the teacher's x_hat
+    on each fresh batch, otherwise the batch itself.
+    """
+    import torch
+
+    S, K, d, n = W0.shape
+    B = cfg.batch_size
+    if train_on_teacher and teacher is None:
+        raise BadInput("distillation needs a teacher")
+    W, b = W0.clone(), b0.clone()
+    gens = [torch.Generator().manual_seed(int(s)) for s in data_seeds]
+    inv_keep = torch.tensor([1.0 / (1.0 - a) for a in alphas], dtype=torch.float32).view(S, 1, 1)
+    c = imp * (2.0 / B)  # dL/dy = 2 I_i (y - t) / B, applied on the small [d, n] side
+    opt = _Adam([W, b]) if cfg.optimizer == "adam" else _SGD([W, b])
+    evals, curve_at = set(cfg.eval_steps()), set(cfg.curve_steps())
+    acc_target = torch.zeros(S, K, dtype=torch.float64)
+    acc_data = torch.zeros(S, K, dtype=torch.float64)
+    acc_dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
+    curves: dict[int, tuple] = {}
+    x = torch.empty(S, B, n)
+    last = cfg.steps - 1
+    for step in range(cfg.steps):
+        for s, gen in enumerate(gens):
+            torch.rand(B, n, generator=gen, out=x[s])
+        sparsify_(x, inv_keep)  # [S, B, n]
+        t = _teacher_out(*teacher, x) if train_on_teacher else x  # [S, B, n]
+        if step in curve_at or step == last:
+            _, z = _batched_forward(W, b, x)
+            y = z.clamp_min_(0)  # [S, K, B, n]
+            objective = ((y - t.unsqueeze(1)).square_() * imp).sum(-1).mean(-1)
+            data_loss = ((y - x.unsqueeze(1)).square_() * imp).sum(-1).mean(-1) if train_on_teacher else objective
+            if step in curve_at:
+                curves[step] = (objective, data_loss)
+            final_train = objective
+        gW, gb = _grads(W, b, x, t, c)
+        opt.step([gW, gb], cfg.lr_at(step))
+        if step in evals:
+            data_l, dist_l = _eval_losses(W, b, imp, eval_x, eval_t)
+            acc_data += data_l
+            if acc_dist is not None:
+                acc_dist += dist_l
+            acc_target += dist_l if train_on_teacher else data_l
+    if not torch.isfinite(W).all():
+        raise RuntimeFailure(f"toy training diverged (non-finite weights); lower --lr (now {cfg.lr:g})")
+    m = len(evals)
+    return TrainResult(
+        W=W,
+        b=b,
+        floor_target=acc_target / m,
+        floor_data=acc_data / m,
+        floor_distill=acc_dist / m if acc_dist is not None else None,
+        final_train_loss=final_train,
+        curves=curves,
+    )
+
+
+def train_reference(
+    W0,
+    b0,
+    *,
+    alpha: float,
+    data_seed: int,
+    imp,
+    cfg: TrainConfig,
+    eval_x,
+    teacher=None,
+    eval_t=None,
+    train_on_teacher: bool = False,
+) -> dict:
+    """The same training for ONE model, written plainly (autograd + torch.optim); the batched trainer's check.
+
+    W0 [d, n], b0 [n], eval_x [E, n], teacher = (Wt [dT, n], bt [n]). Returns floats and weights.
+    """
+    import torch
+
+    W = W0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam([W, b], lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False)
+    else:
+        opt = torch.optim.SGD([W, b], lr=cfg.lr, momentum=SGD_MOMENTUM, foreach=False)
+    gen = torch.Generator().manual_seed(int(data_seed))
+    inv_keep = torch.tensor(1.0 / (1.0 - alpha), dtype=torch.float32)
+    evals = set(cfg.eval_steps())
+    floors = {"target": 0.0, "data": 0.0, "distill": 0.0}
+    for step in range(cfg.steps):
+        x = sparsify_(torch.rand(cfg.batch_size, W0.shape[1], generator=gen), inv_keep)
+        with torch.no_grad():
+            t = forward(teacher[0], teacher[1], x) if train_on_teacher else x
+        loss = weighted_sq(imp, forward(W, b, x), t)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in evals:
+            with torch.no_grad():
+                y = forward(W, b, eval_x)
+                data_l = float(weighted_sq(imp, y, eval_x))
+                dist_l = float(weighted_sq(imp, y, eval_t)) if eval_t is not None else 0.0
+            floors["data"] += data_l
+            floors["distill"] += dist_l
+            floors["target"] += dist_l if train_on_teacher else data_l
+    m = len(evals)
+    return {"W": W.detach(), "b": b.detach(), **{f"floor_{k}": v / m for k, v in floors.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions (paper Eq. 2 with the toy's weights w_i = I_i (1-alpha)/3)
+# ----------------------------------------------------------------------------------------------
+
+
+def floor_model(
+    n: int, alpha: float, zipf_exponent: float = 1.0, capacity: theory.Capacity = "paper", g_value: float | None = None
+) -> theory.FloorModel:
+    """Eq. 2 for the toy: weights I_i * E[x_i^2] with E[x_i^2] = (1-alpha)/3."""
+    weights = theory.zipf_weights(n, zipf_exponent, (1.0 - alpha) / 3.0)
+    return theory.FloorModel.from_weights(weights, alpha, capacity, g_value=g_value)
+
+
+def predictions(n: int, alpha: float, widths, zipf_exponent: float = 1.0) -> dict[str, np.ndarray | float]:
+    """Refined (g(alpha)) and naive (g = 1) floors at each width, plus g, d* and F_S."""
+    refined = floor_model(n, alpha, zipf_exponent, "paper")
+    naive = floor_model(n, alpha, zipf_exponent, "naive")
+    widths = np.asarray(widths)
+    return {
+        "pred_refined": refined.floor(widths),
+        "pred_naive": naive.floor(widths),
+        "g": refined.g,
+        "d_star": refined.d_star,
+        "features_kept": refined.kept(widths),
+        "total_mass": float(refined.tail[0]),
+    }
