@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -287,7 +288,17 @@ def test_measure_times_brief_real_runs(script, capsys, cli, tiny, tmp_path):
 
     out = tmp_path / "run"
     rc = script.main(
-        ["--measure", "--json", "--measure-tokens", "1K", "--measure-steps", "2", *tiny_args(tiny, out)], runner=runner
+        [
+            "--measure",
+            "--json",
+            "--keep-measure",
+            "--measure-tokens",
+            "1K",
+            "--measure-steps",
+            "2",
+            *tiny_args(tiny, out),
+        ],
+        runner=runner,
     )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
@@ -299,8 +310,21 @@ def test_measure_times_brief_real_runs(script, capsys, cli, tiny, tmp_path):
         expect = t["n"] / diff if diff > 0 else 2 * t["n"] / t["t_2n"]
         assert rates["rates"][fam] == pytest.approx(expect)
     assert rates["settings"]["timings"]["distill"]["n"] == 2 and rates["settings"]["timings"]["stats"]["n"] == 1000
-    assert not (out / ".measure").exists()
     plan = json.loads(cap.out)
+    # the disk formulas match what train-sae wrote in the brief run (d = 32, F = 4 x 32)
+    ckpts = sorted((out / ".measure" / "big" / "saes-C" / "layer1" / "checkpoints").iterdir())
+    assert len(ckpts) == rp.sae_checkpoint_count(2000, 256, 2000) == 1
+    nbytes = {"F32": 4, "I64": 8}
+
+    def tensor_bytes(path):
+        tensors = formats.safetensors_header(path)["tensors"].values()
+        return sum(nbytes[t["dtype"]] * int(np.prod(t["shape"])) for t in tensors)
+
+    assert tensor_bytes(out / ".measure" / "big" / "saes-C" / "layer1" / "sae_weights.safetensors") == rp.sae_bytes(
+        32, 128
+    )
+    assert tensor_bytes(ckpts[0] / "optimizer.safetensors") == rp.sae_optimizer_bytes(32, 128)
+    assert plan["teacher"]["d_model"] == 32 and plan["teacher"]["config_source"].endswith("config.json")
     st = stages(plan)
     assert st["train-sae-C"]["seconds"] > 0 and st["distill"]["seconds"] > 0
     assert plan["totals"]["seconds"] is not None
