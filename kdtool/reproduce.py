@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -256,7 +255,9 @@ def teacher_shape(p: Protocol) -> Teacher:
         source = "kdtool/presets/paper-protocol.toml"
     else:
         if p.offline:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from kdtool.models import set_offline
+
+            set_offline()
         try:
             config = AutoConfig.from_pretrained(p.model, revision=p.revision, local_files_only=p.offline)
         except Exception as e:  # any failure means the same to the user
@@ -742,7 +743,8 @@ def _probe_stages(p: Protocol, seed: int | None) -> list[Stage]:
             ),
             tokens={"forward_at_most": n_tokens},
             disk=[("probe table", 64 * 1024)],
-            rate="stats",  # forward passes: bounded by the stats rate (teacher forward + SAE encoding)
+            # forward passes: bounded by the rate of the stage that runs the teacher (+ SAE encoding or disk writes)
+            rate="stats" if p.sae_input == "stream" else "cache-acts",
             amount=n_tokens,
             detail=f"at most {n_tokens:,} tokens forward (6 concepts x 2 x {pr['per_class']} texts x "
             f"{pr['max_length']} tokens x {len(models)} models)",

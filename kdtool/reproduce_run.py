@@ -126,7 +126,7 @@ def estimate(plan: Plan, rates: Rates) -> list[str]:
             elif n:
                 parts.append(f"+ {int(n)} checkpoint writes (disk speed not measured)")
         if s.family == "probe":
-            parts = [f"at most: {s.amount:,.0f} tokens at the stats rate {r:,.0f} tokens/s"]
+            parts = [f"at most: {s.amount:,.0f} tokens forward at the {s.rate} rate {r:,.0f} tokens/s"]
         s.seconds = seconds
         s.time_note = "; ".join(parts)
     return notes

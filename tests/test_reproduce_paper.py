@@ -256,6 +256,10 @@ def test_time_follows_the_rates(script, capsys, tmp_path):
     assert st["distill"]["seconds"] == pytest.approx(30000 / 2 + 59 * 8 / 3 / 2)
     assert st["probe"]["seconds"] == pytest.approx(6 * 2 * 2000 * 128 * 4 / 2.5e5)
     assert plan["totals"]["seconds"] == pytest.approx(sum(s["seconds"] or 0 for s in plan["stages"]))
+    # with a cache, stats reads disk: the teacher's forward rate is cache-acts'
+    cached = stages(dry(script, capsys, "--out", tmp_path, "--sae-input", "cache", "--rate-cache-acts", "50K"))
+    assert cached["cache-acts"]["seconds"] == pytest.approx(300e6 / 5e4)
+    assert cached["probe"]["seconds"] == pytest.approx(6 * 2 * 2000 * 128 * 4 / 5e4)
     none = dry(script, capsys, "--out", tmp_path)
     assert all(s["seconds"] is None for s in none["stages"]) and none["totals"]["seconds"] is None
     assert stages(none)["distill"]["time_note"] == "unknown (run with --measure or give --rate-distill)"
