@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -56,9 +57,10 @@ def write_concepts(path):
     return path
 
 
-def run(cli, *args):
-    r = cli("--quiet", *args)
-    assert r.exit_code == 0, f"kdtool {' '.join(map(str, args))} failed:\n{r.output}"
+def run(cli, cmdline: str):
+    """Run `kdtool --quiet CMDLINE` in-process (written like a shell line; tmp paths have no spaces)."""
+    r = cli("--quiet", *shlex.split(cmdline))
+    assert r.exit_code == 0, f"kdtool {cmdline} failed:\n{r.output}"
     return r
 
 
@@ -67,27 +69,13 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     text = write_text(tmp_path / "text.txt")
     concepts = write_concepts(tmp_path / "concepts.jsonl")
     out = tmp_path / "run"
-    teacher = ("--model", model, "--device", "cpu")
-    layers = ",".join(map(str, LAYERS))
+    teacher = f"--model {model} --device cpu"
     widths = ",".join(map(str, WIDTHS))
 
     # -- activations
     run(
         cli,
-        "cache-acts",
-        *teacher,
-        "--dataset",
-        text,
-        "--layers",
-        layers,
-        "--tokens",
-        "4K",
-        "--seq-len",
-        32,
-        "--shard-size",
-        "1K",
-        "-o",
-        out / "acts",
+        f"cache-acts {teacher} --dataset {text} --layers 1,2 --tokens 4K --seq-len 32 --shard-size 1K -o {out}/acts",
     )
     manifest = formats.read_json(out / "acts" / "manifest.json")
     assert manifest["kind"] == "kdtool.acts" and manifest["layers"] == list(LAYERS)
@@ -96,9 +84,9 @@ def test_whole_chain_tiny_model(tmp_path, cli):
 
     # -- SAEs: fixed lambda (both layers) and the adaptive controller (trial C's law; kept outside the run
     #    folder only to spare the report two figures)
-    sae_args = ("--acts", out / "acts", "--features", 128, "--batch-tokens", 256, "--tokens", "8K", "--log-every", 2)
-    run(cli, "train-sae", *sae_args, "--l1", "1e-3", "-o", out / "saes")
-    run(cli, "train-sae", *sae_args, "--layer", 2, "--target-l0", 20, "--l1-rate", 0.05, "-o", tmp_path / "adaptive")
+    sae = f"train-sae --acts {out}/acts --features 128 --batch-tokens 256 --tokens 8K --log-every 2"
+    run(cli, f"{sae} --l1 1e-3 -o {out}/saes")
+    run(cli, f"{sae} --layer 2 --target-l0 20 --l1-rate 0.05 -o {tmp_path}/adaptive")
     for L in LAYERS:
         cfg = json.loads((out / "saes" / f"layer{L}" / "cfg.json").read_text())
         assert (cfg["d_in"], cfg["d_sae"]) == (32, 128)
@@ -114,7 +102,7 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     assert acfg["kdtool"]["controller"]["target_l0"] == 20
 
     # -- stats: the summary agrees with its own rows and with g(alpha)
-    run(cli, "stats", "--sae", out / "saes", "--acts", out / "acts", "-o", out / "stats.parquet")
+    run(cli, f"stats --sae {out}/saes --acts {out}/acts -o {out}/stats.parquet")
     smeta = formats.parquet_metadata(out / "stats.parquet")
     assert smeta["kind"] == "kdtool.stats"
     rows = formats.read_table(out / "stats.parquet")
@@ -131,7 +119,7 @@ def test_whole_chain_tiny_model(tmp_path, cli):
         assert s["d_star"] == pytest.approx(s["F"] / s["g"], rel=1e-9)
 
     # -- predict: F_S = floor(d_S g) and the dropped importance mass, recomputed from the stats rows
-    run(cli, "predict", out / "stats.parquet", "--widths", widths, "-o", out / "predict.parquet")
+    run(cli, f"predict {out}/stats.parquet --widths {widths} -o {out}/predict.parquet")
     assert formats.parquet_metadata(out / "predict.parquet")["kind"] == "kdtool.predict"
     pred = formats.read_table(out / "predict.parquet")
     predicted = {}
@@ -152,32 +140,8 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     # -- distill: floors are the mean held-out KL of curves over the final 10% of steps
     run(
         cli,
-        "distill",
-        *teacher,
-        "--dataset",
-        text,
-        "--widths",
-        widths,
-        "--heads",
-        "head-dim:8",
-        "--steps",
-        STEPS,
-        "--warmup",
-        1,
-        "--batch-size",
-        2,
-        "--seq-len",
-        SEQ,
-        "--eval-every",
-        1,
-        "--eval-batches",
-        2,
-        "--lr",
-        "3e-3",
-        "--save-every",
-        0,
-        "-o",
-        out / "students",
+        f"distill {teacher} --dataset {text} --widths {widths} --heads head-dim:8 --steps {STEPS} --warmup 1 "
+        f"--batch-size 2 --seq-len {SEQ} --eval-every 1 --eval-batches 2 --lr 3e-3 --save-every 0 -o {out}/students",
     )
     fmeta = formats.parquet_metadata(out / "students" / "floors.parquet")
     assert fmeta["kind"] == "kdtool.distill.floors"
@@ -204,16 +168,8 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     # -- calibrate joins what distill and predict wrote, by width
     run(
         cli,
-        "calibrate",
-        out / "students" / "floors.parquet",
-        "--predicted",
-        out / "predict.parquet",
-        "--layer",
-        2,
-        "--bootstrap",
-        20,
-        "-o",
-        out / "calib.json",
+        f"calibrate {out}/students/floors.parquet --predicted {out}/predict.parquet --layer 2 --bootstrap 20 "
+        f"-o {out}/calib.json",
     )
     calib = formats.read_json(out / "calib.json")
     assert calib["kind"] == "kdtool.calibration"
@@ -228,19 +184,8 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     # -- probe the teacher and two students on the concept file the test wrote
     run(
         cli,
-        "probe",
-        "run",
-        concepts,
-        "--teacher",
-        model,
-        "--models",
-        f"teacher,{out / 'students' / 'width8'},{out / 'students' / 'width24'}",
-        "--seeds",
-        2,
-        "--device",
-        "cpu",
-        "-o",
-        out / "probe.parquet",
+        f"probe run {concepts} --teacher {model} --models teacher,{out}/students/width8,{out}/students/width24 "
+        f"--seeds 2 --device cpu -o {out}/probe.parquet",
     )
     assert formats.parquet_metadata(out / "probe.parquet")["kind"] == "kdtool.probe"
     probe = formats.read_table(out / "probe.parquet")
@@ -250,7 +195,7 @@ def test_whole_chain_tiny_model(tmp_path, cli):
         assert 0 <= acc <= 1 and sel == pytest.approx(acc - ctrl)
 
     # -- the report finds every file and tabulates what distill wrote
-    run(cli, "plot", "report", out)
+    run(cli, f"plot report {out}")
     rep = formats.read_json(out / "report" / "report.json")
     assert rep["kind"] == "kdtool.report"
     drawn = {f["figure"] for f in rep["figures"] if f["file"]}
