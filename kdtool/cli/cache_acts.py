@@ -96,7 +96,10 @@ def main(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue the cache in --output after its last complete shard.", rich_help_panel=PANEL
+            "--resume",
+            help="Continue the cache in --output after its last complete shard; a finished cache is left as is and "
+            "an empty folder starts fresh, so scripts can always pass it.",
+            rich_help_panel=PANEL,
         ),
     ] = False,
     overwrite: Annotated[
