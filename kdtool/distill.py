@@ -290,7 +290,8 @@ class _Teacher:
             self._teacher.eval()
         return self._teacher
 
-    def compute(self, tokens, mask):
+    def compute(self, tokens, mask, *, full: bool = False):
+        """Teacher targets for a chunk: top-k when training from a cache, the full vocabulary if `full`."""
         import torch
 
         from kdtool.kd_losses import teacher_target
@@ -298,7 +299,7 @@ class _Teacher:
         with torch.no_grad(), self.autocast():
             logits = self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits
         self.forwards += 1
-        return teacher_target(logits, self.cfg.temperature, self.cfg.topk or None)
+        return teacher_target(logits, self.cfg.temperature, None if full else (self.cfg.topk or None))
 
 
 def _chunks(n: int, micro: int) -> list[tuple[int, int]]:
@@ -483,7 +484,10 @@ def _null():
 
 
 class _Evaluator:
-    """Held-out evaluation: the same `eval_batches` batches every time, teacher targets kept when small."""
+    """Held-out evaluation: the same `eval_batches` batches every time, always on the full-vocabulary KL
+    (also with --teacher-cache, whose held-out batches are stored in full: a top-k KL there would report
+    a lower bound, about half the floor for SmolLM2 at T=2, see docs/distill.md). Targets stay in memory
+    up to `eval_target_budget` bytes; beyond that they are re-read from the cache or recomputed."""
 
     def __init__(self, cfg, teach: _Teacher, source, rows, device, autocast, d: Dist):
         self.cfg, self.teach, self.source, self.rows = cfg, teach, source, rows
@@ -491,6 +495,11 @@ class _Evaluator:
         self.batches = None
         self.targets: dict[int, Any] = {}
         self.kept_bytes = 0
+
+    def _keep(self, j, target) -> None:
+        if self.kept_bytes + target.nbytes() <= self.cfg.eval_target_budget:
+            self.targets[j] = target
+            self.kept_bytes += target.nbytes()
 
     def _load(self):
         cache = self.teach.cache
@@ -500,7 +509,7 @@ class _Evaluator:
             if hit is not None:
                 tok, m, tgt = hit
                 out.append((tok, m))
-                self.targets[j] = tgt
+                self._keep(j, tgt)
                 continue
             if self.source is None:
                 raise RuntimeFailure("no held-out data given and the eval batches are not in --teacher-cache")
@@ -518,29 +527,24 @@ class _Evaluator:
         self.batches = out
 
     def _target(self, j, tok, m):
-        from kdtool.kd_losses import TopKTarget
+        import torch
+
+        from kdtool.kd_losses import FullTarget
 
         if j in self.targets:
-            return self.targets[j].to(self.device)
+            return self.targets[j]
+        cache = self.teach.cache
+        hit = cache.load("eval", j, self.rows) if cache is not None else None
+        if hit is not None:
+            return hit[2]
         parts = [
-            self.teach.compute(tok[lo:hi].to(self.device), m[lo:hi].to(self.device))
+            self.teach.compute(tok[lo:hi].to(self.device), m[lo:hi].to(self.device), full=True)
             for lo, hi in _chunks(tok.shape[0], self.cfg.micro_batch)
         ]
-        if len(parts) == 1:
-            target = parts[0]
-        elif isinstance(parts[0], TopKTarget):
-            target = TopKTarget.cat(parts)
-        else:
-            import torch
-
-            from kdtool.kd_losses import FullTarget
-
-            target = FullTarget(torch.cat([p.logp for p in parts]))
-        if self.teach.cache is not None:
-            self.teach.cache.save("eval", j, self.rows, tok, m, target)
-        if self.kept_bytes + target.nbytes() <= self.cfg.eval_target_budget:
-            self.targets[j] = target
-            self.kept_bytes += target.nbytes()
+        target = FullTarget(torch.cat([p.logp for p in parts]))
+        if cache is not None:
+            cache.save("eval", j, self.rows, tok, m, target)
+        self._keep(j, target)
         return target
 
     def run(self, models) -> dict[int, dict[str, float]]:

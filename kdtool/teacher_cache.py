@@ -5,18 +5,23 @@ Layout (kind ``kdtool.teacher_cache``):
                                           vocab_size, provenance
     DIR/teacher/                          the teacher's config.json and tokenizer files, so a run
                                           whose batches are all cached never loads the teacher
-    DIR/{train,eval}/{i//1000:04d}/{i:07d}.r{lo}-{hi}.safetensors
+    DIR/train/{i//1000:04d}/{i:07d}.r{lo}-{hi}.safetensors   training batch i, rows lo..hi:
         tokens   int32   [b, S]     the batch's token ids (rows lo..hi of the global batch)
         mask     uint8   [b, S]     1 = real token
         ids      int32   [b, S, k]  the teacher's k most likely next tokens at T
         logp     float32 [b, S, k]  their log-probs at temperature T (softmax over the full vocabulary)
         log_rest float32 [b, S]     log of the mass outside the top k (exact logsumexp, not 1 - sum)
+    DIR/eval/{j//1000:04d}/{j:07d}.r{lo}-{hi}.safetensors    held-out batch j, in full:
+        tokens, mask as above; logp_full float32 [b, S, V]   log-probs at T over the whole vocabulary
 
-The approximation: training and evaluation see KL over k+1 bins (the top k and "the rest"),
-a lower bound of the full-vocabulary KL (data-processing inequality); the gap is
-r_p * KL(p_tail || q_tail) and vanishes as the teacher's tail mass r_p -> 0. Log-probs are
-stored at the run's T (renormalising at another T needs the whole vocabulary), so T is part of
-the key. Size: about k x 8 + 9 bytes per token (k=64: ~0.5 KB/token, ~8.4 MB per 32x512 batch).
+The approximation, for training only: the student learns from the KL over k+1 bins (the top k
+and "the rest"), a lower bound of the full-vocabulary KL (data-processing inequality; the gap is
+r_p * KL(p_tail || q_tail)). The held-out batches are kept whole so the floor is always the
+full-vocabulary KL: at T=2 the teacher's tail outside its top 64 can hold most of the mass
+(SmolLM2: 79%), and a top-k floor would read about half the real one. Log-probs are stored at the
+run's T (renormalising at another T needs the whole vocabulary), so T is part of the key.
+Size: about k x 8 + 9 bytes per training token (k=64: 8.4 MB per 32x512 batch) and V x 4 bytes
+per held-out token (Pythia: 26 GB for 8 held-out batches of 32x512; lower --eval-batches to shrink).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from kdtool import formats
 from kdtool.errors import BadInput
 
 KIND = "kdtool.teacher_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class TeacherCache:
@@ -138,15 +143,20 @@ class TeacherCache:
         )
 
     def save(self, split: str, index: int, rows: tuple[int, int], tokens, mask, target) -> None:
+        """Store a batch with its TopKTarget (training) or FullTarget (held-out)."""
         import torch
 
-        tensors = {
-            "tokens": tokens.to(torch.int32).cpu(),
-            "mask": mask.to(torch.uint8).cpu(),
-            "ids": target.ids.to(torch.int32).cpu(),
-            "logp": target.logp.float().cpu(),
-            "log_rest": target.log_rest.float().cpu(),
-        }
+        from kdtool.kd_losses import FullTarget
+
+        tensors = {"tokens": tokens.to(torch.int32).cpu(), "mask": mask.to(torch.uint8).cpu()}
+        if isinstance(target, FullTarget):
+            tensors["logp_full"] = target.logp.float().cpu()
+        else:
+            tensors |= {
+                "ids": target.ids.to(torch.int32).cpu(),
+                "logp": target.logp.float().cpu(),
+                "log_rest": target.log_rest.float().cpu(),
+            }
         formats.save_safetensors(
             self.path(split, index, rows),
             tensors,
@@ -155,10 +165,10 @@ class TeacherCache:
         )
 
     def load(self, split: str, index: int, rows: tuple[int, int]):
-        """(tokens int64 [b,S], mask bool [b,S], TopKTarget) or None when not cached."""
+        """(tokens int64 [b,S], mask bool [b,S], TopKTarget or FullTarget) or None when not cached."""
         from safetensors.torch import load_file
 
-        from kdtool.kd_losses import TopKTarget
+        from kdtool.kd_losses import FullTarget, TopKTarget
 
         p = self.path(split, index, rows)
         if not p.exists():
@@ -167,7 +177,10 @@ class TeacherCache:
             t = load_file(str(p))
         except Exception as exc:
             raise BadInput(f"--teacher-cache: {p} is unreadable ({exc}); delete it to recompute") from exc
-        target = TopKTarget(t["ids"].long(), t["logp"].float(), t["log_rest"].float())
+        if "logp_full" in t:
+            target = FullTarget(t["logp_full"].float())
+        else:
+            target = TopKTarget(t["ids"].long(), t["logp"].float(), t["log_rest"].float())
         return t["tokens"].long(), t["mask"].bool(), target
 
 

@@ -352,6 +352,27 @@ def test_teacher_cache_skips_the_teacher_on_rerun(tmp_path):
         TeacherCache(tmp_path / "cache", key=key, topk=k, temperature=1.0)
 
 
+def test_cached_runs_train_on_topk_but_report_the_full_kl(tmp_path):
+    """A small k changes training only: held-out batches are cached in full, so step 0 (same init) matches."""
+    tc, teacher = tiny_teacher()
+    cache = TeacherCache(tmp_path / "cache", key={"t": 1}, topk=4, temperature=2.0)
+    cached = distill.run(
+        small_cfg(steps=4, topk=4),
+        teacher_config=tc,
+        teacher=teacher,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        cache=cache,
+    )
+    full = distill.run(
+        small_cfg(steps=4), teacher_config=tc, teacher=teacher, train_batches=train_batches, eval_batches=eval_batches
+    )
+    at0 = [i for i, s in enumerate(full.curves["step"]) if s == 0]
+    assert [cached.curves["eval_kl"][i] for i in at0] == [full.curves["eval_kl"][i] for i in at0]
+    assert cached.curves["train_kl"][-1] != full.curves["train_kl"][-1]  # trained on the top-4 bins
+    assert cached.floors["topk"] == [4, 4] and full.floors["topk"] == [0, 0]
+
+
 def test_data_running_out_is_a_runtime_failure():
     tc, teacher = tiny_teacher()
     with pytest.raises(RuntimeFailure, match="ran out after 3 batches"):
