@@ -524,6 +524,12 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
     # an existing checkpoint is not silently overwritten
     r3 = cli("distill", *args)
     assert r3.exit_code == 2 and "--resume" in r3.stderr
+    r4 = cli("--json", "distill", *args, "--resume")  # without the cache: other settings (topk)
+    assert r4.exit_code == 2 and "topk" in r4.stderr
+    # a finished run resumes at its last step: nothing to train, same floors
+    r4 = cli("--json", "distill", *args, "--resume", "--teacher-cache", tmp_path / "tc", "--topk", "16")
+    assert r4.exit_code == 0 and "resumed from step 6" in r4.stderr
+    assert [row["floor"] for row in json.loads(r4.stdout)["rows"]] == [row["floor"] for row in rows]
 
 
 def test_cli_distill_bad_options_are_one_line(cli, tmp_path, teacher_and_text):

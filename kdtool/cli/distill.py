@@ -227,6 +227,10 @@ def main(
     d = distill.dist_init(dev)
     if not d.main:
         common.STATE.quiet = True  # one voice: rank 0 logs
+    elif overwrite and (output / "checkpoint").exists():
+        import shutil
+
+        shutil.rmtree(output / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
     try:
         _run(cfg, d, mspec, dspec, output=output, cache_dir=teacher_cache, resume=resume, fmt=fmt)
     finally:
