@@ -313,9 +313,10 @@ def student_checkpoint_bytes(params: int) -> int:
     return 12 * params
 
 
-def teacher_cache_bytes(tokens: int, topk: int) -> int:
-    """--teacher-cache: per token k ids (int32) + k log-probs (float32) + token, mask, rest mass."""
-    return tokens * (8 * topk + 9)
+def teacher_cache_bytes(train_tokens: int, eval_tokens: int, topk: int, vocab: int) -> int:
+    """--teacher-cache (kdtool/teacher_cache.py): per training token k ids (int32) + k log-probs (float32)
+    + token, mask, rest mass; per held-out token the full log-probs [V] (float32) + token and mask."""
+    return train_tokens * (8 * topk + 9) + eval_tokens * (4 * vocab + 5)
 
 
 def sae_checkpoint_count(tokens: int, batch: int, every: int) -> int:
@@ -638,8 +639,9 @@ def _distill_stage(p: Protocol, t: Teacher, seed: int | None) -> Stage:
         cache = p.out / "teacher-cache"
         disk.append(
             (
-                f"teacher cache: top-{p.topk} of {train_tokens + eval_tokens:,} tokens",
-                teacher_cache_bytes(train_tokens + eval_tokens, p.topk),
+                f"teacher cache: top-{p.topk} of {train_tokens:,} training tokens, all {t.vocab:,} log-probs "
+                f"of {eval_tokens:,} held-out ones",
+                teacher_cache_bytes(train_tokens, eval_tokens, p.topk, t.vocab),
             )
         )
     launcher = ["kdtool"] if p.torchrun == 1 else ["torchrun", "--nproc_per_node", str(p.torchrun), "-m", "kdtool"]

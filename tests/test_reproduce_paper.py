@@ -162,7 +162,9 @@ def test_disk_arithmetic(script, capsys, tmp_path):
     st = stages(cached)
     assert st["cache-acts"]["disk_bytes"] == 300_000_000 * 3 * 1024 * 2 == 1_843_200_000_000
     assert parse(st["train-sae-A"]["argv"])["acts"] == tmp_path / "run" / "acts"
-    assert st["distill"]["disk_bytes"] == 16 * params + (30000 * 32 * 512 + 8 * 32 * 512) * (8 * 64 + 9)
+    # top-64 of every training token; the held-out batches whole (50,304 log-probs per token)
+    cache = 30000 * 32 * 512 * (8 * 64 + 9) + 8 * 32 * 512 * (4 * 50304 + 5)
+    assert st["distill"]["disk_bytes"] == 16 * params + cache
     assert parse(st["distill"]["argv"])["topk"] == 64
 
     assert script.main(["--dry-run", "--out", str(tmp_path / "run"), "--sae-input", "cache"]) == 0
