@@ -390,7 +390,12 @@ def saelens_cfg(
     context_size: int | None = None,
     dataset_path: str | None = None,
 ) -> dict:
-    """The SAELens part of cfg.json (standard ReLU architecture, b_dec subtracted from the input)."""
+    """The SAELens part of cfg.json (standard ReLU architecture, b_dec subtracted from the input).
+
+    The hook fields are written both in "metadata" (SAELens >= 6) and at the top level: a cfg
+    without a sae_lens_version is read by SAELens's pre-6.0 path, which takes them from there
+    (checked with sae-lens 6.54: it loads the folder as a StandardSAE with the same encode).
+    """
     meta = {
         "model_name": model_name,
         "hook_name": layer_to_hook(layer) if layer is not None else None,
@@ -407,6 +412,7 @@ def saelens_cfg(
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
+        **meta,
         "metadata": meta,
     }
 

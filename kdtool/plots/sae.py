@@ -175,8 +175,8 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
             shade[:, j] = 0.0  # one value (or one row): nothing to compare, no shade
         shade[~ok, j] = np.nan
     n_rows, n_cols = values.shape
-    size = {} if n_rows <= 4 else {"figsize": (6.8 if style == "paper" else 12, 0.45 * n_rows + 1)}
-    fig, axes = st.figure(style, **size)
+    scale = 1.0 if style == "paper" else 1.7  # slides fonts are larger
+    fig, axes = st.figure(style, figsize=(scale * (0.85 * n_cols + 1.3), scale * (0.32 * n_rows + 0.9)))
     ax = axes[0][0]
     cmap = _cmap()
     ax.imshow(np.ma.masked_invalid(shade), cmap=cmap, vmin=-0.15, vmax=1.25, aspect="auto")
@@ -185,7 +185,7 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
             v = values[i, j]
             dark = math.isfinite(shade[i, j]) and shade[i, j] > 0.65
             ax.text(j, i, "n/a" if not math.isfinite(v) else fmt.format(v), ha="center", va="center",
-                    color="white" if dark else "black")  # fmt: skip
+                    color="white" if dark else "black", fontsize="small")  # fmt: skip
     ax.set_xticks(range(n_cols), [h for _, h, _ in _CARD])
     ax.set_yticks(range(n_rows), [label for label, _, _ in rows])
     ax.xaxis.tick_top()
@@ -193,8 +193,8 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(options.get("title") or "SAE measurements per layer (shade: low to high within each column)",
-                 pad=18)  # fmt: skip
+    ax.set_title(options.get("title") or "SAE measurements per layer\n(shade: low to high within each column)",
+                 pad=14, fontsize="medium")  # fmt: skip
     st.save(fig, output)
 
 
@@ -225,35 +225,30 @@ def l0_mse(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax = axes[0][0]
     stats_inputs = [p for p in inputs if Path(p).is_file() and _kind(Path(p)) == STATS_KIND]
     log_inputs = [p for p in inputs if p not in stats_inputs]
-    colours: dict[int, int] = {}
-
-    def colour(layer: int) -> dict:
-        colours.setdefault(layer, len(colours))
-        return st.layer_style(colours[layer])
-
-    points: dict[int, list[tuple[float, float]]] = {}
+    n_series = 0
     if log_inputs:
         logs = read_logs(log_inputs, options)
+        layers_seen = [layer for layer, _, _ in logs]
         for layer, cols, path in logs:
-            sty = colour(layer)
-            many = [lay for lay, _, _ in logs].count(layer) > 1
+            sty = st.layer_style(n_series)
+            n_series += 1
+            run = f", {_run_name(path)}" if layers_seen.count(layer) > 1 else ""
             l0, mse = np.asarray(cols["l0"], dtype=float), np.asarray(cols["mse"], dtype=float)
             ax.plot(l0, mse, color=sty["color"], alpha=0.45, linewidth=0.9)
             ax.plot(l0[-1:], mse[-1:], linestyle="none", marker=sty["marker"], color=sty["color"],
-                    label=f"layer {layer} (training{', ' + _run_name(path) if many else ''})")  # fmt: skip
+                    label=f"layer {layer} (training{run})")  # fmt: skip
     if stats_inputs:
+        points: dict[int, list[tuple[float, float]]] = {}
         for label, s, _ in read_summaries(stats_inputs, options):
-            layer = int(label.split()[0][1:])
-            if s.get("L0") is None or s.get("mse") is None:
-                continue
-            points.setdefault(layer, []).append((float(s["L0"]), float(s["mse"])))
+            if s.get("L0") is not None and s.get("mse") is not None:
+                points.setdefault(int(label.split()[0][1:]), []).append((float(s["L0"]), float(s["mse"])))
         for layer, pts in sorted(points.items()):
-            sty = colour(layer)
-            pts.sort()
-            xs, ys = zip(*pts, strict=True)
+            sty = st.layer_style(n_series)
+            n_series += 1
+            xs, ys = zip(*sorted(pts), strict=True)
             ax.plot(xs, ys, color=sty["color"], linestyle=sty["linestyle"], marker=sty["marker"],
                     markerfacecolor="white", label=f"layer {layer} (stats)")  # fmt: skip
-    if not colours:
+    if not n_series:
         raise BadInput("l0-mse: give train_log.parquet files, a saes/ folder or stats.parquet files")
     drawn = [line.get_xydata() for line in ax.get_lines()]
     _log_if_wide(ax, "x", [d[:, 0] for d in drawn])
