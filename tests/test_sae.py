@@ -393,3 +393,20 @@ def test_bad_options_exit_2_with_one_line(cli, tmp_path, args, needle):
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdtool train-sae: error:") and needle in lines[0], lines
+
+
+@pytest.mark.gpu
+def test_bf16_matmuls_on_gpu_track_fp32(tmp_path):
+    """--precision bf16 (GPU only): fp32 master weights, bf16 products; the run must match fp32 closely."""
+    write_random(tmp_path / "acts", d=16, n=20_000)
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(layers=[3], d_in=16, d_sae=64, l1=0.05, lr=3e-3, batch_tokens=1024, device="cuda",
+                          precision=precision)  # fmt: skip
+        trainer = Trainer(cfg, CacheSource(tmp_path / "acts"), tmp_path / precision)
+        trainer.run()
+        W = trainer.runs[3].sae.W_dec
+        assert W.dtype == torch.float32 and float((W.norm(dim=1) - 1).abs().max()) < 1e-5
+        logs[precision] = trainer.runs[3].rows[-1]
+    assert logs["bf16"]["mse"] == pytest.approx(logs["fp32"]["mse"], rel=0.1)
+    assert logs["bf16"]["l0"] == pytest.approx(logs["fp32"]["l0"], rel=0.1)
