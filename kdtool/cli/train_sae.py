@@ -311,6 +311,12 @@ def main(
         inputs=source.inputs, seed=seed, config={"train": cfg.as_dict(), "source": source.info}
     )
     total = n_tokens if n_tokens is not None else source.approx_tokens()
+    cached = source.approx_tokens()
+    if n_tokens is not None and cached and n_tokens > cached:
+        common.log(
+            f"--tokens {n_tokens:,} is more than the {cached:,} cached: the cache is read about "
+            f"{n_tokens / cached:.1f} times, reshuffled on each pass"
+        )
     what = f"{total:,} tokens" if total else "the data"
     common.log(
         f"train-sae: layers {','.join(map(str, layers))}, d_in {cfg.d_in} -> d_sae {cfg.d_sae:,}, "
