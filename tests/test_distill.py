@@ -539,6 +539,8 @@ def test_cli_distill_bad_options_are_one_line(cli, tmp_path, teacher_and_text):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, before any model is loaded
     r = cli("distill", "--widths", "8,x", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--widths" in r.stderr
+    r = cli("distill", "--format", "parquet", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "floors.parquet" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------ figures

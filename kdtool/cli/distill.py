@@ -220,6 +220,8 @@ def main(
         device=dev,
         run_key=run_key,
     )
+    if fmt is not None and fmt.value == "parquet":
+        raise BadInput(f"--format parquet: the floors are written to {output}/floors.parquet; use table, csv or json")
     if resume and overwrite:
         raise BadInput("--resume and --overwrite contradict each other: give one")
     if (output / "checkpoint").exists() and not (resume or overwrite):
