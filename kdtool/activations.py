@@ -48,8 +48,18 @@ class ShardWriter:
     the remainder. Memory holds at most one shard per layer.
     """
 
-    def __init__(self, root: str | Path, *, layers: list[int], d_model: int, dtype: str, shard_tokens: int,
-                 info: dict, provenance: dict, resume: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        layers: list[int],
+        d_model: int,
+        dtype: str,
+        shard_tokens: int,
+        info: dict,
+        provenance: dict,
+        resume: bool = False,
+    ):
         if dtype not in _DTYPES:
             raise BadInput(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.root = Path(root)
@@ -93,17 +103,28 @@ class ShardWriter:
             allrows = torch.cat(self._pending[layer]) if len(self._pending[layer]) > 1 else self._pending[layer][0]
             head, rest = allrows[:n], allrows[n:]
             self._pending[layer] = [rest] if rest.shape[0] else []
-            formats.save_safetensors(layer_dir(self.root, layer) / shard_name(index), {"acts": head.clone()},
-                                     kind="kdtool.acts.shard",
-                                     extra={"layer": str(layer), "shard": str(index)})
+            formats.save_safetensors(
+                layer_dir(self.root, layer) / shard_name(index),
+                {"acts": head.clone()},
+                kind="kdtool.acts.shard",
+                extra={"layer": str(layer), "shard": str(index)},
+            )
         self._pending_n -= n
         self.shards.append({"file": shard_name(index), "tokens": int(n)})
         self.write_manifest()
 
     def write_manifest(self) -> None:
-        manifest = {"kind": KIND, **self.info, "layers": self.layers, "d_model": self.d_model, "dtype": self.dtype,
-                    "shard_tokens": self.shard_tokens, "tokens": self.tokens, "shards": self.shards,
-                    "provenance": self.provenance}
+        manifest = {
+            "kind": KIND,
+            **self.info,
+            "layers": self.layers,
+            "d_model": self.d_model,
+            "dtype": self.dtype,
+            "shard_tokens": self.shard_tokens,
+            "tokens": self.tokens,
+            "shards": self.shards,
+            "provenance": self.provenance,
+        }
         formats.write_json(self.root / MANIFEST, manifest)
 
     def close(self) -> None:
@@ -167,8 +188,16 @@ class ActivationStore:
         for i in range(len(self.shards)):
             yield {layer: self.load_shard(layer, i) for layer in layers}
 
-    def iter_batches(self, layers: list[int], batch_tokens: int, *, seed: int = 0, buffer_shards: int = 4,
-                     start: Position | None = None, epochs: int | None = None) -> Iterator[tuple[dict, Position]]:
+    def iter_batches(
+        self,
+        layers: list[int],
+        batch_tokens: int,
+        *,
+        seed: int = 0,
+        buffer_shards: int = 4,
+        start: Position | None = None,
+        epochs: int | None = None,
+    ) -> Iterator[tuple[dict, Position]]:
         """Shuffled batches {layer: [batch_tokens, d]} with the Position *after* each batch.
 
         Batches never straddle buffers (a buffer's last rows that do not fill a batch are
@@ -186,13 +215,13 @@ class ActivationStore:
             order = np.random.default_rng([seed, epoch]).permutation(n_shards)
             first_buffer = pos.buffer if epoch == pos.epoch else 0
             for b in range(first_buffer, n_buffers):
-                idx = order[b * k:(b + 1) * k]
+                idx = order[b * k : (b + 1) * k]
                 data = {layer: torch.cat([self.load_shard(layer, int(i)) for i in idx]) for layer in layers}
                 rows = data[layers[0]].shape[0]
                 perm = torch.from_numpy(np.random.default_rng([seed, epoch, b, 1]).permutation(rows))
                 offset = pos.offset if (epoch == pos.epoch and b == pos.buffer) else 0
                 while offset + batch_tokens <= rows:
-                    sel = perm[offset:offset + batch_tokens]
+                    sel = perm[offset : offset + batch_tokens]
                     offset += batch_tokens
                     yield {layer: data[layer][sel] for layer in layers}, Position(epoch, b, offset)
             epoch += 1
@@ -202,7 +231,8 @@ def manifest_summary(root: str | Path) -> dict:
     """A short description for `kdtool info`."""
     m = read_manifest(root)
     return {k: m.get(k) for k in ("model", "dataset", "seq_len", "d_model", "dtype", "layers", "tokens")} | {
-        "shards": len(m.get("shards", []))}
+        "shards": len(m.get("shards", []))
+    }
 
 
 def dumps_position(pos: Position) -> str:

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kdtool import provenance as _prov
 from kdtool.errors import BadInput, MissingColumns, UnknownFormat
@@ -89,7 +90,7 @@ def parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     try:
         meta = pq.read_schema(path).metadata or {}
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+    except Exception as exc:
         raise BadInput(f"{path}: not a readable Parquet file ({exc})") from exc
     out: dict[str, Any] = {"kind": None, "provenance": None, "summary": None}
     if b"kdtool.kind" in meta:
@@ -145,7 +146,7 @@ def read_table(path: str | os.PathLike, *, required: tuple[str, ...] = ()) -> di
             raise UnknownFormat(f"{p}: unknown table format {suffix!r} (use .parquet, .csv, .tsv, .json or .jsonl)")
     except (BadInput, UnknownFormat):
         raise
-    except Exception as exc:  # noqa: BLE001 - parsers raise many types
+    except Exception as exc:
         raise BadInput(f"{p}: cannot read as {suffix.lstrip('.')} ({str(exc).splitlines()[0]})") from exc
     missing = [c for c in required if c not in cols]
     if missing:
@@ -186,8 +187,14 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict, *, kind: str, provenance: dict | None = None,
-                     extra: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: dict,
+    *,
+    kind: str,
+    provenance: dict | None = None,
+    extra: dict[str, str] | None = None,
+) -> None:
     """Save torch tensors as safetensors with kdtool metadata, atomically."""
     from safetensors.torch import save_file
 

@@ -86,8 +86,9 @@ def make_provenance(*, inputs=(), seed: int | None = None, config: dict | None =
     """Provenance for a file this command writes (command line, parsed options, inputs, seed)."""
     from kdtool import provenance
 
-    return provenance.make(command=None, params={"command": STATE.command, **STATE.params},
-                           inputs=list(inputs), seed=seed, config=config)
+    return provenance.make(
+        command=None, params={"command": STATE.command, **STATE.params}, inputs=list(inputs), seed=seed, config=config
+    )
 
 
 class TableFormat(str, Enum):
@@ -99,8 +100,13 @@ class TableFormat(str, Enum):
 
 OutputOpt = Annotated[
     Optional[Path],
-    typer.Option("--output", "-o", help="Write data here instead of stdout (format from the suffix).",
-                 dir_okay=False, writable=True),
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write data here instead of stdout (format from the suffix).",
+        dir_okay=False,
+        writable=True,
+    ),
 ]
 FormatOpt = Annotated[
     Optional[TableFormat],
@@ -117,8 +123,12 @@ def choose_format(fmt: TableFormat | None, output: Path | None) -> TableFormat:
         return TableFormat.json
     if output is not None:
         suffix = output.suffix.lower()
-        by_suffix = {".csv": TableFormat.csv, ".json": TableFormat.json, ".parquet": TableFormat.parquet,
-                     ".pq": TableFormat.parquet}
+        by_suffix = {
+            ".csv": TableFormat.csv,
+            ".json": TableFormat.json,
+            ".parquet": TableFormat.parquet,
+            ".pq": TableFormat.parquet,
+        }
         if suffix not in by_suffix:
             raise BadInput(f"{output}: cannot tell the format from the suffix; use --format")
         return by_suffix[suffix]
@@ -155,8 +165,15 @@ def emit_table(
         formats.write_parquet(output, columns, kind=kind, provenance=provenance, summary=summary)
         return
     if chosen == TableFormat.json:
-        text = json.dumps({"kind": kind, "rows": rows, "summary": jsonable(summary), "provenance": provenance},
-                          indent=2, allow_nan=False, default=str) + "\n"
+        text = (
+            json.dumps(
+                {"kind": kind, "rows": rows, "summary": jsonable(summary), "provenance": provenance},
+                indent=2,
+                allow_nan=False,
+                default=str,
+            )
+            + "\n"
+        )
     elif chosen == TableFormat.csv:
         import csv
         import io

@@ -58,9 +58,12 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout; no progress bars.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Machine-readable JSON on stdout; no progress bars.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
@@ -96,7 +99,7 @@ def guarded(name: str, fn):
         except KeyboardInterrupt:
             print(f"kdtool {name}: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become one line
+        except Exception as exc:
             if STATE.debug:
                 traceback.print_exc()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
