@@ -92,3 +92,10 @@ def test_atomic_write_leaves_no_partial_file_and_normal_mode(tmp_path):
     os.umask(umask)
     assert target.read_text() == "whole"
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_rich_table_is_not_cut_to_80_columns_off_a_terminal(cli):
+    r = cli("predict", "--features", "28665", "--alpha", "0.99238", "--widths", "128,256", "--format", "table")
+    assert r.exit_code == 0, r.output
+    assert "features_dropped" in r.output and "…" not in r.output
+    assert "25219" in r.output.replace(",", "")

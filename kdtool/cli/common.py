@@ -34,13 +34,14 @@ STATE = State()
 def err_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 250)
 
 
 def out_console():
+    """Console for data on stdout. Off a terminal rich would cut tables to 80 columns: give them room."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)
 
 
 def log(message: str) -> None:
