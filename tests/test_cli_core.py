@@ -102,3 +102,13 @@ def test_rich_table_is_not_cut_to_80_columns_off_a_terminal(cli):
 
     dropped = 28665 - theory.features_kept(128, theory.g(0.99238), 28665)
     assert f" {dropped} " in r.output
+
+
+def test_provenance_command_in_process_names_the_subcommand_and_options(cli, tmp_path):
+    from kdtool.formats import parquet_metadata
+
+    out = tmp_path / "p.parquet"
+    assert cli("predict", "--features", "100", "--alpha", "0.9", "--widths", "2,4", "-o", out).exit_code == 0
+    prov = parquet_metadata(out)["provenance"]
+    assert prov["command"].startswith("kdtool predict ")
+    assert "--widths=2,4" in prov["command"] and prov["params"]["features"] == 100

@@ -83,12 +83,30 @@ def progress(transient: bool = False):
     )
 
 
+def command_line() -> str:
+    """The command as typed; in-process (tests, notebooks) the subcommand and its parsed options."""
+    import os
+    import shlex
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if argv0 in ("kdtool", "kdtool.exe", "__main__.py"):
+        return shlex.join(["kdtool", *sys.argv[1:]])
+    from kdtool.provenance import jsonable
+
+    opts = [f"--{k.replace('_', '-')}={jsonable(v)}" for k, v in STATE.params.items() if v not in (None, False)]
+    return shlex.join([*STATE.command.split(), *opts])
+
+
 def make_provenance(*, inputs=(), seed: int | None = None, config: dict | None = None) -> dict:
     """Provenance for a file this command writes (command line, parsed options, inputs, seed)."""
     from kdtool import provenance
 
     return provenance.make(
-        command=None, params={"command": STATE.command, **STATE.params}, inputs=list(inputs), seed=seed, config=config
+        command=command_line(),
+        params={"command": STATE.command, **STATE.params},
+        inputs=list(inputs),
+        seed=seed,
+        config=config,
     )
 
 
