@@ -88,8 +88,8 @@ def command_line() -> str:
     import os
     import shlex
 
-    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if argv0 in ("kdtool", "kdtool.exe", "__main__.py"):
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) in ("kdtool", "kdtool.exe") or argv0.endswith(os.path.join("kdtool", "__main__.py")):
         return shlex.join(["kdtool", *sys.argv[1:]])
     from kdtool.provenance import jsonable
 
