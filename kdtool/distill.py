@@ -18,12 +18,13 @@ Outputs (rank 0): ``width{W}/`` (HF save_pretrained + tokenizer + kdtool.json),
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdtool.dist import Dist, dist_close, dist_init  # re-exported for cli/distill.py, distill_io.py
+from kdtool.dist import all_reduce as _all_reduce
 from kdtool.distill_io import (  # noqa: F401 - re-exported: the files a run writes
     CURVE_COLUMNS,
     CURVES_KIND,
@@ -121,56 +122,6 @@ def lr_factor(step: int, *, warmup: int, steps: int, min_lr_ratio: float) -> flo
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_init(device: str) -> Dist:
-    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch
-    import torch.distributed as td
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    started = False
-    if not td.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        td.init_process_group(backend=backend)
-        started = True
-    return Dist(rank=td.get_rank(), world=td.get_world_size(), local_rank=local, started_here=started)
-
-
-def dist_close(d: Dist) -> None:
-    if d.started_here:
-        import torch.distributed as td
-
-        td.destroy_process_group()
-
-
-def _all_reduce(t, d: Dist):
-    if d.world > 1:
-        import torch.distributed as td
-
-        td.all_reduce(t)
-    return t
 
 
 # ---------------------------------------------------------------------------------------------
