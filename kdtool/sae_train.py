@@ -10,6 +10,12 @@ Output folder (default saes/):
 Resume is exact on CPU: the checkpoint holds the weights, Adam's moments and step, the L1
 controller, the alive counters, the partial log interval and the reader's Position, and the
 reader's shuffles depend only on (seed, position). Nothing else is random after initialisation.
+
+Under torchrun (kdtool/dist.py: NCCL on GPU, gloo on CPU) every rank reads the same global
+batch and steps on rows rank::world of it; the gradients (each a mean over its rank's rows) are
+summed and divided by world, and the statistics the controller and the log use (squared error,
+L1 sum, per-feature fire counts) are summed, so every rank applies the same update and lambda and
+W processes follow the one-process run up to float rounding. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from kdtool import formats
+from kdtool.dist import Dist, all_reduce, barrier
 from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.sae import Kernel, L1Controller, SparseAutoencoder, forward_backward
 from kdtool.sae_formats import saelens_cfg, save_kdtool
@@ -294,11 +301,16 @@ class Trainer:
         on_step: Callable[[int, int, dict], None] | None = None,
         on_message: Callable[[str], None] | None = None,
         stop_after_steps: int | None = None,
+        dist: Dist | None = None,
     ):
         self.cfg, self.source, self.out = cfg, source, Path(out)
+        self.dist = dist or Dist()
+        if cfg.batch_tokens % self.dist.world:
+            raise BadInput(f"--batch-tokens {cfg.batch_tokens} must be divisible by the {self.dist.world} processes")
         self.provenance = provenance
         self.on_step = on_step or (lambda tokens, step, row: None)
-        self.on_message = on_message or (lambda msg: None)
+        quiet = not self.dist.main  # one voice: rank 0 reports
+        self.on_message = (on_message if not quiet else None) or (lambda msg: None)
         self.stop_after_steps = stop_after_steps  # tests: simulate a killed run
         self.runs: dict[int, LayerRun] = {}
         self.step = 0
@@ -307,7 +319,10 @@ class Trainer:
         self.elapsed = 0.0
         import torch
 
-        self.device = torch.device(cfg.device)
+        d = self.dist
+        self.device = torch.device(
+            f"cuda:{d.local_rank}" if d.world > 1 and str(cfg.device).startswith("cuda") else cfg.device
+        )
         self.matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         if source.d_in != cfg.d_in:
             raise BadInput(f"activations have d={source.d_in} but the config says d_in={cfg.d_in}")
@@ -370,13 +385,17 @@ class Trainer:
         lam = r.controller.value(self.step)
         for p in r.sae.parameters():
             p.grad = None
-        st = forward_backward(r.sae, x, lam, kernel=cfg.kernel, matmul_dtype=self.matmul_dtype)
+        d = self.dist
+        mine = x[d.rank :: d.world] if d.world > 1 else x
+        st = forward_backward(r.sae, mine, lam, kernel=cfg.kernel, matmul_dtype=self.matmul_dtype)
+        if d.world > 1:
+            self._reduce(r, st, x)
         r.sae.project_decoder_grad()
         torch.nn.utils.clip_grad_norm_(list(r.sae.parameters()), cfg.grad_clip)
         r.opt.step()
         r.sae.normalise_decoder()
         nnz = int(st.nnz)
-        B = st.tokens
+        B = st.tokens  # the global batch (all ranks' rows) after _reduce
         r.controller.update(nnz / B, self.step)
         r.last_fired[st.fires > 0] = self.tokens + B
         iv = r.interval
@@ -391,6 +410,27 @@ class Trainer:
             raise RuntimeFailure(
                 f"layer {r.layer}: the loss diverged (non-finite) at step {self.step}; try a smaller --lr"
             )
+
+    def _reduce(self, r: LayerRun, st, x) -> None:
+        """Average the ranks' gradients and sum their statistics (in place), so every rank agrees."""
+        import torch
+
+        d = self.dist
+        params = list(r.sae.parameters())
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        all_reduce(flat, d).div_(d.world)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+        # sums over tokens: squared error, L1 and fire counts (exact in float64 for any batch)
+        stats = torch.cat([torch.stack([st.sse, st.l1_sum]).double(), st.fires.double()])
+        all_reduce(stats, d)
+        st.sse, st.l1_sum = stats[0], stats[1]
+        st.fires = stats[2:].round().to(torch.int64)
+        st.sst = (x - x.mean(dim=0)).pow(2).sum()  # every rank holds the global batch
+        st.tokens = x.shape[0]
 
     def _log_row(self, r: LayerRun) -> None:
         iv = r.interval
@@ -463,7 +503,9 @@ class Trainer:
         return self.out / f"layer{layer}" / "checkpoints" / f"tokens-{(self.tokens if tokens is None else tokens):012d}"
 
     def save_checkpoint(self) -> None:
-        """Per layer: an SAE folder + optimizer state; then checkpoint.json (written last)."""
+        """Per layer: an SAE folder + optimizer state; then checkpoint.json (written last). Rank 0 only."""
+        if not self.dist.main:
+            return
         previous = self._read_pointer()
         for r in self.runs.values():
             ck = self.checkpoint_dir(r.layer)
@@ -518,6 +560,8 @@ class Trainer:
         self.on_message(f"checkpoint at {self.tokens:,} tokens (step {self.step})")
 
     def save_final(self) -> None:
+        if not self.dist.main:
+            return
         for r in self.runs.values():
             folder = self.out / f"layer{r.layer}"
             cfg, kd = self._cfg_json(r, checkpoint=False)
@@ -593,8 +637,11 @@ def _py(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these layers."""
+def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool, remove: bool = True) -> None:
+    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these layers.
+
+    remove=False (ranks other than 0) only checks.
+    """
     out = Path(out)
     existing = [out / f"layer{L}" for L in layers if (out / f"layer{L}").exists()]
     pointer = out / CHECKPOINT
@@ -603,7 +650,7 @@ def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: b
     if (existing or pointer.exists()) and not force:
         what = ", ".join(str(p) for p in existing) or str(pointer)
         raise BadInput(f"{what} already exists: use --resume to continue that run or --force to replace it")
-    if force:
+    if force and remove:
         for folder in existing:
             shutil.rmtree(folder)
         if pointer.exists():
@@ -621,9 +668,15 @@ def train(
     on_step=None,
     on_message=None,
     stop_after_steps: int | None = None,
+    dist: Dist | None = None,
 ) -> Trainer:
-    """Train (or continue) one SAE per layer and write saes/; returns the finished Trainer."""
-    prepare_output(out, cfg.layers, resume=resume, force=force)
+    """Train (or continue) one SAE per layer and write saes/ (rank 0); returns the finished Trainer.
+
+    `dist`: the torchrun process group (kdtool.dist.dist_init), None for one process.
+    """
+    dist = dist or Dist()
+    prepare_output(out, cfg.layers, resume=resume, force=force, remove=dist.main)
+    barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
     trainer = Trainer(
         cfg,
         source,
@@ -632,8 +685,10 @@ def train(
         on_step=on_step,
         on_message=on_message,
         stop_after_steps=stop_after_steps,
+        dist=dist,
     )
     if resume:
         trainer.resume()
     trainer.run()
+    barrier(dist)  # the other ranks wait for rank 0's files
     return trainer

@@ -4,10 +4,12 @@ Thin: parse options into kdtool.sae_train.TrainConfig, pick the activation sourc
 written by cache-acts, or a teacher streamed through a shuffle buffer), run the trainer with a
 progress bar, report one summary row per layer. The paper's run on a GPU:
     kdtool train-sae --layer 8,12,16 --expansion 32 --batch-tokens 32768 --tokens 300M --checkpoint-every 50M
+Several GPUs: torchrun --nproc_per_node 4 -m kdtool train-sae ... (same result as one process; rank 0 writes)
 """
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -238,9 +240,8 @@ def main(
     """
     import torch
 
-    from kdtool import sae_train
+    from kdtool import dist, sae_train
     from kdtool.errors import BadInput
-    from kdtool.formats import finite_or_none
     from kdtool.parsing import parse_count, parse_int_list
 
     n_batch = common.parse_opt("--batch-tokens", parse_count, batch_tokens)
@@ -253,6 +254,8 @@ def main(
         raise BadInput("--acts and --stream/--model/--dataset are two activation sources: give one")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dist.world_size() > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
 
     # --- the activation source
     if stream:
@@ -307,9 +310,28 @@ def main(
         kernel=kernel.value,
         alive_window=window,
     )
+    if n_batch % dist.world_size():
+        raise BadInput(f"--batch-tokens {n_batch} must be divisible by the {dist.world_size()} processes")
     provenance = common.make_provenance(
-        inputs=source.inputs, seed=seed, config={"train": cfg.as_dict(), "source": source.info}
+        inputs=source.inputs,
+        seed=seed,
+        config={"train": cfg.as_dict(), "source": source.info, "world_size": dist.world_size()},
     )
+    d = dist.dist_init(device)
+    if not d.main:
+        common.STATE.quiet = True  # one voice: rank 0 logs
+    try:
+        _train(cfg, source, d, output=output, provenance=provenance, resume=resume, force=force)
+    finally:
+        dist.dist_close(d)
+
+
+def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool) -> None:
+    from kdtool import sae_train
+    from kdtool.formats import finite_or_none
+
+    layers, n_tokens = cfg.layers, cfg.tokens
+    l1, target_l0, device = cfg.l1, cfg.target_l0, cfg.device
     total = n_tokens if n_tokens is not None else source.approx_tokens()
     cached = source.approx_tokens()
     if n_tokens is not None and cached and n_tokens > cached:
@@ -323,6 +345,7 @@ def main(
         f"batch {cfg.batch_tokens:,}, {what}, lambda "
         + (f"-> L0 {target_l0:g} (start {l1:g})" if target_l0 else f"{l1:g}")
         + f", on {device}"
+        + (f" x {d.world} processes" if d.world > 1 else "")
     )
 
     with common.progress() as bar:
@@ -352,7 +375,10 @@ def main(
             provenance=provenance,
             on_step=on_step,
             on_message=common.log,
+            dist=d,
         )
+    if not d.main:
+        return
 
     rows = {
         k: []
