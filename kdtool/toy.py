@@ -241,14 +241,6 @@ class _SGD:
             p.add_(self.buf[i], alpha=-lr)
 
 
-def _teacher_out(Wt, bt, x):
-    """Frozen teachers: Wt [S, dT, n], bt [S, n], x [S, B, n] -> x_hat [S, B, n]."""
-    import torch
-
-    h = torch.bmm(x, Wt.transpose(1, 2))  # [S, B, dT]
-    return torch.baddbmm(bt.unsqueeze(1), h, Wt).clamp_min_(0)
-
-
 def _batched_forward(W, b, x):
     """W [S, K, d, n], b [S, K, n], x [S, B, n] -> (h^T [S*K, d, B], z [S, K, B, n]) pre-activation.
 
@@ -264,24 +256,59 @@ def _batched_forward(W, b, x):
     return hT, z.view(S, K, B, n)
 
 
-def _grads(W, b, x, t, c):
+class _Workspace:
+    """Buffers reused every step: on CPU, fresh multi-MB tensors cost page faults (measured: ~25% of a step)."""
+
+    def __init__(self, S: int, K: int, d: int, n: int, B: int, d_teacher: int | None):
+        import torch
+
+        self.hT = torch.empty(S, K * d, B)  # encoder output, transposed: [S*K, d, B]
+        self.z = torch.empty(S * K, B, n)  # decoder pre-activation
+        self.r = torch.empty(S * K, B, n)  # residual on the ReLU's active set
+        self.g_dec = torch.empty(S * K, d, n)
+        self.g_enc = torch.empty(S, K * d, n)
+        self.dhT = torch.empty(S * K, d, B)
+        self.Wc = torch.empty(S * K, d, n)
+        self.gb = torch.empty(S * K, n)
+        self.x = torch.empty(S, B, n)
+        if d_teacher is not None:
+            self.th = torch.empty(S, B, d_teacher)
+            self.t = torch.empty(S, B, n)
+
+    def teacher_out(self, Wt, bt, x):
+        """Frozen teachers: Wt [S, dT, n], bt [S, n], x [S, B, n] -> x_hat [S, B, n] (a buffer)."""
+        import torch
+
+        torch.bmm(x, Wt.transpose(1, 2), out=self.th)  # [S, B, dT]
+        torch.baddbmm(bt.unsqueeze(1), self.th, Wt, out=self.t)
+        return self.t.clamp_min_(0)
+
+
+def _grads(W, b, x, t, c, ws: _Workspace):
     """Hand-written gradients of the toy loss for every model at once: (dL/dW [S, K, d, n], dL/db [S, K, n]).
 
     x [S, B, n] data, t [S, B, n] target, c [n] = 2 I_i / B. No autograd graph; the importance
-    weights multiply the small [d, n] results, not the [S, K, B, n] residual.
+    weights multiply the small [d, n] results, not the [S, K, B, n] residual. Results live in `ws`.
     """
     import torch
 
     S, K, d, n = W.shape
     B = x.shape[1]
-    hT, z = _batched_forward(W, b, x)  # hT [S*K, d, B], z [S, K, B, n]
-    zf = z.view(S, K, B * n)
+    torch.bmm(W.view(S, K * d, n), x.transpose(1, 2), out=ws.hT)  # [S, K*d, B]
+    hT = ws.hT.view(S * K, d, B)
+    torch.baddbmm(b.view(S * K, 1, n), hT.transpose(1, 2), W.view(S * K, d, n), out=ws.z)  # [S*K, B, n]
+    z, r = ws.z.view(S, K, B * n), ws.r.view(S, K, B * n)
     # r = (dL/dy) / c on the ReLU's active set, 0 elsewhere; threshold_backward is ReLU's backward in one pass
-    r = torch.ops.aten.threshold_backward(zf - t.reshape(S, 1, B * n), zf, 0.0).view(S * K, B, n)
-    g_dec = torch.bmm(hT, r) * c  # [S*K, d, n]: decoder side, h^T dz
-    dhT = torch.bmm(W.view(S * K, d, n) * c, r.transpose(1, 2))  # [S*K, d, B] = (dz W^T)^T
-    g_enc = torch.bmm(dhT.view(S, K * d, B), x).view(S * K, d, n)  # encoder side, dh^T x
-    return (g_dec + g_enc).view(S, K, d, n), (r.sum(1) * c).view(S, K, n)
+    torch.sub(z, t.reshape(S, 1, B * n), out=r)
+    torch.ops.aten.threshold_backward.grad_input(r, z, 0.0, grad_input=r)
+    r = ws.r  # [S*K, B, n]
+    torch.bmm(hT, r, out=ws.g_dec).mul_(c)  # [S*K, d, n]: decoder side, h^T dz
+    torch.mul(W.view(S * K, d, n), c, out=ws.Wc)
+    torch.bmm(ws.Wc, r.transpose(1, 2), out=ws.dhT)  # [S*K, d, B] = (dz W^T)^T
+    torch.bmm(ws.dhT.view(S, K * d, B), x, out=ws.g_enc)  # encoder side, dh^T x
+    gW = ws.g_dec.add_(ws.g_enc.view(S * K, d, n)).view(S, K, d, n)
+    torch.sum(r, 1, out=ws.gb).mul_(c)
+    return gW, ws.gb.view(S, K, n)
 
 
 def _eval_losses(W, b, imp, eval_x, eval_t):
@@ -338,13 +365,14 @@ def train_batch(
     acc_data = torch.zeros(S, K, dtype=torch.float64)
     acc_dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
     curves: dict[int, tuple] = {}
-    x = torch.empty(S, B, n)
+    ws = _Workspace(S, K, d, n, B, teacher[0].shape[1] if train_on_teacher else None)
+    x = ws.x
     last = cfg.steps - 1
     for step in range(cfg.steps):
         for s, gen in enumerate(gens):
             torch.rand(B, n, generator=gen, out=x[s])
         sparsify_(x, inv_keep)  # [S, B, n]
-        t = _teacher_out(*teacher, x) if train_on_teacher else x  # [S, B, n]
+        t = ws.teacher_out(*teacher, x) if train_on_teacher else x  # [S, B, n]
         if step in curve_at or step == last:
             _, z = _batched_forward(W, b, x)
             y = z.clamp_min_(0)  # [S, K, B, n]
@@ -353,7 +381,7 @@ def train_batch(
             if step in curve_at:
                 curves[step] = (objective, data_loss)
             final_train = objective
-        gW, gb = _grads(W, b, x, t, c)
+        gW, gb = _grads(W, b, x, t, c, ws)
         opt.step([gW, gb], cfg.lr_at(step))
         if step in evals:
             data_l, dist_l = _eval_losses(W, b, imp, eval_x, eval_t)

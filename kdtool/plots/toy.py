@@ -226,9 +226,9 @@ def scaling(inputs: list[Path], output: Path, *, style: str, options: dict) -> N
                 label=f"α={a:g}" if i == 0 else None,
             )
     zipf = _zipf(path)
+    grid_x = np.geomspace(min(0.05, float(x.min()) / 1.2), max(1.5, float(x.max()) * 1.2), 600)
     for i, n in enumerate(ns):
-        fm = floor_model(n, 0.99, zipf)  # the normalised Eq. 2 curve depends on n only (F_S = n * x)
-        grid_x = np.linspace(0, max(1.2, float(x.max()) * 1.05), 400)
+        fm = floor_model(n, 0.99, zipf)  # the normalised Eq. 2 curve depends on n only: F_S = n * d_S/d*
         kept = np.minimum(np.floor(grid_x * n + 1e-9), n).astype(int)
         ax.plot(
             grid_x,
@@ -238,6 +238,7 @@ def scaling(inputs: list[Path], output: Path, *, style: str, options: dict) -> N
             linewidth=1,
             label=f"Eq. 2, n={n} ({st.MARKERS[i % len(st.MARKERS)]})",
         )
+    ax.set_xscale("log")
     ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
     ax.set_xlabel("$d_S / d^*$")
     ax.set_ylabel("floor / total importance mass")
@@ -266,6 +267,8 @@ def _curves_input(inputs: list[Path]) -> tuple[Path, Path | None]:
 
 def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 14: student training loss vs step per width for a few configurations; Eq. 2 floors dashed."""
+    import matplotlib as mpl
+
     from kdtool.toy import predictions
     from kdtool.toy_sweep import sample_configs
 
@@ -300,22 +303,34 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         sel_k = (cols["n"] == k.n) & (cols["d_teacher"] == k.d_teacher) & np.isclose(cols["alpha"], k.alpha)
         widths = sorted(set(cols["d_student"][sel_k].tolist()))
         pred = predictions(k.n, k.alpha, widths, zipf)
+        cmap = mpl.colormaps["viridis"]
         for j, w in enumerate(widths):
             sel = sel_k & (cols["d_student"] == w)
             steps = np.unique(cols["step"][sel])
             mean = np.array([cols[which][sel & (cols["step"] == s)].mean() for s in steps])
-            color = st.PALETTE[j % len(st.PALETTE)]
-            ax.plot(steps, mean, color=color, label=f"$d_S$={w}")
+            color = cmap(0.9 * j / max(1, len(widths) - 1))  # ordered colours: narrow = dark, wide = light
+            ax.plot(steps, mean, color=color)
+            ax.annotate(
+                f"{w}",
+                (steps[-1], mean[-1]),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                color=color,
+                fontsize="small",
+            )
             if pred["pred_refined"][j] > 0:
                 ax.axhline(pred["pred_refined"][j], color=color, linestyle="--", linewidth=0.9)
         ax.set_yscale("log")
         ax.set_title(k.label.replace("alpha", "α").replace("d_T", "$d_T$"))
         ax.set_xlabel("step")
+        ax.margins(x=0.08)
         if idx % ncols == 0:
             ax.set_ylabel("training loss vs data" if which == "loss_data" else "training objective")
-        if len(widths) <= 6 or idx == 0:
-            ax.legend(loc="upper right", ncol=2 if len(widths) > 4 else 1)
     for idx in range(len(keys), nrows * ncols):
         axes[idx // ncols][idx % ncols].axis("off")
-    fig.suptitle(options.get("title") or "student training curves (mean over seeds); dashed = Eq. 2 floor")
+    fig.suptitle(
+        options.get("title")
+        or "student training curves (mean over seeds), labelled by $d_S$; dashed = Eq. 2 floor (0 beyond d*: not drawn)"
+    )
     st.save(fig, output)
