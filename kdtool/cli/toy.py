@@ -118,7 +118,7 @@ def main(
     workers: Annotated[
         Optional[int],
         typer.Option(
-            "--workers", help="Worker processes, one torch thread each [default: all cores].", rich_help_panel=PANEL_RUN
+            "--workers", help="Worker processes, one torch thread each (default: all cores).", rich_help_panel=PANEL_RUN
         ),
     ] = None,
     configs_per_batch: Annotated[
@@ -152,7 +152,7 @@ def main(
             "--measure",
             help="Which student loss is the "
             "'floor' compared with Eq. 2: against the data or "
-            "against the teacher [default: data].",
+            "against the teacher (default: data).",
             rich_help_panel=PANEL_REPORT,
         ),
     ] = None,
