@@ -107,6 +107,26 @@ StreamingOpt = Annotated[
     ),
 ]
 
+STREAM_PANEL = "Streaming input (no cache)"
+StreamOpt = Annotated[
+    bool,
+    typer.Option(
+        "--stream",
+        help="Read activations from the teacher (implied by --model or --dataset) instead of --acts.",
+        rich_help_panel=STREAM_PANEL,
+    ),
+]
+StreamBatchSizeOpt = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, help="Streaming: sequences per teacher forward.", rich_help_panel=STREAM_PANEL),
+]
+StreamDropFirstOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drop-first/--keep-first", help="Streaming: drop position 0 of each sequence.", rich_help_panel=STREAM_PANEL
+    ),
+]
+
 
 def model_spec(
     model: str | None = None,

@@ -25,13 +25,15 @@ from kdtool.cli.options import (
     SeedOpt,
     SeqLenOpt,
     SplitOpt,
+    StreamBatchSizeOpt,
+    StreamDropFirstOpt,
     StreamingOpt,
+    StreamOpt,
     TextColumnOpt,
     TrustRemoteCodeOpt,
 )
 
 PANEL = "Stats"
-STREAM_PANEL = "Streaming input (no cache)"
 
 
 class DecoderNorm(str, Enum):
@@ -110,28 +112,9 @@ def main(
         Path, typer.Option("--output", "-o", help="The stats table (Parquet).", dir_okay=False, rich_help_panel=PANEL)
     ] = Path("stats.parquet"),
     fmt: common.FormatOpt = None,
-    stream: Annotated[
-        bool,
-        typer.Option(
-            "--stream",
-            help="Read activations from the teacher (implied by --model or --dataset) instead of --acts.",
-            rich_help_panel=STREAM_PANEL,
-        ),
-    ] = False,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", min=1, help="Streaming: sequences per teacher forward.", rich_help_panel=STREAM_PANEL
-        ),
-    ] = 8,
-    drop_first: Annotated[
-        bool,
-        typer.Option(
-            "--drop-first/--keep-first",
-            help="Streaming: drop position 0 of each sequence.",
-            rich_help_panel=STREAM_PANEL,
-        ),
-    ] = True,
+    stream: StreamOpt = False,
+    batch_size: StreamBatchSizeOpt = 8,
+    drop_first: StreamDropFirstOpt = True,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = ModelDtype.auto,

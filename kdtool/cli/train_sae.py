@@ -18,6 +18,7 @@ import typer
 
 from kdtool.cli import common
 from kdtool.cli.options import (
+    STREAM_PANEL,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
@@ -28,6 +29,8 @@ from kdtool.cli.options import (
     SeedOpt,
     SeqLenOpt,
     SplitOpt,
+    StreamBatchSizeOpt,
+    StreamDropFirstOpt,
     StreamingOpt,
     TextColumnOpt,
     TrustRemoteCodeOpt,
@@ -36,7 +39,6 @@ from kdtool.cli.options import (
 SAE_PANEL = "SAE"
 SPARSITY_PANEL = "Sparsity (lambda)"
 RUN_PANEL = "Run"
-STREAM_PANEL = "Streaming input (no cache)"
 
 
 class Precision(str, Enum):
@@ -200,20 +202,8 @@ def main(
             "--shuffle-buffer", help="Streaming: token positions per shuffle buffer.", rich_help_panel=STREAM_PANEL
         ),
     ] = "256K",
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", min=1, help="Streaming: sequences per teacher forward.", rich_help_panel=STREAM_PANEL
-        ),
-    ] = 8,
-    drop_first: Annotated[
-        bool,
-        typer.Option(
-            "--drop-first/--keep-first",
-            help="Streaming: drop position 0 of each sequence.",
-            rich_help_panel=STREAM_PANEL,
-        ),
-    ] = True,
+    batch_size: StreamBatchSizeOpt = 8,
+    drop_first: StreamDropFirstOpt = True,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = ModelDtype.auto,
