@@ -24,6 +24,23 @@ DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = 
 _TINY = 1e-12  # a zero prediction in log space (the capacity fit): heavily penalised, never -inf
 
 
+TABLE_COLUMNS = ("n", "d_teacher", "alpha", "d_student", "seed", "floor", "pred_refined", "pred_naive", "total_mass")
+
+
+def read_toy_table(path, *, extra: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], dict]:
+    """A toy.parquet (or a CSV/JSON copy) as columns, plus its kdtool metadata; refuses other kinds."""
+    from pathlib import Path
+
+    from kdtool import formats
+    from kdtool.toy_sweep import KIND
+
+    path = Path(path)
+    meta = formats.parquet_metadata(path) if path.suffix.lower() in (".parquet", ".pq") else {}
+    if meta.get("kind") not in (None, KIND):
+        raise BadInput(f"{path}: a {meta.get('kind')} file, expected {KIND} (written by kdtool toy)")
+    return formats.read_table(path, required=TABLE_COLUMNS + tuple(extra)), meta
+
+
 def aggregate(cols: dict[str, np.ndarray], measure: str = "floor") -> dict[str, np.ndarray]:
     """Seed-mean and std of `measure` per (n, d_T, alpha, d_S), with the row's predictions."""
     if measure not in cols:

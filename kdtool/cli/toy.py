@@ -201,14 +201,13 @@ def main(
     """
     import warnings
 
-    from kdtool import formats
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
     from kdtool.toy import TrainConfig
     from kdtool.toy_stats import fit_capacity as fit
+    from kdtool.toy_stats import read_toy_table
     from kdtool.toy_stats import summarize as summary_of
     from kdtool.toy_sweep import (
-        KIND,
         Grid,
         PartStore,
         curves_path,
@@ -220,23 +219,7 @@ def main(
     from kdtool.toy_sweep import convergence_check as check
 
     if summarize is not None:
-        meta = formats.parquet_metadata(summarize) if summarize.suffix.lower() in (".parquet", ".pq") else {}
-        if meta.get("kind") not in (None, KIND):
-            raise BadInput(f"{summarize}: a {meta.get('kind')} file, expected {KIND} (written by kdtool toy)")
-        cols = formats.read_table(
-            summarize,
-            required=(
-                "n",
-                "d_teacher",
-                "alpha",
-                "d_student",
-                "seed",
-                "floor",
-                "pred_refined",
-                "pred_naive",
-                "total_mass",
-            ),
-        )
+        cols, meta = read_toy_table(summarize)
         column = MEASURE_COLUMN[measure.value] if measure is not None else "floor"
         zipf = ((meta.get("provenance") or {}).get("config") or {}).get("zipf_exponent", zipf_exponent)
         result = summary_of(cols, column)

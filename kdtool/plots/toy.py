@@ -30,24 +30,9 @@ def _one_input(inputs: list[Path], what: str) -> Path:
 
 def _table(path: Path, options: dict) -> dict:
     """The toy table with `floor` set by --set measure=..., filtered by --alpha / --set n=..."""
-    kind = formats.parquet_metadata(path)["kind"] if path.suffix.lower() in (".parquet", ".pq") else None
-    if kind not in (None, KIND):
-        raise BadInput(f"{path}: a {kind} file; this figure needs a toy.parquet ({KIND}, from kdtool toy)")
-    cols = formats.read_table(
-        path,
-        required=(
-            "n",
-            "d_teacher",
-            "alpha",
-            "d_student",
-            "seed",
-            "floor",
-            "pred_refined",
-            "pred_naive",
-            "d_star",
-            "total_mass",
-        ),
-    )
+    from kdtool.toy_stats import read_toy_table
+
+    cols, _ = read_toy_table(path, extra=("d_star",))
     measure = options.get("measure")
     if measure is not None:
         if measure not in _MEASURES:
