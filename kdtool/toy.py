@@ -7,15 +7,15 @@ d_S = 1..d_T are then distilled from it (target = teacher x_hat) or trained on t
 
 Speed: every model of a chunk of configurations is one computation with a leading model axis.
 Models that share a data stream (a teacher and its students: same n, d_T, alpha, seed) share x,
-so the encoder is one bmm per stream: [S, B, n] @ [S, n, K*d]. Students narrower than d_T are
-zero-padded to d_T; padded rows of W get exactly zero gradient, so they stay zero and the
-padded model is the narrow model. Gradients are written by hand (no autograd graph) and the
-importance weights are folded into the small [d, n] gradient tensors instead of the big
-[S, K, B, n] residual.
+so the encoder is one bmm per stream: [S, B, n] @ [S, n, K*d]. Students are trained in groups of
+consecutive widths (`width_groups`), each zero-padded to its widest; padded rows of W get exactly
+zero gradient, so they stay zero and the padded model is the narrow model. Gradients are written
+by hand (no autograd graph) and the importance weights are folded into the small [d, n] gradient
+tensors instead of the big [S, K, B, n] residual.
 
 Determinism: every random draw comes from a generator keyed by (base seed, n, d_T, alpha,
 seed, purpose, width), never by a model's position in a batch, so a model trains identically
-alone (`train_reference`, plain autograd + torch.optim) or in any batch (`train_batch`).
+alone (`train_reference`, plain autograd + torch.optim) or in any batch or group (`train_groups`).
 """
 
 from __future__ import annotations
@@ -151,21 +151,31 @@ def importance(n: int, exponent: float = 1.0):
     return torch.from_numpy(theory.zipf_weights(n, exponent)).float()
 
 
+def data_stream(seed: int) -> np.random.Generator:
+    """The generator of one data stream (numpy PCG64: half the cost per float of torch's CPU mt19937, measured)."""
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
 def sparsify_(u, inv_keep):
     """Uniforms -> toy data in place: x = u / (1-alpha) where u < 1-alpha, else 0.
 
     One uniform per entry: P(u < p) = p = 1-alpha, and u/p given u < p is U[0,1).
-    `inv_keep` is 1/(1-alpha) as float32 (a scalar tensor or [S, 1, 1]).
+    `inv_keep` is 1/(1-alpha) as float32 (a scalar tensor or [S, 1, 1]). Done as scale by -1/p,
+    threshold at -1, negate: no boolean mask, 9x faster than multiplying by one (measured); dropped
+    entries come out as -0.0, which every later product and sum treats as 0.
     """
-    u.mul_(inv_keep)
-    return u.mul_(u < 1)
+    import torch.nn.functional as F
+
+    u.mul_(-inv_keep)
+    F.threshold_(u, -1.0, 0.0)
+    return u.neg_()
 
 
-def sample(gen, batch: int, n: int, alpha: float):
-    """One fresh batch [batch, n] of toy data from a torch.Generator."""
+def sample(rng: np.random.Generator, batch: int, n: int, alpha: float):
+    """One fresh batch [batch, n] of toy data from a data stream (`data_stream`)."""
     import torch
 
-    u = torch.rand(batch, n, generator=gen)
+    u = torch.from_numpy(rng.random((batch, n), dtype=np.float32))
     return sparsify_(u, torch.tensor(1.0 / (1.0 - alpha), dtype=torch.float32))
 
 
@@ -190,17 +200,74 @@ def weighted_sq(imp, y, t):
     return ((y - t).square() * imp).sum(-1).mean(-1)
 
 
+# Cost model of one training step for a group of models padded to width d (measured on this machine's
+# CPU with one thread, S = 20 streams, B = 256, n = 10..40): each model costs ~ S*B*n*(4 + d) * 0.3 ns
+# (the [B, n] decoder passes plus d-proportional matmul work), each group a fixed ~120 us of op overhead.
+_COST_PER_ELEMENT_NS = 0.3
+_COST_WIDTH_OFFSET = 4
+_COST_PER_GROUP_NS = 120_000
+
+
+def width_groups(widths, n: int, streams: int, batch: int) -> list[list[int]]:
+    """Split student widths into groups of consecutive widths, each trained padded to its widest.
+
+    Padding every student to d_T wastes ~45% of the matmul work at d_T = 10; one group per width
+    multiplies the per-op overhead. Exact dynamic programme over the sorted widths on the cost model above.
+    """
+    ws = sorted(set(int(w) for w in widths))
+    unit = streams * batch * n * _COST_PER_ELEMENT_NS
+
+    def cost(i: int, j: int) -> float:  # widths ws[i..j] padded to ws[j]
+        return (j - i + 1) * (_COST_WIDTH_OFFSET + ws[j]) * unit + _COST_PER_GROUP_NS
+
+    best = [0.0] + [math.inf] * len(ws)
+    cut = [0] * (len(ws) + 1)
+    for j in range(1, len(ws) + 1):
+        for i in range(j):
+            c = best[i] + cost(i, j - 1)
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(ws)
+    while j > 0:
+        groups.append(ws[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @dataclass
 class TrainResult:
     """Trained weights and held-out floors of a batch of models [S, K]."""
 
-    W: object  # [S, K, d, n]
+    W: object  # [S, K, d, n] (None after concat: groups differ in d)
     b: object  # [S, K, n]
     floor_target: object  # [S, K] held-out loss against the training target, mean over eval points
     floor_data: object  # [S, K] held-out loss against the data
     floor_distill: object | None  # [S, K] held-out loss against the teacher's x_hat (when a teacher is given)
     final_train_loss: object  # [S, K] training objective on the last batch
     curves: dict = field(default_factory=dict)  # step -> (objective [S,K], data loss [S,K]) on the training batch
+
+    @staticmethod
+    def concat(results: list[TrainResult]) -> TrainResult:
+        """Results of groups of the same streams side by side along the model axis K (weights dropped)."""
+        import torch
+
+        def cat(name):
+            parts = [getattr(r, name) for r in results]
+            return None if parts[0] is None else torch.cat(parts, dim=1)
+
+        curves = {
+            step: tuple(torch.cat([r.curves[step][i] for r in results], dim=1) for i in range(2))
+            for step in results[0].curves
+        }
+        return TrainResult(
+            W=None,
+            b=None,
+            floor_target=cat("floor_target"),
+            floor_data=cat("floor_data"),
+            floor_distill=cat("floor_distill"),
+            final_train_loss=cat("final_train_loss"),
+            curves=curves,
+        )
 
 
 class _Adam:
@@ -256,12 +323,52 @@ def _batched_forward(W, b, x):
     return hT, z.view(S, K, B, n)
 
 
-class _Workspace:
-    """Buffers reused every step: on CPU, fresh multi-MB tensors cost page faults (measured: ~25% of a step)."""
+def _weighted_sq_sum(diff, imp):
+    """sum over samples and features of I_i diff^2 for diff [S, K, B, n] (overwritten) -> [S, K] float64."""
+    import torch
 
-    def __init__(self, S: int, K: int, d: int, n: int, B: int, d_teacher: int | None):
+    S, K, B, n = diff.shape
+    return (diff.square_().view(-1, n) @ imp).view(S, K, B).sum(-1, dtype=torch.float64)
+
+
+def _eval_chunk(S: int, K: int, n: int) -> int:
+    """Held-out samples per forward: keep [S, K, chunk, n] near 2 MB so every pass stays in cache."""
+    return max(16, min(EVAL_CHUNK, (512 * 1024) // max(1, S * K * n)))
+
+
+def _eval_losses(W, b, imp, eval_x, eval_t):
+    """Held-out losses [S, K] against the data and (if eval_t) against the teacher, in chunks."""
+    import torch
+
+    S, K, _, n = W.shape
+    E = eval_x.shape[1]
+    data = torch.zeros(S, K, dtype=torch.float64)
+    dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
+    step = _eval_chunk(S, K, n)
+    for lo in range(0, E, step):
+        xc = eval_x[:, lo : lo + step]
+        _, z = _batched_forward(W, b, xc)
+        y = z.clamp_min_(0)  # [S, K, Bc, n]
+        diff = torch.empty_like(y)
+        data += _weighted_sq_sum(torch.sub(y, xc.unsqueeze(1), out=diff), imp)
+        if eval_t is not None:
+            dist += _weighted_sq_sum(torch.sub(y, eval_t[:, lo : lo + step].unsqueeze(1), out=diff), imp)
+    return data / E, (dist / E if dist is not None else None)
+
+
+class _Group:
+    """Models of one padded width d trained on the shared streams: weights, optimiser, buffers, running floors.
+
+    Buffers are reused every step: on CPU, fresh multi-MB tensors cost page faults (measured: ~25% of a step).
+    """
+
+    def __init__(self, W0, b0, cfg: TrainConfig, with_distill: bool):
         import torch
 
+        S, K, d, n = W0.shape
+        B = cfg.batch_size
+        self.W, self.b = W0.clone(), b0.clone()
+        self.opt = _Adam([self.W, self.b]) if cfg.optimizer == "adam" else _SGD([self.W, self.b])
         self.hT = torch.empty(S, K * d, B)  # encoder output, transposed: [S*K, d, B]
         self.z = torch.empty(S * K, B, n)  # decoder pre-activation
         self.r = torch.empty(S * K, B, n)  # residual on the ReLU's active set
@@ -270,68 +377,74 @@ class _Workspace:
         self.dhT = torch.empty(S * K, d, B)
         self.Wc = torch.empty(S * K, d, n)
         self.gb = torch.empty(S * K, n)
-        self.x = torch.empty(S, B, n)
-        if d_teacher is not None:
-            self.th = torch.empty(S, B, d_teacher)
-            self.t = torch.empty(S, B, n)
+        self.acc_target = torch.zeros(S, K, dtype=torch.float64)
+        self.acc_data = torch.zeros(S, K, dtype=torch.float64)
+        self.acc_dist = torch.zeros(S, K, dtype=torch.float64) if with_distill else None
+        self.curves: dict[int, tuple] = {}
+        self.final_train = None
 
-    def teacher_out(self, Wt, bt, x):
-        """Frozen teachers: Wt [S, dT, n], bt [S, n], x [S, B, n] -> x_hat [S, B, n] (a buffer)."""
+    def grads(self, x, t, c):
+        """Hand-written gradients of the toy loss for every model at once: (dL/dW [S, K, d, n], dL/db [S, K, n]).
+
+        x [S, B, n] data, t [S, B, n] target, c [n] = 2 I_i / B. No autograd graph; the importance
+        weights multiply the small [d, n] results, not the [S, K, B, n] residual.
+        """
         import torch
 
-        torch.bmm(x, Wt.transpose(1, 2), out=self.th)  # [S, B, dT]
-        torch.baddbmm(bt.unsqueeze(1), self.th, Wt, out=self.t)
-        return self.t.clamp_min_(0)
+        W, b = self.W, self.b
+        S, K, d, n = W.shape
+        B = x.shape[1]
+        torch.bmm(W.view(S, K * d, n), x.transpose(1, 2), out=self.hT)  # [S, K*d, B]
+        hT = self.hT.view(S * K, d, B)
+        torch.baddbmm(b.view(S * K, 1, n), hT.transpose(1, 2), W.view(S * K, d, n), out=self.z)  # [S*K, B, n]
+        z, r = self.z.view(S, K, B * n), self.r.view(S, K, B * n)
+        # r = (dL/dy) / c on the ReLU's active set, 0 elsewhere; threshold_backward is ReLU's backward in one pass
+        torch.sub(z, t.reshape(S, 1, B * n), out=r)
+        torch.ops.aten.threshold_backward.grad_input(r, z, 0.0, grad_input=r)
+        r = self.r  # [S*K, B, n]
+        torch.bmm(hT, r, out=self.g_dec).mul_(c)  # [S*K, d, n]: decoder side, h^T dz
+        torch.mul(W.view(S * K, d, n), c, out=self.Wc)
+        torch.bmm(self.Wc, r.transpose(1, 2), out=self.dhT)  # [S*K, d, B] = (dz W^T)^T
+        torch.bmm(self.dhT.view(S, K * d, B), x, out=self.g_enc)  # encoder side, dh^T x
+        gW = self.g_dec.add_(self.g_enc.view(S * K, d, n)).view(S, K, d, n)
+        torch.sum(r, 1, out=self.gb).mul_(c)
+        return gW, self.gb.view(S, K, n)
+
+    def record(self, step: int, x, t, imp, train_on_teacher: bool, keep_curve: bool):
+        """Training objective (and data loss) on this step's batch, before the update."""
+        _, z = _batched_forward(self.W, self.b, x)
+        y = z.clamp_min_(0)  # [S, K, B, n]
+        objective = ((y - t.unsqueeze(1)).square_() * imp).sum(-1).mean(-1)
+        data_loss = ((y - x.unsqueeze(1)).square_() * imp).sum(-1).mean(-1) if train_on_teacher else objective
+        if keep_curve:
+            self.curves[step] = (objective, data_loss)
+        self.final_train = objective
+
+    def evaluate(self, imp, eval_x, eval_t, train_on_teacher: bool):
+        data_l, dist_l = _eval_losses(self.W, self.b, imp, eval_x, eval_t)
+        self.acc_data += data_l
+        if self.acc_dist is not None:
+            self.acc_dist += dist_l
+        self.acc_target += dist_l if train_on_teacher else data_l
+
+    def result(self, evals: int, lr: float) -> TrainResult:
+        import torch
+
+        if not torch.isfinite(self.W).all():
+            raise RuntimeFailure(f"toy training diverged (non-finite weights); lower --lr (now {lr:g})")
+        return TrainResult(
+            W=self.W,
+            b=self.b,
+            floor_target=self.acc_target / evals,
+            floor_data=self.acc_data / evals,
+            floor_distill=self.acc_dist / evals if self.acc_dist is not None else None,
+            final_train_loss=self.final_train,
+            curves=self.curves,
+        )
 
 
-def _grads(W, b, x, t, c, ws: _Workspace):
-    """Hand-written gradients of the toy loss for every model at once: (dL/dW [S, K, d, n], dL/db [S, K, n]).
-
-    x [S, B, n] data, t [S, B, n] target, c [n] = 2 I_i / B. No autograd graph; the importance
-    weights multiply the small [d, n] results, not the [S, K, B, n] residual. Results live in `ws`.
-    """
-    import torch
-
-    S, K, d, n = W.shape
-    B = x.shape[1]
-    torch.bmm(W.view(S, K * d, n), x.transpose(1, 2), out=ws.hT)  # [S, K*d, B]
-    hT = ws.hT.view(S * K, d, B)
-    torch.baddbmm(b.view(S * K, 1, n), hT.transpose(1, 2), W.view(S * K, d, n), out=ws.z)  # [S*K, B, n]
-    z, r = ws.z.view(S, K, B * n), ws.r.view(S, K, B * n)
-    # r = (dL/dy) / c on the ReLU's active set, 0 elsewhere; threshold_backward is ReLU's backward in one pass
-    torch.sub(z, t.reshape(S, 1, B * n), out=r)
-    torch.ops.aten.threshold_backward.grad_input(r, z, 0.0, grad_input=r)
-    r = ws.r  # [S*K, B, n]
-    torch.bmm(hT, r, out=ws.g_dec).mul_(c)  # [S*K, d, n]: decoder side, h^T dz
-    torch.mul(W.view(S * K, d, n), c, out=ws.Wc)
-    torch.bmm(ws.Wc, r.transpose(1, 2), out=ws.dhT)  # [S*K, d, B] = (dz W^T)^T
-    torch.bmm(ws.dhT.view(S, K * d, B), x, out=ws.g_enc)  # encoder side, dh^T x
-    gW = ws.g_dec.add_(ws.g_enc.view(S * K, d, n)).view(S, K, d, n)
-    torch.sum(r, 1, out=ws.gb).mul_(c)
-    return gW, ws.gb.view(S, K, n)
-
-
-def _eval_losses(W, b, imp, eval_x, eval_t):
-    """Held-out losses [S, K] against the data and (if eval_t) against the teacher, in chunks."""
-    import torch
-
-    S, K = W.shape[:2]
-    E = eval_x.shape[1]
-    data = torch.zeros(S, K, dtype=torch.float64)
-    dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
-    for lo in range(0, E, EVAL_CHUNK):
-        xc = eval_x[:, lo : lo + EVAL_CHUNK]
-        _, z = _batched_forward(W, b, xc)
-        y = z.clamp_min_(0)  # [S, K, Bc, n]
-        data += ((y - xc.unsqueeze(1)).square_() * imp).sum((-1, -2)).double()
-        if eval_t is not None:
-            dist += ((y - eval_t[:, lo : lo + EVAL_CHUNK].unsqueeze(1)).square_() * imp).sum((-1, -2)).double()
-    return data / E, (dist / E if dist is not None else None)
-
-
-def train_batch(
-    W0,
-    b0,
+def train_groups(
+    groups,
     *,
     alphas,
     data_seeds,
@@ -341,66 +454,53 @@ def train_batch(
     teacher=None,
     eval_t=None,
     train_on_teacher: bool = False,
-) -> TrainResult:
-    """Train S*K toy models at once (S data streams, K models per stream).
+) -> list[TrainResult]:
+    """Train groups of toy models that share S data streams; each group is one batched computation.
 
-    W0 [S, K, d, n] (zero rows = narrower models), b0 [S, K, n]; alphas and data_seeds: one per
-    stream; imp [n]; eval_x [S, E, n] held-out data; teacher = (Wt [S, dT, n], bt [S, n]) frozen,
-    eval_t [S, E, n] its held-out output. With train_on_teacher the target is the teacher's x_hat
-    on each fresh batch, otherwise the batch itself.
+    groups: [(W0 [S, K, d, n], b0 [S, K, n]), ...] (zero rows = narrower models; d may differ per
+    group); alphas and data_seeds: one per stream; imp [n]; eval_x [S, E, n] held-out data;
+    teacher = (Wt [S, dT, n], bt [S, n]) frozen, eval_t [S, E, n] its held-out output. With
+    train_on_teacher the target is the teacher's x_hat on each fresh batch, otherwise the batch itself.
+    Every group sees the same batches, so the data and the teacher's output are made once per step.
     """
     import torch
 
-    S, K, d, n = W0.shape
-    B = cfg.batch_size
+    S, n, B = len(data_seeds), imp.shape[0], cfg.batch_size
     if train_on_teacher and teacher is None:
         raise BadInput("distillation needs a teacher")
-    W, b = W0.clone(), b0.clone()
-    gens = [torch.Generator().manual_seed(int(s)) for s in data_seeds]
+    rngs = [data_stream(s) for s in data_seeds]
     inv_keep = torch.tensor([1.0 / (1.0 - a) for a in alphas], dtype=torch.float32).view(S, 1, 1)
     c = imp * (2.0 / B)  # dL/dy = 2 I_i (y - t) / B, applied on the small [d, n] side
-    opt = _Adam([W, b]) if cfg.optimizer == "adam" else _SGD([W, b])
+    state = [_Group(W0, b0, cfg, eval_t is not None) for W0, b0 in groups]
     evals, curve_at = set(cfg.eval_steps()), set(cfg.curve_steps())
-    acc_target = torch.zeros(S, K, dtype=torch.float64)
-    acc_data = torch.zeros(S, K, dtype=torch.float64)
-    acc_dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
-    curves: dict[int, tuple] = {}
-    ws = _Workspace(S, K, d, n, B, teacher[0].shape[1] if train_on_teacher else None)
-    x = ws.x
+    x = torch.empty(S, B, n)
+    x_np = x.numpy()
+    if train_on_teacher:
+        Wt, bt = teacher
+        th, t = torch.empty(S, B, Wt.shape[1]), torch.empty(S, B, n)
     last = cfg.steps - 1
     for step in range(cfg.steps):
-        for s, gen in enumerate(gens):
-            torch.rand(B, n, generator=gen, out=x[s])
+        for s, rng in enumerate(rngs):
+            rng.random(dtype=np.float32, out=x_np[s])
         sparsify_(x, inv_keep)  # [S, B, n]
-        t = ws.teacher_out(*teacher, x) if train_on_teacher else x  # [S, B, n]
-        if step in curve_at or step == last:
-            _, z = _batched_forward(W, b, x)
-            y = z.clamp_min_(0)  # [S, K, B, n]
-            objective = ((y - t.unsqueeze(1)).square_() * imp).sum(-1).mean(-1)
-            data_loss = ((y - x.unsqueeze(1)).square_() * imp).sum(-1).mean(-1) if train_on_teacher else objective
-            if step in curve_at:
-                curves[step] = (objective, data_loss)
-            final_train = objective
-        gW, gb = _grads(W, b, x, t, c, ws)
-        opt.step([gW, gb], cfg.lr_at(step))
-        if step in evals:
-            data_l, dist_l = _eval_losses(W, b, imp, eval_x, eval_t)
-            acc_data += data_l
-            if acc_dist is not None:
-                acc_dist += dist_l
-            acc_target += dist_l if train_on_teacher else data_l
-    if not torch.isfinite(W).all():
-        raise RuntimeFailure(f"toy training diverged (non-finite weights); lower --lr (now {cfg.lr:g})")
-    m = len(evals)
-    return TrainResult(
-        W=W,
-        b=b,
-        floor_target=acc_target / m,
-        floor_data=acc_data / m,
-        floor_distill=acc_dist / m if acc_dist is not None else None,
-        final_train_loss=final_train,
-        curves=curves,
-    )
+        if train_on_teacher:  # frozen teachers' x_hat on this batch
+            torch.bmm(x, Wt.transpose(1, 2), out=th)
+            torch.baddbmm(bt.unsqueeze(1), th, Wt, out=t).clamp_min_(0)
+        else:
+            t = x
+        lr = cfg.lr_at(step)
+        for g in state:
+            if step in curve_at or step == last:
+                g.record(step, x, t, imp, train_on_teacher, step in curve_at)
+            g.opt.step(g.grads(x, t, c), lr)
+            if step in evals:
+                g.evaluate(imp, eval_x, eval_t, train_on_teacher)
+    return [g.result(len(evals), cfg.lr) for g in state]
+
+
+def train_batch(W0, b0, **kwargs) -> TrainResult:
+    """Train S*K toy models at once (S data streams, K models per stream): one group of `train_groups`."""
+    return train_groups([(W0, b0)], **kwargs)[0]
 
 
 def train_reference(
@@ -428,12 +528,12 @@ def train_reference(
         opt = torch.optim.Adam([W, b], lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False)
     else:
         opt = torch.optim.SGD([W, b], lr=cfg.lr, momentum=SGD_MOMENTUM, foreach=False)
-    gen = torch.Generator().manual_seed(int(data_seed))
+    rng = data_stream(data_seed)
     inv_keep = torch.tensor(1.0 / (1.0 - alpha), dtype=torch.float32)
     evals = set(cfg.eval_steps())
     floors = {"target": 0.0, "data": 0.0, "distill": 0.0}
     for step in range(cfg.steps):
-        x = sparsify_(torch.rand(cfg.batch_size, W0.shape[1], generator=gen), inv_keep)
+        x = sparsify_(torch.from_numpy(rng.random((cfg.batch_size, W0.shape[1]), dtype=np.float32)), inv_keep)
         with torch.no_grad():
             t = forward(teacher[0], teacher[1], x) if train_on_teacher else x
         loss = weighted_sq(imp, forward(W, b, x), t)

@@ -30,12 +30,16 @@ from kdtool.errors import BadInput
 from kdtool.toy import (
     ToyConfigKey,
     TrainConfig,
+    TrainResult,
+    data_stream,
     generator_seed,
     importance,
     init_weights,
     predictions,
     sample,
     train_batch,
+    train_groups,
+    width_groups,
 )
 
 KIND = "kdtool.toy"
@@ -107,8 +111,8 @@ def _eval_sets(keys, seeds, cfg):
     xs = []
     for k in keys:
         for s in range(seeds):
-            gen = torch.Generator().manual_seed(generator_seed(cfg.base_seed, k, s, "eval"))
-            xs.append(sample(gen, cfg.eval_samples, k.n, k.alpha))
+            rng = data_stream(generator_seed(cfg.base_seed, k, s, "eval"))
+            xs.append(sample(rng, cfg.eval_samples, k.n, k.alpha))
     return torch.stack(xs)  # [S, E, n]
 
 
@@ -149,14 +153,18 @@ def run_chunk(keys: list[ToyConfigKey], seeds: int, cfg: TrainConfig) -> dict[st
             dim=1,
         )  # [S, E, n]
 
-    # students: widths 1..d_T in slots 0..dmax-1 (slots >= d_T of a narrower config stay all-zero)
-    W0 = torch.zeros(S, dmax, dmax, n)
-    for i, (k, s) in enumerate(streams):
-        for w in range(1, k.d_teacher + 1):
-            W0[i, w - 1, :w] = init_weights(w, n, generator_seed(cfg.base_seed, k, s, "init", w))[0]
-    s_res = train_batch(
-        W0,
-        torch.zeros(S, dmax, n),
+    # students: widths 1..dmax in groups of consecutive widths, each padded to its widest; width w sits
+    # in slot w-1 once the groups are concatenated (a narrower config's widths > d_T stay all-zero)
+    groups = []
+    for widths in width_groups(range(1, dmax + 1), n, S, cfg.batch_size):
+        W0 = torch.zeros(S, len(widths), widths[-1], n)
+        for i, (k, s) in enumerate(streams):
+            for j, w in enumerate(widths):
+                if w <= k.d_teacher:
+                    W0[i, j, :w] = init_weights(w, n, generator_seed(cfg.base_seed, k, s, "init", w))[0]
+        groups.append((W0, torch.zeros(S, len(widths), n)))
+    s_res = train_groups(
+        groups,
         alphas=alphas,
         imp=imp,
         cfg=cfg,
@@ -166,6 +174,7 @@ def run_chunk(keys: list[ToyConfigKey], seeds: int, cfg: TrainConfig) -> dict[st
         eval_t=eval_t,
         train_on_teacher=cfg.target == "teacher",
     )
+    s_res = TrainResult.concat(s_res)
     return _collect(keys, seeds, cfg, streams, t_res, s_res)
 
 

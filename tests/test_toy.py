@@ -12,6 +12,7 @@ from kdtool import formats, theory
 from kdtool.toy import (
     ToyConfigKey,
     TrainConfig,
+    data_stream,
     forward,
     generator_seed,
     importance,
@@ -19,6 +20,7 @@ from kdtool.toy import (
     predictions,
     sample,
     train_reference,
+    width_groups,
 )
 from kdtool.toy_stats import aggregate, fit_capacity, summarize
 from kdtool.toy_sweep import Grid, PartStore, make_chunks, run_chunk, run_sweep, settings_id
@@ -48,14 +50,13 @@ def _rows(keys, seeds, cfg):
 @pytest.mark.parametrize("optimizer,target,schedule", [("adam", "teacher", "cosine"), ("sgd", "data", "linear")])
 def test_batched_trainer_matches_single_model_trainer(optimizer, target, schedule):
     """Every teacher and student of a batch ends where the plain autograd + torch.optim trainer does."""
-    import torch
 
     cfg = replace(TINY, optimizer=optimizer, target=target, schedule=schedule, lr=0.05 if optimizer == "sgd" else 1e-2)
     key = ToyConfigKey(8, 3, 0.9)
     rows = _rows([key], 2, cfg)[key.slug]
     imp = importance(8)
     for s in range(2):
-        ex = sample(torch.Generator().manual_seed(generator_seed(0, key, s, "eval")), cfg.eval_samples, 8, 0.9)
+        ex = sample(data_stream(generator_seed(0, key, s, "eval")), cfg.eval_samples, 8, 0.9)
         teacher = train_reference(
             *init_weights(3, 8, generator_seed(0, key, s, "init", 0)),
             alpha=0.9,
@@ -100,6 +101,30 @@ def test_chunks_group_same_n_and_teacher_width():
     for c in chunks:
         assert len({(k.n, k.d_teacher) for k in c}) == 1 and len(c) <= 2
     assert chunks[0][0].n == 20  # most expensive first
+
+
+def test_width_groups_partition_consecutive_widths_and_split_only_when_it_pays():
+    for n, widths in ((10, range(1, 4)), (40, range(1, 11)), (40, [3, 1, 2])):
+        groups = width_groups(widths, n, 20, 256)
+        assert [w for g in groups for w in g] == sorted(set(widths))  # a partition, in order
+        assert all(g == list(range(g[0], g[-1] + 1)) for g in groups)  # of consecutive widths
+    assert len(width_groups(range(1, 4), 10, 20, 256)) == 1  # small models: padding is cheaper than more ops
+    assert len(width_groups(range(1, 11), 40, 20, 256)) > 1  # d_T = 10, n = 40: padding all to 10 wastes ~45%
+    assert len(width_groups(range(1, 11), 40, 1, 8)) == 1  # one tiny stream: op overhead dominates
+
+
+def test_students_train_the_same_whatever_their_width_grouping(monkeypatch):
+    """Grouping is a speed choice only: each width padded to d_T alone, per width, or in pairs gives one result."""
+    import kdtool.toy_sweep as sweep
+
+    key = ToyConfigKey(8, 4, 0.9)
+    results = []
+    for split in ([[1, 2, 3, 4]], [[1], [2], [3], [4]], [[1, 2], [3, 4]]):
+        monkeypatch.setattr(sweep, "width_groups", lambda *a, split=split: split)
+        results.append(_rows([key], 2, TINY)[key.slug])
+    for other in results[1:]:
+        for col in ("floor_data", "floor_distill", "train_loss_final"):
+            np.testing.assert_allclose(other[col], results[0][col], rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ planted checks
