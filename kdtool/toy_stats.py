@@ -94,6 +94,27 @@ def _agreement(actual: np.ndarray, pred: np.ndarray) -> dict:
     }
 
 
+def _ordering(agg: dict[str, np.ndarray]) -> dict:
+    """Does the measured floor rank as Eq. 2 ranks it? Adjacent comparisons over every point (data or not).
+
+    falls_with_width: (n, d_T, alpha) fixed, d_S -> d_S + 1; falls_with_alpha: (n, d_T, d_S) fixed, alpha -> the
+    next larger alpha of the grid. Each is [comparisons where the floor falls, comparisons].
+    """
+    floor = {
+        (int(n), int(d), float(a), int(w)): f
+        for n, d, a, w, f in zip(
+            agg["n"], agg["d_teacher"], agg["alpha"], agg["d_student"], agg["floor_mean"], strict=True
+        )
+    }
+    alphas = sorted({k[2] for k in floor})
+    width = [floor[k] > floor[(*k[:3], k[3] + 1)] for k in floor if (*k[:3], k[3] + 1) in floor]
+    step = dict(zip(alphas, alphas[1:], strict=False))
+    alpha = [
+        floor[k] > floor[(k[0], k[1], step[k[2]], k[3])] for k in floor if (k[0], k[1], step.get(k[2]), k[3]) in floor
+    ]
+    return {"falls_with_width": [int(sum(width)), len(width)], "falls_with_alpha": [int(sum(alpha)), len(alpha)]}
+
+
 def summarize(cols: dict[str, np.ndarray], measure: str = "floor") -> dict:
     """The numbers the paper reports for Experiment 1, computed from a toy table."""
     agg = aggregate(cols, measure)
@@ -117,6 +138,9 @@ def summarize(cols: dict[str, np.ndarray], measure: str = "floor") -> dict:
             "median_accuracy": r["median_accuracy"],
             "median_accuracy_naive": nv["median_accuracy"],
             "mape_percent": r["mape_percent"],
+            # > 1: the formula underestimates the measured floor
+            "median_measured_over_refined": float(np.median(actual[sel] / agg["pred_refined"][data][sel])),
+            "median_measured_over_naive": float(np.median(actual[sel] / agg["pred_naive"][data][sel])),
         }
     beyond = agg["pred_refined"] <= 0
     norm = agg["floor_mean"][beyond] / agg["total_mass"][beyond]
@@ -133,6 +157,8 @@ def summarize(cols: dict[str, np.ndarray], measure: str = "floor") -> dict:
         "refined": refined,
         "naive": naive,
         "by_alpha": by_alpha,
+        "underestimated_by_refined": int(np.sum(actual > agg["pred_refined"][data])),
+        "ordering": _ordering(agg),
         "beyond_d_star": {
             "points": int(beyond.sum()),
             "median_normalized_floor": float(np.median(norm)) if len(norm) else None,

@@ -208,6 +208,22 @@ def test_paper_grid_has_140_data_points_and_a_perfect_prediction_scores_perfectl
     assert s["refined"]["mape_percent"] == pytest.approx(0.0, abs=1e-9)
     assert s["refined"]["r2"] == pytest.approx(1.0)
     assert s["naive"]["r2"] < 0.5
+    assert s["underestimated_by_refined"] == 0
+    assert all(a["median_measured_over_refined"] == pytest.approx(1.0) for a in s["by_alpha"].values())
+
+
+def test_summary_counts_how_the_floors_rank_with_width_and_alpha():
+    g = Grid()
+    cols = _synthetic_table(g.ns, g.d_teachers, g.alphas, lambda a: theory.g(a))
+    # a floor that falls with width and with alpha everywhere, then one point broken in each direction
+    cols["floor"] = (1.0 - cols["alpha"]) / cols["d_student"]
+    s = summarize(cols)
+    assert s["ordering"] == {"falls_with_width": [264, 264], "falls_with_alpha": [234, 234]}
+    hit = (cols["n"] == 10) & (cols["d_teacher"] == 3) & (cols["alpha"] == 0.9) & (cols["d_student"] == 2)
+    cols["floor"] = np.where(hit, 1.0, cols["floor"])  # now above its d_S = 1 and its alpha = 0.8 neighbours
+    s = summarize(cols)
+    assert s["ordering"] == {"falls_with_width": [263, 264], "falls_with_alpha": [233, 234]}
+    assert s["underestimated_by_refined"] >= 1
 
 
 def test_fit_capacity_recovers_a_planted_capacity_and_power_law():

@@ -78,7 +78,7 @@ def main(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Fresh samples per step.", rich_help_panel=PANEL_TRAIN)
     ] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=PANEL_TRAIN)] = 1e-2,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=PANEL_TRAIN)] = 2e-2,
     optimizer: Annotated[
         OptimizerChoice,
         typer.Option("--optimizer", help="adam (torch defaults) or sgd (momentum 0.9).", rich_help_panel=PANEL_TRAIN),
@@ -364,7 +364,16 @@ def _report(result: dict, output: Path | None) -> None:
     for a, row in result["by_alpha"].items():
         lines.append(
             f"  alpha {a}: {row['points']} points, median accuracy refined {_fmt(row['median_accuracy'])}, "
-            f"naive {_fmt(row['median_accuracy_naive'])}"
+            f"naive {_fmt(row['median_accuracy_naive'])}; measured / predicted median refined "
+            f"{_fmt(row.get('median_measured_over_refined'))}, naive {_fmt(row.get('median_measured_over_naive'))}"
+        )
+    order = result.get("ordering")
+    if order:
+        w, a = order["falls_with_width"], order["falls_with_alpha"]
+        lines.append(
+            f"ranking: the floor falls with d_S in {w[0]}/{w[1]} adjacent comparisons, with alpha in {a[0]}/{a[1]}; "
+            f"refined prediction below the floor at {result['underestimated_by_refined']}/{result['data_points']} "
+            "data points"
         )
     bd = result["beyond_d_star"]
     lines.append(
