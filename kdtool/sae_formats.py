@@ -424,12 +424,16 @@ def save_kdtool(folder: str | Path, tensors: dict, *, cfg: dict, kdtool: dict, p
     always has its weights.
     """
     folder = Path(folder)
+    extra = {"layer": str(kdtool.get("layer"))}
+    norm = kdtool.get("normalize") or {}
+    if norm.get("method", "none") != "none":  # train-sae --normalize: the scale already folded into b_enc, b_dec
+        extra |= {"normalize": str(norm["method"]), "activation_scale": repr(float(norm["scale"]))}
     formats.save_safetensors(
         folder / SAELENS_WEIGHTS,
         {k: tensors[k].float().contiguous() for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
         kind=KIND,
         provenance=provenance,
-        extra={"layer": str(kdtool.get("layer"))},
+        extra=extra,
     )
     formats.write_json(folder / CFG, {**cfg, "kdtool": {"format": FORMAT_VERSION, **kdtool}, "provenance": provenance})
     return folder

@@ -11,6 +11,15 @@ Resume is exact on CPU: the checkpoint holds the weights, Adam's moments and ste
 controller, the alive counters, the partial log interval and the reader's Position, and the
 reader's shuffles depend only on (seed, position). Nothing else is random after initialisation.
 
+Activation normalisation (`normalize="expected-norm"`, SAELens's expected_average_only_in):
+before training, one scalar per layer s = mean ||x|| / sqrt(d_in) over the first
+ceil(NORM_TOKENS / batch_tokens) training batches, and the SAE trains on x / s. Saved SAE
+folders have s folded in (b_enc and b_dec multiplied by s; W_enc, W_dec unchanged), so they read
+raw activations and their latents are s times the training latents (`fold_scale`); the
+unfolded biases the run continues from are kept in the checkpoint's optimizer file. The log's
+mse, l1_term and loss are in raw-activation units: s^2 times the normalised objective, i.e.
+the paper's loss on raw x with lambda_raw = lambda * s. With "none", s = 1 and nothing changes.
+
 Under torchrun (kdtool/dist.py: NCCL on GPU, gloo on CPU) every rank reads the same global
 batch and steps on rows rank::world of it; the gradients (each a mean over its rank's rows) are
 summed and divided by world, and the statistics the controller and the log use (squared error,
@@ -63,6 +72,15 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 #: config fields that may change between a run and its --resume
 RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
+#: config fields added after the first checkpoints were written: their value for an older checkpoint
+LEGACY_CONFIG = {"normalize": "none"}
+
+Normalize = Literal["none", "expected-norm"]
+NORMALIZE = ("none", "expected-norm")
+#: expected-norm: s is estimated on at least this many tokens, the first whole training batches
+#: (all of them if the data is shorter). 32K tokens put the mean norm within a fraction of a
+#: percent; the estimate's batches are then trained on as usual.
+NORM_TOKENS = 32_768
 
 
 @dataclass
@@ -89,6 +107,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: big matmuls in bf16 (GPU), fp32 master weights
     kernel: Kernel = "auto"  # dense or sparse gradient kernels (see kdtool/sae.py)
     alive_window: int = 1_000_000  # a feature is alive in the log if it fired within this many tokens
+    normalize: Normalize = "none"  # expected-norm: train on x / s, s = mean ||x|| / sqrt(d_in) (folded at save)
 
     def __post_init__(self):
         if not self.layers:
@@ -107,6 +126,8 @@ class TrainConfig:
             raise BadInput(f"--grad-clip must be > 0, got {self.grad_clip}")
         if self.l1_rate < 0 or self.l1_warmup < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise BadInput("--l1-rate, --l1-warmup and --checkpoint-every must be >= 0, --log-every >= 1")
+        if self.normalize not in NORMALIZE:
+            raise BadInput(f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if self.precision == "bf16" and not str(self.device).startswith("cuda"):
             raise BadInput("--precision bf16 needs a CUDA --device (bf16 matmuls are slower than fp32 on CPU)")
         try:
@@ -242,13 +263,13 @@ class ModelSource:
 
 @dataclass
 class _Interval:
-    """Sums over the steps since the last log row."""
+    """Sums over the steps since the last log row, in raw-activation units (s^2 x the normalised sums)."""
 
     steps: int = 0
     tokens: int = 0
     sse: float = 0.0
     sst: float = 0.0
-    l1_term: float = 0.0  # sum over tokens of lambda * sum_j z_j
+    l1_term: float = 0.0  # sum over tokens of s^2 * lambda * sum_j z_j (= lambda * s * sum_j of raw latents)
     nnz: int = 0
     lam: float = 0.0  # lambda applied at the latest step
 
@@ -265,6 +286,7 @@ class LayerRun:
     rows: list = field(default_factory=list)
     interval: _Interval = field(default_factory=_Interval)
     last: dict = field(default_factory=dict)  # the latest log row
+    scale: float = 1.0  # s: the SAE trains on x / s (1.0 without normalisation)
 
 
 def _adam(sae: SparseAutoencoder, cfg: TrainConfig):
@@ -273,11 +295,11 @@ def _adam(sae: SparseAutoencoder, cfg: TrainConfig):
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def _new_layer(layer: int, cfg: TrainConfig, first_batch, device) -> LayerRun:
+def _new_layer(layer: int, cfg: TrainConfig, first_batch, device, scale: float = 1.0) -> LayerRun:
     import torch
 
-    # b_pre starts at the mean of the first batch: the SAE then begins by reconstructing the centre
-    b_pre = first_batch.mean(dim=0).cpu()
+    # b_pre starts at the mean of the first (normalised) batch: the SAE begins by reconstructing the centre
+    b_pre = (first_batch if scale == 1.0 else first_batch.float() / scale).mean(dim=0).cpu()
     sae = SparseAutoencoder.initialise(cfg.d_in, cfg.d_sae, seed=cfg.seed * 1000 + layer, device=device, b_pre=b_pre)
     return LayerRun(
         layer=layer,
@@ -285,7 +307,45 @@ def _new_layer(layer: int, cfg: TrainConfig, first_batch, device) -> LayerRun:
         opt=_adam(sae, cfg),
         controller=cfg.controller(),
         last_fired=torch.zeros(cfg.d_sae, dtype=torch.int64, device=device),
+        scale=scale,
     )
+
+
+def _normalised(x, scale: float):
+    """x / s (x itself when s = 1: no copy, and bit-identical to a run without normalisation)."""
+    return x if scale == 1.0 else x / scale
+
+
+def estimate_scale(batches, d_in: int) -> float:
+    """s = mean over tokens of ||x||_2 / sqrt(d_in), from [n, d_in] batches (SAELens's expected-norm factor).
+
+    Accumulated in float64 on the CPU, so every process and device gets the same number; rounded
+    to float32 so the value stored in JSON is exactly the one the run divides by.
+    """
+    import torch
+
+    total, count = 0.0, 0
+    for x in batches:
+        x = x.detach().to("cpu", torch.float64)
+        total += float(x.norm(dim=1).sum())
+        count += x.shape[0]
+    s = total / max(count, 1) / math.sqrt(d_in)
+    if not (s > 0 and math.isfinite(s)):
+        raise RuntimeFailure(f"--normalize expected-norm: the activations' mean norm is {s * math.sqrt(d_in)!r}")
+    return float(torch.tensor(s, dtype=torch.float32))
+
+
+def fold_scale(tensors: dict, scale: float) -> dict:
+    """SAELens tensors of an SAE trained on x / s -> the same SAE on raw x.
+
+    With x_n = x / s, z = ReLU((x_n - b_pre) W_enc + b_enc) and x_hat = s (z W_dec + b_pre):
+    b_enc' = s b_enc and b_dec' = s b_pre give ReLU((x - b_dec') W_enc + b_enc') = s z and
+    (s z) W_dec + b_dec' = x_hat, so W_enc and the unit-norm W_dec rows are unchanged and the
+    folded latents are s z (importances E[z^2] in raw units).
+    """
+    if scale == 1.0:
+        return dict(tensors)
+    return {**tensors, "b_enc": tensors["b_enc"] * scale, "b_dec": tensors["b_dec"] * scale}
 
 
 class Trainer:
@@ -317,6 +377,7 @@ class Trainer:
         self.tokens = 0
         self.position: dict | None = None
         self.elapsed = 0.0
+        self.scale_tokens = 0  # tokens s was estimated on (0 without normalisation)
         import torch
 
         d = self.dist
@@ -342,12 +403,13 @@ class Trainer:
         stream = self.source.batches(
             cfg.layers, cfg.batch_tokens, seed=cfg.seed, start=self.position, one_pass=cfg.tokens is None
         )
+        if not self.runs:
+            stream = self._start(stream)
         ran = 0
         for batch, position in stream:
-            if not self.runs:
-                self.runs = {L: _new_layer(L, cfg, batch[L], self.device) for L in cfg.layers}
             for L in cfg.layers:
-                self._step(self.runs[L], batch[L].to(self.device, torch.float32, non_blocking=True))
+                r = self.runs[L]
+                self._step(r, _normalised(batch[L].to(self.device, torch.float32, non_blocking=True), r.scale))
             self.step += 1
             self.tokens += cfg.batch_tokens
             self.position = position
@@ -374,6 +436,34 @@ class Trainer:
         self.save_final()
         return self.runs
 
+    def _start(self, stream: Iterator) -> Iterator:
+        """A fresh run: estimate each layer's scale on the first batches, build the SAEs, then replay them."""
+        cfg = self.cfg
+        n = math.ceil(NORM_TOKENS / cfg.batch_tokens) if cfg.normalize != "none" else 1
+        head = []
+        for item in stream:
+            head.append(item)
+            if len(head) >= n:
+                break
+        if not head:
+            return iter(())
+        self.scale_tokens = len(head) * cfg.batch_tokens if cfg.normalize != "none" else 0
+        for L in cfg.layers:
+            scale = estimate_scale([b[L] for b, _ in head], cfg.d_in) if cfg.normalize != "none" else 1.0
+            self.runs[L] = _new_layer(L, cfg, head[0][0][L], self.device, scale)
+            if cfg.normalize != "none":
+                self.on_message(
+                    f"layer {L}: activation scale s = {scale:.5g} (mean ||x|| {scale * math.sqrt(cfg.d_in):.5g} "
+                    f"over the first {self.scale_tokens:,} tokens); training on x / s"
+                )
+
+        def replay():
+            while head:  # popped, so the estimate's batches are freed as they are trained on
+                yield head.pop(0)
+            yield from stream
+
+        return replay()
+
     def _next_milestone(self) -> int | None:
         every = self.cfg.checkpoint_every
         return None if not every else (self.tokens // every + 1) * every
@@ -399,11 +489,12 @@ class Trainer:
         r.controller.update(nnz / B, self.step)
         r.last_fired[st.fires > 0] = self.tokens + B
         iv = r.interval
+        s2 = r.scale * r.scale  # the log is in raw-activation units: s^2 times the normalised sums
         iv.steps += 1
         iv.tokens += B
-        iv.sse += float(st.sse)
-        iv.sst += float(st.sst)
-        iv.l1_term += lam * float(st.l1_sum)
+        iv.sse += float(st.sse) * s2
+        iv.sst += float(st.sst) * s2
+        iv.l1_term += lam * float(st.l1_sum) * s2
         iv.nnz += nnz
         iv.lam = lam
         if not math.isfinite(iv.sse):
@@ -482,12 +573,26 @@ class Trainer:
             },
             "loss": "mean_b ||x - x_hat||^2 + lambda * sum_j z_j (sum over features, mean over batch)",
             "decoder": "unit-norm rows of W_dec; b_dec is the pre-encoder bias (subtracted before encoding)",
+            "normalize": self._normalize_info(r),
             "checkpoint": checkpoint,
             "last_log": r.last,
             "source": info,
             "config": self.cfg.as_dict(),
         }
         return cfg, kd
+
+    def _normalize_info(self, r: LayerRun) -> dict:
+        """cfg.json's record of the activation scaling (the saved weights already have it folded in)."""
+        info = {"method": self.cfg.normalize, "scale": r.scale}
+        if self.cfg.normalize != "none":
+            info |= {
+                "definition": "s = mean ||x|| / sqrt(d_in); trained on x / s",
+                "estimated_on_tokens": self.scale_tokens,
+                "folded": "saved b_enc, b_dec = s x the trained ones: the SAE reads raw activations, latents = s z",
+                "l1_raw_equivalent": r.controller.l1 * r.scale,
+                "log_units": "mse, l1_term, loss in raw-activation units (s^2 x the normalised objective)",
+            }
+        return info
 
     def _write_log(self, r: LayerRun, path: Path, *, kind: str = LOG_KIND) -> None:
         cols = {c: [row[c] for row in r.rows] for c in LOG_COLUMNS}
@@ -496,7 +601,14 @@ class Trainer:
             cols,
             kind=kind,
             provenance=self.provenance,
-            summary={"layer": r.layer, "tokens": self.tokens, "steps": self.step, "config": self.cfg.as_dict()},
+            summary={
+                "layer": r.layer,
+                "tokens": self.tokens,
+                "steps": self.step,
+                "config": self.cfg.as_dict(),
+                "normalize": self.cfg.normalize,
+                "activation_scale": r.scale,
+            },
         )
 
     def checkpoint_dir(self, layer: int, tokens: int | None = None) -> Path:
@@ -510,8 +622,11 @@ class Trainer:
         for r in self.runs.values():
             ck = self.checkpoint_dir(r.layer)
             cfg, kd = self._cfg_json(r, checkpoint=True)
-            save_kdtool(ck, r.sae.tensors(), cfg=cfg, kdtool=kd, provenance=self.provenance)
+            trained = r.sae.tensors()
+            save_kdtool(ck, fold_scale(trained, r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
             opt_tensors = {"last_fired": r.last_fired.cpu()}
+            if r.scale != 1.0:  # the unfolded biases the run continues from (s * b / s need not give b back)
+                opt_tensors |= {"train.b_enc": trained["b_enc"], "train.b_dec": trained["b_dec"]}
             adam_steps = {}
             for name, p in r.sae.named_parameters():
                 s = r.opt.state.get(p, {})
@@ -534,6 +649,8 @@ class Trainer:
                     "controller": r.controller.state(),
                     "interval": asdict(r.interval),
                     "log_rows": len(r.rows),
+                    "activation_scale": r.scale,
+                    "scale_tokens": self.scale_tokens,
                 },
             )
         formats.write_json(
@@ -566,7 +683,7 @@ class Trainer:
             folder = self.out / f"layer{r.layer}"
             cfg, kd = self._cfg_json(r, checkpoint=False)
             self._write_log(r, folder / "train_log.parquet")
-            save_kdtool(folder, r.sae.tensors(), cfg=cfg, kdtool=kd, provenance=self.provenance)
+            save_kdtool(folder, fold_scale(r.sae.tensors(), r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
 
     def _read_pointer(self) -> dict | None:
         path = self.out / CHECKPOINT
@@ -584,6 +701,7 @@ class Trainer:
         if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
             raise BadInput(f"--resume: no checkpoint in {self.out} (no {CHECKPOINT}); run without --resume first")
         old = pointer["config"]
+        old = {**LEGACY_CONFIG, **old}
         changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
@@ -601,6 +719,12 @@ class Trainer:
                 opt_t = load_file(str(ck / OPTIMIZER))
             except (OSError, BadInput) as exc:
                 raise BadInput(f"--resume: checkpoint {ck} is incomplete ({exc})") from None
+            scale = float(state.get("activation_scale", 1.0))
+            self.scale_tokens = int(state.get("scale_tokens", 0))
+            if "train.b_enc" in opt_t:  # the SAE folder's biases have s folded in
+                weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
+            elif scale != 1.0:
+                raise BadInput(f"--resume: checkpoint {ck} has no unfolded biases ({OPTIMIZER} train.b_enc)")
             sae = SparseAutoencoder(self.cfg.d_in, self.cfg.d_sae, device=self.device)
             sae.load_tensors({k: v.to(self.device) for k, v in weights.items()})
             opt = _adam(sae, self.cfg)
@@ -628,6 +752,7 @@ class Trainer:
                 rows=rows,
                 interval=_Interval(**state["interval"]),
                 last=rows[-1] if rows else {},
+                scale=scale,
             )
             self.runs[L] = run
         self.on_message(f"resuming at {self.tokens:,} tokens (step {self.step}) from {self.out / CHECKPOINT}")

@@ -46,6 +46,11 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class NormalizeChoice(str, Enum):
+    none = "none"
+    expected_norm = "expected-norm"
+
+
 class KernelChoice(str, Enum):
     auto = "auto"
     dense = "dense"
@@ -89,7 +94,8 @@ def main(
         typer.Option(
             "--l1",
             help="lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). "
-            "Its effect scales with the activations: prefer --target-l0. The controller's start with --target-l0.",
+            "Its effect scales with the activations: prefer --target-l0 or --normalize expected-norm. "
+            "The controller's start with --target-l0.",
             rich_help_panel=SPARSITY_PANEL,
         ),
     ] = 8e-4,
@@ -109,6 +115,16 @@ def main(
             rich_help_panel=SPARSITY_PANEL,
         ),
     ] = 0.01,
+    normalize: Annotated[
+        NormalizeChoice,
+        typer.Option(
+            "--normalize",
+            help="expected-norm: train on x / s, s = mean ||x|| / sqrt(d_in) per layer from the first 32K tokens "
+            "(SAELens's expected-norm scaling; lambda then acts like lambda * s on raw activations). "
+            "s is folded into the saved SAE, which reads raw activations. none: the paper's raw activations.",
+            rich_help_panel=SPARSITY_PANEL,
+        ),
+    ] = NormalizeChoice.none,
     l1_warmup: Annotated[
         int,
         typer.Option("--l1-warmup", min=0, help="Steps of linear lambda ramp from 0.", rich_help_panel=SPARSITY_PANEL),
@@ -226,6 +242,8 @@ def main(
     train_log.parquet, checkpoints under OUTPUT/layer{L}/checkpoints/, and OUTPUT/checkpoint.json
     for --resume. Prints one summary row per layer.
 
+    --normalize expected-norm trains on x / s (s per layer) and folds s into the saved weights.
+
     Example: kdtool train-sae --layer 12 --l1 8e-5
     """
     import torch
@@ -299,6 +317,7 @@ def main(
         precision=precision.value,
         kernel=kernel.value,
         alive_window=window,
+        normalize=normalize.value,
     )
     if n_batch % dist.world_size():
         raise BadInput(f"--batch-tokens {n_batch} must be divisible by the {dist.world_size()} processes")
@@ -334,6 +353,7 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
         f"train-sae: layers {','.join(map(str, layers))}, d_in {cfg.d_in} -> d_sae {cfg.d_sae:,}, "
         f"batch {cfg.batch_tokens:,}, {what}, lambda "
         + (f"-> L0 {target_l0:g} (start {l1:g})" if target_l0 else f"{l1:g}")
+        + (f" on x / s ({cfg.normalize})" if cfg.normalize != "none" else "")
         + f", on {device}"
         + (f" x {d.world} processes" if d.world > 1 else "")
     )
