@@ -59,8 +59,11 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not STATE.json and not STATE.quiet
 
 
-def progress(transient: bool = False):
-    """A rich progress bar on stderr, disabled when stderr is not a TTY, or with --json/--quiet."""
+def progress(transient: bool = False, counts: bool = True):
+    """A rich progress bar on stderr, disabled when stderr is not a TTY, or with --json/--quiet.
+
+    counts=False drops the "done/total" column, for bars whose units are work estimates, not items.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -73,7 +76,7 @@ def progress(transient: bool = False):
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        *([MofNCompleteColumn()] if counts else []),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),

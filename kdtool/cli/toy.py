@@ -210,6 +210,7 @@ def main(
     from kdtool.toy_sweep import (
         Grid,
         PartStore,
+        chunk_cost,
         curves_path,
         default_workers,
         run_sweep,
@@ -289,13 +290,25 @@ def main(
     )
     trained = {"models": 0}
     t0 = time.perf_counter()
-    with common.progress() as bar:
-        task = bar.add_task("configs", total=len(keys), completed=len(done), rate="")
+    # the bar advances by each configuration's estimated work, not by 1: the sweep runs the biggest first,
+    # so a count-based ETA would start several times too long
+    work = {k.slug: chunk_cost([k]) * seeds for k in keys}
+    finished = {"configs": len(done)}
+    with common.progress(counts=False) as bar:
+        task = bar.add_task(
+            "toy sweep",
+            total=sum(work.values()),
+            completed=sum(work[k.slug] for k in done),
+            rate=f"{len(done)}/{len(keys)} configs",
+        )
 
         def on_done(key, models, seconds):
             trained["models"] += models
+            finished["configs"] += 1
             rate = trained["models"] / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=1, rate=f"{rate:.0f} models/s")
+            bar.update(
+                task, advance=work[key.slug], rate=f"{finished['configs']}/{len(keys)} configs, {rate:.0f} models/s"
+            )
 
         seconds = run_sweep(grid, cfg, store, workers=n_workers, pending=pending, on_done=on_done) if pending else 0.0
     for slug in store.rows:  # the floor compared with Eq. 2 (resumed rows may carry another --measure)
