@@ -14,6 +14,10 @@ Reading streams batches with a bounded shuffle buffer: the shard order is permut
 `buffer_shards` consecutive shards are concatenated and their rows permuted. Every
 permutation comes from (seed, epoch, buffer index), so a reader can resume at any batch by
 loading only the buffer that batch lives in.
+
+A cache shuffled on disk (`kdtool.shuffle`, manifest key `shuffle`) is read the same way: its rows
+are already in a global random order, and the window shuffle still gives every epoch different
+batches at no extra cost.
 """
 
 from __future__ import annotations
@@ -230,8 +234,10 @@ class ActivationStore:
 def manifest_summary(root: str | Path) -> dict:
     """A short description for `kdtool info`."""
     m = read_manifest(root)
+    shuffle = m.get("shuffle")
     return {k: m.get(k) for k in ("model", "dataset", "seq_len", "d_model", "dtype", "layers", "tokens")} | {
-        "shards": len(m.get("shards", []))
+        "shards": len(m.get("shards", [])),
+        "order": f"shuffled (seed {shuffle.get('seed')})" if shuffle else "document order",
     }
 
 

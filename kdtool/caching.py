@@ -161,7 +161,12 @@ class CacheResult:
 
 def _remove_cache(root: Path) -> None:
     """Delete the files a cache consists of (and nothing else)."""
+    import shutil
+
+    from kdtool.shuffle import TMP
+
     manifest = root / activations.MANIFEST
+    shutil.rmtree(root / TMP, ignore_errors=True)  # a killed shuffle's buckets and new shards
     for layer_dir in root.glob("layer*"):
         if layer_dir.is_dir():
             for f in list(layer_dir.glob("shard-*.safetensors")) + list(layer_dir.glob(".shard-*.tmp")):
@@ -253,7 +258,8 @@ class _BackgroundWriter:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        if close:
+        if close:  # every row is in; the last (partial) shard and the manifest that says so
+            self.writer.info["complete"] = True
             self.writer.close()
 
 
@@ -309,6 +315,7 @@ def cache_activations(
         "model_dtype": str(teacher.dtype).removeprefix("torch."),
         "batch_size": cfg.batch_size,
         "target_tokens": cfg.tokens,
+        "complete": False,  # true once the run has finished (all target_tokens, or the data ran out)
         "layer_convention": LAYER_CONVENTION,
         "teacher": teacher.describe(),
         "data": described,
@@ -329,6 +336,14 @@ def cache_activations(
         if old["shards"] and "resume_from" not in old:
             raise BadInput(f"{root}: this cache has no resume point (written by an older kdtool); use --overwrite")
         resume_from = old.get("resume_from", resume_from)
+        if old.get("shuffle") and int(old.get("tokens") or 0) < cfg.tokens:
+            raise BadInput(
+                f"{root}: this cache is shuffled; it cannot grow (new rows would stay in document order): "
+                "use --overwrite or another --output"
+            )
+        from kdtool.shuffle import clean_leftovers
+
+        clean_leftovers(root)  # a killed shuffle's temp folder and unlisted shards
     writer = _TrackedWriter(
         root,
         layers=layers,

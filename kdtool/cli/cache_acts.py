@@ -105,6 +105,37 @@ def main(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a cache already in --output.", rich_help_panel=PANEL)
     ] = False,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle",
+            help="After caching, rewrite the cache in one seeded random order (the same for every layer) so "
+            "train-sae batches mix many documents; out of core, memory about one --shuffle-bucket of one layer, "
+            "disk about one more cache while it runs. With --resume on a finished cache: shuffles that cache.",
+            rich_help_panel=PANEL,
+        ),
+    ] = False,
+    shuffle_only: Annotated[
+        bool,
+        typer.Option(
+            "--shuffle-only",
+            help="Shuffle the finished cache in --output in place and exit: loads no model, reads no text, ignores "
+            "the other cache options. Atomic: a killed shuffle leaves the cache as it was.",
+            rich_help_panel=PANEL,
+        ),
+    ] = False,
+    shuffle_seed: Annotated[
+        int, typer.Option("--shuffle-seed", help="Seed of the on-disk shuffle.", rich_help_panel=PANEL)
+    ] = 0,
+    shuffle_bucket: Annotated[
+        str,
+        typer.Option(
+            "--shuffle-bucket",
+            help="Rows per shuffle bucket (bucket files = tokens / this): the memory bound, about 2 x this x "
+            "d_model x bytes per value.",
+            rich_help_panel=PANEL,
+        ),
+    ] = "1M",
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     dtype: DtypeOpt = ModelDtype.auto,
@@ -126,12 +157,23 @@ def main(
     embedded corpus, layers 8, 12, 16 (of 30 blocks; the middle is 15), 200K tokens into acts/.
     The paper's run: --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M.
 
-    Example: kdtool cache-acts --layers 12 --tokens 200K -o acts
+    Rows are stored in document order and train-sae mixes only a few shards at a time; --shuffle
+    (or --shuffle-only on a finished cache) rewrites the cache in one global random order, so a
+    batch sees rows of many documents. The manifest's `shuffle` record (seed, method) shows in
+    `kdtool info`; a shuffled cache cannot grow with --resume.
+
+    Example: kdtool cache-acts --layers 12 --tokens 200K -o acts --shuffle
+
+    Example: kdtool cache-acts --shuffle-only -o acts --shuffle-seed 1
     """
     from kdtool import caching
     from kdtool.cli.options import data_spec, load_teacher, model_spec
     from kdtool.parsing import parse_count
 
+    bucket_tokens = common.parse_opt("--shuffle-bucket", parse_count, shuffle_bucket)
+    if shuffle_only:
+        _shuffle(output, shuffle_seed, bucket_tokens, cached=None)
+        return
     n_tokens = common.parse_opt("--tokens", parse_count, tokens)
     shard_tokens = common.parse_opt("--shard-size", parse_count, shard_size)
     mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
@@ -186,12 +228,47 @@ def main(
     summary = result.as_dict()
     if result.exhausted:
         common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
+    run = {"kind": "kdtool.acts.run", **summary, "model": teacher.name, "d_model": teacher.d_model}
+    if not common.STATE.json:
+        common.log(
+            f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({summary['dtype']}) in "
+            f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
+            f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
+            f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
+        )
+    if shuffle:
+        _shuffle(output, shuffle_seed, bucket_tokens, cached=run)
+    elif common.STATE.json:
+        common.emit_json(run)
+
+
+def _shuffle(output: Path, seed: int, bucket_tokens: int, cached: dict | None) -> None:
+    """Shuffle the cache in `output` on disk; report (with the caching run's summary when there was one)."""
+    from kdtool import shuffle
+
+    shuffle.check_shufflable(output, seed)
+    provenance = common.make_provenance(
+        inputs=[output / "manifest.json"], seed=seed, config={"seed": seed, "bucket_tokens": bucket_tokens}
+    )
+    common.log(f"shuffling {output}/ on disk (seed {seed}, buckets of {bucket_tokens:,} rows)")
+    with common.progress() as bar:
+        task = bar.add_task("shuffle", total=1, rate="")
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, rate=phase)
+
+        result = shuffle.shuffle_cache(
+            output, seed=seed, bucket_tokens=bucket_tokens, provenance=provenance, on_progress=on_progress
+        )
+    out = {"kind": "kdtool.acts.shuffle", **result.as_dict()}
     if common.STATE.json:
-        common.emit_json({"kind": "kdtool.acts.run", **summary, "model": teacher.name, "d_model": teacher.d_model})
+        common.emit_json(out if cached is None else {**cached, "shuffle": out})
+        return
+    if result.skipped:
+        common.log(f"{output}/ is already shuffled with seed {seed}; left as is")
         return
     common.log(
-        f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({summary['dtype']}) in "
-        f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
-        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
-        f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
+        f"shuffled {result.tokens:,} tokens x {len(result.layers)} layers into {result.shards} shards at {output}/ "
+        f"in {result.seconds:.1f} s ({result.buckets} buckets, largest {result.max_bucket_rows:,} rows, "
+        f"at most {result.peak_rows:,} rows of one layer in memory)"
     )
