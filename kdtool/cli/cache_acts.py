@@ -131,7 +131,7 @@ def main(
         str,
         typer.Option(
             "--shuffle-bucket",
-            help="Rows per shuffle bucket (bucket files = tokens / this): the memory bound, about 2 x this x "
+            help="Rows per shuffle bucket (buckets = tokens / this): the memory bound, about (this + 2 shards) x "
             "d_model x bytes per value.",
             rich_help_panel=PANEL,
         ),
