@@ -15,19 +15,8 @@ import typer
 
 from kdtool.cli import common
 from kdtool.cli.options import (
-    DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelDtype,
-    ModelOpt,
-    OfflineOpt,
-    RevisionOpt,
-    SeedOpt,
-    SeqLenOpt,
-    SplitOpt,
-    StreamingOpt,
-    TextColumnOpt,
-    TrustRemoteCodeOpt,
+    TeacherFlags,
+    with_teacher_flags,
 )
 
 PANEL = "Cache"
@@ -40,6 +29,7 @@ class ActsDtype(str, Enum):
     float32 = "float32"
 
 
+@with_teacher_flags
 def main(
     layers: Annotated[
         str,
@@ -136,18 +126,8 @@ def main(
             rich_help_panel=PANEL,
         ),
     ] = "1M",
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = ModelDtype.auto,
-    device: DeviceOpt = "auto",
-    offline: OfflineOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "train",
-    text_column: TextColumnOpt = "text",
-    seq_len: SeqLenOpt = 512,
-    streaming: StreamingOpt = True,
-    seed: SeedOpt = 0,
+    *,
+    flags: TeacherFlags,
 ) -> None:
     """Cache a teacher's residual stream (hidden_states[L]) as safetensors shards for train-sae and stats.
 
@@ -167,7 +147,7 @@ def main(
     Example: kdtool cache-acts --shuffle-only -o acts --shuffle-seed 1
     """
     from kdtool import caching
-    from kdtool.cli.options import data_spec, load_teacher, model_spec
+    from kdtool.cli.options import load_teacher
     from kdtool.parsing import parse_count
 
     bucket_tokens = common.parse_opt("--shuffle-bucket", parse_count, shuffle_bucket)
@@ -176,8 +156,8 @@ def main(
         return
     n_tokens = common.parse_opt("--tokens", parse_count, tokens)
     shard_tokens = common.parse_opt("--shard-size", parse_count, shard_size)
-    mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
-    dspec = data_spec(dataset, split, text_column, seq_len, streaming, seed)
+    mspec = flags.model_spec()
+    dspec = flags.data_spec()
     cfg = caching.CacheConfig(
         output=output,
         tokens=n_tokens,
@@ -189,19 +169,19 @@ def main(
         resume=resume,
         overwrite=overwrite,
     )
-    if dspec.dataset is not None and not dspec.local_inputs() and offline:
-        common.warn(f"--dataset {dataset}: not a local path; with --offline it must be in the datasets cache")
+    if dspec.dataset is not None and not dspec.local_inputs() and flags.offline:
+        common.warn(f"--dataset {flags.dataset}: not a local path; with --offline it must be in the datasets cache")
     teacher = load_teacher(mspec)
     cfg.layers = caching.parse_layers(layers, teacher.n_layers)
     inputs = [p for p in (teacher.path,) if p] + dspec.local_inputs()
     provenance = common.make_provenance(
         inputs=inputs,
-        seed=seed,
+        seed=flags.seed,
         config={"cache": cfg.__dict__, "data": dspec.describe(), "teacher": teacher.describe()},
     )
     common.log(
         f"caching hidden_states{cfg.layers} of {teacher.name} into {output}/ "
-        f"({n_tokens:,} tokens per layer, seq_len {seq_len})"
+        f"({n_tokens:,} tokens per layer, seq_len {flags.seq_len})"
     )
     with common.progress() as bar:
         task = bar.add_task("cache-acts", total=n_tokens, rate="")

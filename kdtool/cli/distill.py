@@ -15,19 +15,8 @@ import typer
 
 from kdtool.cli import common
 from kdtool.cli.options import (
-    DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelDtype,
-    ModelOpt,
-    OfflineOpt,
-    RevisionOpt,
-    SeedOpt,
-    SeqLenOpt,
-    SplitOpt,
-    StreamingOpt,
-    TextColumnOpt,
-    TrustRemoteCodeOpt,
+    TeacherFlags,
+    with_teacher_flags,
 )
 
 STUDENTS = "Students"
@@ -35,6 +24,7 @@ TRAIN = "Training"
 EVAL = "Evaluation and checkpoints"
 
 
+@with_teacher_flags
 def main(
     widths: Annotated[
         str, typer.Option("--widths", help="Student hidden widths: 128,256,512 or 64:512:64.", rich_help_panel=STUDENTS)
@@ -142,18 +132,8 @@ def main(
         Path, typer.Option("--output", "-o", help="Output folder.", file_okay=False, rich_help_panel=EVAL)
     ] = Path("students"),
     fmt: common.FormatOpt = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = ModelDtype.auto,
-    device: DeviceOpt = "auto",
-    offline: OfflineOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "train",
-    text_column: TextColumnOpt = "text",
-    seq_len: SeqLenOpt = 512,
-    streaming: StreamingOpt = True,
-    seed: SeedOpt = 0,
+    *,
+    flags: TeacherFlags,
 ) -> None:
     """Distil the teacher into students of several widths at once and measure each one's loss floor.
 
@@ -169,7 +149,6 @@ def main(
     import os
 
     from kdtool import distill
-    from kdtool.cli.options import data_spec, model_spec
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
 
@@ -179,7 +158,7 @@ def main(
         raise BadInput(f"--betas: give two numbers, got {betas!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
+    mspec = flags.model_spec()
     if world > 1 and mspec.device in ("auto", "cuda"):
         import torch
 
@@ -188,10 +167,10 @@ def main(
     from kdtool.models import EMBEDDED_NAME, resolve_device
 
     dev = str(resolve_device(mspec.device))
-    dspec = data_spec(dataset, split, text_column, seq_len, streaming, seed)
+    dspec = flags.data_spec()
     run_key = {
-        "teacher": model or EMBEDDED_NAME,
-        "revision": revision,
+        "teacher": flags.model or EMBEDDED_NAME,
+        "revision": flags.revision,
         "teacher_dtype": mspec.dtype,
         "data": dspec.describe(),
     }
@@ -200,7 +179,7 @@ def main(
         temperature=temperature,
         steps=steps,
         batch_size=batch_size,
-        seq_len=seq_len,
+        seq_len=flags.seq_len,
         micro_batch=micro_batch,
         lr=lr,
         min_lr_ratio=min_lr_ratio,
@@ -212,7 +191,7 @@ def main(
         eval_every=eval_every,
         eval_batches=eval_batches,
         save_every=save_every,
-        seed=seed,
+        seed=flags.seed,
         heads=heads,
         ffn_ratio=ffn_ratio,
         init_std=init_std,

@@ -1,19 +1,20 @@
 """The model and data flags every teacher-reading command shares, spelled once.
 
-cache-acts, train-sae, stats, distill and probe declare their parameters with these types so
---model/--dataset/... mean the same everywhere, then call `model_spec(...)`, `data_spec(...)`
-and `load_teacher(...)`:
+cache-acts, train-sae, stats and distill get them from one decorator, so --model/--dataset/...
+mean the same everywhere and are declared in one place; the command receives them parsed:
 
-    def main(model: ModelOpt = None, revision: RevisionOpt = None, dtype: DtypeOpt = ModelDtype.auto,
-             device: DeviceOpt = "auto", offline: OfflineOpt = False, trust_remote_code: TrustRemoteCodeOpt = False,
-             dataset: DatasetOpt = None, split: SplitOpt = "train", text_column: TextColumnOpt = "text",
-             seq_len: SeqLenOpt = 512, streaming: StreamingOpt = True, seed: SeedOpt = 0): ...
+    @with_teacher_flags
+    def main(..., flags: TeacherFlags) -> None:
+        teacher = load_teacher(flags.model_spec()); text = flags.data_spec()
 
 Only typer and the standard library at import time (this runs on every TAB press).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -173,6 +174,72 @@ def data_spec(
         holdout=holdout,
         **extra,
     )
+
+
+@dataclass(frozen=True)
+class TeacherFlags:
+    """The shared model and data flags of one command line, as parsed."""
+
+    model: str | None = None
+    revision: str | None = None
+    dtype: ModelDtype | str = ModelDtype.auto
+    device: str = "auto"
+    offline: bool = False
+    trust_remote_code: bool = False
+    dataset: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    seq_len: int = 512
+    streaming: bool = True
+    seed: int = 0
+
+    def model_spec(self) -> ModelSpec:
+        return model_spec(self.model, self.revision, self.dtype, self.device, self.offline, self.trust_remote_code)
+
+    def data_spec(self, **kwargs) -> DataSpec:
+        return data_spec(self.dataset, self.split, self.text_column, self.seq_len, self.streaming, self.seed, **kwargs)
+
+
+#: (parameter, Typer annotation) of each shared flag, in --help order; defaults are TeacherFlags'
+_SHARED = (
+    ("model", ModelOpt),
+    ("revision", RevisionOpt),
+    ("dtype", DtypeOpt),
+    ("device", DeviceOpt),
+    ("offline", OfflineOpt),
+    ("trust_remote_code", TrustRemoteCodeOpt),
+    ("dataset", DatasetOpt),
+    ("split", SplitOpt),
+    ("text_column", TextColumnOpt),
+    ("seq_len", SeqLenOpt),
+    ("streaming", StreamingOpt),
+    ("seed", SeedOpt),
+)
+
+
+def with_teacher_flags(command):
+    """Append the shared flags to a Typer command's options and hand them to it as `flags: TeacherFlags`.
+
+    Typer reads a command's options from its signature, so the wrapper's signature is the command's
+    own parameters (minus `flags`) followed by the shared ones; calls split them off again.
+    """
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+    defaults = TeacherFlags()
+    shared = [
+        inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann, default=getattr(defaults, name)
+        )
+        for name, ann in _SHARED
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        flags = TeacherFlags(**{name: kwargs.pop(name) for name, _ in _SHARED})
+        return command(**kwargs, flags=flags)
+
+    run.__signature__ = inspect.Signature(own + shared, return_annotation=None)
+    run.__annotations__ = {p.name: p.annotation for p in own + shared} | {"return": None}
+    return run
 
 
 def load_teacher(spec: ModelSpec) -> LoadedModel:

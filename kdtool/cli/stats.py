@@ -15,22 +15,11 @@ import typer
 
 from kdtool.cli import common
 from kdtool.cli.options import (
-    DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelDtype,
-    ModelOpt,
-    OfflineOpt,
-    RevisionOpt,
-    SeedOpt,
-    SeqLenOpt,
-    SplitOpt,
     StreamBatchSizeOpt,
     StreamDropFirstOpt,
-    StreamingOpt,
     StreamOpt,
-    TextColumnOpt,
-    TrustRemoteCodeOpt,
+    TeacherFlags,
+    with_teacher_flags,
 )
 
 PANEL = "Stats"
@@ -41,6 +30,7 @@ class DecoderNorm(str, Enum):
     raw = "raw"
 
 
+@with_teacher_flags
 def main(
     sae: Annotated[
         list[Path],
@@ -115,18 +105,8 @@ def main(
     stream: StreamOpt = False,
     batch_size: StreamBatchSizeOpt = 8,
     drop_first: StreamDropFirstOpt = True,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = ModelDtype.auto,
-    device: DeviceOpt = "auto",
-    offline: OfflineOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "train",
-    text_column: TextColumnOpt = "text",
-    seq_len: SeqLenOpt = 512,
-    streaming: StreamingOpt = True,
-    seed: SeedOpt = 0,
+    *,
+    flags: TeacherFlags,
 ) -> None:
     """Measure each SAE's features: F, L0, alpha, g(alpha), d*, dead latents, MSE (paper section 5.2, Table 1).
 
@@ -150,9 +130,10 @@ def main(
     if output.suffix.lower() not in (".parquet", ".pq"):
         raise BadInput(f"--output {output}: stats are written as Parquet (.parquet)")
     max_tokens = common.parse_opt("--tokens", parse_count, tokens) if tokens is not None else None
-    stream = stream or model is not None or dataset is not None
+    stream = stream or flags.model is not None or flags.dataset is not None
     if stream and acts is not None:
         raise BadInput("--acts and --stream/--model/--dataset are two activation sources: give one")
+    device = flags.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -178,14 +159,14 @@ def main(
     layers = sorted({s.layer for s in loaded})
 
     if stream:
-        from kdtool.cli.options import data_spec, load_teacher, model_spec
+        from kdtool.cli.options import load_teacher
         from kdtool.models import check_layers
         from kdtool.sae_train import ModelSource
 
         if max_tokens is None:
             raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 1M)")
-        mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
-        dspec = data_spec(dataset, split, text_column, seq_len, streaming, seed)
+        mspec = flags.model_spec()
+        dspec = flags.data_spec()
         teacher = load_teacher(mspec)
         check_layers(layers, teacher.n_layers, "--layer")
         src = ModelSource(teacher, dspec, batch_size=batch_size, drop_first=drop_first)
@@ -236,7 +217,7 @@ def main(
             common.warn(note)
     provenance = common.make_provenance(
         inputs=[*inputs, *paths],
-        seed=seed,
+        seed=flags.seed,
         config={"alive_threshold": alive_threshold, "source": source_info, "decoder_norm": decoder_norm.value},
     )
     formats.write_parquet(output, columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=summary)

@@ -19,21 +19,10 @@ import typer
 from kdtool.cli import common
 from kdtool.cli.options import (
     STREAM_PANEL,
-    DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelDtype,
-    ModelOpt,
-    OfflineOpt,
-    RevisionOpt,
-    SeedOpt,
-    SeqLenOpt,
-    SplitOpt,
     StreamBatchSizeOpt,
     StreamDropFirstOpt,
-    StreamingOpt,
-    TextColumnOpt,
-    TrustRemoteCodeOpt,
+    TeacherFlags,
+    with_teacher_flags,
 )
 
 SAE_PANEL = "SAE"
@@ -57,6 +46,7 @@ class KernelChoice(str, Enum):
     sparse = "sparse"
 
 
+@with_teacher_flags
 def main(
     layer: Annotated[
         Optional[str],
@@ -220,18 +210,8 @@ def main(
     ] = "256K",
     batch_size: StreamBatchSizeOpt = 8,
     drop_first: StreamDropFirstOpt = True,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    dtype: DtypeOpt = ModelDtype.auto,
-    device: DeviceOpt = "auto",
-    offline: OfflineOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    dataset: DatasetOpt = None,
-    split: SplitOpt = "train",
-    text_column: TextColumnOpt = "text",
-    seq_len: SeqLenOpt = 512,
-    streaming: StreamingOpt = True,
-    seed: SeedOpt = 0,
+    *,
+    flags: TeacherFlags,
 ) -> None:
     """Train sparse autoencoders on residual-stream activations (paper section 5.1, appendix D).
 
@@ -257,9 +237,10 @@ def main(
     every = common.parse_opt("--checkpoint-every", parse_count, checkpoint_every) if checkpoint_every else 0
     window = common.parse_opt("--alive-window", parse_count, alive_window)
     buffer_tokens = common.parse_opt("--shuffle-buffer", parse_count, shuffle_buffer)
-    stream = stream or model is not None or dataset is not None
+    stream = stream or flags.model is not None or flags.dataset is not None
     if stream and acts is not None:
         raise BadInput("--acts and --stream/--model/--dataset are two activation sources: give one")
+    device = flags.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dist.world_size() > 1 and device == "cuda":
@@ -267,12 +248,12 @@ def main(
 
     # --- the activation source
     if stream:
-        from kdtool.cli.options import data_spec, load_teacher, model_spec
+        from kdtool.cli.options import load_teacher
 
         if n_tokens is None:
             raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 2M)")
-        mspec = model_spec(model, revision, dtype, device, offline, trust_remote_code)
-        dspec = data_spec(dataset, split, text_column, seq_len, streaming, seed)
+        mspec = flags.model_spec()
+        dspec = flags.data_spec()
         teacher = load_teacher(mspec)
         source = sae_train.ModelSource(
             teacher, dspec, buffer_tokens=buffer_tokens, batch_size=batch_size, drop_first=drop_first
@@ -312,7 +293,7 @@ def main(
         tokens=n_tokens,
         checkpoint_every=every,
         log_every=log_every,
-        seed=seed,
+        seed=flags.seed,
         device=device,
         precision=precision.value,
         kernel=kernel.value,
@@ -323,7 +304,7 @@ def main(
         raise BadInput(f"--batch-tokens {n_batch} must be divisible by the {dist.world_size()} processes")
     provenance = common.make_provenance(
         inputs=source.inputs,
-        seed=seed,
+        seed=flags.seed,
         config={"train": cfg.as_dict(), "source": source.info, "world_size": dist.world_size()},
     )
     d = dist.dist_init(device)
