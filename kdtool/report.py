@@ -217,6 +217,8 @@ def _folder_artifact(folder: Path, root: Path, names: set[str]) -> tuple[Artifac
                 layers = ", ".join(map(str, m.get("layers") or []))
                 details = f"{m.get('model', '?')}, {int(m.get('tokens') or 0):,} tokens, layers {layers}"
                 details += f", d_model {m.get('d_model')}"
+                shuffled = m.get("shuffle") if isinstance(m.get("shuffle"), dict) else None
+                details += f", shuffled (seed {shuffled.get('seed')})" if shuffled else ", document order"
             else:
                 details = ", ".join(f"{k} {m[k]}" for k in ("topk", "temperature", "vocab_size") if k in m)
             return Artifact(folder, _rel(folder, root), m["kind"], m.get("provenance"), m, details), True
@@ -229,6 +231,9 @@ def _folder_artifact(folder: Path, root: Path, names: set[str]) -> tuple[Artifac
         for key in ("d_in", "d_sae"):
             if cfg.get(key) is not None:
                 bits.append(f"{key} {cfg[key]}")
+        norm = kd.get("normalize") if isinstance(kd.get("normalize"), dict) else {}
+        if norm.get("method") not in (None, "none"):
+            bits.append(f"trained on x / {norm.get('scale', 0):.3g} ({norm['method']}, folded)")
         layout = "kdtool" if kd else ("saelens" if "sae_weights.safetensors" in names else "sparsify")
         bits.append(f"{layout} layout")
         return Artifact(folder, _rel(folder, root), "kdtool.sae", cfg.get("provenance"), cfg, ", ".join(bits)), False

@@ -367,7 +367,23 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
     assert cmds["calib.json"] == run["made"]["calib"]["provenance"]["command"]
     details = dict(zip(t["col"]("file"), t["col"]("details"), strict=True))
     assert details["acts"].startswith("tiny, 4,096 tokens") and details["students/width8"] == "width 8"
+    assert details["acts"].endswith("document order")
     assert details["saes/layer6"] == "layer 6, d_in 64, d_sae 600, kdtool layout"
+
+
+def test_inputs_table_says_how_a_cache_is_ordered_and_how_an_sae_was_scaled(tmp_path):
+    from kdtool.report import _folder_artifact
+
+    acts, sae = tmp_path / "acts", tmp_path / "sae"
+    manifest = {"kind": "kdtool.acts", "model": "tiny", "layers": [6], "d_model": 64, "tokens": 10}
+    formats.write_json(acts / "manifest.json", {**manifest, "shuffle": {"seed": 3, "method": "buckets"}})
+    cfg = {"d_in": 64, "d_sae": 600, "kdtool": {"layer": 6, "normalize": {"method": "expected-norm", "scale": 5.7064}}}
+    formats.write_json(sae / "cfg.json", cfg)
+    (sae / "sae_weights.safetensors").write_bytes(b"not read")
+    a, _ = _folder_artifact(acts, tmp_path, {"manifest.json"})
+    s, _ = _folder_artifact(sae, tmp_path, {"cfg.json", "sae_weights.safetensors"})
+    assert a.details.endswith("d_model 64, shuffled (seed 3)")
+    assert s.details == "layer 6, d_in 64, d_sae 600, trained on x / 5.71 (expected-norm, folded), kdtool layout"
 
 
 def test_sae_table_has_each_layers_measurements(run):
