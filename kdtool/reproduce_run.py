@@ -1,4 +1,4 @@
-"""Timing and running the plan of kdtool/reproduce.py: throughputs, brief measuring runs, execution.
+"""Timing and running the plan of kdtool/reproduce_plan.py: throughputs, brief measuring runs, execution.
 
 - `Rates`: throughputs (tokens/s for cache-acts, train-sae, stats; steps/s for distill), the
   start-up seconds of each command and the disk's write speed; read from RUN/throughput.json
@@ -28,7 +28,9 @@ from typing import Any
 
 from kdtool import formats
 from kdtool.errors import BadInput, RuntimeFailure
-from kdtool.reproduce import MEASURED, STATE_DIR, Plan, Protocol, Stage, Teacher, build_plan, fmt_duration
+from kdtool.reproduce import STATE_DIR, Protocol, Teacher
+from kdtool.reproduce_plan import MEASURED, Plan, Stage, build_plan
+from kdtool.reproduce_sizes import fmt_duration
 
 RATES_KIND = "kdtool.reproduce.throughput"
 #: a held-out evaluation batch costs about this fraction of a training step (forward only, teacher

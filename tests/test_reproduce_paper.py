@@ -18,7 +18,7 @@ import typer
 from tiny_models import make_model_dir
 
 from kdtool import formats, reproduce_run
-from kdtool import reproduce as rp
+from kdtool import reproduce_sizes as sizes
 from kdtool.cli.main import app
 from kdtool.parsing import parse_count
 
@@ -144,7 +144,7 @@ def test_paper_plan_parses_and_carries_the_paper_settings(script, capsys, tmp_pa
 
 
 def test_disk_arithmetic(script, capsys, tmp_path):
-    assert rp.sae_bytes(1024, 32768) == SAE == 268_570_624
+    assert sizes.sae_bytes(1024, 32768) == SAE == 268_570_624
     plan = dry(script, capsys, "--out", tmp_path / "run")
     st = stages(plan)
     # 3 layers x (final + 6 checkpoints) SAEs + the latest checkpoint's Adam state
@@ -319,17 +319,17 @@ def test_measure_times_brief_real_runs(script, capsys, cli, tiny, tmp_path):
     plan = json.loads(cap.out)
     # the disk formulas match what train-sae wrote in the brief run (d = 32, F = 4 x 32)
     ckpts = sorted((out / ".measure" / "big" / "saes-C" / "layer1" / "checkpoints").iterdir())
-    assert len(ckpts) == rp.sae_checkpoint_count(2000, 256, 2000) == 1
+    assert len(ckpts) == sizes.sae_checkpoint_count(2000, 256, 2000) == 1
     nbytes = {"F32": 4, "I64": 8}
 
     def tensor_bytes(path):
         tensors = formats.safetensors_header(path)["tensors"].values()
         return sum(nbytes[t["dtype"]] * int(np.prod(t["shape"])) for t in tensors)
 
-    assert tensor_bytes(out / ".measure" / "big" / "saes-C" / "layer1" / "sae_weights.safetensors") == rp.sae_bytes(
+    assert tensor_bytes(out / ".measure" / "big" / "saes-C" / "layer1" / "sae_weights.safetensors") == sizes.sae_bytes(
         32, 128
     )
-    assert tensor_bytes(ckpts[0] / "optimizer.safetensors") == rp.sae_optimizer_bytes(32, 128)
+    assert tensor_bytes(ckpts[0] / "optimizer.safetensors") == sizes.sae_optimizer_bytes(32, 128)
     assert plan["teacher"]["d_model"] == 32 and plan["teacher"]["config_source"].endswith("config.json")
     st = stages(plan)
     assert st["train-sae-C"]["seconds"] > 0 and st["distill"]["seconds"] > 0
