@@ -21,25 +21,12 @@ from typer.testing import CliRunner
 from kdtool import formats, report, report_tables, theory
 from kdtool.plots import KINDS
 from kdtool.plots import style as st
+from kdtool.sae_train import LOG_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "kdtool" / "data" / "paper_pythia410m.csv"
 WIDTHS = [8, 16, 32, 48]
 LAYERS = ((6, 600, 12.0), (12, 500, 6.0))  # (layer, d_sae, L0)
-SAE_LOG_COLUMNS = (
-    "layer",
-    "step",
-    "tokens",
-    "mse",
-    "l1_term",
-    "loss",
-    "l0",
-    "alive_fraction",
-    "explained_variance",
-    "lambda",
-    "lr",
-    "elapsed_s",
-)  # kdtool.sae_train.LOG_COLUMNS (imports torch)
 #: the figures this run folder allows (FIGURES rules whose inputs are present); toy figures are not among them
 ALLOWED = {
     "sae-curves",
@@ -188,7 +175,7 @@ def write_train_log(path: Path, layer: int, steps: int = 20) -> None:
         "lr": [1e-3] * steps,
         "elapsed_s": s * 0.1,
     }
-    assert tuple(log) == SAE_LOG_COLUMNS
+    assert tuple(log) == LOG_COLUMNS
     formats.write_parquet(
         path, log, kind="kdtool.sae.train_log", provenance=prov("kdtool train-sae"), summary={"layer": layer}
     )
