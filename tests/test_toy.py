@@ -103,6 +103,19 @@ def test_chunks_group_same_n_and_teacher_width():
     assert chunks[0][0].n == 20  # most expensive first
 
 
+@pytest.mark.parametrize("alpha", [0.8, 0.99])
+def test_toy_data_has_the_papers_distribution(alpha):
+    """x_i = 0 w.p. alpha, else U[0,1]: so P(x > 0) = 1 - alpha, E[x | x > 0] = 1/2, E[x^2] = (1 - alpha)/3."""
+    x = sample(data_stream(7), 50_000, 8, alpha).numpy()
+    on = x[x != 0]
+    assert x.min() >= 0 and x.max() < 1
+    assert abs(len(on) / x.size - (1 - alpha)) < 4 * np.sqrt(alpha * (1 - alpha) / x.size)
+    assert abs(on.mean() - 0.5) < 0.01 and abs(on.var() - 1 / 12) < 0.005  # uniform on (0, 1)
+    assert np.mean(x**2) == pytest.approx((1 - alpha) / 3, rel=0.05)
+    assert not np.array_equal(x, sample(data_stream(8), 50_000, 8, alpha).numpy())
+    np.testing.assert_array_equal(x, sample(data_stream(7), 50_000, 8, alpha).numpy())
+
+
 def test_width_groups_partition_consecutive_widths_and_split_only_when_it_pays():
     for n, widths in ((10, range(1, 4)), (40, range(1, 11)), (40, [3, 1, 2])):
         groups = width_groups(widths, n, 20, 256)
