@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from synthetic_acts import write_random
 
 from kdtool import activations, formats
 from kdtool.sae import L1Controller, SparseAutoencoder, forward_backward, loss_value
@@ -47,22 +48,6 @@ def write_ground_truth(root, *, d=64, k=32, p=0.04, n=300_000, layer=3, seed=0, 
         w.add({layer: (active * c) @ u + offset + noise * torch.randn(25_000, d, generator=g)})
     w.close()
     return u
-
-
-def write_random(root, *, d=16, n=20_000, layers=(3,), seed=0, shard=5_000):
-    g = torch.Generator().manual_seed(seed)
-    w = activations.ShardWriter(
-        root,
-        layers=list(layers),
-        d_model=d,
-        dtype="float32",
-        shard_tokens=shard,
-        info={"model": "random"},
-        provenance={},
-    )
-    for _ in range(0, n, shard):
-        w.add({L: torch.randn(shard, d, generator=g) * (1 + L) for L in layers})
-    w.close()
 
 
 # ---- the loss and its gradients -----------------------------------------------------------------

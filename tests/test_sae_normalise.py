@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from synthetic_acts import write_random
 
 from kdtool import activations, formats
 from kdtool.sae import SparseAutoencoder
@@ -23,24 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def write_acts(root, *, d=16, n=20_000, layers=(3,), seed=0, shard=5_000, scale=1.0, offset=0.0):
-    """Gaussian activations times `scale` (per layer also times 1 + L), plus a constant `offset` in every dimension."""
-    g = torch.Generator().manual_seed(seed)
-    w = activations.ShardWriter(
-        root,
-        layers=list(layers),
-        d_model=d,
-        dtype="float32",
-        shard_tokens=shard,
-        info={"model": "random"},
-        provenance={},
-    )
-    for _ in range(0, n, shard):
-        w.add({L: (torch.randn(shard, d, generator=g) * (1 + L) + offset) * scale for L in layers})
-    w.close()
-    return root
 
 
 def write_sparse(root, *, d=32, k=48, p=0.05, n=60_000, layer=3, seed=0, amplitude=40.0, offset_norm=100.0):
@@ -97,8 +80,8 @@ def _first_batches_scale(acts, layer, cfg):
 
 
 def test_scale_is_the_mean_norm_and_a_planted_factor_100_leaves_training_unchanged(tmp_path):
-    a = write_acts(tmp_path / "a", d=16, n=10_000, offset=2.0)
-    b = write_acts(tmp_path / "b", d=16, n=10_000, offset=2.0, scale=100.0)
+    a = write_random(tmp_path / "a", d=16, n=10_000, offset=2.0)
+    b = write_random(tmp_path / "b", d=16, n=10_000, offset=2.0, scale=100.0)
     cfg = TrainConfig(layers=[3], d_in=16, d_sae=48, l1=0.05, lr=3e-3, batch_tokens=1024, tokens=20 * 1024,
                       log_every=5, seed=1, normalize="expected-norm")  # fmt: skip
     runs = {}
@@ -132,7 +115,7 @@ def test_scale_is_the_mean_norm_and_a_planted_factor_100_leaves_training_unchang
 
 
 def test_saved_sae_reads_raw_activations(tmp_path, cli):
-    acts = write_acts(tmp_path / "acts", d=16, n=10_000, offset=3.0, scale=50.0)
+    acts = write_random(tmp_path / "acts", d=16, n=10_000, offset=3.0, scale=50.0)
     r = cli("--quiet", "train-sae", "--acts", acts, "--features", "48", "--l1", "0.05", "--lr", "1e-2", "--tokens",
             "80K", "--batch-tokens", "1024", "--normalize", "expected-norm", "-o", tmp_path / "saes")  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -171,7 +154,7 @@ def _weights(folder):
 
 
 def test_resume_with_normalisation_is_bit_for_bit(cli, tmp_path):
-    acts = write_acts(tmp_path / "acts", d=16, n=20_000, layers=(3, 5), offset=1.0, scale=30.0)
+    acts = write_random(tmp_path / "acts", d=16, n=20_000, layers=(3, 5), offset=1.0, scale=30.0)
     r = cli("--quiet", "train-sae", "--acts", acts, *TRAIN, "--tokens", "40K", "-o", tmp_path / "a")
     assert r.exit_code == 0, r.output
     cfg = TrainConfig(layers=[3, 5], d_in=16, d_sae=48, l1=0.05, lr=3e-3, batch_tokens=512, log_every=3, seed=7,
@@ -204,7 +187,7 @@ def test_resume_with_normalisation_is_bit_for_bit(cli, tmp_path):
 
 
 def test_checkpoints_from_before_the_option_resume_as_none(cli, tmp_path):
-    acts = write_acts(tmp_path / "acts", d=16, n=6_000)
+    acts = write_random(tmp_path / "acts", d=16, n=6_000)
     base = ("--quiet", "train-sae", "--acts", acts, "--features", "32", "--batch-tokens", "512", "-o", tmp_path / "s")
     assert cli(*base, "--tokens", "3K").exit_code == 0
     pointer = tmp_path / "s" / "checkpoint.json"
