@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtool import activations
+from kdtool.acts import store as activations
 
 
 def write_random(root, *, d=16, n=20_000, layers=(3,), seed=0, shard=5_000, scale=1.0, offset=0.0):

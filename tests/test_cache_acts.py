@@ -8,8 +8,10 @@ import pytest
 import torch
 from tiny_models import make_model_dir
 
-from kdtool import activations, caching, data
+from kdtool.acts import caching
+from kdtool.acts import store as activations
 from kdtool.errors import BadInput
+from kdtool.text import tokens as data
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdtool import calibration as cal
 from kdtool.formats import read_json, read_table, write_parquet
+from kdtool.theory import calibration as cal
 
 PAPER = Path(__file__).resolve().parents[1] / "kdtool" / "data" / "paper_pythia410m.csv"
 

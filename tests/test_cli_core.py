@@ -98,7 +98,7 @@ def test_rich_table_is_not_cut_to_80_columns_off_a_terminal(cli):
     r = cli("predict", "--features", "28665", "--alpha", "0.99238", "--widths", "128,256", "--format", "table")
     assert r.exit_code == 0, r.output
     assert "features_dropped" in r.output and "…" not in r.output
-    from kdtool import theory
+    from kdtool.theory import theorem as theory
 
     dropped = 28665 - theory.features_kept(128, theory.g(0.99238), 28665)
     assert f" {dropped} " in r.output

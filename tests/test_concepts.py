@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from kdtool import concepts as cs
-from kdtool import debsource, formats, rdata
+from kdtool import formats
+from kdtool.probe import concepts as cs
 
 # ------------------------------------------------------------------ a tiny R serializer (XDR, version 2)
+from kdtool.text import debian as debsource
+from kdtool.text import rdata
 
 
 def _i(v: int) -> bytes:

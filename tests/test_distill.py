@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-from kdtool import distill, formats
+from kdtool import formats
+from kdtool.distill import loop as distill
+from kdtool.distill.losses import FullTarget, LossSums, ce_per_token, kl_per_token, teacher_target
+from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.errors import BadInput, RuntimeFailure
-from kdtool.kd_losses import FullTarget, LossSums, ce_per_token, kl_per_token, teacher_target
-from kdtool.teacher_cache import TeacherCache
 
 VOCAB, SEQ, BATCH = 96, 16, 4
 
@@ -223,7 +224,7 @@ def test_run_outputs_floors_and_is_deterministic(tmp_path):
         tmp_path / "a" / "curves.parquet", required=("width", "step", "tokens", "train_kl", "eval_kl", "eval_ce", "lr")
     )
     assert curves["tokens"].max() == cfg.steps * BATCH * SEQ
-    from kdtool.calibration import load_points
+    from kdtool.theory.calibration import load_points
 
     pts = load_points(tmp_path / "a" / "floors.parquet")
     assert pts.width.tolist() == [8, 32]
@@ -608,8 +609,8 @@ def test_curves_figure_draws_eval_kl_and_floor_lines(run_dir, captured):
 
 
 def test_floors_figure_marks_d_star_from_stats(run_dir, tmp_path, captured):
-    from kdtool import theory
     from kdtool.plots import distill as pd
+    from kdtool.theory import theorem as theory
 
     n, l0 = 400, 8.0
     imp = 1.0 / np.arange(1, n + 1)

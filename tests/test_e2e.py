@@ -17,7 +17,8 @@ import pytest
 import torch
 from tiny_models import make_model_dir
 
-from kdtool import formats, theory
+from kdtool import formats
+from kdtool.theory import theorem as theory
 
 LAYERS = (1, 2)
 WIDTHS = (8, 16, 24)

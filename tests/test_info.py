@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kdtool import formats, inspect
+from kdtool import formats
+from kdtool import info as inspect
 
 PROV = {
     "kdtool_version": "0.1.0",

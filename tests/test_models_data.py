@@ -11,8 +11,10 @@ import pytest
 import torch
 from tiny_models import make_model, make_model_dir
 
-from kdtool import corpus, data, models
+from kdtool import models
 from kdtool.errors import BadInput
+from kdtool.text import corpus
+from kdtool.text import tokens as data
 
 ARCHS = ("llama", "gpt_neox")
 

@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from kdtool import formats, theory
+from kdtool import formats
 from kdtool.plots import KINDS
 from kdtool.plots import style as st
 from kdtool.plots import theory as figs
+from kdtool.theory import theorem as theory
 
 MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
 
@@ -254,7 +255,7 @@ def test_floor_from_stats_draws_eq2_and_marks_d_star(stats, captured, tmp_path):
     assert vlines == pytest.approx([d_star])
     curve = ax.get_lines()[1]  # [0] is the d* line
     x, y = np.asarray(curve.get_xdata()), np.asarray(curve.get_ydata())
-    from kdtool import importance
+    from kdtool.theory import importance
 
     (li,) = importance.from_stats(path, layers=[12])
     model = theory.FloorModel.from_weights(li.weights, li.alpha)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kdtool import theory
 from kdtool.formats import parquet_metadata, read_table, write_json, write_parquet
+from kdtool.theory import theorem as theory
 
 PAPER = ["--features", "28665", "--alpha", "0.99238", "--g", "26.922"]
 WIDTHS = "128,256,512,768,1024"

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from kdtool import formats, probe
+from kdtool import formats
+from kdtool.probe import probes as probe
 
 WORDS = [f"w{i}" for i in range(24)]
 VOCAB = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "zebra": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}

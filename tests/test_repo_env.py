@@ -1,12 +1,14 @@
-"""kdtool.repo_env: the repository's Python scripts find the checkout's .venv from a plain shell."""
+"""scripts/repo_env.py: the repository's Python scripts find the checkout's .venv from a plain shell."""
 
 from __future__ import annotations
 
 import sys
 
 import pytest
+from conftest import REPO
 
-from kdtool import repo_env
+sys.path.insert(0, str(REPO / "scripts"))
+import repo_env
 
 
 def test_returns_when_the_modules_import_here(monkeypatch):

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kdtool import formats, report, report_tables, theory
+from kdtool import formats
 from kdtool.plots import KINDS
 from kdtool.plots import style as st
-from kdtool.sae_train import LOG_COLUMNS
+from kdtool.report import build as report
+from kdtool.report import tables as report_tables
+from kdtool.sae.training import LOG_COLUMNS
+from kdtool.theory import theorem as theory
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "kdtool" / "data" / "paper_pythia410m.csv"
@@ -107,7 +110,7 @@ def write_stats(path: Path) -> dict:
 
 
 def write_students(folder: Path) -> dict:
-    from kdtool import distill
+    from kdtool.distill import loop as distill
 
     floors = {
         "width": WIDTHS,
@@ -182,7 +185,7 @@ def write_train_log(path: Path, layer: int, steps: int = 20) -> None:
 
 
 def write_probe(path: Path) -> dict:
-    from kdtool import probe
+    from kdtool.probe import probes as probe
 
     acc = {
         ("question", "teacher"): 0.912,
@@ -359,7 +362,7 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
 
 
 def test_inputs_table_says_how_a_cache_is_ordered_and_how_an_sae_was_scaled(tmp_path):
-    from kdtool.report import _folder_artifact
+    from kdtool.report.build import _folder_artifact
 
     acts, sae = tmp_path / "acts", tmp_path / "sae"
     manifest = {"kind": "kdtool.acts", "model": "tiny", "layers": [6], "d_model": 64, "tokens": 10}
@@ -556,7 +559,7 @@ def test_unregistered_kinds_failures_and_stale_figures(run, tmp_path, monkeypatc
 
 
 def test_toy_table_and_figures_from_a_toy_sweep(tmp_path):
-    from kdtool import toy_sweep
+    from kdtool.toy import sweep as toy_sweep
 
     rng = np.random.default_rng(1)
     rows = {c: [] for c in ("n", "d_teacher", "alpha", "d_student", "seed", "floor_data", "pred_refined", "pred_naive")}

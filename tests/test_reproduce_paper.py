@@ -17,10 +17,11 @@ import torch
 import typer
 from tiny_models import make_model_dir
 
-from kdtool import formats, reproduce_run
-from kdtool import reproduce_sizes as sizes
+from kdtool import formats
 from kdtool.cli.main import app
 from kdtool.parsing import parse_count
+from kdtool.reproduce import run as reproduce_run
+from kdtool.reproduce import sizes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "reproduce-paper"

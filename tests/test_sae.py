@@ -9,10 +9,11 @@ import pytest
 import torch
 from synthetic_acts import write_random
 
-from kdtool import activations, formats
-from kdtool.sae import L1Controller, SparseAutoencoder, forward_backward, loss_value
-from kdtool.sae_formats import load_sae
-from kdtool.sae_train import CacheSource, TrainConfig, Trainer
+from kdtool import formats
+from kdtool.acts import store as activations
+from kdtool.sae.layouts import load_sae
+from kdtool.sae.model import L1Controller, SparseAutoencoder, forward_backward, loss_value
+from kdtool.sae.training import CacheSource, TrainConfig, Trainer
 
 
 @pytest.fixture(autouse=True)

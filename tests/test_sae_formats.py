@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdtool import activations, formats
+from kdtool import formats
+from kdtool.acts import store as activations
 from kdtool.errors import UnknownFormat
-from kdtool.sae_formats import EXPORTERS, detect_layout, find_saes, hook_to_layer, load_sae, saelens_cfg, save_kdtool
+from kdtool.sae.layouts import EXPORTERS, detect_layout, find_saes, hook_to_layer, load_sae, saelens_cfg, save_kdtool
 
 D, F, LAYER = 8, 24, 3
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 from synthetic_acts import write_random
 
-from kdtool import activations, formats
-from kdtool.sae import SparseAutoencoder
-from kdtool.sae_formats import load_sae
-from kdtool.sae_train import NORM_TOKENS, CacheSource, TrainConfig, Trainer, fold_scale
+from kdtool import formats
+from kdtool.acts import store as activations
+from kdtool.sae.layouts import load_sae
+from kdtool.sae.model import SparseAutoencoder
+from kdtool.sae.training import NORM_TOKENS, CacheSource, TrainConfig, Trainer, fold_scale
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from tiny_models import make_model_dir
 
-from kdtool import activations, shuffle
+from kdtool.acts import shuffle
+from kdtool.acts import store as activations
 from kdtool.errors import BadInput
 
 LAYERS = (1, 4)

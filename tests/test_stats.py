@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny_models import make_model_dir
 
-from kdtool import activations, formats
-from kdtool.sae_formats import saelens_cfg, save_kdtool
+from kdtool import formats
+from kdtool.acts import store as activations
+from kdtool.sae.layouts import saelens_cfg, save_kdtool
 
 D = 8
 
@@ -156,9 +157,9 @@ def test_streamed_stats_equal_cached_stats(cli, tmp_path, teacher):
 
 
 def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, teacher):
-    from kdtool.data import DataSpec
     from kdtool.models import ModelSpec, load_model
-    from kdtool.sae_train import ModelSource, TrainConfig, Trainer
+    from kdtool.sae.training import ModelSource, TrainConfig, Trainer
+    from kdtool.text.tokens import DataSpec
 
     model, corpus = teacher
     args = ("--model", model, "--dataset", corpus, "--seq-len", "32", "--batch-size", "4", "--layer", "2",

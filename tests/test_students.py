@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
-from kdtool import students as st
+from kdtool.distill import students as st
 from kdtool.errors import BadInput
 
 

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdtool import importance as imp
-from kdtool import theory
 from kdtool.errors import BadInput
 from kdtool.formats import write_parquet
+from kdtool.theory import importance as imp
+from kdtool.theory import theorem as theory
 
 # Paper Table 2: d_S -> (F_S, dropped) for F = 28,665 and g = 26.922.
 TABLE2 = {128: (3446, 25219), 256: (6892, 21773), 512: (13784, 14881), 768: (20676, 7989), 1024: (27568, 1097)}

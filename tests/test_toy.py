@@ -8,8 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kdtool import formats, theory
-from kdtool.toy import (
+from kdtool import formats
+from kdtool.theory import theorem as theory
+from kdtool.toy.model import (
     ToyConfigKey,
     TrainConfig,
     data_stream,
@@ -22,8 +23,8 @@ from kdtool.toy import (
     train_reference,
     width_groups,
 )
-from kdtool.toy_stats import aggregate, fit_capacity, summarize
-from kdtool.toy_sweep import Grid, PartStore, make_chunks, run_chunk, run_sweep, settings_id
+from kdtool.toy.stats import aggregate, fit_capacity, summarize
+from kdtool.toy.sweep import Grid, PartStore, make_chunks, run_chunk, run_sweep, settings_id
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +129,7 @@ def test_width_groups_partition_consecutive_widths_and_split_only_when_it_pays()
 
 def test_students_train_the_same_whatever_their_width_grouping(monkeypatch):
     """Grouping is a speed choice only: each width padded to d_T alone, per width, or in pairs gives one result."""
-    import kdtool.toy_sweep as sweep
+    import kdtool.toy.sweep as sweep
 
     key = ToyConfigKey(8, 4, 0.9)
     results = []
@@ -180,8 +181,8 @@ def test_floors_fall_as_sparsity_grows_and_with_width():
 
 def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
     """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits."""
-    from kdtool.toy import floor_model
-    from kdtool.toy_stats import _continuous_floor
+    from kdtool.toy.model import floor_model
+    from kdtool.toy.stats import _continuous_floor
 
     cols: dict[str, list] = {}
     for n in ns:
@@ -299,7 +300,7 @@ def test_cli_small_sweep_writes_table_with_provenance_and_summary(cli, tmp_path)
 
 
 def test_cli_resume_after_a_kill_trains_only_what_is_missing(cli, tmp_path, monkeypatch):
-    from kdtool import toy_sweep
+    from kdtool.toy import sweep as toy_sweep
 
     out = tmp_path / "t.parquet"
     real = toy_sweep._timed_chunk

@@ -1,7 +1,7 @@
 """kdtool cache-acts: run a teacher over text and cache its residual stream as safetensors shards.
 
 Thin: parse options, load the teacher (kdtool.models) and text (kdtool.data), run
-kdtool.caching.cache_activations, report. The paper's run on a GPU:
+kdtool.acts.caching.cache_activations, report. The paper's run on a GPU:
     kdtool cache-acts --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M
 """
 
@@ -146,7 +146,7 @@ def main(
 
     Example: kdtool cache-acts --shuffle-only -o acts --shuffle-seed 1
     """
-    from kdtool import caching
+    from kdtool.acts import caching
     from kdtool.cli.options import load_teacher
     from kdtool.parsing import parse_count
 
@@ -224,7 +224,7 @@ def main(
 
 def _shuffle(output: Path, seed: int, bucket_tokens: int, cached: dict | None) -> None:
     """Shuffle the cache in `output` on disk; report (with the caching run's summary when there was one)."""
-    from kdtool import shuffle
+    from kdtool.acts import shuffle
 
     shuffle.check_shufflable(output, seed)
     provenance = common.make_provenance(

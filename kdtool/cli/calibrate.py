@@ -1,6 +1,6 @@
 """kdtool calibrate: fit observed distillation floors against Eq. 2's prediction (paper section 6.3).
 
-Thin: read and join the tables, run kdtool.calibration.calibrate, write calib.json and/or
+Thin: read and join the tables, run kdtool.theory.calibration.calibrate, write calib.json and/or
 print the fits and the decomposition.
 """
 
@@ -81,8 +81,8 @@ def main(
 
     Example: kdtool calibrate kdtool/data/paper_pythia410m.csv --baseline-width 1024 -o calib.json
     """
-    from kdtool import calibration as cal
     from kdtool.cli.common import STATE
+    from kdtool.theory import calibration as cal
 
     cfg = cal.CalibrationConfig(
         baseline=baseline,
@@ -130,7 +130,7 @@ def _show(result: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    from kdtool import calibration as cal
+    from kdtool.theory import calibration as cal
 
     fits = Table(
         title="calibration fits (95% CI: bootstrap; LOO: leave-one-out RMSE)", title_justify="left", box=box.SIMPLE_HEAD

@@ -1,7 +1,7 @@
 """kdtool distill: train narrower students of a teacher with KL at temperature T and measure their floors.
 
 Thin: parse options, load the teacher (kdtool.models) and text (kdtool.data), build a
-kdtool.distill.DistillConfig, call kdtool.distill.run, print the floors. The paper's run on a GPU:
+kdtool.distill.loop.DistillConfig, call kdtool.distill.loop.run, print the floors. The paper's run on a GPU:
     kdtool distill --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --heads paper
 Several GPUs: torchrun --nproc_per_node 4 -m kdtool distill ...
 """
@@ -148,7 +148,7 @@ def main(
     """
     import os
 
-    from kdtool import distill
+    from kdtool.distill import loop as distill
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
 
@@ -221,16 +221,16 @@ def main(
 def _run(cfg, d, mspec, dspec, *, output: Path, cache_dir: Path | None, resume: bool, fmt) -> None:
     import time
 
-    from kdtool import distill
     from kdtool.cli.options import load_teacher
-    from kdtool.data import token_batches
+    from kdtool.distill import loop as distill
+    from kdtool.text.tokens import token_batches
 
     per = cfg.batch_size // max(d.world, 1)
     rows = (d.rank * per, (d.rank + 1) * per)
     cache = None
     loaded = {}
     if cache_dir is not None:
-        from kdtool.teacher_cache import TeacherCache
+        from kdtool.distill.teacher_cache import TeacherCache
 
         cache = TeacherCache(
             cache_dir,

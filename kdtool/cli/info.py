@@ -36,7 +36,7 @@ def main(
 
     Example: kdtool info stats.parquet calib.json
     """
-    from kdtool import inspect
+    from kdtool import info as inspect
 
     descriptions = [inspect.describe(f) for f in files]
     if common.STATE.json:

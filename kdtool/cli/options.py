@@ -23,8 +23,8 @@ import typer
 from kdtool.cli.common import SeedOpt as SeedOpt  # re-exported: --seed is one of the shared flags
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdtool.data import DataSpec
     from kdtool.models import LoadedModel, ModelSpec
+    from kdtool.text.tokens import DataSpec
 
 MODEL_PANEL = "Teacher model"
 DATA_PANEL = "Text data"
@@ -161,8 +161,8 @@ def data_spec(
     holdout: str = "train",
     **extra,
 ) -> DataSpec:
-    """The parsed shared data flags as a kdtool.data.DataSpec; holdout='eval' for evaluation text."""
-    from kdtool.data import DataSpec
+    """The parsed shared data flags as a kdtool.text.tokens.DataSpec; holdout='eval' for evaluation text."""
+    from kdtool.text.tokens import DataSpec
 
     return DataSpec(
         dataset=dataset,

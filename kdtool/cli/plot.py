@@ -125,7 +125,7 @@ def main(
         raise BadInput("KIND is missing: give a figure kind (kdtool plot --list shows them)")
     if kind not in kinds:
         raise BadInput(f"unknown figure kind {kind!r}; kinds: {', '.join(kinds)}")
-    if kind == "report":  # a run folder in, a report folder out (kdtool/report.py, CLI side in plot_report.py)
+    if kind == "report":  # a run folder in, a report folder out (kdtool/report/build.py, CLI side in plot_report.py)
         from kdtool.cli import plot_report
 
         return plot_report.run(inputs, output, style=style.value, layer=layer, widths=widths, capacity=capacity.value)

@@ -1,4 +1,4 @@
-"""`kdtool plot report RUN_DIR [-o REPORT_DIR]`: the CLI side of kdtool/report.py.
+"""`kdtool plot report RUN_DIR [-o REPORT_DIR]`: the CLI side of kdtool/report/build.py.
 
 Called by kdtool/cli/plot.py when KIND is "report" (a folder in, a folder out, unlike the other
 kinds). Parses the generic plot flags that make sense for a whole run, calls build_report, and
@@ -18,7 +18,8 @@ from kdtool.errors import BadInput
 def run(
     inputs: list[Path] | None, output: Path | None, *, style: str, layer: str | None, widths: str | None, capacity: str
 ) -> None:
-    from kdtool import parsing, report
+    from kdtool import parsing
+    from kdtool.report import build as report
 
     paths = list(inputs or [])
     if len(paths) != 1:

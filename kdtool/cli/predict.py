@@ -1,6 +1,6 @@
 """kdtool predict: the loss floor Eq. 2 predicts at each student width, and the minimum width for a target.
 
-Thin: parse options, build the importance source (kdtool.importance), evaluate the floor
+Thin: parse options, build the importance source (kdtool.theory.importance), evaluate the floor
 model (kdtool.theory), optionally map it to nats with a calibration (kdtool.calibration).
 """
 
@@ -99,11 +99,11 @@ def main(
     """
     import numpy as np
 
-    from kdtool import calibration as calib_mod
-    from kdtool import importance as imp
-    from kdtool import theory
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_int_list
+    from kdtool.theory import calibration as calib_mod
+    from kdtool.theory import importance as imp
+    from kdtool.theory import theorem as theory
 
     cap = (capacity or CapacityChoice.paper).value
     if g_value is not None and capacity == CapacityChoice.naive:

@@ -87,9 +87,9 @@ def run(
     control_accuracy, selectivity, n, ...) and prints the table on stdout.
     Example: kdtool probe run concepts.parquet --models teacher,students/width128,students/width768 --per-class 200
     """
-    from kdtool import probe
     from kdtool.errors import BadInput
     from kdtool.models import ModelSpec, load_model
+    from kdtool.probe import probes as probe
 
     if output.suffix.lower() not in (".parquet", ".pq"):
         raise BadInput(f"--output {output}: probe results are Parquet (use a .parquet name)")
@@ -201,9 +201,10 @@ def build_concepts(
     (WordNet topic domains). Concepts whose package is missing are skipped with the reason.
     Example: scripts/fetch-concept-sources && kdtool probe build-concepts -o concepts.parquet --per-class 500
     """
-    from kdtool import concepts as cs
-    from kdtool import debsource, formats
+    from kdtool import formats
     from kdtool.errors import BadInput, RuntimeFailure
+    from kdtool.probe import concepts as cs
+    from kdtool.text import debian as debsource
 
     suffix = output.suffix.lower()
     if suffix not in CONCEPT_SUFFIXES:

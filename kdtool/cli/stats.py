@@ -1,8 +1,8 @@
 """kdtool stats: per-feature statistics of SAEs over activations -> stats.parquet (paper section 5.2).
 
 Thin: load each --sae (kdtool, SAELens, sparsify or dictionary_learning layout, auto-detected by
-kdtool.sae_formats), stream the cached activations (or a teacher) through them
-(kdtool.sae_stats), write stats.parquet and print one summary row per layer.
+kdtool.sae.layouts), stream the cached activations (or a teacher) through them
+(kdtool.sae.stats), write stats.parquet and print one summary row per layer.
 """
 
 from __future__ import annotations
@@ -120,10 +120,11 @@ def main(
     """
     import torch
 
-    from kdtool import formats, sae_stats
+    from kdtool import formats
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_count, parse_int_list
-    from kdtool.sae_formats import find_saes, load_sae
+    from kdtool.sae import stats as sae_stats
+    from kdtool.sae.layouts import find_saes, load_sae
 
     if not (0 <= alive_threshold < 1):
         raise BadInput(f"--alive-threshold must be in [0, 1), got {alive_threshold}")
@@ -161,7 +162,7 @@ def main(
     if stream:
         from kdtool.cli.options import load_teacher
         from kdtool.models import check_layers
-        from kdtool.sae_train import ModelSource
+        from kdtool.sae.training import ModelSource
 
         if max_tokens is None:
             raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 1M)")
@@ -174,7 +175,7 @@ def main(
         d_model, inputs, source_info = teacher.d_model, src.inputs, src.info
         total = max_tokens
     else:
-        from kdtool.activations import ActivationStore
+        from kdtool.acts.store import ActivationStore
 
         root = acts if acts is not None else Path("acts")
         store = ActivationStore(root)

@@ -203,11 +203,11 @@ def main(
 
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
-    from kdtool.toy import TrainConfig
-    from kdtool.toy_stats import fit_capacity as fit
-    from kdtool.toy_stats import read_toy_table
-    from kdtool.toy_stats import summarize as summary_of
-    from kdtool.toy_sweep import (
+    from kdtool.toy.model import TrainConfig
+    from kdtool.toy.stats import fit_capacity as fit
+    from kdtool.toy.stats import read_toy_table
+    from kdtool.toy.stats import summarize as summary_of
+    from kdtool.toy.sweep import (
         Grid,
         PartStore,
         chunk_cost,
@@ -217,7 +217,7 @@ def main(
         sample_configs,
         settings_id,
     )
-    from kdtool.toy_sweep import convergence_check as check
+    from kdtool.toy.sweep import convergence_check as check
 
     if summarize is not None:
         cols, meta = read_toy_table(summarize)

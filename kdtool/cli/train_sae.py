@@ -1,6 +1,6 @@
 """kdtool train-sae: train the paper's sparse autoencoders, one per layer, on cached or streamed activations.
 
-Thin: parse options into kdtool.sae_train.TrainConfig, pick the activation source (the cache
+Thin: parse options into kdtool.sae.training.TrainConfig, pick the activation source (the cache
 written by cache-acts, or a teacher streamed through a shuffle buffer), run the trainer with a
 progress bar, report one summary row per layer. The paper's run on a GPU:
     kdtool train-sae --layer 8,12,16 --expansion 32 --batch-tokens 32768 --tokens 300M --checkpoint-every 50M
@@ -228,9 +228,10 @@ def main(
     """
     import torch
 
-    from kdtool import dist, sae_train
+    from kdtool import distributed as dist
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_count, parse_int_list
+    from kdtool.sae import training as sae_train
 
     n_batch = common.parse_opt("--batch-tokens", parse_count, batch_tokens)
     n_tokens = common.parse_opt("--tokens", parse_count, tokens) if tokens is not None else None
@@ -317,8 +318,8 @@ def main(
 
 
 def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool) -> None:
-    from kdtool import sae_train
     from kdtool.formats import finite_or_none
+    from kdtool.sae import training as sae_train
 
     layers, n_tokens = cfg.layers, cfg.tokens
     l1, target_l0, device = cfg.l1, cfg.target_l0, cfg.device

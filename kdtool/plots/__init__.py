@@ -103,7 +103,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "Fig. 14: toy student training curves per width, Eq. 2 floors dashed "
         "(input: toy.curves.parquet from kdtool toy --log-curves)",
     ),
-    # Not a figure: a run folder in, a report folder out (kdtool/report.py; kdtool/cli/plot.py special-cases it).
+    # Not a figure: a run folder in, a report folder out (kdtool/report/build.py; kdtool/cli/plot.py special-cases it).
     "report": (
         "kdtool.report",
         "plot_report",

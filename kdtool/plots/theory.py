@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtool import formats, theory
+from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
+from kdtool.theory import theorem as theory
 
 #: The paper's layer-12 feature count (Table 1): the default F for the capacity figure.
 PAPER_FEATURES = 28_665
@@ -54,11 +55,11 @@ def _select_layers(available: list[int], options: dict, path: Path) -> list[int]
 
 
 def read_stats(path: Path, options: dict, capacity: str = "paper") -> list[LayerStats]:
-    """Per-layer F, alpha, g, d* and sorted importances of a stats file, via kdtool.importance.from_stats.
+    """Per-layer F, alpha, g, d* and sorted importances of a stats file, via kdtool.theory.importance.from_stats.
 
     alpha comes from the file's summary when present, else L0 = sum(freq), F = #alive (as `kdtool stats`).
     """
-    from kdtool import importance as imp_mod
+    from kdtool.theory import importance as imp_mod
 
     wanted = options.get("layer")
     layers = None if wanted in (None, [], ()) else ([wanted] if isinstance(wanted, int) else list(wanted))

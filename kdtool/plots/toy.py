@@ -30,7 +30,7 @@ def _one_input(inputs: list[Path], what: str) -> Path:
 
 def _table(path: Path, options: dict) -> dict:
     """The toy table with `floor` set by --set measure=..., filtered by --alpha / --set n=..."""
-    from kdtool.toy_stats import read_toy_table
+    from kdtool.toy.stats import read_toy_table
 
     cols, _ = read_toy_table(path, extra=("d_star",))
     measure = options.get("measure")
@@ -52,7 +52,7 @@ def _table(path: Path, options: dict) -> dict:
 
 
 def _agg(cols: dict):
-    from kdtool.toy_stats import aggregate
+    from kdtool.toy.stats import aggregate
 
     return aggregate(cols, "floor")
 
@@ -63,7 +63,7 @@ def _alpha_colors(alphas) -> dict[float, str]:
 
 def grid(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 2: floor vs d_S; rows n, columns alpha; measured mean +- std per d_T, Eq. 2 dashed, d* dotted."""
-    from kdtool.toy import floor_model
+    from kdtool.toy.model import floor_model
 
     path = _one_input(inputs, "toy-grid")
     agg = _agg(_table(path, options))
@@ -105,7 +105,7 @@ def _zipf(path: Path) -> float:
 
 def scatter(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 3: predicted vs measured floor (log-log), refined and naive panels, colour = alpha."""
-    from kdtool.toy_stats import summarize
+    from kdtool.toy.stats import summarize
 
     path = _one_input(inputs, "toy-scatter")
     cols = _table(path, options)
@@ -187,7 +187,7 @@ def accuracy(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
 
 def scaling(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 13: floor / total importance mass against d_S / d*, every configuration; Eq. 2 per n dashed."""
-    from kdtool.toy import floor_model
+    from kdtool.toy.model import floor_model
 
     path = _one_input(inputs, "toy-scaling")
     agg = _agg(_table(path, options))
@@ -241,7 +241,7 @@ def _curves_input(inputs: list[Path]) -> tuple[Path, Path | None]:
         table = path.with_name(path.name.replace(".curves.parquet", ".parquet"))
         return path, (table if table.exists() and table != path else None)
     if kind == KIND:
-        from kdtool.toy_sweep import curves_path
+        from kdtool.toy.sweep import curves_path
 
         cpath = curves_path(path)
         if not cpath.exists():
@@ -254,8 +254,8 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     """Fig. 14: student training loss vs step per width for a few configurations; Eq. 2 floors dashed."""
     import matplotlib as mpl
 
-    from kdtool.toy import predictions
-    from kdtool.toy_sweep import sample_configs
+    from kdtool.toy.model import predictions
+    from kdtool.toy.sweep import sample_configs
 
     cpath, _ = _curves_input(inputs)
     cols = formats.read_table(
@@ -269,7 +269,7 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     if not keep.any():
         raise BadInput(f"{cpath}: no student curves left after the filters")
     cols = {k: v[keep] for k, v in cols.items()}
-    from kdtool.toy import ToyConfigKey
+    from kdtool.toy.model import ToyConfigKey
 
     keys = sorted(
         {

@@ -1,0 +1,316 @@
+"""What a distillation run writes and reads back: curves and floors tables, student folders, checkpoints.
+
+Kept apart from the training loop (kdtool/distill/loop.py) so each stays readable. Schemas: docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kdtool.errors import BadInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdtool.distill.loop import Dist, DistillConfig
+
+CURVES_KIND = "kdtool.distill.curves"
+FLOORS_KIND = "kdtool.distill.floors"
+#: config fields a --resume must agree on (eval/save cadence may change)
+RESUME_FIELDS = (
+    "widths",
+    "temperature",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "min_lr_ratio",
+    "warmup",
+    "weight_decay",
+    "betas",
+    "eps",
+    "grad_clip",
+    "ce_weight",
+    "seed",
+    "heads",
+    "ffn_ratio",
+    "init_std",
+    "topk",
+    "run_key",
+)
+
+
+def _curve_rows(cfg, step, tokens, train_vals, ev, lrs, norms) -> list[dict]:
+    nan = float("nan")
+    rows = []
+    for w in cfg.widths:
+        tv = (train_vals or {}).get(w, {})
+        e = (ev or {}).get(w, {})
+        rows.append(
+            {
+                "width": w,
+                "step": step,
+                "tokens": tokens,
+                "train_kl": tv.get("kl", nan),
+                "train_kl_scaled": tv.get("kl_scaled", nan),
+                "train_ce": tv.get("ce", nan),
+                "eval_kl": e.get("kl", nan),
+                "eval_kl_scaled": e.get("kl_scaled", nan),
+                "eval_raw_kl": e.get("raw_kl", nan),
+                "eval_ce": e.get("ce", nan),
+                "lr": lrs.get(w, nan),
+                "grad_norm": norms.get(w, nan),
+            }
+        )
+    return rows
+
+
+CURVE_COLUMNS = (
+    "width",
+    "step",
+    "tokens",
+    "train_kl",
+    "train_kl_scaled",
+    "train_ce",
+    "eval_kl",
+    "eval_kl_scaled",
+    "eval_raw_kl",
+    "eval_ce",
+    "lr",
+    "grad_norm",
+)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in CURVE_COLUMNS}
+
+
+def floor_window(steps: int, fraction: float) -> int:
+    """First step whose evaluation counts towards the floor."""
+    return int(math.ceil((1.0 - fraction) * steps))
+
+
+def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> dict[str, list]:
+    """Floor per width: mean (and sample std) of the held-out evaluations in the final 10% of steps."""
+    import numpy as np
+
+    from kdtool.distill import students as st
+
+    start = floor_window(cfg.steps, cfg.floor_fraction)
+    w_arr = np.asarray(curves["width"])
+    s_arr = np.asarray(curves["step"])
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "width",
+            "params",
+            "non_embedding_params",
+            "floor",
+            "floor_std",
+            "floor_scaled",
+            "raw_kl",
+            "raw_kl_std",
+            "eval_ce",
+            "n_evals",
+            "steps",
+            "tokens",
+            "temperature",
+            "layers",
+            "heads",
+            "ffn",
+            "topk",
+        )
+    }
+    for w in cfg.widths:
+        sel = (w_arr == w) & (s_arr >= start) & (s_arr > 0) & np.isfinite(np.asarray(curves["eval_kl"], float))
+        kl = np.asarray(curves["eval_kl"], float)[sel]
+        raw = np.asarray(curves["eval_raw_kl"], float)[sel]
+        ce = np.asarray(curves["eval_ce"], float)[sel]
+        n = int(sel.sum())
+        out["width"].append(int(w))
+        if models is not None:
+            counts = st.param_counts(models[w])
+            desc = st.describe(models[w].config)
+        else:
+            counts, desc = {"params": 0, "non_embedding_params": 0}, {"layers": 0, "heads": 0, "ffn": 0}
+        out["params"].append(counts["params"])
+        out["non_embedding_params"].append(counts["non_embedding_params"])
+        floor = float(kl.mean()) if n else float("nan")
+        out["floor"].append(floor)
+        out["floor_std"].append(float(kl.std(ddof=1)) if n > 1 else 0.0)
+        out["floor_scaled"].append(cfg.temperature**2 * floor)
+        out["raw_kl"].append(float(raw.mean()) if n else float("nan"))
+        out["raw_kl_std"].append(float(raw.std(ddof=1)) if n > 1 else 0.0)
+        out["eval_ce"].append(float(ce.mean()) if n else float("nan"))
+        out["n_evals"].append(n)
+        out["steps"].append(int(s_arr[w_arr == w].max()))
+        out["tokens"].append(int(np.asarray(curves["tokens"])[w_arr == w].max()))
+        out["temperature"].append(float(cfg.temperature))
+        out["layers"].append(int(desc["layers"]))
+        out["heads"].append(int(desc["heads"]))
+        out["ffn"].append(int(desc["ffn"]))
+        out["topk"].append(int(cfg.topk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def write_outputs(out: Path, cfg, models, tokenizer, curves, floors, provenance) -> None:
+    """width{W}/ dirs (atomic swap), curves.parquet and floors.parquet, all with provenance."""
+    from kdtool import formats
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "config": _cfg_dict(cfg),
+        "floor_from_step": floor_window(cfg.steps, cfg.floor_fraction),
+        "names": {
+            "floor": "per-token KL(teacher||student) at T, nats (paper's per-token KL)",
+            "floor_scaled": "T^2 x floor",
+            "raw_kl": "T^2 x KL summed over a sequence (paper's raw)",
+        },
+    }
+    for i, w in enumerate(cfg.widths):
+        row = {k: v[i] for k, v in floors.items()}
+        _save_student(
+            out / f"width{w}",
+            models[w],
+            tokenizer,
+            {"kind": "kdtool.distill.student", "floor": row, "provenance": provenance},
+        )
+    formats.write_parquet(out / "curves.parquet", curves, kind=CURVES_KIND, provenance=provenance, summary=summary)
+    formats.write_parquet(out / "floors.parquet", floors, kind=FLOORS_KIND, provenance=provenance, summary=summary)
+
+
+def _save_student(final: Path, model, tokenizer, info: dict) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from kdtool import formats
+
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    formats.write_json(tmp / "kdtool.json", info)
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cfg_dict(cfg: DistillConfig) -> dict:
+    out = asdict(cfg)
+    out["betas"] = list(cfg.betas)
+    return out
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(st[1].astype("int64")),
+            "pos": int(st[2]),
+            "has_gauss": int(st[3]),
+            "cached": float(st[4]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, cfg, models, optims, scheds, step, tokens_seen, rows_log, d: Dist) -> None:
+    """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
+    RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
+    import torch
+
+    if not d.main:
+        return
+    final = out / "checkpoint"
+    tmp = out / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for w, m in models.items():
+        torch.save(
+            {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
+            tmp / f"width{w}.pt",
+        )
+    torch.save(
+        {
+            "step": step,
+            "data_position": step,
+            "tokens_seen": tokens_seen,
+            "curves": rows_log,
+            "config": _cfg_dict(cfg),
+            "world": d.world,
+            "rng": _rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    old = out / ".checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, cfg, models, optims, scheds, device) -> dict | None:
+    """Restore every width's model/optimizer/scheduler and the RNG; None when there is no checkpoint."""
+    import torch
+
+    folder = out / "checkpoint"
+    if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
+        folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
+    if not (folder / "state.pt").exists():
+        return None
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
+    saved, now = state["config"], _cfg_dict(cfg)
+    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
+        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+    for w in cfg.widths:
+        blob = torch.load(folder / f"width{w}.pt", map_location=device, weights_only=True)
+        models[w].load_state_dict(blob["model"])
+        optims[w].load_state_dict(blob["optim"])
+        scheds[w].load_state_dict(blob["sched"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def _norm(v):
+    if isinstance(v, (tuple, list)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
