@@ -22,7 +22,13 @@ from typing import Any
 from kdtool import provenance as _prov
 from kdtool.errors import BadInput, MissingColumns, UnknownFormat
 
-TABLE_SUFFIXES = {".parquet", ".pq", ".csv", ".json", ".jsonl", ".tsv"}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    """Whether a path names a Parquet file by its suffix (.parquet or .pq)."""
+    return Path(path).suffix.lower() in PARQUET_SUFFIXES
 
 
 @contextlib.contextmanager
@@ -84,6 +90,59 @@ def write_parquet(
         pq.write_table(table, tmp)
 
 
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly
+    return str(v)
+
+
+def table_text(columns: dict[str, Any], fmt: str, *, kind: str = "", provenance=None, summary=None) -> str:
+    """Equal-length columns as CSV, TSV, JSONL (one record a line) or JSON ({kind, rows, summary, provenance}).
+
+    The text twin of `read_table`: what it writes, read_table reads back.
+    """
+    import csv
+    import io
+
+    names = list(columns)
+    n = len(next(iter(columns.values()))) if columns else 0
+    rows = [{k: _prov.jsonable(columns[k][i]) for k in names} for i in range(n)]
+    if fmt == "json":
+        obj = {"kind": kind, "rows": rows, "summary": _prov.jsonable(summary), "provenance": provenance}
+        return json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    if fmt in ("csv", "tsv"):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n", delimiter="\t" if fmt == "tsv" else ",")
+        writer.writerow(names)
+        writer.writerows([[_csv_cell(r[k]) for k in names] for r in rows])
+        return buf.getvalue()
+    raise UnknownFormat(f"unknown table format {fmt!r} (use parquet, csv, tsv, json or jsonl)")
+
+
+def write_table(
+    path: str | os.PathLike,
+    columns: dict[str, Any],
+    *,
+    kind: str,
+    provenance: dict | None = None,
+    summary: Any | None = None,
+    fmt: str | None = None,
+) -> None:
+    """Write a table atomically in the format its suffix names (or `fmt`): Parquet, CSV, TSV, JSON or JSONL.
+
+    Only Parquet and JSON carry kind/provenance inside the file; CSV/TSV/JSONL are plain data.
+    """
+    fmt = fmt or ("parquet" if is_parquet(path) else Path(path).suffix.lower().lstrip("."))
+    if fmt == "parquet":
+        write_parquet(path, columns, kind=kind, provenance=provenance, summary=summary)
+    else:
+        write_text(path, table_text(columns, fmt, kind=kind, provenance=provenance, summary=summary))
+
+
 def parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """kdtool metadata of a Parquet file: {'kind', 'provenance', 'summary'} (missing -> None)."""
     import pyarrow.parquet as pq
@@ -117,7 +176,7 @@ def read_table(path: str | os.PathLike, *, required: tuple[str, ...] = ()) -> di
         raise BadInput(f"{p}: is a folder, expected a table file")
     suffix = p.suffix.lower()
     try:
-        if suffix in (".parquet", ".pq"):
+        if suffix in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
 
             table = pq.read_table(p)

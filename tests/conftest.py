@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is several times faster than two on a shared, busy CPU.
+
+    Test modules that train tiny models opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli():
     """Invoke kdtool in-process: cli('predict', '--widths', '128') -> Result."""
     from kdtool.cli.common import STATE

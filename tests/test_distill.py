@@ -20,13 +20,7 @@ from kdtool.errors import BadInput, RuntimeFailure
 VOCAB, SEQ, BATCH = 96, 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_teacher(arch: str = "gpt_neox"):

@@ -30,13 +30,7 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread beats two on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_text(path, paragraphs=400):

@@ -16,13 +16,7 @@ from kdtool.sae.model import L1Controller, SparseAutoencoder, forward_backward, 
 from kdtool.sae.training import CacheSource, TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than two on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_ground_truth(root, *, d=64, k=32, p=0.04, n=300_000, layer=3, seed=0, noise=0.01):

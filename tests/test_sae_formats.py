@@ -22,12 +22,7 @@ from kdtool.sae.layouts import EXPORTERS, detect_layout, find_saes, hook_to_laye
 D, F, LAYER = 8, 24, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

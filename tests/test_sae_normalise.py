@@ -18,13 +18,7 @@ from kdtool.sae.model import SparseAutoencoder
 from kdtool.sae.training import NORM_TOKENS, CacheSource, TrainConfig, Trainer, fold_scale
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is many times faster than two on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_sparse(root, *, d=32, k=48, p=0.05, n=60_000, layer=3, seed=0, amplitude=40.0, offset_norm=100.0):

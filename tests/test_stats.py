@@ -16,12 +16,7 @@ from kdtool.sae.layouts import saelens_cfg, save_kdtool
 D = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sae(folder, *, d=D, f=32, layer=3, seed=0, dec_scale=1.0, dead=0):

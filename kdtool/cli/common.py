@@ -178,41 +178,21 @@ def emit_table(
     from kdtool.provenance import jsonable
 
     chosen = choose_format(fmt, output)
-    names = list(columns)
-    n = len(next(iter(columns.values()))) if columns else 0
-    rows = [{k: jsonable(columns[k][i]) for k in names} for i in range(n)]
     if chosen == TableFormat.parquet:
         if output is None:
             raise BadInput("parquet output needs -o FILE (it is binary)")
         formats.write_parquet(output, columns, kind=kind, provenance=provenance, summary=summary)
         return
-    if chosen == TableFormat.json:
-        text = (
-            json.dumps(
-                {"kind": kind, "rows": rows, "summary": jsonable(summary), "provenance": provenance},
-                indent=2,
-                allow_nan=False,
-                default=str,
-            )
-            + "\n"
-        )
-    elif chosen == TableFormat.csv:
-        import csv
-        import io
-
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(names)
-        writer.writerows([[_cell_csv(r[k]) for k in names] for r in rows])
-        text = buf.getvalue()
+    if chosen in (TableFormat.json, TableFormat.csv):
+        text = formats.table_text(columns, chosen.value, kind=kind, provenance=provenance, summary=summary)
     else:
         from rich.table import Table
 
         table = Table(title=title)
-        for name in names:
+        for name in columns:
             table.add_column(name, justify="right")
-        for r in rows:
-            table.add_row(*[_cell(r[k]) for k in names])
+        for row in zip(*columns.values(), strict=True):
+            table.add_row(*[_cell(jsonable(v)) for v in row])
         if output is None:
             out_console().print(table)
             return
@@ -225,14 +205,6 @@ def emit_table(
         sys.stdout.flush()
     else:
         formats.write_text(output, text)
-
-
-def _cell_csv(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    return str(v)
 
 
 def emit_json(obj: dict, output: Path | None = None) -> None:

@@ -16,6 +16,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -30,11 +31,53 @@ MODEL_PANEL = "Teacher model"
 DATA_PANEL = "Text data"
 
 
-class ModelDtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum whose members are `values` (Typer shows them as [a|b|c]); one line per choice option."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+ModelDtype = choices("ModelDtype", "auto", "float32", "bfloat16", "float16")
+
+
+def acts_option(panel: str | None = None):
+    """--acts: the activation cache a command reads (train-sae, stats, ...)."""
+    return Annotated[
+        Optional[Path],
+        typer.Option(
+            "--acts",
+            help="Activation cache from `kdtool cache-acts` [default: acts].",
+            file_okay=False,
+            rich_help_panel=panel,
+            show_default=False,
+        ),
+    ]
+
+
+def layers_option(help: str, panel: str | None = None, short: bool = True):
+    """--layer/-l: a list of layers (12 or 8,12,16), parsed by `parse_layers`; the help says what they select."""
+    names = ("--layer", "-l") if short else ("--layer",)
+    return Annotated[Optional[str], typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)]
+
+
+def tokens_option(help: str, panel: str | None = None):
+    """--tokens: a token count in the compact notation (300M, 2.5B, 50K), parsed by `parse_tokens`."""
+    return Annotated[Optional[str], typer.Option("--tokens", help=help, rich_help_panel=panel, show_default=False)]
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """--layer's text as a list of layer indices; errors name the option (exit 2)."""
+    from kdtool.cli.common import parse_opt
+    from kdtool.parsing import parse_int_list
+
+    return None if text is None else parse_opt("--layer", lambda t: parse_int_list(t, minimum=0), text)
+
+
+def parse_tokens(text: str | None) -> int | None:
+    """--tokens' text as a count; errors name the option (exit 2)."""
+    from kdtool.cli.common import parse_opt
+    from kdtool.parsing import parse_count
+
+    return None if text is None else parse_opt("--tokens", parse_count, text)
 
 
 ModelOpt = Annotated[
