@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from kdtool import formats
-from kdtool.plots import KINDS
 from kdtool.plots import style as st
 from kdtool.plots import theory as figs
+from kdtool.plots.registry import KINDS
 from kdtool.theory import theorem as theory
 
 MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}

@@ -1,4 +1,4 @@
-"""kdtool plot KIND INPUT... -o FIG: draw one of the registered figures (kdtool/plots/__init__.py KINDS).
+"""kdtool plot KIND INPUT... -o FIG: draw one of the registered figures (kdtool/plots/registry.py KINDS).
 
 Example: kdtool plot capacity -o capacity.png
 """
@@ -32,7 +32,7 @@ GENERIC_KEYS = ("layer", "widths", "features", "alpha", "capacity", "title")
 
 
 def _kinds() -> dict[str, tuple[str, str, str]]:
-    from kdtool.plots import KINDS  # a plain dict: no matplotlib, cheap on every TAB press
+    from kdtool.plots.registry import KINDS  # a plain dict: no matplotlib, cheap on every TAB press
 
     return KINDS
 
