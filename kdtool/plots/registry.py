@@ -26,27 +26,27 @@ FigureFunction = Callable[..., None]
 #: kind -> (module, function, one-line help naming the paper figure)
 KINDS: dict[str, tuple[str, str, str]] = {
     "capacity": (
-        "kdtool.plots.theory",
+        "kdtool.plots.capacity",
         "capacity",
         "Fig. 1: g(alpha) and d* = F/g against alpha (input: stats files, optional)",
     ),
     "importance": (
-        "kdtool.plots.theory",
+        "kdtool.plots.floor",
         "importance",
         "Fig. 5a: feature importance vs rank, log-log, one line per layer (input: stats files)",
     ),
     "floor": (
-        "kdtool.plots.theory",
+        "kdtool.plots.floor",
         "floor",
         "Fig. 5b: predicted floor vs width, one line per layer, d* marked (input: stats or predict files)",
     ),
     "calibration": (
-        "kdtool.plots.theory",
+        "kdtool.plots.calibration",
         "calibration",
         "Fig. 7: observed vs predicted floors, linear and affine fits with R^2 (input: calib.json)",
     ),
     "calibration-normalized": (
-        "kdtool.plots.theory",
+        "kdtool.plots.calibration",
         "calibration_normalized",
         "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)",
     ),
