@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from kdtool import formats
+from kdtool.errors import BadInput
 from kdtool.plots import calibration as calibration_figs
 from kdtool.plots import capacity as capacity_figs
 from kdtool.plots import floor as floor_figs
+from kdtool.plots import registry
 from kdtool.plots import style as st
 from kdtool.plots.registry import KINDS
 from kdtool.theory import theorem as theory
@@ -126,6 +128,26 @@ def _legend_texts(fig) -> list[str]:
         if leg is not None:
             out += [t.get_text() for t in leg.get_texts()]
     return out
+
+
+# --------------------------------------------------------------------------- the registry, from Python
+
+
+def test_every_registered_kind_names_a_function_that_exists():
+    for kind in KINDS:
+        assert callable(registry.figure_function(kind)), kind
+    with pytest.raises(BadInput, match="unknown figure kind 'nope'; kinds: capacity"):
+        registry.entry("nope")
+    assert registry.entry("x", {"x": ("theoryish", "f", "h")}) == ("kdtool.plots.theoryish", "f", "h")
+
+
+def test_draw_writes_the_figure_with_the_given_provenance(tmp_path, calib):
+    out = tmp_path / "n.svg"
+    prov = {"command": "from python", "config": {"kind": "calibration-normalized"}}
+    written = registry.draw("calibration-normalized", [calib[0]], out, options={"d_star": 1065}, provenance=prov)
+    assert written == out and out.read_bytes().startswith(MAGIC[".svg"])
+    meta = st.read_figure_metadata(out)
+    assert meta["kind"] == "kdtool.figure.calibration-normalized" and meta["provenance"] == prov
 
 
 # --------------------------------------------------------------------------- the CLI
