@@ -174,28 +174,22 @@ def title(fig, options: dict, default: str | None = None) -> None:
         fig.text(0.5, -0.01, default, ha="center", va="top", fontsize="x-small", color=GREY)
 
 
+#: per format: the metadata keys of (creator, provenance, kind); SVG uses Dublin Core keys only
+_METADATA_KEYS = {
+    ".png": ("Software", "kdtool", "kdtool.kind"),
+    ".pdf": ("Creator", "Subject", "Keywords"),
+    ".svg": ("Creator", "Description", "Title"),
+}
+
+
 def _metadata(suffix: str, provenance: dict | None, kind: str | None) -> dict:
-    creator = f"kdtool {__version__}"
+    creator_key, provenance_key, kind_key = _METADATA_KEYS.get(suffix, _METADATA_KEYS[".svg"])
+    meta = {creator_key: f"kdtool {__version__}"}
     prov = dumps(provenance) if provenance is not None else None
-    if suffix == ".png":
-        meta = {"Software": creator}
-        if prov:
-            meta["kdtool"] = prov
-        if kind:
-            meta["kdtool.kind"] = kind
-        return meta
-    if suffix == ".pdf":
-        meta = {"Creator": creator}
-        if prov:
-            meta["Subject"] = prov
-        if kind:
-            meta["Keywords"] = kind
-        return meta
-    meta = {"Creator": creator}  # svg: Dublin Core keys only
     if prov:
-        meta["Description"] = prov
+        meta[provenance_key] = prov
     if kind:
-        meta["Title"] = kind
+        meta[kind_key] = kind
     return meta
 
 
@@ -252,10 +246,16 @@ def read_figure_metadata(path: Path) -> dict:
     return out
 
 
-def _png_text_chunks(path: Path) -> dict[str, str]:
+def _signed_bytes(path: Path, signature: bytes, what: str) -> bytes:
+    """The file's bytes; BadInput unless they start with the format's signature."""
     data = path.read_bytes()
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise BadInput(f"{path}: not a PNG file (bad signature)")
+    if not data.startswith(signature):
+        raise BadInput(f"{path}: not a {what} file (bad signature)")
+    return data
+
+
+def _png_text_chunks(path: Path) -> dict[str, str]:
+    data = _signed_bytes(path, b"\x89PNG\r\n\x1a\n", "PNG")
     chunks: dict[str, str] = {}
     pos = 8
     while pos + 8 <= len(data):
@@ -282,9 +282,7 @@ def _png_text_chunks(path: Path) -> dict[str, str]:
 
 def _pdf_info(path: Path) -> dict[str, str]:
     """The document info strings matplotlib writes (uncompressed literal strings in the trailer's /Info)."""
-    data = path.read_bytes()
-    if not data.startswith(b"%PDF"):
-        raise BadInput(f"{path}: not a PDF file (bad signature)")
+    data = _signed_bytes(path, b"%PDF", "PDF")
     out: dict[str, str] = {}
     for key in ("Creator", "Subject", "Keywords", "Producer"):
         m = re.search(rb"/" + key.encode() + rb" \(((?:\\.|[^\\)])*)\)", data)

@@ -5,10 +5,32 @@ Builders take the run's artifacts and return kdtool.report.model.Tables (see kdt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from kdtool import formats
 from kdtool.report.model import CALIB, FLOORS, PREDICT, Artifact, Table, format_cell, number, of_kind
+
+
+def _rows_table(art: Artifact, spec: list, key: str, section: str, title: str, order: Callable) -> Table:
+    """One row per row of a width/floor table, in `order(cols)`; the spec's (column, header, format) it has."""
+    cols = formats.read_table(art.path, required=("width", "floor"))
+    present = [s for s in spec if s[0] in cols]
+    t = Table(key, section, title, [s[1] for s in present], [s[2] for s in present], sources=[art.rel])
+    for i in order(cols):
+        t.add(*(number(cols[s[0]][i]) for s in present))
+    return t
+
+
+def _by_layer_then_width(cols: dict) -> np.ndarray:
+    """Row order of a predict table: by layer, then width."""
+    return np.lexsort((np.asarray(cols["width"], float), np.asarray(cols.get("layer", cols["width"]), float)))
+
+
+def _by_width(cols: dict) -> np.ndarray:
+    """Row order of a floors table: by width (stable)."""
+    return np.argsort(np.asarray(cols["width"], float), kind="stable")
 
 
 def predicted(arts: list[Artifact]) -> list[Table]:
@@ -27,15 +49,8 @@ def predicted(arts: list[Artifact]) -> list[Table]:
         ("floor_kl_high", "97.5%", "g4"),
     ]
     for art in preds:
-        cols = formats.read_table(art.path, required=("width", "floor"))
-        present = [s for s in spec if s[0] in cols]
         title = "Predicted floors (Eq. 2, Table 2)" + (f": {art.rel}" if len(preds) > 1 else "")
-        t = Table(
-            "predicted", "Predicted floors", title, [s[1] for s in present], [s[2] for s in present], sources=[art.rel]
-        )
-        order = np.lexsort((np.asarray(cols["width"], float), np.asarray(cols.get("layer", cols["width"]), float)))
-        for i in order:
-            t.add(*(number(cols[s[0]][i]) for s in present))
+        t = _rows_table(art, spec, "predicted", "Predicted floors", title, _by_layer_then_width)
         t.note = "L* in the importance units of the stats file; floor (nats) = C·L* + B with the calibration."
         out.append(t)
     return out
@@ -59,14 +74,8 @@ def distill_floors(arts: list[Artifact]) -> list[Table]:
     ]
     out = []
     for art in floors:
-        cols = formats.read_table(art.path, required=("width", "floor"))
-        present = [s for s in spec if s[0] in cols]
         title = "Distillation floors (Table 3)" + (f": {art.rel}" if len(floors) > 1 else "")
-        t = Table(
-            "distill_floors", "Distillation", title, [s[1] for s in present], [s[2] for s in present], sources=[art.rel]
-        )
-        for i in np.argsort(np.asarray(cols["width"], float), kind="stable"):
-            t.add(*(number(cols[s[0]][i]) for s in present))
+        t = _rows_table(art, spec, "distill_floors", "Distillation", title, _by_width)
         t.note = (
             "floor = per-token KL(teacher‖student) at temperature T, nats; raw KL = T² × KL summed over a "
             "sequence (the paper's raw value)."

@@ -148,20 +148,17 @@ def sae_stages(p: Protocol, t: Teacher, source: dict, seed: int | None) -> list[
     return stages
 
 
+def _trial_stage(family: str, name: str, title: str, argv: list[str], disk: tuple[str, int]) -> Stage:
+    """A stage run once per SAE trial that takes seconds and leaves one small file."""
+    return Stage(f"{family}-{name}", family, title, argv, disk=[disk])
+
+
 def predict_stage(p: Protocol, name: str) -> Stage:
     """`kdtool predict` of one SAE trial's stats at the distilled widths."""
-    return Stage(
-        f"predict-{name}",
-        "predict",
-        f"predicted floors L*(d_S) of trial {name}, every layer",
-        cmd(
-            "kdtool",
-            "predict",
-            str(p.out / f"stats-{name}.parquet"),
-            widths=p.distill["widths"],
-            o=p.out / f"predict-{name}.parquet",
-        ),
-        disk=[("predict table", 16 * 1024)],
+    stats, out = p.out / f"stats-{name}.parquet", p.out / f"predict-{name}.parquet"
+    argv = cmd("kdtool", "predict", str(stats), widths=p.distill["widths"], o=out)
+    return _trial_stage(
+        "predict", name, f"predicted floors L*(d_S) of trial {name}, every layer", argv, ("predict table", 16 * 1024)
     )
 
 
@@ -234,21 +231,18 @@ def distill_stage(p: Protocol, t: Teacher, seed: int | None) -> Stage:
 
 def calibrate_stage(p: Protocol, name: str) -> Stage:
     """`kdtool calibrate`: the observed floors against one trial's predictions."""
-    return Stage(
-        f"calibrate-{name}",
+    floors, predicted = p.out / "students" / "floors.parquet", p.out / f"predict-{name}.parquet"
+    argv = cmd(
+        "kdtool",
         "calibrate",
-        f"fit the observed floors to trial {name}'s predictions at layer {p.calibrate_layer}",
-        cmd(
-            "kdtool",
-            "calibrate",
-            str(p.out / "students" / "floors.parquet"),
-            predicted=p.out / f"predict-{name}.parquet",
-            layer=p.calibrate_layer,
-            baseline_width=p.baseline_width,
-            o=p.out / f"calib-{name}.json",
-        ),
-        disk=[("calib.json", 64 * 1024)],
+        str(floors),
+        predicted=predicted,
+        layer=p.calibrate_layer,
+        baseline_width=p.baseline_width,
+        o=p.out / f"calib-{name}.json",
     )
+    title = f"fit the observed floors to trial {name}'s predictions at layer {p.calibrate_layer}"
+    return _trial_stage("calibrate", name, title, argv, ("calib.json", 64 * 1024))
 
 
 def probe_stages(p: Protocol, seed: int | None) -> list[Stage]:
