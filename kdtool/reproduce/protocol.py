@@ -5,9 +5,9 @@
 1. `load_protocol(overrides)` reads the presets (kdtool/data/presets/paper-*.toml) into one flat
    `Protocol` and applies the user's scale-down options; `teacher_shape(protocol)` reads the
    teacher's width and depth and counts the students' parameters (this module);
-2. `build_plan(protocol)` turns it into `Stage`s: each one kdtool command (argv), the tokens it
-   processes and the disk it leaves (kdtool/reproduce/plan.py), computed from the sizes
-   (`sae_bytes`, `acts_bytes`, ..., kdtool/reproduce/sizes.py);
+2. `build_plan(protocol)` (kdtool/reproduce/plan.py) turns it into `Stage`s (kdtool/reproduce/stage.py):
+   each one kdtool command (argv, written by kdtool/reproduce/commands.py), the tokens it processes
+   and the disk it leaves, computed from the sizes (`sae_bytes`, `acts_bytes`, ..., kdtool/reproduce/sizes.py);
 3. `estimate(plan, rates)` adds times from throughputs: measured by `measure` (each heavy stage run
    twice, briefly, at two sizes on this machine; the difference is the rate without start-up) or
    given by the user;
