@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: one concept (what a file is), one short describer per format, all sharing _base/_overview.
 """Describe any file kdtool reads or writes: kind, shape/schema, summary numbers, provenance.
 
 `describe(path)` returns a JSON-able dict; `kdtool info` prints it. It is generic on purpose: a
@@ -25,8 +26,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
 from kdtool import formats
+from kdtool.acts.store import manifest_summary
 from kdtool.errors import BadInput, UnknownFormat
+from kdtool.plots.style import read_figure_metadata
 
 #: Column statistics are computed only for tables up to this many cells (bigger: Parquet row-group stats).
 STATS_CELL_LIMIT = 50_000_000
@@ -48,7 +58,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         head = _head(p, 8)
     except OSError as exc:
         raise BadInput(f"{p}: cannot read ({exc.strerror or exc})") from None
-    if suffix in (".parquet", ".pq") or head.startswith(b"PAR1"):
+    if formats.is_parquet(p) or head.startswith(b"PAR1"):
         return _describe_parquet(p)
     if suffix == ".safetensors":
         return _describe_safetensors(p)
@@ -91,10 +101,6 @@ def _base(p: Path, fmt: str) -> dict[str, Any]:
 
 def _column_stats(name: str, arr) -> dict[str, Any]:
     """min/max/mean for numbers, true-count for booleans, distinct count for the rest (nulls counted)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     out: dict[str, Any] = {"name": name, "type": str(arr.type)}
     out["nulls"] = int(arr.null_count)
     t = arr.type
@@ -118,8 +124,6 @@ def _table_schema(table) -> list[dict[str, Any]]:
 
 
 def _describe_parquet(p: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(p)
     except Exception as exc:
@@ -169,12 +173,8 @@ def _describe_table(p: Path) -> dict[str, Any]:
     fmt = p.suffix.lower().lstrip(".")
     try:
         if fmt == "jsonl":
-            import pyarrow.json as pjson
-
             table = pjson.read_json(p)
         else:
-            import pyarrow.csv as pcsv
-
             table = pcsv.read_csv(p, parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","))
     except Exception as exc:
         raise BadInput(f"{p}: cannot read as {fmt} ({str(exc).splitlines()[0]})") from None
@@ -231,8 +231,6 @@ def _describe_json(p: Path) -> dict[str, Any]:
 
 
 def _describe_records(p: Path, out: dict, rows: list[dict]) -> dict[str, Any]:
-    import pyarrow as pa
-
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -294,7 +292,7 @@ def _describe_safetensors(p: Path) -> dict[str, Any]:
 
 def _describe_pt(p: Path) -> dict[str, Any]:
     """A PyTorch pickle (dictionary_learning's ae.pt): read only with weights_only=True."""
-    import torch
+    import torch  # here, not at the top: seconds to import, and only .pt files need it
 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -319,8 +317,6 @@ def _describe_pt(p: Path) -> dict[str, Any]:
 
 
 def _describe_figure(p: Path) -> dict[str, Any]:
-    from kdtool.plots.style import read_figure_metadata
-
     out = _base(p, p.suffix.lower().lstrip("."))
     try:
         meta = read_figure_metadata(p)
@@ -396,8 +392,6 @@ def _describe_folder(p: Path) -> dict[str, Any]:
         obj = formats.read_json(manifest)
         kind = obj.get("kind")
         if kind == "kdtool.acts":
-            from kdtool.acts.store import manifest_summary
-
             out = _base(p, "activation cache folder")
             out["kind"], out["provenance"] = kind, obj.get("provenance")
             summary = manifest_summary(p)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kdtool import formats
-from kdtool import info as inspect
+from kdtool import formats, info
 
 PROV = {
     "kdtool_version": "0.1.0",
@@ -250,4 +251,16 @@ def test_truncated_safetensors_is_refused(tmp_path):
     save_file(_sae_tensors(), str(p))
     p.write_bytes(p.read_bytes()[:-10])
     with pytest.raises(Exception, match="truncated safetensors"):
-        inspect.describe(p)
+        info.describe(p)
+
+
+def test_describing_files_loads_neither_torch_nor_matplotlib():
+    """info.describe reads figures and tables without the heavy libraries (torch only for .pt files)."""
+    code = (
+        "import sys\n"
+        "from kdtool import info\n"
+        "print(','.join(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""

@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 
 from kdtool import formats
-from kdtool.plots import KINDS
+from kdtool.errors import BadInput
+from kdtool.plots import calibration as calibration_figs
+from kdtool.plots import capacity as capacity_figs
+from kdtool.plots import floor as floor_figs
+from kdtool.plots import registry
 from kdtool.plots import style as st
-from kdtool.plots import theory as figs
+from kdtool.plots.registry import KINDS
 from kdtool.theory import theorem as theory
 
 MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
@@ -126,6 +130,26 @@ def _legend_texts(fig) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- the registry, from Python
+
+
+def test_every_registered_kind_names_a_function_that_exists():
+    for kind in KINDS:
+        assert callable(registry.figure_function(kind)), kind
+    with pytest.raises(BadInput, match="unknown figure kind 'nope'; kinds: capacity"):
+        registry.entry("nope")
+    assert registry.entry("x", {"x": ("theoryish", "f", "h")}) == ("kdtool.plots.theoryish", "f", "h")
+
+
+def test_draw_writes_the_figure_with_the_given_provenance(tmp_path, calib):
+    out = tmp_path / "n.svg"
+    prov = {"command": "from python", "config": {"kind": "calibration-normalized"}}
+    written = registry.draw("calibration-normalized", [calib[0]], out, options={"d_star": 1065}, provenance=prov)
+    assert written == out and out.read_bytes().startswith(MAGIC[".svg"])
+    meta = st.read_figure_metadata(out)
+    assert meta["kind"] == "kdtool.figure.calibration-normalized" and meta["provenance"] == prov
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -174,7 +198,7 @@ def test_every_theory_kind_dispatches_with_provenance(cli, tmp_path, stats, cali
 
     monkeypatch.setattr(st, "save", record)
     for kind, paths in inputs.items():
-        assert KINDS[kind][0] == "kdtool.plots.theory"
+        assert KINDS[kind][0] in ("kdtool.plots.capacity", "kdtool.plots.floor", "kdtool.plots.calibration")
         out = tmp_path / f"{kind}.png"
         r = cli("plot", kind, *paths, "-o", out)
         assert r.exit_code == 0, (kind, r.output)
@@ -245,7 +269,7 @@ def test_kind_completion_lists_kinds_without_matplotlib():
 
 def test_floor_from_stats_draws_eq2_and_marks_d_star(stats, captured, tmp_path):
     path, summary = stats
-    figs.floor([path], tmp_path / "f.png", style="paper", options={"layer": [12], "widths": [8, 16]})
+    floor_figs.floor([path], tmp_path / "f.png", style="paper", options={"layer": [12], "widths": [8, 16]})
     (fig,) = captured
     ax = fig.axes[0]
     labels = _legend_texts(fig)
@@ -275,7 +299,7 @@ def test_floor_from_predict_csv_estimates_d_star(tmp_path, captured):
         "layer,width,features_kept,features_dropped,floor\n"
         + "".join(f"12,{a},{k},{f - k},{0.1 / a}\n" for a, k in zip(w, kept, strict=True))
     )
-    figs.floor([p], tmp_path / "f.png", style="paper", options={})
+    floor_figs.floor([p], tmp_path / "f.png", style="paper", options={})
     (fig,) = captured
     (label,) = [t for t in _legend_texts(fig) if t.startswith("layer 12")]
     est = float(label.split("approx")[1].strip("$)").replace("{,}", ""))
@@ -284,7 +308,7 @@ def test_floor_from_predict_csv_estimates_d_star(tmp_path, captured):
 
 def test_calibration_titles_carry_each_fits_r2(calib, captured, tmp_path):
     path, obj = calib
-    figs.calibration([path], tmp_path / "c.png", style="paper", options={})
+    calibration_figs.calibration([path], tmp_path / "c.png", style="paper", options={})
     (fig,) = captured
     titles = [ax.get_title() for ax in fig.axes]
     assert f"{obj['linear']['r2']:.3f}" in titles[0] and "-1.98" in titles[0]
@@ -296,7 +320,7 @@ def test_calibration_titles_carry_each_fits_r2(calib, captured, tmp_path):
 
 def test_calibration_normalized_uses_the_fixed_baseline(calib, captured, tmp_path):
     path, _ = calib
-    figs.calibration_normalized([path], tmp_path / "n.png", style="paper", options={"d_star": 1065})
+    calibration_figs.calibration_normalized([path], tmp_path / "n.png", style="paper", options={"d_star": 1065})
     (fig,) = captured
     ax = fig.axes[0]
     pred, obs = ax.get_lines()[0], ax.get_lines()[1]
@@ -307,7 +331,7 @@ def test_calibration_normalized_uses_the_fixed_baseline(calib, captured, tmp_pat
 
 def test_capacity_marks_layers_and_the_non_monotone_region(stats, captured, tmp_path):
     path, summary = stats
-    figs.capacity([path], tmp_path / "c.png", style="paper", options={})
+    capacity_figs.capacity([path], tmp_path / "c.png", style="paper", options={})
     (fig,) = captured
     ax_g, ax_d = fig.axes[0], fig.axes[1]
     (curve,) = [ln for ln in ax_g.get_lines() if len(ln.get_xdata()) > 100]
@@ -329,7 +353,7 @@ def test_capacity_marks_layers_and_the_non_monotone_region(stats, captured, tmp_
 def test_stats_without_summary_recompute_alpha_from_freq(tmp_path, captured):
     p = tmp_path / "s.parquet"
     summary = _write_stats(p, with_summary=False)
-    figs.capacity([p], tmp_path / "c.png", style="paper", options={"layer": [8]})
+    capacity_figs.capacity([p], tmp_path / "c.png", style="paper", options={"layer": [8]})
     (fig,) = captured
     text = [t for t in _legend_texts(fig) if t.startswith("layer 8")][0]  # panel (a): alpha and g
     assert f"{summary['layers']['8']['alpha']:.4f}" in text
@@ -337,7 +361,7 @@ def test_stats_without_summary_recompute_alpha_from_freq(tmp_path, captured):
 
 def test_slides_style_is_larger_than_paper(stats, captured, tmp_path):
     for style in ("paper", "slides"):
-        figs.importance([stats[0]], tmp_path / "i.png", style=style, options={})
+        floor_figs.importance([stats[0]], tmp_path / "i.png", style=style, options={})
     paper, slides = captured
     assert slides.get_size_inches()[0] > paper.get_size_inches()[0]
     assert slides.axes[0].xaxis.label.get_fontsize() > paper.axes[0].xaxis.label.get_fontsize()

@@ -19,10 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from kdtool import formats
-from kdtool.plots import KINDS
 from kdtool.plots import style as st
+from kdtool.plots.registry import KINDS
 from kdtool.report import build as report
-from kdtool.report import tables as report_tables
+from kdtool.report import discover as report_discover
+from kdtool.report import figures as report_figures
+from kdtool.report import model as report_model
+from kdtool.report import tables_toy
 from kdtool.sae.training import LOG_COLUMNS
 from kdtool.theory import theorem as theory
 
@@ -326,10 +329,10 @@ def test_figures_are_valid_pngs_carrying_their_inputs(run):
         assert meta["provenance"]["params"]["command"] == "kdtool plot"  # in-process: argv is pytest's
         assert meta["provenance"]["params"]["kind"] == "report" and meta["provenance"]["config"]["report"] is True
     by_kind = {f["figure"]: f for f in run["json"]["figures"]}
-    if "floors" in by_kind:  # d* of the stats file goes with the floors figure
-        assert by_kind["floors"]["inputs"] == ["students/floors.parquet", "stats.parquet"]
-    if "distill-curves" in by_kind:  # the floors beside the curves, not any other
-        assert by_kind["distill-curves"]["inputs"] == ["students/curves.parquet", "students/floors.parquet"]
+    # d* of the stats file goes with the floors figure
+    assert by_kind["floors"]["inputs"] == ["students/floors.parquet", "stats.parquet"]
+    # the floors beside the curves, not any other
+    assert by_kind["distill-curves"]["inputs"] == ["students/curves.parquet", "students/floors.parquet"]
     assert by_kind["floor"]["inputs"] == ["stats.parquet"]  # stats win over the predict table for Fig. 5b
     floor_opts = st.read_figure_metadata(run["out"] / by_kind["floor"]["file"])["provenance"]["config"]["options"]
     assert floor_opts["widths"] == WIDTHS  # the distilled widths are marked on the predicted curve
@@ -362,7 +365,7 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
 
 
 def test_inputs_table_says_how_a_cache_is_ordered_and_how_an_sae_was_scaled(tmp_path):
-    from kdtool.report.build import _folder_artifact
+    from kdtool.report.discover import _folder_artifact
 
     acts, sae = tmp_path / "acts", tmp_path / "sae"
     manifest = {"kind": "kdtool.acts", "model": "tiny", "layers": [6], "d_model": 64, "tokens": 10}
@@ -572,11 +575,11 @@ def test_toy_table_and_figures_from_a_toy_sweep(tmp_path):
                 ):
                     rows[c].append(v)
     formats.write_parquet(tmp_path / "toy.parquet", rows, kind=toy_sweep.KIND, provenance=prov("kdtool toy"))
-    arts, notes = report.discover(tmp_path)
+    arts, notes = report_discover.discover(tmp_path)
     assert [a.kind for a in arts] == ["kdtool.toy"] and notes == []
-    jobs, unavailable = report.plan_figures(arts, registered={"toy-grid": ("m", "f", "h")})
+    jobs, unavailable = report_figures.plan_figures(arts, registered={"toy-grid": ("m", "f", "h")})
     assert [j.rule.figure for j in jobs] == ["toy-grid"] and "toy-scatter" in unavailable
-    (t,) = report_tables.toy(arts)
+    (t,) = tables_toy.toy(arts)
     by = {r[0]: dict(zip(t.columns, r, strict=True)) for r in t.rows}
     assert set(by) == {"0.8", "0.99", "all"} and by["all"]["points"] == 6 and by["0.8"]["seeds"] == 3
     obs = np.asarray(rows["floor_data"]).reshape(2, 3, 3).mean(axis=2)  # alpha x d_S, mean over seeds
@@ -611,10 +614,10 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, monkeypatch, args, needle):
 
 
 def test_report_kind_is_listed_and_every_registered_figure_has_a_rule():
-    assert "report" in KINDS and KINDS["report"][:2] == ("kdtool.report", "plot_report")
-    figures = [r.figure for r in report.FIGURES]
+    assert "report" in KINDS and KINDS["report"][:2] == ("kdtool.report.build", "build_report")
+    figures = [r.figure for r in report_figures.FIGURES]
     assert len(figures) == len(set(figures))
     drawn_by_rule = {KINDS[f][:2] for f in figures if f in KINDS}
     missing = [k for k, spec in KINDS.items() if k != "report" and spec[:2] not in drawn_by_rule]
     assert missing == [], "registered figure kinds that kdtool plot report never draws (add a FIGURES rule)"
-    assert all(r.section in report.SECTIONS for r in report.FIGURES)
+    assert all(r.section in report_model.SECTIONS for r in report_figures.FIGURES)

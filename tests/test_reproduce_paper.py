@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
 from tiny_models import make_model_dir
 
@@ -367,3 +366,17 @@ def test_run_skips_finished_stages_and_resumes(script, capsys, tiny, tmp_path):
     assert script.main([*args, "--out", str(tmp_path / "other")], runner=lambda argv: 3) == 1
     err = capsys.readouterr().err
     assert "stage train-sae-C failed (exit 3)" in err and "rerun the same command" in err
+
+
+def test_build_plan_from_python_orders_the_stages_and_leaves_skipped_families_out(tmp_path):
+    from kdtool.reproduce import plan as reproduce_plan
+    from kdtool.reproduce.protocol import load_protocol
+    from kdtool.reproduce.stage import cmd
+
+    p = load_protocol({"out": tmp_path / "run", "skip": "concepts,probe"})
+    plan = reproduce_plan.build_plan(p)
+    assert [s.name for s in plan.stages] == [n for n in PAPER_STAGES if n not in ("concepts", "probe")]
+    assert plan.as_dict()["kind"] == reproduce_plan.PLAN_KIND and plan.totals()["seconds"] is None
+    assert plan.stages[-1].command == f"kdtool plot report {tmp_path / 'run'}"
+    argv = cmd("kdtool", "stats", sae="x", alive_threshold=1e-5, tokens=2.0, offline=True, seed=None, o="y")
+    assert argv == "kdtool stats --sae x --alive-threshold 1e-05 --tokens 2 --offline -o y".split()

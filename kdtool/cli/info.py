@@ -36,9 +36,9 @@ def main(
 
     Example: kdtool info stats.parquet calib.json
     """
-    from kdtool import info as inspect
+    from kdtool import info
 
-    descriptions = [inspect.describe(f) for f in files]
+    descriptions = [info.describe(f) for f in files]
     if common.STATE.json:
         common.emit_json({"files": descriptions})
         return

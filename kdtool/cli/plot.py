@@ -1,4 +1,4 @@
-"""kdtool plot KIND INPUT... -o FIG: draw one of the registered figures (kdtool/plots/__init__.py KINDS).
+"""kdtool plot KIND INPUT... -o FIG: draw one of the registered figures (kdtool/plots/registry.py KINDS).
 
 Example: kdtool plot capacity -o capacity.png
 """
@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import json
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from kdtool.cli import common
+from kdtool.cli import common, options
 from kdtool.errors import BadInput
 
-
-class PlotStyle(str, Enum):
-    paper = "paper"
-    slides = "slides"
-
-
-class CapacityKind(str, Enum):
-    paper = "paper"
-    naive = "naive"
+PlotStyle = options.choices("PlotStyle", "paper", "slides")
+CapacityKind = options.choices("CapacityKind", "paper", "naive")
 
 
 #: options-dict keys filled by the generic flags (a --set KEY may not reuse them)
@@ -32,7 +24,7 @@ GENERIC_KEYS = ("layer", "widths", "features", "alpha", "capacity", "title")
 
 
 def _kinds() -> dict[str, tuple[str, str, str]]:
-    from kdtool.plots import KINDS  # a plain dict: no matplotlib, cheap on every TAB press
+    from kdtool.plots.registry import KINDS  # a plain dict: no matplotlib, cheap on every TAB press
 
     return KINDS
 
@@ -79,7 +71,7 @@ def main(
         ),
     ] = None,
     style: Annotated[PlotStyle, typer.Option("--style", help="paper (column width) or slides.")] = PlotStyle.paper,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Only these layers: 12 or 8,12,16.")] = None,
+    layer: options.layers_option("Only these layers: 12 or 8,12,16.", short=False) = None,
     widths: Annotated[
         Optional[str], typer.Option("--widths", help="Student widths to mark: 128,256,512 or 64:1024:64.")
     ] = None,
@@ -108,66 +100,72 @@ def main(
 
     Example: kdtool plot floor stats.parquet --layer 12 --widths 128,256,512,768,1024 -o floor.pdf
     """
-    from kdtool.cli.common import STATE, log
+    from kdtool.plots import registry
+    from kdtool.plots import style as plot_style
 
-    kinds = _kinds()
     if list_:
-        if STATE.json:
-            common.emit_json(
-                {name: {"help": spec[2], "module": spec[0], "function": spec[1]} for name, spec in kinds.items()}
-            )
-        else:
-            width = max(map(len, kinds), default=0)
-            for name, spec in kinds.items():
-                print(f"{name:<{width}}  {spec[2]}")
-        return
+        return _render_list(registry.KINDS)
     if kind is None:
         raise BadInput("KIND is missing: give a figure kind (kdtool plot --list shows them)")
-    if kind not in kinds:
-        raise BadInput(f"unknown figure kind {kind!r}; kinds: {', '.join(kinds)}")
+    registry.entry(kind)  # BadInput naming the kinds when KIND is unknown
     if kind == "report":  # a run folder in, a report folder out (kdtool/report/build.py, CLI side in plot_report.py)
         from kdtool.cli import plot_report
 
         return plot_report.run(inputs, output, style=style.value, layer=layer, widths=widths, capacity=capacity.value)
     if output is None:
         raise BadInput("-o/--output FIG is required (.png, .pdf or .svg)")
-    from kdtool.plots import style as plot_style
-
     plot_style.check_output(output)
     paths = list(inputs or [])
     for p in paths:
         if not p.exists():
             raise BadInput(f"{p}: no such file")
+    figure_options = _figure_options(layer, widths, features, alpha, capacity.value, title, list(set_ or []))
+    prov = common.make_provenance(inputs=paths, config={"kind": kind, "style": style.value, "options": figure_options})
+    written = registry.draw(kind, paths, output, style=style.value, options=figure_options, provenance=prov)
+    if common.STATE.json:
+        common.emit_json({"kind": kind, "output": str(written), "inputs": [str(p) for p in paths]})
+    else:
+        common.log(f"wrote {written}")
+
+
+def _render_list(kinds: dict[str, tuple[str, str, str]]) -> None:
+    """`--list`: one line per kind with its help, or {kind: {help, module, function}} with --json."""
+    if common.STATE.json:
+        common.emit_json(
+            {name: {"help": spec[2], "module": spec[0], "function": spec[1]} for name, spec in kinds.items()}
+        )
+        return
+    width = max(map(len, kinds), default=0)
+    for name, spec in kinds.items():
+        print(f"{name:<{width}}  {spec[2]}")
+
+
+def _figure_options(
+    layer: str | None,
+    widths: str | None,
+    features: int | None,
+    alpha: str | None,
+    capacity: str,
+    title: str | None,
+    set_items: list[str],
+) -> dict:
+    """The figure functions' `options`: --set items, then the generic flags parsed (errors name the flag)."""
     from kdtool import parsing
 
-    options: dict = _parse_set(list(set_ or []))
-    options.update(
+    out: dict = _parse_set(set_items)
+    out.update(
         {
-            "layer": common.parse_opt("--layer", lambda t: parsing.parse_int_list(t, minimum=0), layer)
-            if layer
-            else None,
+            "layer": options.parse_layers(layer) if layer else None,
             "widths": common.parse_opt("--widths", parsing.parse_int_list, widths) if widths else None,
             "features": features,
             "alpha": common.parse_opt("--alpha", parsing.parse_float_list, alpha) if alpha else None,
-            "capacity": capacity.value,
+            "capacity": capacity,
             "title": title,
         }
     )
     if features is not None and features < 1:
         raise BadInput(f"--features must be >= 1, got {features}")
-    import importlib
-
-    module_name, function_name, _ = kinds[kind]
-    if "." not in module_name:  # registry entries may name a module of kdtool.plots by its short name
-        module_name = f"kdtool.plots.{module_name}"
-    fn = getattr(importlib.import_module(module_name), function_name)
-    prov = common.make_provenance(inputs=paths, config={"kind": kind, "style": style.value, "options": options})
-    with plot_style.provenance_context(prov, kind=f"kdtool.figure.{kind}"):
-        fn(paths, output, style=style.value, options=options)
-    if STATE.json:
-        common.emit_json({"kind": kind, "output": str(output), "inputs": [str(p) for p in paths]})
-    else:
-        log(f"wrote {output}")
+    return out
 
 
 def _kinds_help() -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdtool.cli import common
+from kdtool.cli import common, options
 from kdtool.errors import BadInput
 
 
@@ -19,7 +19,8 @@ def run(
     inputs: list[Path] | None, output: Path | None, *, style: str, layer: str | None, widths: str | None, capacity: str
 ) -> None:
     from kdtool import parsing
-    from kdtool.report import build as report
+    from kdtool.report.build import build_report
+    from kdtool.report.model import KIND
 
     paths = list(inputs or [])
     if len(paths) != 1:
@@ -29,26 +30,34 @@ def run(
         raise BadInput(f"{run_dir}: no such folder")
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: not a folder (kdtool plot report takes the run folder)")
-    options = {
-        "layer": common.parse_opt("--layer", lambda t: parsing.parse_int_list(t, minimum=0), layer) if layer else None,
+    figure_options = {
+        "layer": options.parse_layers(layer) if layer else None,
         "widths": common.parse_opt("--widths", parsing.parse_int_list, widths) if widths else None,
         "capacity": capacity,
     }
     out_dir = output if output is not None else run_dir / "report"
-    prov = common.make_provenance(inputs=[run_dir], config={"kind": "report", "style": style, "options": options})
+    prov = common.make_provenance(
+        inputs=[run_dir], config={"kind": "report", "style": style, "options": figure_options}
+    )
 
     def on_figure(res) -> None:
         if res.file:
             common.log(f"report: drew {res.file}")
 
-    rep = report.build_report(
-        run_dir, out_dir, style=style, options=options, provenance=prov, on_warning=common.warn, on_figure=on_figure
+    rep = build_report(
+        run_dir,
+        out_dir,
+        style=style,
+        options=figure_options,
+        provenance=prov,
+        on_warning=common.warn,
+        on_figure=on_figure,
     )
     drawn = [f.file for f in rep.figures if f.file]
     if common.STATE.json:
         common.emit_json(
             {
-                "kind": report.KIND,
+                "kind": KIND,
                 "output": str(out_dir),
                 "index": str(rep.index),
                 "markdown": str(out_dir / "README.md"),

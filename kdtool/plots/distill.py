@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
+from kdtool.plots.inputs import read_stats
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
@@ -28,10 +30,9 @@ FLOORS_KIND = "kdtool.distill.floors"
 def _kind(path: Path) -> str | None:
     if path.is_dir():
         return "students"
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
+    if formats.is_parquet(path):
         return formats.parquet_metadata(path).get("kind")
-    if suffix == ".json":
+    if path.suffix.lower() == ".json":
         return formats.read_json(path).get("kind")
     return None
 
@@ -79,8 +80,6 @@ def _flag(options: dict, key: str, default: bool) -> bool:
 
 
 def _width_ticks(ax, widths) -> None:
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
-
     ws = sorted(set(int(w) for w in widths))
     ax.xaxis.set_major_locator(FixedLocator(ws))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -101,7 +100,7 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     path = curve_files[0]
     cols = formats.read_table(path, required=("width", "step", "eval_kl", "train_kl"))
     summary = {}
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if formats.is_parquet(path):
         summary = formats.parquet_metadata(path).get("summary") or {}
     widths = np.asarray(cols["width"]).astype(int)
     step = formats.numeric_column(cols, "step", path)
@@ -164,8 +163,6 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
 
 
 def _d_stars(stats_files: list[Path], options: dict) -> list[tuple[str, float, int | None]]:
-    from kdtool.plots.theory import read_stats
-
     out = []
     for p in stats_files:
         for ls in read_stats(p, options):

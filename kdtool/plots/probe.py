@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
@@ -67,8 +69,6 @@ def _model_labels(rows: list[dict]) -> tuple[list[str], dict[str, str]]:
 
 def probe(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """(a) accuracy heatmap, concepts x models; (b) accuracy change vs the teacher in points (or selectivity)."""
-    import numpy as np
-
     rows = _read(inputs, options)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     order, labels = _model_labels(rows)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import LinearSegmentedColormap
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -24,7 +25,7 @@ STATS_KIND = "kdtool.stats"
 
 
 def _kind(path: Path) -> str | None:
-    if path.suffix.lower() not in (".parquet", ".pq"):
+    if not formats.is_parquet(path):
         return None
     return formats.parquet_metadata(path).get("kind")
 
@@ -207,8 +208,6 @@ def _log_if_wide(ax, axis: str, series: list) -> None:
 
 
 def _cmap():
-    from matplotlib.colors import LinearSegmentedColormap
-
     return LinearSegmentedColormap.from_list("kdtool_card", ["#FFFFFF", st.PALETTE[5], st.PALETTE[0]])
 
 

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import html
 import json
+import re
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from kdtool import __version__
 from kdtool.errors import BadInput
+from kdtool.formats import atomic_path
+from kdtool.provenance import dumps
 
 #: Okabe-Ito, safe for the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -83,6 +90,8 @@ def check_style(style: str) -> None:
 
 def figure(style: str = "paper", nrows: int = 1, ncols: int = 1, **kwargs):
     """A matplotlib (fig, axes[nrows][ncols]) sized for `style` with kdtool's rcParams applied."""
+    # matplotlib is imported here, not at the top: the backend must be Agg before pyplot loads, and the
+    # registry, `kdtool plot --help` and `kdtool info` import this module without drawing anything.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,39 +155,47 @@ def layer_style(index: int) -> dict:
     }
 
 
-def _metadata(suffix: str, provenance: dict | None, kind: str | None) -> dict:
-    from kdtool import __version__
-    from kdtool.provenance import dumps
+def fmt_int(x: float) -> str:
+    """A thousands-separated integer for plain text (legends, labels)."""
+    return f"{x:,.0f}"
 
-    creator = f"kdtool {__version__}"
+
+def math_int(x: float) -> str:
+    """A thousands-separated integer for inside $...$ (mathtext puts a space after a bare comma)."""
+    return f"{x:,.0f}".replace(",", "{,}")
+
+
+def title(fig, options: dict, default: str | None = None) -> None:
+    """The figure title from `--title`; without one, `default` as a small note under the figure."""
+    text = options.get("title")
+    if text:
+        fig.suptitle(text)
+    elif default:
+        fig.text(0.5, -0.01, default, ha="center", va="top", fontsize="x-small", color=GREY)
+
+
+#: per format: the metadata keys of (creator, provenance, kind); SVG uses Dublin Core keys only
+_METADATA_KEYS = {
+    ".png": ("Software", "kdtool", "kdtool.kind"),
+    ".pdf": ("Creator", "Subject", "Keywords"),
+    ".svg": ("Creator", "Description", "Title"),
+}
+
+
+def _metadata(suffix: str, provenance: dict | None, kind: str | None) -> dict:
+    creator_key, provenance_key, kind_key = _METADATA_KEYS.get(suffix, _METADATA_KEYS[".svg"])
+    meta = {creator_key: f"kdtool {__version__}"}
     prov = dumps(provenance) if provenance is not None else None
-    if suffix == ".png":
-        meta = {"Software": creator}
-        if prov:
-            meta["kdtool"] = prov
-        if kind:
-            meta["kdtool.kind"] = kind
-        return meta
-    if suffix == ".pdf":
-        meta = {"Creator": creator}
-        if prov:
-            meta["Subject"] = prov
-        if kind:
-            meta["Keywords"] = kind
-        return meta
-    meta = {"Creator": creator}  # svg: Dublin Core keys only
     if prov:
-        meta["Description"] = prov
+        meta[provenance_key] = prov
     if kind:
-        meta["Title"] = kind
+        meta[kind_key] = kind
     return meta
 
 
 def save(fig, output: Path, *, provenance: dict | None = None, kind: str | None = None) -> None:
     """Save by the output's suffix (png/pdf/svg) with provenance metadata, atomically, then close the figure."""
-    import matplotlib.pyplot as plt
-
-    from kdtool.formats import atomic_path
+    import matplotlib.pyplot as plt  # see figure()
 
     output = Path(output)
     check_output(output)
@@ -202,9 +219,6 @@ def read_figure_metadata(path: Path) -> dict:
         out["creator"], out["kind"] = text.get("Software"), text.get("kdtool.kind")
         prov = text.get("kdtool")
     elif suffix == ".svg":
-        import html
-        import re
-
         head = path.read_text(errors="replace")[:200_000]
         m = re.search(r"<metadata>(.*?)</metadata>", head, re.S)
         block = m.group(1) if m else ""
@@ -232,13 +246,16 @@ def read_figure_metadata(path: Path) -> dict:
     return out
 
 
-def _png_text_chunks(path: Path) -> dict[str, str]:
-    import struct
-    import zlib
-
+def _signed_bytes(path: Path, signature: bytes, what: str) -> bytes:
+    """The file's bytes; BadInput unless they start with the format's signature."""
     data = path.read_bytes()
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise BadInput(f"{path}: not a PNG file (bad signature)")
+    if not data.startswith(signature):
+        raise BadInput(f"{path}: not a {what} file (bad signature)")
+    return data
+
+
+def _png_text_chunks(path: Path) -> dict[str, str]:
+    data = _signed_bytes(path, b"\x89PNG\r\n\x1a\n", "PNG")
     chunks: dict[str, str] = {}
     pos = 8
     while pos + 8 <= len(data):
@@ -265,11 +282,7 @@ def _png_text_chunks(path: Path) -> dict[str, str]:
 
 def _pdf_info(path: Path) -> dict[str, str]:
     """The document info strings matplotlib writes (uncompressed literal strings in the trailer's /Info)."""
-    import re
-
-    data = path.read_bytes()
-    if not data.startswith(b"%PDF"):
-        raise BadInput(f"{path}: not a PDF file (bad signature)")
+    data = _signed_bytes(path, b"%PDF", "PDF")
     out: dict[str, str] = {}
     for key in ("Creator", "Subject", "Keywords", "Producer"):
         m = re.search(rb"/" + key.encode() + rb" \(((?:\\.|[^\\)])*)\)", data)

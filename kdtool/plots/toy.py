@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
 
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
+from kdtool.toy.model import ToyConfigKey, floor_model, predictions
+from kdtool.toy.stats import aggregate, read_toy_table, summarize
+from kdtool.toy.sweep import CURVES_KIND, KIND, curves_path, sample_configs
 
-KIND = "kdtool.toy"
-CURVES_KIND = "kdtool.toy.curves"
 _MEASURES = {"data": "floor_data", "distill": "floor_distill"}
 
 
@@ -30,8 +32,6 @@ def _one_input(inputs: list[Path], what: str) -> Path:
 
 def _table(path: Path, options: dict) -> dict:
     """The toy table with `floor` set by --set measure=..., filtered by --alpha / --set n=..."""
-    from kdtool.toy.stats import read_toy_table
-
     cols, _ = read_toy_table(path, extra=("d_star",))
     measure = options.get("measure")
     if measure is not None:
@@ -52,8 +52,6 @@ def _table(path: Path, options: dict) -> dict:
 
 
 def _agg(cols: dict):
-    from kdtool.toy.stats import aggregate
-
     return aggregate(cols, "floor")
 
 
@@ -63,8 +61,6 @@ def _alpha_colors(alphas) -> dict[float, str]:
 
 def grid(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 2: floor vs d_S; rows n, columns alpha; measured mean +- std per d_T, Eq. 2 dashed, d* dotted."""
-    from kdtool.toy.model import floor_model
-
     path = _one_input(inputs, "toy-grid")
     agg = _agg(_table(path, options))
     ns, alphas = sorted(set(agg["n"].tolist())), sorted(set(agg["alpha"].tolist()))
@@ -105,8 +101,6 @@ def _zipf(path: Path) -> float:
 
 def scatter(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 3: predicted vs measured floor (log-log), refined and naive panels, colour = alpha."""
-    from kdtool.toy.stats import summarize
-
     path = _one_input(inputs, "toy-scatter")
     cols = _table(path, options)
     agg = _agg(cols)
@@ -145,8 +139,6 @@ def _f(v) -> str:
 
 def accuracy(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 11: median accuracy (refined) per configuration; rows alpha, columns d_T, one panel per n."""
-    import matplotlib as mpl
-
     path = _one_input(inputs, "toy-accuracy")
     agg = _agg(_table(path, options))
     ns, alphas = sorted(set(agg["n"].tolist())), sorted(set(agg["alpha"].tolist()))
@@ -187,8 +179,6 @@ def accuracy(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
 
 def scaling(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 13: floor / total importance mass against d_S / d*, every configuration; Eq. 2 per n dashed."""
-    from kdtool.toy.model import floor_model
-
     path = _one_input(inputs, "toy-scaling")
     agg = _agg(_table(path, options))
     x = agg["d_student"] / agg["d_star"]
@@ -241,8 +231,6 @@ def _curves_input(inputs: list[Path]) -> tuple[Path, Path | None]:
         table = path.with_name(path.name.replace(".curves.parquet", ".parquet"))
         return path, (table if table.exists() and table != path else None)
     if kind == KIND:
-        from kdtool.toy.sweep import curves_path
-
         cpath = curves_path(path)
         if not cpath.exists():
             raise BadInput(f"{path}: no {cpath.name} beside it; rerun kdtool toy with --log-curves")
@@ -252,11 +240,6 @@ def _curves_input(inputs: list[Path]) -> tuple[Path, Path | None]:
 
 def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 14: student training loss vs step per width for a few configurations; Eq. 2 floors dashed."""
-    import matplotlib as mpl
-
-    from kdtool.toy.model import predictions
-    from kdtool.toy.sweep import sample_configs
-
     cpath, _ = _curves_input(inputs)
     cols = formats.read_table(
         cpath, required=("n", "d_teacher", "alpha", "d_student", "seed", "role", "step", "loss", "loss_data")
@@ -269,8 +252,6 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     if not keep.any():
         raise BadInput(f"{cpath}: no student curves left after the filters")
     cols = {k: v[keep] for k, v in cols.items()}
-    from kdtool.toy.model import ToyConfigKey
-
     keys = sorted(
         {
             ToyConfigKey(int(n), int(d), float(a))

@@ -1,4 +1,4 @@
-"""Render a kdtool.report.build.Report as a self-contained HTML page, a Markdown page and report.json.
+"""Render a kdtool.report.model.Report as a self-contained HTML page, a Markdown page and report.json.
 
 HTML: inline CSS, figures by relative path (figures/*.png), no scripts, no network. Every text
 that comes from a file is escaped. Markdown: GitHub-flavoured pipe tables, same order.
@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from kdtool import __version__
-from kdtool.report.tables import Table, format_cell
+from kdtool.report.model import KIND, SECTIONS, FigureResult, Report, Table, format_cell
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;
@@ -35,9 +35,7 @@ def _esc(text: Any) -> str:
     return _html.escape("" if text is None else str(text), quote=True)
 
 
-def _sections(report) -> list[tuple[str, list, list[Table]]]:
-    from kdtool.report.build import SECTIONS
-
+def _sections(report: Report) -> list[tuple[str, list, list[Table]]]:
     out = []
     for name in (*SECTIONS, "Inputs"):
         figs = [f for f in report.figures if f.section == name]
@@ -47,7 +45,7 @@ def _sections(report) -> list[tuple[str, list, list[Table]]]:
     return out
 
 
-def _made_by(report) -> tuple[str, str, str]:
+def _made_by(report: Report) -> tuple[str, str, str]:
     prov = report.provenance or {}
     return (
         prov.get("command") or "kdtool plot report",
@@ -56,7 +54,7 @@ def _made_by(report) -> tuple[str, str, str]:
     )
 
 
-def _counts(report) -> str:
+def _counts(report: Report) -> str:
     drawn = sum(1 for f in report.figures if f.file)
     failed = sum(1 for f in report.figures if not f.file)
     return (
@@ -98,7 +96,7 @@ def _html_table(t: Table) -> str:
     return "\n".join(out)
 
 
-def _html_figure(f) -> str:
+def _html_figure(f: FigureResult) -> str:
     if f.file is None:
         return f'<h3>{_esc(f.title)}</h3>\n<p class="note">{_esc(f.note)}</p>'
     warns = "".join(f'<div class="warn">warning: {_esc(w)}</div>' for w in f.warnings)
@@ -111,7 +109,7 @@ def _html_figure(f) -> str:
     )
 
 
-def _html_inputs_provenance(report) -> str:
+def _html_inputs_provenance(report: Report) -> str:
     parts = []
     for a in report.artifacts:
         if a.provenance:
@@ -122,7 +120,7 @@ def _html_inputs_provenance(report) -> str:
     return "\n".join(parts)
 
 
-def html(report) -> str:
+def html(report: Report) -> str:
     """The whole report page (UTF-8 text)."""
     command, version, created = _made_by(report)
     body = [
@@ -215,7 +213,7 @@ def _md_table(t: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md_figure(f) -> str:
+def _md_figure(f: FigureResult) -> str:
     if f.file is None:
         return f"### {_md_cell(f.title)}\n\n> **Not drawn:** {_md_cell(f.note or '')}\n"
     lines = [
@@ -229,7 +227,7 @@ def _md_figure(f) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(report) -> str:
+def markdown(report: Report) -> str:
     """The report as GitHub-flavoured Markdown (figures by relative path)."""
     command, version, created = _made_by(report)
     out = [
@@ -259,10 +257,8 @@ def markdown(report) -> str:
 # --------------------------------------------------------------------------------------------- JSON
 
 
-def as_json(report) -> dict:
+def as_json(report: Report) -> dict:
     """report.json: what was found, drawn and tabulated, with raw numbers (kind kdtool.report)."""
-    from kdtool.report.build import KIND
-
     return {
         "kind": KIND,
         "run_dir": str(report.run_dir),

@@ -5,9 +5,9 @@
 1. `load_protocol(overrides)` reads the presets (kdtool/data/presets/paper-*.toml) into one flat
    `Protocol` and applies the user's scale-down options; `teacher_shape(protocol)` reads the
    teacher's width and depth and counts the students' parameters (this module);
-2. `build_plan(protocol)` turns it into `Stage`s: each one kdtool command (argv), the tokens it
-   processes and the disk it leaves (kdtool/reproduce/plan.py), computed from the sizes
-   (`sae_bytes`, `acts_bytes`, ..., kdtool/reproduce/sizes.py);
+2. `build_plan(protocol)` (kdtool/reproduce/plan.py) turns it into `Stage`s (kdtool/reproduce/stage.py):
+   each one kdtool command (argv, written by kdtool/reproduce/commands.py), the tokens it processes
+   and the disk it leaves, computed from the sizes (`sae_bytes`, `acts_bytes`, ..., kdtool/reproduce/sizes.py);
 3. `estimate(plan, rates)` adds times from throughputs: measured by `measure` (each heavy stage run
    twice, briefly, at two sizes on this machine; the difference is the rate without start-up) or
    given by the user;
@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdtool.distill import students as st
 from kdtool.errors import BadInput
+from kdtool.models import set_offline
 from kdtool.parsing import parse_count
 from kdtool.reproduce import presets
 
@@ -239,10 +241,10 @@ class Teacher:
 def teacher_shape(p: Protocol) -> Teacher:
     """Read the teacher's config (preset for the default model, else AutoConfig) and count the
     students' parameters on the meta device (no memory, exact counts)."""
+    # torch and transformers here, not at the top: seconds to import, and reproduce-paper's --help,
+    # option errors and protocol checks need neither
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from kdtool.distill import students as st
 
     if p.teacher_config is not None:
         cfg_d = dict(p.teacher_config)
@@ -250,8 +252,6 @@ def teacher_shape(p: Protocol) -> Teacher:
         source = "kdtool/data/presets/paper-protocol.toml"
     else:
         if p.offline:
-            from kdtool.models import set_offline
-
             set_offline()
         try:
             config = AutoConfig.from_pretrained(p.model, revision=p.revision, local_files_only=p.offline)

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,9 +29,10 @@ from typing import Any
 
 from kdtool import formats
 from kdtool.errors import BadInput, RuntimeFailure
-from kdtool.reproduce.plan import MEASURED, Plan, Stage, build_plan
+from kdtool.reproduce.plan import MEASURED, Plan, build_plan
 from kdtool.reproduce.protocol import STATE_DIR, Protocol, Teacher
 from kdtool.reproduce.sizes import fmt_duration
+from kdtool.reproduce.stage import Stage
 
 RATES_KIND = "kdtool.reproduce.throughput"
 #: a held-out evaluation batch costs about this fraction of a training step (forward only, teacher
@@ -151,8 +153,6 @@ def exec_argv(argv: list[str]) -> list[str]:
 
 def subprocess_runner(argv: list[str]) -> int:
     """Run one command; its stdout (tables) goes to our stderr, so the plan on stdout stays clean."""
-    import subprocess
-
     try:
         out = sys.stderr.fileno()
     except (AttributeError, OSError):

@@ -1,7 +1,7 @@
 """What a reproduction run costs, in units: bytes of each file a stage leaves, and how bytes, durations
 and free disk space are shown.
 
-Pure arithmetic on shapes (no torch): kdtool/reproduce/plan.py adds these up per stage, and
+Pure arithmetic on shapes (no torch): kdtool/reproduce/commands.py adds these up per stage, and
 scripts/reproduce-paper prints them. Each size follows the layout its command writes (docs/formats.md),
 so a change of layout there is a change here; tests/test_reproduce_paper.py checks the SAE sizes
 against the files a tiny run really wrote.

@@ -1,0 +1,161 @@
+"""Figure registry: `kdtool plot KIND INPUT... -o FIG` looks KIND up here.
+
+Each entry names a module and a function with the signature
+    fn(inputs: list[pathlib.Path], output: pathlib.Path, *, style: str, options: dict) -> None
+that reads kdtool files, draws with matplotlib (Agg, chosen by kdtool.plots.style) and saves through
+kdtool.plots.style.save (format from the suffix, atomic). One module per figure family.
+`options` carries the generic plot flags (keys and types: see kdtool/cli/plot.py, e.g.
+{"layer": [12], "widths": [128, 256]} plus any `--set KEY=VALUE`); functions ignore unknown keys.
+
+Names, not imports: `kdtool plot --help` and TAB completion list the kinds from this module, so it
+must load without matplotlib; `figure_function` imports a family's module when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from kdtool.errors import BadInput
+from kdtool.plots import style as plot_style
+
+#: the registry signature: fn(inputs, output, *, style, options) -> None
+FigureFunction = Callable[..., None]
+
+#: kind -> (module, function, one-line help naming the paper figure)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "capacity": (
+        "kdtool.plots.capacity",
+        "capacity",
+        "Fig. 1: g(alpha) and d* = F/g against alpha (input: stats files, optional)",
+    ),
+    "importance": (
+        "kdtool.plots.floor",
+        "importance",
+        "Fig. 5a: feature importance vs rank, log-log, one line per layer (input: stats files)",
+    ),
+    "floor": (
+        "kdtool.plots.floor",
+        "floor",
+        "Fig. 5b: predicted floor vs width, one line per layer, d* marked (input: stats or predict files)",
+    ),
+    "calibration": (
+        "kdtool.plots.calibration",
+        "calibration",
+        "Fig. 7: observed vs predicted floors, linear and affine fits with R^2 (input: calib.json)",
+    ),
+    "calibration-normalized": (
+        "kdtool.plots.calibration",
+        "calibration_normalized",
+        "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)",
+    ),
+    "probe": (
+        "kdtool.plots.probe",
+        "probe",
+        "Fig. 8: probe accuracy heatmap (concepts x models) and change vs teacher (input: probe.parquet)",
+    ),
+    "distill-curves": (
+        "kdtool.plots.distill",
+        "curves",
+        "Fig. 6a/16a: held-out KL vs step per width, floors dashed; training KL (input: students/)",
+    ),
+    "floors": (
+        "kdtool.plots.distill",
+        "floors",
+        "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])",
+    ),
+    "decomposition": (
+        "kdtool.plots.distill",
+        "decomposition",
+        "Table 5: floor = baseline B + geometric part per width (input: calib.json or floors.parquet)",
+    ),
+    "sae-curves": (
+        "kdtool.plots.sae",
+        "curves",
+        "Fig. 4/15: SAE reconstruction MSE, L1 term, L0 and fraction alive vs tokens, one line per layer "
+        "(input: saes/ or train_log.parquet files)",
+    ),
+    "layers": (
+        "kdtool.plots.sae",
+        "layers",
+        "Table 1 card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, shaded per column (input: stats files)",
+    ),
+    "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
+    "l0-mse": (
+        "kdtool.plots.sae",
+        "l0_mse",
+        "L0 vs reconstruction MSE per layer: stats files as points, train logs as trajectories "
+        "(input: stats files, saes/ or train_log.parquet files)",
+    ),
+    "toy-grid": (
+        "kdtool.plots.toy",
+        "grid",
+        "Fig. 2: toy floor vs d_S, rows n, columns alpha; measured mean +- std per d_T, Eq. 2 dashed, "
+        "d* dotted (input: toy.parquet)",
+    ),
+    "toy-scatter": (
+        "kdtool.plots.toy",
+        "scatter",
+        "Fig. 3: predicted vs measured toy floors, log-log, refined and naive panels, colour = alpha "
+        "(input: toy.parquet)",
+    ),
+    "toy-accuracy": (
+        "kdtool.plots.toy",
+        "accuracy",
+        "Fig. 11: median accuracy of Eq. 2 per toy configuration, alpha x d_T, one panel per n (input: toy.parquet)",
+    ),
+    "toy-scaling": (
+        "kdtool.plots.toy",
+        "scaling",
+        "Fig. 13: toy floor / total importance vs d_S / d*, all configurations (input: toy.parquet)",
+    ),
+    "toy-curves": (
+        "kdtool.plots.toy",
+        "curves",
+        "Fig. 14: toy student training curves per width, Eq. 2 floors dashed "
+        "(input: toy.curves.parquet from kdtool toy --log-curves)",
+    ),
+    # Not a figure: a run folder in, a report folder out. build_report(run_dir, out_dir, ...) has its own
+    # signature; kdtool/cli/plot.py hands this kind to kdtool/cli/plot_report.py.
+    "report": (
+        "kdtool.report.build",
+        "build_report",
+        "every figure a run folder allows + index.html and README.md with the key tables "
+        "(input: RUN_DIR; -o REPORT_DIR, default RUN_DIR/report)",
+    ),
+}
+
+
+def entry(kind: str, registered: dict[str, tuple[str, str, str]] | None = None) -> tuple[str, str, str]:
+    """(module, function, help) of `kind` in `registered` (default KINDS); BadInput for a kind not registered."""
+    kinds = KINDS if registered is None else registered
+    if kind not in kinds:
+        raise BadInput(f"unknown figure kind {kind!r}; kinds: {', '.join(kinds)}")
+    module_name, function_name, help_text = kinds[kind]
+    if "." not in module_name:  # registry entries may name a module of kdtool.plots by its short name
+        module_name = f"kdtool.plots.{module_name}"
+    return module_name, function_name, help_text
+
+
+def figure_function(kind: str, registered: dict[str, tuple[str, str, str]] | None = None) -> FigureFunction:
+    """The function that draws `kind`, its module imported now (see `entry`)."""
+    module_name, function_name, _ = entry(kind, registered)
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def draw(
+    kind: str,
+    inputs: list[Path],
+    output: Path,
+    *,
+    style: str = "paper",
+    options: dict | None = None,
+    provenance: dict | None = None,
+    registered: dict[str, tuple[str, str, str]] | None = None,
+) -> Path:
+    """Draw one registered figure from `inputs` into `output` (with `provenance` in its metadata); returns output."""
+    fn = figure_function(kind, registered)
+    with plot_style.provenance_context(provenance, kind=f"kdtool.figure.{kind}"):
+        fn(list(inputs), Path(output), style=style, options=dict(options or {}))
+    return Path(output)
