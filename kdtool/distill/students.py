@@ -26,6 +26,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from kdtool.errors import BadInput
 
 #: model_type -> names of the config fields we rewrite
@@ -163,9 +166,6 @@ def narrow_config(teacher_config, width: int, policy: StudentPolicy = StudentPol
 
 def build_student(teacher_config, width: int, policy: StudentPolicy = StudentPolicy(), *, seed: int = 0):
     """A freshly initialised student (fp32). Seeded per (seed, width): adding a width changes no other student."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     cfg = narrow_config(teacher_config, width, policy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(student_seed(seed, width))
