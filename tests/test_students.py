@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 from kdtool.distill import students as st
 from kdtool.errors import BadInput
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
