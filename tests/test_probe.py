@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from kdtool import formats
+from kdtool.errors import BadInput
+from kdtool.probe import job as probe_job
 from kdtool.probe import probes as probe
 
 WORDS = [f"w{i}" for i in range(24)]
@@ -218,6 +220,49 @@ def test_cli_probe_run_teacher_and_student(cli, tmp_path, saved_models):
     r3 = cli("plot", "probe", out, "-o", fig)
     assert r3.exit_code == 0, r3.output
     assert fig.stat().st_size > 10_000
+
+
+def test_model_entries_resolve_teacher_and_students():
+    entries = probe_job.model_entries(["teacher", "s/width8"], teacher="org/big", device="cpu")
+    assert [(e.name, e.role) for e in entries] == [("teacher", "teacher"), ("s/width8", "student")]
+    alias = probe_job.model_entries(["org/big", "s/width8"], teacher="org/big")  # the teacher by its own name
+    assert [(e.name, e.role) for e in alias] == [("teacher", "teacher"), ("s/width8", "student")]
+    assert [e.role for e in probe_job.model_entries(["s/a", "s/b"])] == ["student", "student"]
+    for names, teacher, message in (
+        ([], None, "at least one"),
+        (["teacher", "teacher"], None, "twice"),
+        (["teacher", "org/big"], "org/big", "same model"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            probe_job.model_entries(names, teacher=teacher)
+    with pytest.raises(BadInput, match="--device"):
+        probe_job.model_entries(["teacher"], device="tpu")
+
+
+def test_probe_file_writes_the_table_and_reports_events(tmp_path, saved_models):
+    concepts = write_concepts(tmp_path / "c.jsonl", n_per_class=12)
+    out = tmp_path / "probe.parquet"
+    events = []
+    result = probe_job.probe_file(
+        concepts,
+        ["teacher"],
+        probe.ProbeConfig(seeds=2, pool="last"),
+        out,
+        teacher=str(saved_models / "teacher"),
+        only=["zebra"],
+        device="cpu",
+        provenance=lambda **kw: {"made_by": "test", **kw},
+        callback=events.append,
+    )
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and events[0] == {"event": "start", "concepts": 1, "texts": 24, "models": 1}
+    assert kinds[1] == "model" and "batch" in kinds and kinds[-1] == "result"
+    assert result.columns["concept"] == ["zebra"] and result.columns["pool"] == ["last"]
+    assert result.summary["teacher"] == str(saved_models / "teacher") and result.summary["concepts"] == ["zebra"]
+    meta = formats.parquet_metadata(out)
+    assert meta["kind"] == "kdtool.probe" and meta["provenance"]["made_by"] == "test"
+    assert meta["provenance"]["config"]["pool"] == "last"
+    assert formats.read_table(out)["accuracy"].tolist() == result.columns["accuracy"]
 
 
 @pytest.mark.parametrize(
