@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+from tiny_models import make_tokenizer, tiny_config, tiny_lm
+from transformers import AutoModelForCausalLM
 
 from kdtool import formats
 from kdtool.distill import job
@@ -34,30 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_teacher(arch: str = "gpt_neox"):
     """A random teacher with peaked outputs (large init std), so a narrow student cannot copy it."""
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            max_position_embeddings=64,
-            initializer_range=0.3,
-            tie_word_embeddings=True,
-        )
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=64,
-            initializer_range=0.3,
-        )
-    return cfg, AutoModelForCausalLM.from_config(cfg).eval()
+    cfg = tiny_config(arch, vocab=VOCAB, layers=2, width=48, heads=4, kv_heads=2, ffn=96, positions=64, init_std=0.3)
+    return cfg, tiny_lm(config=cfg)
 
 
 DATA = torch.randint(0, VOCAB, (64, BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -404,48 +383,12 @@ WORDS = (
 
 def make_teacher_dir(path, arch: str = "gpt_neox"):
     """A saved tiny teacher (byte-level BPE tokenizer + random model) that `--model PATH` loads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 8, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(path)
     from transformers.utils import logging as hf_logging
 
+    fast = make_tokenizer(path, vocab_size=300, corpus=[" ".join(WORDS)] * 8)
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(fast),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            initializer_range=0.2,
-            tie_word_embeddings=True,
-        )
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=len(fast),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            initializer_range=0.2,
-        )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    model = tiny_lm(arch, vocab=len(fast), layers=2, width=32, heads=4, kv_heads=2, ffn=64, positions=128, init_std=0.2)
+    model.save_pretrained(path)
     return path
 
 

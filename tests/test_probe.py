@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from tiny_models import tiny_lm
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -26,44 +27,25 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_lm(arch: str = "llama", hidden: int = 64, layers: int = 4, seed: int = 0):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            eos_token_id=1,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            eos_token_id=1,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
-        model = GPTNeoXForCausalLM(cfg)
-    return model.eval()
+def probe_lm(hidden: int = 64, seed: int = 0):
+    """A random 4-block Llama (2 heads, untied) over VOCAB, with its special tokens' ids."""
+    return tiny_lm(
+        seed=seed,
+        vocab=len(VOCAB),
+        width=hidden,
+        heads=2,
+        kv_heads=2,
+        positions=64,
+        tied=False,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return tiny_lm(), tiny_tokenizer()
+    return probe_lm(), tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,7 @@ def saved_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = tiny_tokenizer()
     for name, hidden in (("teacher", 64), ("width32", 32)):
-        tiny_lm(hidden=hidden, seed=hidden).save_pretrained(root / name)
+        probe_lm(hidden=hidden, seed=hidden).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
 
