@@ -55,6 +55,8 @@ def lr_factor(step: int, *, warmup: int, steps: int, min_lr_ratio: float) -> flo
 
 @dataclass
 class DistillResult:
+    """What run() returns (on every rank; rank 0 also wrote it to out_dir)."""
+
     floors: dict[str, list]  # columns of floors.parquet
     curves: dict[str, list]  # columns of curves.parquet
     out_dir: Path | None
@@ -178,6 +180,7 @@ class Students:
             self.train = {w: torch.nn.parallel.DistributedDataParallel(m) for w, m in self.models.items()}
 
     def save(self, out: Path, p: _Progress, d: Dist) -> None:
+        """Write out/checkpoint (rank 0): every width's state and where the run stands."""
         save_checkpoint(out, self.cfg, self.models, self.optims, self.scheds, p.step, p.tokens, p.rows, d)
 
     def step(self) -> tuple[dict[int, float], dict[int, float]]:
