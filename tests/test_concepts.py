@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from kdtool import formats
+from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.probe import concepts as cs
+from kdtool.probe import job
 
 # ------------------------------------------------------------------ a tiny R serializer (XDR, version 2)
 from kdtool.text import debian as debsource
@@ -335,6 +337,51 @@ def test_cli_build_concepts(cli, sources, tmp_path):
     assert r.exit_code == 1
     assert "not built" in r.stderr and "no concept could be built" in r.stderr
     assert not (tmp_path / "x.parquet").exists()
+
+
+def _old_text_table(path: Path, columns: dict[str, list]) -> str:
+    """What build-concepts wrote for .csv/.jsonl before formats.table_text (the bytes must not change)."""
+    import csv
+    import json
+
+    names = list(columns)
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    if path.suffix == ".jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["concepts.csv", "concepts.jsonl"])
+def test_build_concepts_file_text_formats_keep_their_bytes(sources, tmp_path, name):
+    out = tmp_path / name
+    events = []
+    columns, report = job.build_concepts_file(
+        out, sources=sources, per_class=3, seed=1, provenance=lambda **kw: {"test": kw}, callback=events.append
+    )
+    assert any("\n" in t or '"' in t or "," in t for t in columns["text"])  # quoting is exercised
+    assert any(not t.isascii() for t in columns["text"])  # so is ensure_ascii=False (French)
+    assert out.read_text() == _old_text_table(out, columns)
+    side = formats.read_json(tmp_path / (name + ".provenance.json"))
+    assert side["kind"] == "kdtool.concepts" and side["summary"]["concepts"] == report
+    assert side["provenance"]["test"]["config"]["per_class"] == 3
+    assert [e["concept"] for e in events] == list(cs.CONCEPTS)
+    assert all(e["event"] == "concept" and e["info"] == report[e["concept"]] for e in events)
+
+
+def test_build_concepts_file_refuses_bad_options(sources, tmp_path):
+    with pytest.raises(BadInput, match="use .parquet, .jsonl or .csv"):
+        job.build_concepts_file(tmp_path / "c.txt", sources=sources)
+    with pytest.raises(BadInput, match="--max-chars"):
+        job.build_concepts_file(tmp_path / "c.csv", sources=sources, max_chars=10)
+    with pytest.raises(BadInput, match="no such folder"):
+        job.build_concepts_file(tmp_path / "c.csv", sources=tmp_path / "nope")
+    with pytest.raises(RuntimeFailure, match="no concept could be built"):
+        job.build_concepts_file(tmp_path / "c.csv", sources=tmp_path)
+    assert not (tmp_path / "c.csv").exists()
 
 
 def _deb(tmp_path: Path) -> Path:

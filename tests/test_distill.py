@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+from tiny_models import make_tokenizer, tiny_config, tiny_lm
+from transformers import AutoModelForCausalLM
 
 from kdtool import formats
+from kdtool.distill import job
 from kdtool.distill import loop as distill
+from kdtool.distill.config import DistillConfig
+from kdtool.distill.data import Cursor, repeating, text_streams
+from kdtool.distill.files import few_evaluations
+from kdtool.distill.loop import Students, Teacher, lr_factor, rank_rows, train_step
 from kdtool.distill.losses import FullTarget, LossSums, ce_per_token, kl_per_token, teacher_target
 from kdtool.distill.teacher_cache import TeacherCache
+from kdtool.distributed import Dist
 from kdtool.errors import BadInput, RuntimeFailure
 
 VOCAB, SEQ, BATCH = 96, 16, 4
@@ -25,30 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_teacher(arch: str = "gpt_neox"):
     """A random teacher with peaked outputs (large init std), so a narrow student cannot copy it."""
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            max_position_embeddings=64,
-            initializer_range=0.3,
-            tie_word_embeddings=True,
-        )
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=64,
-            initializer_range=0.3,
-        )
-    return cfg, AutoModelForCausalLM.from_config(cfg).eval()
+    cfg = tiny_config(arch, vocab=VOCAB, layers=2, width=48, heads=4, kv_heads=2, ffn=96, positions=64, init_std=0.3)
+    return cfg, tiny_lm(config=cfg)
 
 
 DATA = torch.randint(0, VOCAB, (64, BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -76,7 +64,7 @@ def small_cfg(**kw):
         save_every=0,
         init_std="0.02",
     )
-    return distill.DistillConfig(**(base | kw))
+    return DistillConfig(**(base | kw))
 
 
 class CountingTeacher(torch.nn.Module):
@@ -395,48 +383,12 @@ WORDS = (
 
 def make_teacher_dir(path, arch: str = "gpt_neox"):
     """A saved tiny teacher (byte-level BPE tokenizer + random model) that `--model PATH` loads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 8, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(path)
     from transformers.utils import logging as hf_logging
 
+    fast = make_tokenizer(path, vocab_size=300, corpus=[" ".join(WORDS)] * 8)
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(fast),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            initializer_range=0.2,
-            tie_word_embeddings=True,
-        )
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=len(fast),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            initializer_range=0.2,
-        )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    model = tiny_lm(arch, vocab=len(fast), layers=2, width=32, heads=4, kv_heads=2, ffn=64, positions=128, init_std=0.2)
+    model.save_pretrained(path)
     return path
 
 
@@ -536,6 +488,127 @@ def test_cli_distill_bad_options_are_one_line(cli, tmp_path, teacher_and_text):
     assert r.exit_code == 2 and "--widths" in r.stderr
     r = cli("distill", "--format", "parquet", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "floors.parquet" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ pieces of the loop
+
+
+def test_one_train_step_uses_one_teacher_forward_per_micro_batch_for_all_widths():
+    tc, teacher = tiny_teacher()
+    counting = CountingTeacher(teacher)
+    cfg = small_cfg(micro_batch=2)
+    d = Dist()
+    students = Students(cfg, tc, torch.device("cpu"))
+    teach = Teacher(cfg, counting, None, rank_rows(cfg.batch_size, d), torch.device("cpu"), contextlib.nullcontext)
+    before = {w: m.gpt_neox.embed_in.weight.clone() for w, m in students.models.items()}
+    values, lrs, norms = train_step(0, students, teach, Cursor(train_batches, cfg), d)
+    assert counting.calls == 2  # batch of 4 in micro-batches of 2, shared by both widths
+    assert set(values) == set(lrs) == set(norms) == {8, 32}
+    assert all(v["tokens"] == BATCH * SEQ and v["kl"] > 0 for v in values.values())
+    assert lrs[8] == pytest.approx(cfg.lr * lr_factor(0, warmup=2, steps=12, min_lr_ratio=0.0))
+    assert all(not torch.equal(before[w], m.gpt_neox.embed_in.weight) for w, m in students.models.items())
+    assert rank_rows(8, Dist(rank=1, world=2)) == (4, 8)
+
+
+def test_repeating_starts_the_next_epoch_and_skips_across_epochs():
+    epochs = {e: [f"e{e}b{i}" for i in range(3)] for e in range(4)}
+    told = []
+    train = repeating(lambda epoch, skip: iter(epochs[epoch][skip:]), lambda e, at: told.append((e, at)))
+    assert list(islice(train(0), 7)) == ["e0b0", "e0b1", "e0b2", "e1b0", "e1b1", "e1b2", "e2b0"]
+    assert told == [(1, 3), (2, 6)]
+    assert list(islice(train(4), 3)) == ["e1b1", "e1b2", "e2b0"]  # a resume lands in epoch 1
+    fresh = repeating(lambda epoch, skip: iter(epochs[epoch][skip:]))
+    assert next(fresh(7)) == "e2b1"  # skipping past the first epoch before its length is known
+
+
+def test_text_streams_reshuffle_each_epoch_and_hold_out_eval_documents(tmp_path, teacher_and_text):
+    from transformers import AutoTokenizer
+
+    from kdtool.text.tokens import DataSpec, token_batches
+
+    tok = AutoTokenizer.from_pretrained(teacher_and_text[0])
+    spec = DataSpec(dataset=str(make_text(tmp_path / "small.txt", paragraphs=40)), seq_len=SEQ, seed=3)
+    told = []
+    train, held = text_streams(spec, tok, 2, on_new_epoch=lambda e, at: told.append((e, at)))
+    epoch0 = list(token_batches(spec, tok, 2, drop_last=True))
+    epoch1 = list(token_batches(dataclasses.replace(spec, seed=4), tok, 2, drop_last=True))
+    n = len(epoch0)
+    got = list(islice(train(0), n + 2))
+    assert all(torch.equal(a, b) for a, b in zip(got, epoch0 + epoch1[:2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))  # reshuffled
+    assert told == [(1, n)]
+    assert torch.equal(next(iter(train(n + 1))), epoch1[1])
+    evals = list(token_batches(dataclasses.replace(spec, holdout="eval"), tok, 2, drop_last=True))
+    assert all(torch.equal(a, b) for a, b in zip(held(), evals, strict=True)) and evals
+
+
+def test_few_evaluations_warns_only_below_two():
+    cfg = small_cfg(steps=100)
+    assert few_evaluations(cfg, {"n_evals": [2, 5]}) is None
+    note = few_evaluations(cfg, {"n_evals": [1, 3]})
+    assert "averages 1 evaluation(s) (steps >= 90)" in note and "--eval-every <= 5" in note
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def test_run_key_and_rank_device(monkeypatch):
+    from kdtool.models import EMBEDDED_NAME, ModelSpec
+    from kdtool.text.tokens import DataSpec
+
+    key = job.run_key(ModelSpec(dtype="float32"), DataSpec(dataset="x.txt"))
+    assert key["teacher"] == EMBEDDED_NAME and key["teacher_dtype"] == "float32" and key["revision"] is None
+    assert key["data"] == DataSpec(dataset="x.txt").describe()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert job.rank_device("auto") == "auto"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert job.rank_device("auto") == job.rank_device("cuda") == "cuda:1"
+    assert job.rank_device("cpu") == "cpu" and job.rank_device("cuda:0") == "cuda:0"
+
+
+def test_distill_text_runs_resumes_and_reuses_the_cache(tmp_path, teacher_and_text):
+    from kdtool.models import ModelSpec, load_model
+    from kdtool.text.tokens import DataSpec
+
+    model, text = teacher_and_text
+    spec = DataSpec(dataset=str(text), seq_len=SEQ)
+    cfg = small_cfg(widths=[8, 16], steps=6, batch_size=2, eval_every=3, topk=16, run_key={"teacher": "tiny"})
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_model(ModelSpec(model=str(model), device="cpu"))
+
+    def record(**kw):
+        return {"made_by": "test", **kw}
+
+    events = []
+    first = job.distill_text(
+        cfg, spec, load, tmp_path / "a", cache_dir=tmp_path / "tc", provenance=record, callback=events.append
+    )
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds.count("step") == 6 and loads == [1]
+    assert events[0]["teacher"] == str(model) and events[0]["world"] == 1
+    assert first.provenance["made_by"] == "test" and first.provenance["config"]["distill"]["topk"] == 16
+    assert formats.parquet_metadata(tmp_path / "a" / "floors.parquet")["provenance"]["made_by"] == "test"
+    with pytest.raises(BadInput, match="checkpoint exists"):
+        job.distill_text(cfg, spec, load, tmp_path / "a")
+    with pytest.raises(BadInput, match="contradict"):
+        job.distill_text(cfg, spec, load, tmp_path / "a", resume=True, overwrite=True)
+
+    def no_teacher():
+        raise AssertionError("every batch is cached: the teacher must not be loaded")
+
+    events.clear()
+    again = job.distill_text(
+        cfg, spec, no_teacher, tmp_path / "a", cache_dir=tmp_path / "tc", overwrite=True, callback=events.append
+    )
+    assert events[0] == {"event": "teacher-cached", "cache": tmp_path / "tc"}
+    assert again.floors["floor"] == first.floors["floor"]
+    resumed = job.distill_text(cfg, spec, no_teacher, tmp_path / "a", cache_dir=tmp_path / "tc", resume=True)
+    assert resumed.resumed_from == 6 and resumed.floors["floor"] == first.floors["floor"]
 
 
 # ------------------------------------------------------------------------------------------ figures

@@ -14,7 +14,6 @@ import shlex
 
 import numpy as np
 import pytest
-import torch
 from tiny_models import make_model_dir
 
 from kdtool import formats

@@ -7,8 +7,11 @@ import random
 
 import numpy as np
 import pytest
+from tiny_models import tiny_lm
 
 from kdtool import formats
+from kdtool.errors import BadInput
+from kdtool.probe import job as probe_job
 from kdtool.probe import probes as probe
 
 WORDS = [f"w{i}" for i in range(24)]
@@ -24,44 +27,25 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_lm(arch: str = "llama", hidden: int = 64, layers: int = 4, seed: int = 0):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            eos_token_id=1,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPTNeoXConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            eos_token_id=1,
-            pad_token_id=0,
-            bos_token_id=1,
-        )
-        model = GPTNeoXForCausalLM(cfg)
-    return model.eval()
+def probe_lm(hidden: int = 64, seed: int = 0):
+    """A random 4-block Llama (2 heads, untied) over VOCAB, with its special tokens' ids."""
+    return tiny_lm(
+        seed=seed,
+        vocab=len(VOCAB),
+        width=hidden,
+        heads=2,
+        kv_heads=2,
+        positions=64,
+        tied=False,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return tiny_lm(), tiny_tokenizer()
+    return probe_lm(), tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +54,7 @@ def saved_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = tiny_tokenizer()
     for name, hidden in (("teacher", 64), ("width32", 32)):
-        tiny_lm(hidden=hidden, seed=hidden).save_pretrained(root / name)
+        probe_lm(hidden=hidden, seed=hidden).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
 
@@ -218,6 +202,49 @@ def test_cli_probe_run_teacher_and_student(cli, tmp_path, saved_models):
     r3 = cli("plot", "probe", out, "-o", fig)
     assert r3.exit_code == 0, r3.output
     assert fig.stat().st_size > 10_000
+
+
+def test_model_entries_resolve_teacher_and_students():
+    entries = probe_job.model_entries(["teacher", "s/width8"], teacher="org/big", device="cpu")
+    assert [(e.name, e.role) for e in entries] == [("teacher", "teacher"), ("s/width8", "student")]
+    alias = probe_job.model_entries(["org/big", "s/width8"], teacher="org/big")  # the teacher by its own name
+    assert [(e.name, e.role) for e in alias] == [("teacher", "teacher"), ("s/width8", "student")]
+    assert [e.role for e in probe_job.model_entries(["s/a", "s/b"])] == ["student", "student"]
+    for names, teacher, message in (
+        ([], None, "at least one"),
+        (["teacher", "teacher"], None, "twice"),
+        (["teacher", "org/big"], "org/big", "same model"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            probe_job.model_entries(names, teacher=teacher)
+    with pytest.raises(BadInput, match="--device"):
+        probe_job.model_entries(["teacher"], device="tpu")
+
+
+def test_probe_file_writes_the_table_and_reports_events(tmp_path, saved_models):
+    concepts = write_concepts(tmp_path / "c.jsonl", n_per_class=12)
+    out = tmp_path / "probe.parquet"
+    events = []
+    result = probe_job.probe_file(
+        concepts,
+        ["teacher"],
+        probe.ProbeConfig(seeds=2, pool="last"),
+        out,
+        teacher=str(saved_models / "teacher"),
+        only=["zebra"],
+        device="cpu",
+        provenance=lambda **kw: {"made_by": "test", **kw},
+        callback=events.append,
+    )
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and events[0] == {"event": "start", "concepts": 1, "texts": 24, "models": 1}
+    assert kinds[1] == "model" and "batch" in kinds and kinds[-1] == "result"
+    assert result.columns["concept"] == ["zebra"] and result.columns["pool"] == ["last"]
+    assert result.summary["teacher"] == str(saved_models / "teacher") and result.summary["concepts"] == ["zebra"]
+    meta = formats.parquet_metadata(out)
+    assert meta["kind"] == "kdtool.probe" and meta["provenance"]["made_by"] == "test"
+    assert meta["provenance"]["config"]["pool"] == "last"
+    assert formats.read_table(out)["accuracy"].tolist() == result.columns["accuracy"]
 
 
 @pytest.mark.parametrize(

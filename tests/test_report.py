@@ -113,7 +113,7 @@ def write_stats(path: Path) -> dict:
 
 
 def write_students(folder: Path) -> dict:
-    from kdtool.distill import loop as distill
+    from kdtool.distill import files as distill
 
     floors = {
         "width": WIDTHS,

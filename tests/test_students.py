@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
 from kdtool.distill import students as st
 from kdtool.errors import BadInput
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,15 +76,7 @@ def test_llama_keeps_gqa_group_and_ties_embeddings():
     cfg4 = st.narrow_config(t, 128, st.StudentPolicy(heads="head-dim:32"))
     assert (cfg4.num_attention_heads, cfg4.num_key_value_heads) == (4, 4)
     assert cfg.tie_word_embeddings and cfg.vocab_size == t.vocab_size and cfg.num_hidden_layers == 30
-    tiny = LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        tie_word_embeddings=True,
-    )
+    tiny = tiny_config("llama", vocab=200, layers=2, width=64, heads=4, kv_heads=2, ffn=128, positions=2048)
     model = st.build_student(tiny, 32, st.StudentPolicy(heads="head-dim:16"), seed=0)
     counts = st.param_counts(model)
     assert counts["params"] - counts["non_embedding_params"] == 200 * 32  # tied: counted once
@@ -101,14 +93,7 @@ def test_ffn_ratio_options():
 
 
 def test_init_std_policies_and_seeding():
-    t = GPTNeoXConfig(
-        vocab_size=300,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        initializer_range=0.02,
-    )
+    t = tiny_config("gpt_neox", vocab=300, layers=2, width=64, heads=4, ffn=256, positions=2048, init_std=0.02)
     small = st.build_student(t, 256, st.StudentPolicy(heads="head-dim:64", init_std="small-init"), seed=0)
     w = small.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
     assert abs(w.std().item() - math.sqrt(2 / (5 * 256))) < 0.1 * math.sqrt(2 / (5 * 256))

@@ -1,13 +1,15 @@
 """kdtool distill: train narrower students of a teacher with KL at temperature T and measure their floors.
 
-Thin: parse options, load the teacher (kdtool.models) and text (kdtool.data), build a
-kdtool.distill.loop.DistillConfig, call kdtool.distill.loop.run, print the floors. The paper's run on a GPU:
+Thin: parse options, build a kdtool.distill.config.DistillConfig, join the torchrun group, call
+kdtool.distill.job.distill_text, report its events and print the floors. The paper's run on a GPU:
     kdtool distill --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --heads paper
 Several GPUs: torchrun --nproc_per_node 4 -m kdtool distill ...
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -146,35 +148,23 @@ def main(
 
     Example: kdtool distill --widths 64,128 --steps 200 --warmup 20 --batch-size 4 --seq-len 128 --eval-every 50
     """
-    import os
-
-    from kdtool.distill import loop as distill
+    from kdtool.cli.options import load_teacher
+    from kdtool.distill import job
+    from kdtool.distill.config import DistillConfig
+    from kdtool.distributed import dist_close, dist_init
     from kdtool.errors import BadInput
+    from kdtool.models import resolve_device
     from kdtool.parsing import parse_float_list, parse_int_list
 
     width_list = common.parse_opt("--widths", parse_int_list, widths)
     beta_list = common.parse_opt("--betas", parse_float_list, betas)
     if len(beta_list) != 2:
         raise BadInput(f"--betas: give two numbers, got {betas!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     mspec = flags.model_spec()
-    if world > 1 and mspec.device in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            mspec.device = f"cuda:{local_rank}"
-    from kdtool.models import EMBEDDED_NAME, resolve_device
-
-    dev = str(resolve_device(mspec.device))
+    mspec.device = job.rank_device(mspec.device)
+    device = str(resolve_device(mspec.device))
     dspec = flags.data_spec()
-    run_key = {
-        "teacher": flags.model or EMBEDDED_NAME,
-        "revision": flags.revision,
-        "teacher_dtype": mspec.dtype,
-        "data": dspec.describe(),
-    }
-    cfg = distill.DistillConfig(
+    cfg = DistillConfig(
         widths=width_list,
         temperature=temperature,
         steps=steps,
@@ -196,170 +186,114 @@ def main(
         ffn_ratio=ffn_ratio,
         init_std=init_std,
         topk=topk if teacher_cache is not None else 0,
-        device=dev,
-        run_key=run_key,
+        device=device,
+        run_key=job.run_key(mspec, dspec),
     )
     if fmt is not None and fmt.value == "parquet":
         raise BadInput(f"--format parquet: the floors are written to {output}/floors.parquet; use table, csv or json")
-    if resume and overwrite:
-        raise BadInput("--resume and --overwrite contradict each other: give one")
-    if (output / "checkpoint").exists() and not (resume or overwrite):
-        raise BadInput(f"{output}/checkpoint exists: add --resume to continue that run or --overwrite to start over")
-    d = distill.dist_init(dev)
+    d = dist_init(cfg.device)
     if not d.main:
         common.STATE.quiet = True  # one voice: rank 0 logs
-    elif overwrite and (output / "checkpoint").exists():
-        import shutil
-
-        shutil.rmtree(output / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
     try:
-        _run(cfg, d, mspec, dspec, output=output, cache_dir=teacher_cache, resume=resume, fmt=fmt)
+        with _Report(cfg, output, resume=resume) as report:
+            result = job.distill_text(
+                cfg,
+                dspec,
+                lambda: load_teacher(mspec),
+                output,
+                cache_dir=teacher_cache,
+                resume=resume,
+                overwrite=overwrite,
+                dist=d,
+                provenance=common.make_provenance,
+                callback=report.on_event,
+            )
     finally:
-        distill.dist_close(d)
+        dist_close(d)
+    if d.main:
+        report.done(result, fmt)
 
 
-def _run(cfg, d, mspec, dspec, *, output: Path, cache_dir: Path | None, resume: bool, fmt) -> None:
-    import time
+#: floors.parquet columns printed on stdout
+SHOWN = ("width", "params", "non_embedding_params", "floor", "floor_std", "floor_scaled", "raw_kl", "eval_ce", "steps")
 
-    from kdtool.cli.options import load_teacher
-    from kdtool.distill import loop as distill
-    from kdtool.text.tokens import token_batches
 
-    per = cfg.batch_size // max(d.world, 1)
-    rows = (d.rank * per, (d.rank + 1) * per)
-    cache = None
-    loaded = {}
-    if cache_dir is not None:
-        from kdtool.distill.teacher_cache import TeacherCache
+class _Report:
+    """Renders distill_text's events: log lines, warnings, and a progress bar once training starts."""
 
-        cache = TeacherCache(
-            cache_dir,
-            key={"run": cfg.run_key, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size},
-            topk=cfg.topk,
-            temperature=cfg.temperature,
-            provenance=common.make_provenance(seed=cfg.seed, config={"key": cfg.run_key}),
+    def __init__(self, cfg, output: Path, *, resume: bool):
+        self.cfg, self.output, self.resume = cfg, output, resume
+        self.stack = contextlib.ExitStack()
+        self.bar = self.task = self.start = None
+        self.t0 = self.logged = 0.0
+
+    def __enter__(self) -> _Report:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def _open_bar(self) -> None:
+        self.t0 = self.logged = time.perf_counter()
+        self.bar = self.stack.enter_context(common.progress())
+        self.task = self.bar.add_task("distill", total=self.cfg.steps, rate="")
+
+    def on_event(self, ev: dict) -> None:
+        kind, cfg = ev["event"], self.cfg
+        if kind == "teacher-cached":
+            common.log(f"every batch is in {ev['cache']}: the teacher is not loaded")
+        elif kind == "vocab":
+            common.warn(f"tokenizer has {ev['tokenizer']} entries but the model {ev['model']} rows")
+        elif kind == "epoch":
+            common.warn(
+                f"the training text ran out after {ev['at']} batches: epoch {ev['epoch'] + 1} repeats it (reshuffled)"
+            )
+        elif kind == "start":
+            common.log(
+                f"distilling {ev['teacher']} into widths {','.join(map(str, cfg.widths))}: {cfg.steps} steps of "
+                f"{cfg.batch_size}x{cfg.seq_len} tokens, T={cfg.temperature:g}, on {cfg.device}"
+                + (f" x {ev['world']} processes" if ev["world"] > 1 else "")
+            )
+            self._open_bar()
+        elif kind == "resumed":
+            common.log(f"resumed from step {ev['step']} ({self.output}/checkpoint)")
+            self.bar.update(self.task, completed=ev["step"])
+        elif kind == "fresh" and self.resume:
+            common.warn(f"--resume: {ev['reason']}; starting from step 0")
+        elif kind == "step":
+            self._step(ev)
+
+    def _step(self, ev: dict) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, ev["step"] - 1)
+        t_start, s_start = self.start
+        rate = (ev["step"] - s_start) / (now - t_start) if now > t_start else 0.0
+        self.bar.update(self.task, completed=ev["step"], rate=f"{rate:.2f} step/s")
+        evals = [r for r in ev["rows"] if r["eval_kl"] == r["eval_kl"]]
+        if evals:
+            common.log(f"step {ev['step']}: eval KL " + ", ".join(f"w{r['width']} {r['eval_kl']:.4f}" for r in evals))
+        elif not common.show_progress() and now - self.logged >= 60:
+            self.logged = now
+            common.log(
+                f"step {ev['step']}/{self.cfg.steps}, {rate:.2f} steps/s, train KL "
+                + ", ".join(f"w{r['width']} {r['train_kl']:.4f}" for r in ev["rows"])
+            )
+
+    def done(self, result, fmt) -> None:
+        """After the run (rank 0): the floor warning, where the files are, the floors table on stdout."""
+        from kdtool.distill.files import FLOORS_KIND, few_evaluations
+
+        secs = time.perf_counter() - self.t0
+        note = few_evaluations(self.cfg, result.floors)
+        if note:
+            common.warn(note)
+        common.log(f"wrote {self.output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
+        common.emit_table(
+            {k: result.floors[k] for k in SHOWN},
+            fmt=fmt,
+            output=None,
+            kind=FLOORS_KIND,
+            provenance=result.provenance,
+            title="distillation floors (per-token KL at T, nats)",
         )
-    if cache is not None and cache.covers(cfg.steps, cfg.eval_batches, rows):
-        common.log(f"every batch is in {cache_dir}: the teacher is not loaded")
-        teacher_config, tokenizer, teacher = cache.load_teacher_config(), cache.load_tokenizer(), None
-        name, local = cfg.run_key["teacher"], None
-    else:
-        lm = load_teacher(mspec)
-        loaded["lm"] = lm
-        teacher_config, tokenizer, teacher, name, local = lm.model.config, lm.tokenizer, lm.model, lm.name, lm.path
-        if cache is not None:
-            cache.save_teacher(teacher_config, tokenizer)
-        if hasattr(teacher_config, "vocab_size") and len(tokenizer) > teacher_config.vocab_size:
-            common.warn(f"tokenizer has {len(tokenizer)} entries but the model {teacher_config.vocab_size} rows")
-
-    def open_epoch(epoch: int, skip: int):
-        spec = _replace(dspec, seed=dspec.seed + epoch)
-        return token_batches(spec, tokenizer, cfg.batch_size, skip_batches=skip, drop_last=True)
-
-    def on_new_epoch(epoch: int, at: int) -> None:
-        common.warn(f"the training text ran out after {at} batches: epoch {epoch + 1} repeats it (reshuffled)")
-
-    train = distill.repeating(open_epoch, on_new_epoch)
-
-    def held_out():
-        spec = _replace(dspec, holdout="eval")
-        return token_batches(spec, tokenizer, cfg.batch_size, drop_last=True)
-
-    inputs = [p for p in (local,) if p] + dspec.local_inputs()
-    provenance = common.make_provenance(
-        inputs=inputs,
-        seed=cfg.seed,
-        config={
-            "distill": distill._cfg_dict(cfg),
-            "data": dspec.describe(),
-            "teacher": loaded["lm"].describe() if loaded else {"model": name},
-            "world_size": d.world,
-        },
-    )
-    common.log(
-        f"distilling {name} into widths {','.join(map(str, cfg.widths))}: {cfg.steps} steps of "
-        f"{cfg.batch_size}x{cfg.seq_len} tokens, T={cfg.temperature:g}, on {cfg.device}"
-        + (f" x {d.world} processes" if d.world > 1 else "")
-    )
-    t0 = time.perf_counter()
-    with common.progress() as bar:
-        task = bar.add_task("distill", total=cfg.steps, rate="")
-        plain = not common.show_progress()
-        state = {"logged": t0, "start": None}
-
-        def on_event(ev: dict) -> None:
-            kind = ev["event"]
-            if kind == "resumed":
-                common.log(f"resumed from step {ev['step']} ({output}/checkpoint)")
-                bar.update(task, completed=ev["step"])
-            elif kind == "fresh" and resume:
-                common.warn(f"--resume: {ev['reason']}; starting from step 0")
-            elif kind == "step":
-                now = time.perf_counter()
-                if state["start"] is None:
-                    state["start"] = (now, ev["step"] - 1)
-                t_start, s_start = state["start"]
-                rate = (ev["step"] - s_start) / (now - t_start) if now > t_start else 0.0
-                bar.update(task, completed=ev["step"], rate=f"{rate:.2f} step/s")
-                evals = [r for r in ev["rows"] if r["eval_kl"] == r["eval_kl"]]
-                if evals:
-                    common.log(
-                        f"step {ev['step']}: eval KL " + ", ".join(f"w{r['width']} {r['eval_kl']:.4f}" for r in evals)
-                    )
-                elif plain and now - state["logged"] >= 60:
-                    state["logged"] = now
-                    common.log(
-                        f"step {ev['step']}/{cfg.steps}, {rate:.2f} steps/s, train KL "
-                        + ", ".join(f"w{r['width']} {r['train_kl']:.4f}" for r in ev["rows"])
-                    )
-
-        result = distill.run(
-            cfg,
-            teacher_config=teacher_config,
-            teacher=teacher,
-            train_batches=train,
-            eval_batches=held_out,
-            out_dir=output,
-            tokenizer=tokenizer,
-            cache=cache,
-            resume=resume,
-            provenance=provenance,
-            callback=on_event,
-        )
-    if not d.main:
-        return
-    secs = time.perf_counter() - t0
-    few = sorted({n for n in result.floors["n_evals"] if n < 2})
-    if few:
-        start = distill.floor_window(cfg.steps, cfg.floor_fraction)
-        common.warn(
-            f"each floor averages {few[0]} evaluation(s) (steps >= {start}); floor_std needs two or more: "
-            f"use --eval-every <= {max(1, (cfg.steps - start) // 2)}"
-        )
-    common.log(f"wrote {output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
-    shown = (
-        "width",
-        "params",
-        "non_embedding_params",
-        "floor",
-        "floor_std",
-        "floor_scaled",
-        "raw_kl",
-        "eval_ce",
-        "steps",
-    )
-    cols = {k: result.floors[k] for k in shown}
-    common.emit_table(
-        cols,
-        fmt=fmt,
-        output=None,
-        kind=distill.FLOORS_KIND,
-        provenance=provenance,
-        title="distillation floors (per-token KL at T, nats)",
-    )
-
-
-def _replace(spec, **changes):
-    import dataclasses
-
-    return dataclasses.replace(spec, **changes)

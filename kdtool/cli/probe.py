@@ -7,13 +7,14 @@ Example: kdtool probe build-concepts -o concepts.parquet && kdtool probe run con
 
 from __future__ import annotations
 
-from enum import Enum
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from kdtool.cli import common
+from kdtool.cli.options import choices
 
 app = typer.Typer(
     help="Linear probes of concepts on teacher vs students (paper section 7, Fig. 8).\n\n"
@@ -22,12 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-CONCEPT_SUFFIXES = (".parquet", ".pq", ".jsonl", ".csv")
-
-
-class Pool(str, Enum):
-    mean = "mean"
-    last = "last"
+Pool = choices("Pool", "mean", "last")
 
 
 @app.command("run")
@@ -87,15 +83,16 @@ def run(
     control_accuracy, selectivity, n, ...) and prints the table on stdout.
     Example: kdtool probe run concepts.parquet --models teacher,students/width128,students/width768 --per-class 200
     """
+    from kdtool import formats
     from kdtool.errors import BadInput
-    from kdtool.models import ModelSpec, load_model
-    from kdtool.probe import probes as probe
+    from kdtool.probe import job
+    from kdtool.probe.probes import ProbeConfig
 
-    if output.suffix.lower() not in (".parquet", ".pq"):
+    if not formats.is_parquet(output):
         raise BadInput(f"--output {output}: probe results are Parquet (use a .parquet name)")
-    cfg = probe.ProbeConfig(
+    cfg = ProbeConfig(
         layer=layer,
-        pool=pool,
+        pool=pool.value,
         seeds=seeds,
         seed=seed,
         max_length=max_length,
@@ -103,67 +100,69 @@ def run(
         C=c,
         per_class=per_class,
     )
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    if not names:
-        raise BadInput("--models: give at least one model (e.g. teacher)")
-    if len(set(names)) != len(names):
-        raise BadInput("--models: a model is listed twice")
-    only_list = [x.strip() for x in only.split(",") if x.strip()] if only else None
-    table = probe.read_concepts(concepts, only=only_list, per_class=per_class, seed=seed)
-
-    def entry(name: str) -> probe.ModelEntry:
-        is_teacher = name == "teacher" or (teacher is not None and name == teacher)
-        spec = ModelSpec(model=teacher if is_teacher else name, dtype=dtype, device=device, offline=offline)
-        return probe.ModelEntry(
-            name="teacher" if is_teacher else name,
-            role="teacher" if is_teacher else "student",
-            load=lambda: load_model(spec, notify=common.log),
+    with _ProbeReport(cfg) as report:
+        result = job.probe_file(
+            concepts,
+            [m.strip() for m in models.split(",") if m.strip()],
+            cfg,
+            output,
+            teacher=teacher,
+            only=[x.strip() for x in only.split(",") if x.strip()] if only else None,
+            dtype=dtype,
+            device=device,
+            offline=offline,
+            provenance=common.make_provenance,
+            notify=common.log,
+            callback=report.on_event,
         )
-
-    entries = [entry(n) for n in names]
-    if sum(e.role == "teacher" for e in entries) > 1:
-        raise BadInput("--models: 'teacher' and the --teacher model are the same model; list it once")
-    common.log(
-        f"probe: {len(table.concepts())} concept(s), {len(set(table.text))} texts, "
-        f"{len(entries)} model(s), pool={pool.value}, {seeds} split(s)"
+    common.log(f"probe: wrote {output}")
+    shown = ("concept", "model", "width", "layer", "accuracy", "accuracy_std", "control_accuracy", "selectivity", "n")
+    common.emit_table(
+        {k: result.columns[k] for k in shown},
+        fmt=fmt,
+        output=None,
+        kind=job.PROBE_KIND,
+        provenance=result.provenance,
+        title=f"Linear probe accuracy (pool={cfg.pool})",
+        summary=result.summary,
     )
-    with common.progress(transient=True) as bar:
-        task = bar.add_task("encoding", total=None, rate="")
 
-        def on_model(name: str, n: int) -> None:
-            bar.reset(task, total=n, description=f"encoding {name}")
-            common.log(f"probe: {name}: encoding {n} texts")
 
-        def on_result(row: dict) -> None:
+class _ProbeReport:
+    """Renders probe_file's events: a log line per model and per result, a transient encoding bar."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stack = contextlib.ExitStack()
+        self.bar = self.task = None
+
+    def __enter__(self) -> _ProbeReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def on_event(self, ev: dict) -> None:
+        kind = ev["event"]
+        if kind == "start":
+            common.log(
+                f"probe: {ev['concepts']} concept(s), {ev['texts']} texts, "
+                f"{ev['models']} model(s), pool={self.cfg.pool}, {self.cfg.seeds} split(s)"
+            )
+            self.bar = self.stack.enter_context(common.progress(transient=True))
+            self.task = self.bar.add_task("encoding", total=None, rate="")
+        elif kind == "model":
+            self.bar.reset(self.task, total=ev["texts"], description=f"encoding {ev['name']}")
+            common.log(f"probe: {ev['name']}: encoding {ev['texts']} texts")
+        elif kind == "batch":
+            self.bar.advance(self.task, ev["texts"])
+        elif kind == "result":
+            row = ev["row"]
             common.log(
                 f"probe: {row['model']} layer {row['layer']} {row['concept']}: "
                 f"accuracy {row['accuracy']:.3f} +- {row['accuracy_std']:.3f}, "
                 f"control {row['control_accuracy']:.3f}, selectivity {row['selectivity']:+.3f}"
             )
-
-        result = probe.run(
-            table, entries, cfg, on_model=on_model, on_batch=lambda k: bar.advance(task, k), on_result=on_result
-        )
-    prov = common.make_provenance(inputs=[concepts], seed=seed, config=probe.config_dict(cfg))
-    summary = {
-        "teacher": teacher or "embedded default",
-        "concepts": table.concepts(),
-        "layer_rule": "teacher: --layer or n_layers // 2; students: the same index (scaled if depth differs)",
-    }
-    from kdtool import formats
-
-    formats.write_parquet(output, result, kind="kdtool.probe", provenance=prov, summary=summary)
-    common.log(f"probe: wrote {output}")
-    shown = ("concept", "model", "width", "layer", "accuracy", "accuracy_std", "control_accuracy", "selectivity", "n")
-    common.emit_table(
-        {k: result[k] for k in shown},
-        fmt=fmt,
-        output=None,
-        kind="kdtool.probe",
-        provenance=prov,
-        title=f"Linear probe accuracy (pool={pool.value})",
-        summary=summary,
-    )
 
 
 @app.command("build-concepts")
@@ -201,71 +200,30 @@ def build_concepts(
     (WordNet topic domains). Concepts whose package is missing are skipped with the reason.
     Example: scripts/fetch-concept-sources && kdtool probe build-concepts -o concepts.parquet --per-class 500
     """
-    from kdtool import formats
-    from kdtool.errors import BadInput, RuntimeFailure
     from kdtool.probe import concepts as cs
-    from kdtool.text import debian as debsource
+    from kdtool.probe import job
 
-    suffix = output.suffix.lower()
-    if suffix not in CONCEPT_SUFFIXES:
-        raise BadInput(f"--output {output}: use .parquet, .jsonl or .csv")
-    if max_chars < 50:
-        raise BadInput("--max-chars must be >= 50")
-    wanted = tuple(x.strip() for x in only.split(",") if x.strip()) if only else cs.CONCEPTS
-    home = debsource.kdtool_home()
-    roots = [sources] if sources is not None else [home / "sources", home / "corpus"]
-    if sources is not None and not sources.is_dir():
-        raise BadInput(f"--sources {sources}: no such folder")
-    if fetch:
-        pkgs = sorted({p for c in wanted if c in cs.PACKAGES for p in cs.PACKAGES[c]})
-        pkgs = [debsource.newest_python_doc() if p == "python3*-doc" else p for p in pkgs]
-        for pkg, status in debsource.fetch(pkgs, roots[0]).items():
-            (common.log if status in ("ok", "cached") else common.warn)(f"fetch {pkg}: {status}")
-    columns, report = cs.build(roots, concepts=wanted, per_class=per_class, seed=seed, max_chars=max_chars)
-    for concept, info in report.items():
-        if "error" in info:
-            common.warn(f"{concept}: not built: {info['error']}")
+    def on_event(ev: dict) -> None:
+        if ev["event"] == "fetch":
+            (common.log if ev["status"] in ("ok", "cached") else common.warn)(f"fetch {ev['package']}: {ev['status']}")
+        elif "error" in ev["info"]:
+            common.warn(f"{ev['concept']}: not built: {ev['info']['error']}")
         else:
+            info = ev["info"]
             note = "" if info["per_class"] == per_class else f" (only {info['positives_available']} positives)"
-            common.log(f"{concept}: {info['per_class']} per class from {', '.join(info['sources'])}{note}")
-    if not columns["text"]:
-        raise RuntimeFailure(
-            "no concept could be built: fetch the sources with scripts/fetch-concept-sources (or pass --fetch)"
-        )
-    prov = common.make_provenance(
-        inputs=[],
+            common.log(f"{ev['concept']}: {info['per_class']} per class from {', '.join(info['sources'])}{note}")
+
+    columns, report = job.build_concepts_file(
+        output,
+        sources=sources,
+        concepts=tuple(x.strip() for x in only.split(",") if x.strip()) if only else cs.CONCEPTS,
+        per_class=per_class,
+        max_chars=max_chars,
+        fetch=fetch,
         seed=seed,
-        config={"per_class": per_class, "concepts": list(wanted), "max_chars": max_chars, "sources": roots},
+        provenance=common.make_provenance,
+        callback=on_event,
     )
-    summary = {"concepts": report}
-    if suffix in (".parquet", ".pq"):
-        formats.write_parquet(output, columns, kind="kdtool.concepts", provenance=prov, summary=summary)
-    else:
-        _write_text_table(output, columns)
-        formats.write_json(
-            output.with_name(output.name + ".provenance.json"),
-            {"kind": "kdtool.concepts", "provenance": prov, "summary": summary},
-        )
     common.log(f"build-concepts: wrote {len(columns['text'])} examples to {output}")
     if common.STATE.json:
-        common.emit_json({"kind": "kdtool.concepts", "output": str(output), "concepts": report})
-
-
-def _write_text_table(path: Path, columns: dict[str, list]) -> None:
-    import csv
-    import io
-    import json
-
-    from kdtool import formats
-
-    names = list(columns)
-    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-    if path.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
-    formats.write_text(path, text)
+        common.emit_json({"kind": job.CONCEPTS_KIND, "output": str(output), "concepts": report})

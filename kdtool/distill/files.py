@@ -8,14 +8,17 @@ from __future__ import annotations
 import math
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from kdtool import formats
+from kdtool.distill import students as st
+from kdtool.distill.config import DistillConfig
+from kdtool.distributed import Dist
 from kdtool.errors import BadInput
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kdtool.distill.loop import Dist, DistillConfig
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
@@ -43,7 +46,8 @@ RESUME_FIELDS = (
 )
 
 
-def _curve_rows(cfg, step, tokens, train_vals, ev, lrs, norms) -> list[dict]:
+def curve_rows(cfg: DistillConfig, step, tokens, train_vals, ev, lrs, norms) -> list[dict]:
+    """One curves.parquet row per width at `step` (NaN where there was no training step or no evaluation)."""
     nan = float("nan")
     rows = []
     for w in cfg.widths:
@@ -84,7 +88,8 @@ CURVE_COLUMNS = (
 )
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
+def curve_columns(rows: list[dict]) -> dict[str, list]:
+    """curves.parquet's columns from its rows."""
     return {k: [r[k] for r in rows] for k in CURVE_COLUMNS}
 
 
@@ -95,10 +100,6 @@ def floor_window(steps: int, fraction: float) -> int:
 
 def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> dict[str, list]:
     """Floor per width: mean (and sample std) of the held-out evaluations in the final 10% of steps."""
-    import numpy as np
-
-    from kdtool.distill import students as st
-
     start = floor_window(cfg.steps, cfg.floor_fraction)
     w_arr = np.asarray(curves["width"])
     s_arr = np.asarray(curves["step"])
@@ -156,17 +157,27 @@ def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> 
     return out
 
 
+def few_evaluations(cfg: DistillConfig, floors: dict[str, list]) -> str | None:
+    """A warning when some floor averages fewer than two evaluations (floor_std needs two), else None."""
+    few = sorted({n for n in floors["n_evals"] if n < 2})
+    if not few:
+        return None
+    start = floor_window(cfg.steps, cfg.floor_fraction)
+    return (
+        f"each floor averages {few[0]} evaluation(s) (steps >= {start}); floor_std needs two or more: "
+        f"use --eval-every <= {max(1, (cfg.steps - start) // 2)}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 
 
-def write_outputs(out: Path, cfg, models, tokenizer, curves, floors, provenance) -> None:
+def write_outputs(out: Path, cfg: DistillConfig, models, tokenizer, curves, floors, provenance) -> None:
     """width{W}/ dirs (atomic swap), curves.parquet and floors.parquet, all with provenance."""
-    from kdtool import formats
-
     out.mkdir(parents=True, exist_ok=True)
     summary = {
-        "config": _cfg_dict(cfg),
+        "config": cfg.as_dict(),
         "floor_from_step": floor_window(cfg.steps, cfg.floor_fraction),
         "names": {
             "floor": "per-token KL(teacher||student) at T, nats (paper's per-token KL)",
@@ -187,10 +198,6 @@ def write_outputs(out: Path, cfg, models, tokenizer, curves, floors, provenance)
 
 
 def _save_student(final: Path, model, tokenizer, info: dict) -> None:
-    from transformers.utils import logging as hf_logging
-
-    from kdtool import formats
-
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
@@ -206,16 +213,7 @@ def _save_student(final: Path, model, tokenizer, info: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _cfg_dict(cfg: DistillConfig) -> dict:
-    out = asdict(cfg)
-    out["betas"] = list(cfg.betas)
-    return out
-
-
 def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
     st = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -233,9 +231,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -245,11 +240,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, cfg, models, optims, scheds, step, tokens_seen, rows_log, d: Dist) -> None:
+def save_checkpoint(
+    out: Path, cfg: DistillConfig, models, optims, scheds, step, tokens_seen, rows_log, d: Dist
+) -> None:
     """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
     RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
-    import torch
-
     if not d.main:
         return
     final = out / "checkpoint"
@@ -267,7 +262,7 @@ def save_checkpoint(out: Path, cfg, models, optims, scheds, step, tokens_seen, r
             "data_position": step,
             "tokens_seen": tokens_seen,
             "curves": rows_log,
-            "config": _cfg_dict(cfg),
+            "config": cfg.as_dict(),
             "world": d.world,
             "rng": _rng_state(),
         },
@@ -281,10 +276,8 @@ def save_checkpoint(out: Path, cfg, models, optims, scheds, step, tokens_seen, r
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, cfg, models, optims, scheds, device) -> dict | None:
+def load_checkpoint(out: Path, cfg: DistillConfig, models, optims, scheds, device) -> dict | None:
     """Restore every width's model/optimizer/scheduler and the RNG; None when there is no checkpoint."""
-    import torch
-
     folder = out / "checkpoint"
     if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
         folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
@@ -294,7 +287,7 @@ def load_checkpoint(out: Path, cfg, models, optims, scheds, device) -> dict | No
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
-    saved, now = state["config"], _cfg_dict(cfg)
+    saved, now = state["config"], cfg.as_dict()
     diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
     if diff:
         shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])

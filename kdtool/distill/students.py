@@ -26,6 +26,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from kdtool.errors import BadInput
 
 #: model_type -> names of the config fields we rewrite
@@ -46,19 +49,19 @@ class StudentPolicy:
     def __post_init__(self):
         parse_heads_policy(self.heads)
         if self.ffn_ratio != "teacher":
-            try:
-                r = float(self.ffn_ratio)
-            except ValueError:
-                raise BadInput(f"--ffn-ratio must be a number or 'teacher', got {self.ffn_ratio!r}") from None
-            if not (math.isfinite(r) and r > 0):
-                raise BadInput(f"--ffn-ratio must be > 0, got {self.ffn_ratio!r}")
+            _positive("--ffn-ratio", self.ffn_ratio, "a number or 'teacher'")
         if self.init_std not in ("teacher", "small-init"):
-            try:
-                s = float(self.init_std)
-            except ValueError:
-                raise BadInput(f"--init-std must be teacher, small-init or a number, got {self.init_std!r}") from None
-            if not (math.isfinite(s) and s > 0):
-                raise BadInput(f"--init-std must be > 0, got {self.init_std!r}")
+            _positive("--init-std", self.init_std, "teacher, small-init or a number")
+
+
+def _positive(option: str, text: str, choices: str) -> None:
+    """BadInput unless `text` is a finite number > 0 (the words of a policy are checked by the caller)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadInput(f"{option} must be {choices}, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise BadInput(f"{option} must be > 0, got {text!r}")
 
 
 def parse_heads_policy(text: str) -> tuple[str, int]:
@@ -163,9 +166,6 @@ def narrow_config(teacher_config, width: int, policy: StudentPolicy = StudentPol
 
 def build_student(teacher_config, width: int, policy: StudentPolicy = StudentPolicy(), *, seed: int = 0):
     """A freshly initialised student (fp32). Seeded per (seed, width): adding a width changes no other student."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     cfg = narrow_config(teacher_config, width, policy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(student_seed(seed, width))

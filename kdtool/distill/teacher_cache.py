@@ -27,10 +27,16 @@ per held-out token (Pythia: 26 GB for 8 held-out batches of 32x512; lower --eval
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
 from kdtool import formats
+from kdtool.distill.losses import FullTarget, TopKTarget
 from kdtool.errors import BadInput
 
 KIND = "kdtool.teacher_cache"
@@ -109,18 +115,12 @@ class TeacherCache:
         try:
             tmp.rename(self.teacher_dir)
         except OSError:  # another rank got there first
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_teacher_config(self):
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(self.teacher_dir)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
         try:
             return AutoTokenizer.from_pretrained(self.teacher_dir)
         except Exception:
@@ -144,10 +144,6 @@ class TeacherCache:
 
     def save(self, split: str, index: int, rows: tuple[int, int], tokens, mask, target) -> None:
         """Store a batch with its TopKTarget (training) or FullTarget (held-out)."""
-        import torch
-
-        from kdtool.distill.losses import FullTarget
-
         tensors = {"tokens": tokens.to(torch.int32).cpu(), "mask": mask.to(torch.uint8).cpu()}
         if isinstance(target, FullTarget):
             tensors["logp_full"] = target.logp.float().cpu()
@@ -166,10 +162,6 @@ class TeacherCache:
 
     def load(self, split: str, index: int, rows: tuple[int, int]):
         """(tokens int64 [b,S], mask bool [b,S], TopKTarget or FullTarget) or None when not cached."""
-        from safetensors.torch import load_file
-
-        from kdtool.distill.losses import FullTarget, TopKTarget
-
         p = self.path(split, index, rows)
         if not p.exists():
             return None

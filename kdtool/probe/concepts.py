@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kdtool.errors import BadInput
 from kdtool.text.markup import WordNet, read_wordnet, rest_examples, roff_paragraphs, split_sentences
+from kdtool.text.rdata import read_lazyload
 
 CONCEPTS = ("question", "french", "code", "sports", "legal", "medical")
 
@@ -144,8 +145,6 @@ _QUOTES = re.compile(r"[\"\u201c\u201d]")
 
 
 def question_candidates(sources: list[Path], *, min_words: int = 5, max_words: int = 60, **_) -> Candidates:
-    from kdtool.text.rdata import read_lazyload
-
     stem = find_package("r-cran-janeaustenr", sources) / "usr/lib/R/site-library/janeaustenr/data/Rdata"
     books = read_lazyload(stem)
     cands = Candidates()

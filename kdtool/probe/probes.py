@@ -13,13 +13,25 @@ linearly available beyond what a probe of this capacity can memorise about items
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from kdtool import formats
 from kdtool.errors import BadInput, MissingColumns
+from kdtool.models import residual_stream
 
 POOLS = ("mean", "last")
 
@@ -75,10 +87,6 @@ class ConceptTable:
 
 def read_concepts(path, *, only: list[str] | None = None, per_class: int | None = None, seed: int = 0):
     """Read a concepts file (Parquet/CSV/JSONL: text, concept, label [, item]); checks labels are 0/1."""
-    import numpy as np
-
-    from kdtool import formats
-
     cols = formats.read_table(path, required=("text", "concept", "label"))
     try:
         label = np.asarray(cols["label"], dtype=np.float64)
@@ -117,8 +125,6 @@ def _subset(t: ConceptTable, keep: list[int]) -> ConceptTable:
 
 
 def _subsample(t: ConceptTable, per_class: int, seed: int) -> list[int]:
-    import numpy as np
-
     keep = []
     for c in t.concepts():
         rows = np.asarray(t.rows(c))
@@ -163,11 +169,6 @@ def pooled_states(
     Texts are tokenised one by one (truncated to max_length), sorted by length and right-padded
     in batches so little compute goes to padding; padding never enters the pool.
     """
-    import numpy as np
-    import torch
-
-    from kdtool.models import residual_stream
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     for i, seq in enumerate(ids):
@@ -207,8 +208,6 @@ def control_labels(items: list[str], labels, seed: int = 0, salt: str = ""):
     """One fixed random label per distinct item, drawn with the labels' base rate (Hewitt & Liang).
 
     Each item's label depends only on (seed, salt, item): not on row order or on the other items."""
-    import numpy as np
-
     rate = float(np.mean(labels))
     per_item = {}
     for item in sorted(set(items)):
@@ -218,11 +217,6 @@ def control_labels(items: list[str], labels, seed: int = 0, salt: str = ""):
 
 
 def _fit_score(X_train, y_train, X_test, y_test, C: float, max_iter: int) -> float:
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if len(np.unique(y_train)) < 2:  # a control split can draw one class only: predict it
         return float(np.mean(y_test == y_train[0]))
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
@@ -232,12 +226,6 @@ def _fit_score(X_train, y_train, X_test, y_test, C: float, max_iter: int) -> flo
 
 def probe_concept(X, y, items: list[str], cfg: ProbeConfig, concept: str = "") -> dict[str, float]:
     """Accuracy, control accuracy (mean and std over cfg.seeds splits) and selectivity for one concept."""
-    import warnings
-
-    import numpy as np
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import StratifiedShuffleSplit
-
     y = np.asarray(y)
     n_min = int(min(y.sum(), len(y) - y.sum()))
     if n_min < 2:
@@ -302,8 +290,6 @@ def run(
     Models are loaded one at a time and dropped after use. Each distinct text is encoded once per
     model. The teacher's layer (cfg.layer or its middle) fixes the depth used for the students.
     """
-    import gc
-
     texts = list(dict.fromkeys(table.text))
     index = {t: i for i, t in enumerate(texts)}
     rows_of = {c: table.rows(c) for c in table.concepts()}
