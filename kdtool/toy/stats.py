@@ -35,7 +35,7 @@ def read_toy_table(path, *, extra: tuple[str, ...] = ()) -> tuple[dict[str, np.n
     from kdtool.toy.sweep import KIND
 
     path = Path(path)
-    meta = formats.parquet_metadata(path) if path.suffix.lower() in (".parquet", ".pq") else {}
+    meta = formats.parquet_metadata(path) if formats.is_parquet(path) else {}
     if meta.get("kind") not in (None, KIND):
         raise BadInput(f"{path}: a {meta.get('kind')} file, expected {KIND} (written by kdtool toy)")
     return formats.read_table(path, required=TABLE_COLUMNS + tuple(extra)), meta
