@@ -1,7 +1,7 @@
 """kdtool predict: the loss floor Eq. 2 predicts at each student width, and the minimum width for a target.
 
 Thin: parse options, build the importance source (kdtool.theory.importance), evaluate the floor
-model (kdtool.theory), optionally map it to nats with a calibration (kdtool.calibration).
+model (kdtool.theory), optionally map it to nats with a calibration (kdtool.theory.calibrated).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main(
 
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_int_list
-    from kdtool.theory import calibration as calib_mod
+    from kdtool.theory import calibrated as calib_mod
     from kdtool.theory import importance as imp
     from kdtool.theory import theorem as theory
 
