@@ -203,20 +203,12 @@ def main(
 
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
-    from kdtool.toy.model import TrainConfig
+    from kdtool.toy.config import Grid, TrainConfig, settings_id
     from kdtool.toy.stats import fit_capacity as fit
     from kdtool.toy.stats import read_toy_table
     from kdtool.toy.stats import summarize as summary_of
-    from kdtool.toy.sweep import (
-        Grid,
-        PartStore,
-        chunk_cost,
-        curves_path,
-        default_workers,
-        run_sweep,
-        sample_configs,
-        settings_id,
-    )
+    from kdtool.toy.store import PartStore, curves_path
+    from kdtool.toy.sweep import chunk_cost, default_workers, run_sweep, sample_configs
     from kdtool.toy.sweep import convergence_check as check
 
     if summarize is not None:

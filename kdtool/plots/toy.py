@@ -63,7 +63,7 @@ def _alpha_colors(alphas) -> dict[float, str]:
 
 def grid(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 2: floor vs d_S; rows n, columns alpha; measured mean +- std per d_T, Eq. 2 dashed, d* dotted."""
-    from kdtool.toy.model import floor_model
+    from kdtool.toy.predictions import floor_model
 
     path = _one_input(inputs, "toy-grid")
     agg = _agg(_table(path, options))
@@ -187,7 +187,7 @@ def accuracy(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
 
 def scaling(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 13: floor / total importance mass against d_S / d*, every configuration; Eq. 2 per n dashed."""
-    from kdtool.toy.model import floor_model
+    from kdtool.toy.predictions import floor_model
 
     path = _one_input(inputs, "toy-scaling")
     agg = _agg(_table(path, options))
@@ -241,7 +241,7 @@ def _curves_input(inputs: list[Path]) -> tuple[Path, Path | None]:
         table = path.with_name(path.name.replace(".curves.parquet", ".parquet"))
         return path, (table if table.exists() and table != path else None)
     if kind == KIND:
-        from kdtool.toy.sweep import curves_path
+        from kdtool.toy.store import curves_path
 
         cpath = curves_path(path)
         if not cpath.exists():
@@ -254,7 +254,7 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     """Fig. 14: student training loss vs step per width for a few configurations; Eq. 2 floors dashed."""
     import matplotlib as mpl
 
-    from kdtool.toy.model import predictions
+    from kdtool.toy.predictions import predictions
     from kdtool.toy.sweep import sample_configs
 
     cpath, _ = _curves_input(inputs)
@@ -269,7 +269,7 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     if not keep.any():
         raise BadInput(f"{cpath}: no student curves left after the filters")
     cols = {k: v[keep] for k, v in cols.items()}
-    from kdtool.toy.model import ToyConfigKey
+    from kdtool.toy.config import ToyConfigKey
 
     keys = sorted(
         {

@@ -13,11 +13,15 @@ Definitions (docs/toy.md):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
+from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.toy.model import floor_model
+from kdtool.toy.predictions import floor_model
+from kdtool.toy.store import KIND
 
 POINT_KEYS = ("n", "d_teacher", "alpha", "d_student")
 DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = n/g(alpha)); floor = mean over seeds"
@@ -29,11 +33,6 @@ TABLE_COLUMNS = ("n", "d_teacher", "alpha", "d_student", "seed", "floor", "pred_
 
 def read_toy_table(path, *, extra: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], dict]:
     """A toy.parquet (or a CSV/JSON copy) as columns, plus its kdtool metadata; refuses other kinds."""
-    from pathlib import Path
-
-    from kdtool import formats
-    from kdtool.toy.sweep import KIND
-
     path = Path(path)
     meta = formats.parquet_metadata(path) if formats.is_parquet(path) else {}
     if meta.get("kind") not in (None, KIND):
@@ -185,8 +184,6 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
     real number (linear interpolation between ranks) so the objective is continuous in g_hat. Then a
     power law g_hat = k * g(alpha)^p across alphas (least squares on logs).
     """
-    from scipy.optimize import minimize_scalar
-
     agg = aggregate(cols, measure)
     data = (agg["pred_refined"] > 0) & (agg["floor_mean"] > 0)
     per_alpha = []
