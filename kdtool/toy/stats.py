@@ -28,6 +28,8 @@ DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = 
 _TINY = 1e-12  # a zero prediction in log space (the capacity fit): heavily penalised, never -inf
 
 
+#: --measure: the student loss whose seed mean is compared with Eq. 2 (against the data or the teacher)
+MEASURE_COLUMN = {"data": "floor_data", "distill": "floor_distill"}
 TABLE_COLUMNS = ("n", "d_teacher", "alpha", "d_student", "seed", "floor", "pred_refined", "pred_naive", "total_mass")
 
 
@@ -240,3 +242,17 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
                 f"features/dim, not g(alpha)={p['g']:.3g} (x{p['ratio']:.2f})"
             )
     return out
+
+
+def summarize_file(path, measure: str | None = None, *, capacity_fit: bool = False, zipf_exponent: float = 1.0) -> dict:
+    """`kdtool toy --summarize`: the summary of a toy table, on its `floor` column or on --measure's.
+
+    The capacity fit uses the Zipf exponent the table was made with (its provenance), else `zipf_exponent`.
+    """
+    cols, meta = read_toy_table(path)
+    column = MEASURE_COLUMN[measure] if measure is not None else "floor"
+    zipf = ((meta.get("provenance") or {}).get("config") or {}).get("zipf_exponent", zipf_exponent)
+    result = summarize(cols, column)
+    if capacity_fit:
+        result["fit_capacity"] = fit_capacity(cols, column, zipf)
+    return result
