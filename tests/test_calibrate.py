@@ -10,6 +10,7 @@ import pytest
 
 from kdtool.formats import read_json, read_table, write_parquet
 from kdtool.theory import calibration as cal
+from kdtool.theory import fits
 
 PAPER = Path(__file__).resolve().parents[1] / "kdtool" / "data" / "paper_pythia410m.csv"
 
@@ -38,7 +39,7 @@ def test_paper_linear_table4_is_the_least_squares_slope(paper_fit):
     assert round(lin["C"], 1) == 19.2  # the paper's table prints C = 8.97 (the affine slope)
     # with C = 8.97 through the origin, R^2 would be far worse than the printed -1.98
     x, y = np.array([0.0795, 0.04, 0.0111, 0.0016, 0.0001]), np.array([1.320, 1.008, 0.733, 0.652, 0.586])
-    assert cal.r_squared(y, 8.97 * x) < -4
+    assert fits.r_squared(y, 8.97 * x) < -4
 
 
 def test_paper_power_law_eq4(paper_fit):
@@ -90,7 +91,7 @@ def test_bootstrap_is_seeded():
 def test_power_law_recovers_known_curves(a, gamma, c):
     d = np.array([32, 64, 128, 256, 512, 1024], dtype=float)
     y = a * d**-gamma + c
-    m = cal.models(None)["power_law"]
+    m = fits.models(None)["power_law"]
     p = m.polish(d, y, m.fit(d, y))
     assert p == pytest.approx([a, gamma, c], rel=1e-4, abs=1e-6)
 
@@ -98,9 +99,9 @@ def test_power_law_recovers_known_curves(a, gamma, c):
 def test_power_law_bounds_hold_on_rising_data():
     d = np.array([100, 200, 400, 800.0])
     y = np.array([0.1, 0.2, 0.3, 0.5])  # floors that rise with width: best is a flat line, c = mean
-    m = cal.models(None)["power_law"]
+    m = fits.models(None)["power_law"]
     p = m.fit(d, y)
-    assert p[0] >= 0 and cal.GAMMA_BOUNDS[0] <= p[1] <= cal.GAMMA_BOUNDS[1] and p[2] >= 0
+    assert p[0] >= 0 and fits.GAMMA_BOUNDS[0] <= p[1] <= fits.GAMMA_BOUNDS[1] and p[2] >= 0
 
 
 def test_cli_json_and_output_file_agree(cli, tmp_path):
@@ -158,3 +159,26 @@ def test_without_predicted_only_power_law(cli, tmp_path):
     obj = run(cli, obs, "--bootstrap", "0")
     assert "skipped" in obj["linear"] and round(obj["power_law"]["gamma"], 2) == 0.47
     assert obj["decomposition"] == []
+
+
+def test_calibrate_files_returns_the_document_and_its_warnings(tmp_path):
+    """The library function behind the command: fits, calib.json's fields and the warnings, nothing printed."""
+    cfg = cal.CalibrationConfig(baseline_width=1024, bootstrap=20, seed=0)
+    run = cal.calibrate_files(PAPER, cfg)
+    assert run.warnings == []
+    assert run.inputs == {"observed": str(PAPER), "predicted": None, "column": "floor", "layer": None}
+    assert round(run.result["affine"]["C"], 2) == 8.96
+    doc = run.document({"command": "test"})
+    assert list(doc)[:2] == ["kind", "inputs"] and list(doc)[-1] == "provenance"
+    assert doc["kind"] == "kdtool.calibration" and doc["affine_fixed"] == run.result["affine_fixed"]
+    obs = tmp_path / "obs.csv"
+    obs.write_text("width,floor\n128,1.320\n256,1.008\n512,0.733\n768,0.652\n1024,0.586\n")
+    bare = cal.calibrate_files(obs, cal.CalibrationConfig(bootstrap=0))
+    # no predicted floors: the three floor-scale fits are skipped; affine_fixed quietly (no baseline was asked for)
+    assert [w.split(":")[0] for w in bare.warnings] == ["linear fit skipped", "affine fit skipped"]
+    with_b = cal.calibrate_files(obs, cal.CalibrationConfig(bootstrap=0, baseline=0.5))
+    assert [w.split(":")[0] for w in with_b.warnings] == [
+        "linear fit skipped",
+        "affine fit skipped",
+        "affine_fixed fit skipped",
+    ]

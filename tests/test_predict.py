@@ -155,3 +155,72 @@ def test_calibration_without_samples_leaves_band_empty(cli, tmp_path):
     calib = _calib(tmp_path, samples=False)
     rows = rows_of(cli("--json", "predict", *PAPER, "--widths", "128", "--calibration", calib))["rows"]
     assert rows[0]["floor_kl_low"] is None and rows[0]["floor_kl"] == pytest.approx(9 * rows[0]["floor"] + 0.6)
+
+
+# ------------------------------------------------------------------------------------------ the library function
+
+
+def test_predict_builds_table2_without_the_cli():
+    from kdtool.theory.prediction import PredictionConfig, predict
+
+    said = []
+    cfg = PredictionConfig(features=28665, alpha=0.99238, g_value=26.922, widths=(128, 256, 512, 768, 1024))
+    result = predict(cfg, notify=lambda level, text: said.append((level, text)))
+    assert result.columns["features_kept"] == [3446, 6892, 13784, 20676, 27568]
+    assert result.columns["features_dropped"] == [25219, 21773, 14881, 7989, 1097]
+    assert result.columns["normalized"][0] == 1.0 and "floor_kl" not in result.columns
+    assert result.summary["capacity"] == "explicit g"
+    assert result.summary["layers"]["0"]["d_star"] == pytest.approx(28665 / 26.922)
+    assert result.messages == said == [("info", "layer 0: F=28,665 alpha=0.99238 g=26.92 d*=1,064.7")]
+    assert result.warnings == []
+
+
+def test_predict_target_answer_and_calibration_warnings_are_data(tmp_path):
+    from kdtool.theory.prediction import PredictionConfig, predict
+
+    calib = _calib(tmp_path, samples=False)
+    cfg = PredictionConfig(
+        features=28665, alpha=0.99238, g_value=26.922, target_loss=0.55, calibration=calib, layers=(12,)
+    )
+    result = predict(cfg)
+    assert result.columns["layer"] == [] and set(result.columns) >= {"floor_kl", "floor_kl_low", "floor_kl_high"}
+    target = result.summary["target"]
+    assert target["units"] == "nats (calibrated)" and target["layers"]["12"]["min_width"] is None
+    assert result.summary["calibration"]["C"] == 9.0 and result.summary["calibration"]["fit"] == "affine"
+    first, below = result.warnings
+    assert "no bootstrap samples" in first and below.startswith("layer 12: no width reaches 0.55")
+    # a reachable target with no --widths predicts at the answer
+    ok = predict(PredictionConfig(features=2000, alpha=0.99, target_loss=1e-4))
+    d = ok.summary["target"]["layers"]["0"]["min_width"]
+    assert ok.columns["width"] == [d] and ok.columns["floor"][0] <= 1e-4
+    assert ok.messages[-1][0] == "info" and ok.messages[-1][1].startswith(f"layer 0: minimum width {d:,}:")
+
+
+def test_predict_reads_a_stats_file_and_overrides_its_alpha(tmp_path):
+    from kdtool.theory.prediction import PredictionConfig, predict
+
+    path, cols = _stats(tmp_path)
+    result = predict(PredictionConfig(stats=path, widths=(4,), layers=(12,), alpha=0.9))
+    assert result.columns["layer"] == [12]
+    assert result.summary["layers"]["12"]["alpha"] == 0.9 and result.summary["layers"]["12"]["L0"] is None
+    assert result.columns["features_kept"] == [int(np.floor(4 * theory.g(0.9)))]
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"features": 10, "alpha": 0.9, "g_value": 3.0, "capacity": "naive", "widths": (4,)}, "--g and --capacity"),
+        ({"features": 10, "alpha": 0.9, "l0": 1.0, "widths": (4,)}, "--alpha and --l0"),
+        ({"features": 10, "alpha": 0.9}, "--widths: give the student widths"),
+        ({"alpha": 0.9, "widths": (4,)}, "no importance source"),
+        ({"features": 10, "alpha": 0.9, "widths": (4,), "layers": (1, 2)}, "one layer"),
+        ({"stats": "s.parquet", "features": 10, "widths": (4,)}, "not both"),
+        ({"stats": "s.parquet", "l0": 3.0, "widths": (4,)}, "--l0 is for a parametric spec"),
+    ],
+)
+def test_prediction_config_refuses_clashing_flags(kwargs, needle):
+    from kdtool.errors import BadInput
+    from kdtool.theory.prediction import PredictionConfig
+
+    with pytest.raises(BadInput, match=needle):
+        PredictionConfig(**kwargs)

@@ -562,7 +562,7 @@ def test_unregistered_kinds_failures_and_stale_figures(run, tmp_path, monkeypatc
 
 
 def test_toy_table_and_figures_from_a_toy_sweep(tmp_path):
-    from kdtool.toy import sweep as toy_sweep
+    from kdtool.toy import store as toy_sweep
 
     rng = np.random.default_rng(1)
     rows = {c: [] for c in ("n", "d_teacher", "alpha", "d_student", "seed", "floor_data", "pred_refined", "pred_naive")}

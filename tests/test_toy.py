@@ -10,32 +10,17 @@ import pytest
 
 from kdtool import formats
 from kdtool.theory import theorem as theory
-from kdtool.toy.model import (
-    ToyConfigKey,
-    TrainConfig,
-    data_stream,
-    forward,
-    generator_seed,
-    importance,
-    init_weights,
-    predictions,
-    sample,
-    train_reference,
-    width_groups,
-)
+from kdtool.toy.chunk import run_chunk
+from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id
+from kdtool.toy.model import data_stream, forward, generator_seed, importance, init_weights, sample
+from kdtool.toy.predictions import predictions
 from kdtool.toy.stats import aggregate, fit_capacity, summarize
-from kdtool.toy.sweep import Grid, PartStore, make_chunks, run_chunk, run_sweep, settings_id
+from kdtool.toy.store import PartStore
+from kdtool.toy.sweep import make_chunks, run_sweep
+from kdtool.toy.trainer import train_reference, width_groups
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As in the sweep's workers: two OpenMP threads on a busy 2-core box spend milliseconds per op in barriers."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# as in the sweep's workers: two OpenMP threads on a busy 2-core box spend milliseconds per op in barriers
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = TrainConfig(steps=60, batch_size=32, eval_samples=256, eval_points=3, lr=1e-2)
@@ -129,7 +114,7 @@ def test_width_groups_partition_consecutive_widths_and_split_only_when_it_pays()
 
 def test_students_train_the_same_whatever_their_width_grouping(monkeypatch):
     """Grouping is a speed choice only: each width padded to d_T alone, per width, or in pairs gives one result."""
-    import kdtool.toy.sweep as sweep
+    import kdtool.toy.chunk as sweep
 
     key = ToyConfigKey(8, 4, 0.9)
     results = []
@@ -181,7 +166,7 @@ def test_floors_fall_as_sparsity_grows_and_with_width():
 
 def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
     """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits."""
-    from kdtool.toy.model import floor_model
+    from kdtool.toy.predictions import floor_model
     from kdtool.toy.stats import _continuous_floor
 
     cols: dict[str, list] = {}

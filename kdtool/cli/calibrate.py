@@ -1,29 +1,20 @@
 """kdtool calibrate: fit observed distillation floors against Eq. 2's prediction (paper section 6.3).
 
-Thin: read and join the tables, run kdtool.theory.calibration.calibrate, write calib.json and/or
-print the fits and the decomposition.
+Thin: build a CalibrationConfig, run kdtool.theory.calibration.calibrate_files (read and join the
+tables, fit), write calib.json and/or print the fits and the decomposition.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from kdtool.cli import common
+from kdtool.cli import common, options
 
-
-class BootMethod(str, Enum):
-    residual = "residual"
-    pairs = "pairs"
-
-
-class DecompFit(str, Enum):
-    auto = "auto"
-    affine = "affine"
-    affine_fixed = "affine_fixed"
+BootMethod = options.choices("BootMethod", "residual", "pairs")
+DecompFit = options.choices("DecompFit", "auto", "affine", "affine_fixed")
 
 
 def main(
@@ -81,7 +72,6 @@ def main(
 
     Example: kdtool calibrate kdtool/data/paper_pythia410m.csv --baseline-width 1024 -o calib.json
     """
-    from kdtool.cli.common import STATE
     from kdtool.theory import calibration as cal
 
     cfg = cal.CalibrationConfig(
@@ -92,33 +82,21 @@ def main(
         method=method.value,
         decomposition_fit=decomposition_fit.value,
     )
-    points = cal.load_points(observed, predicted=predicted, column=column, layer=layer)
-    result = cal.calibrate(points, cfg)
-    for name in cal.FITS:
-        if "skipped" in result[name] and not (name == "affine_fixed" and not cfg.has_baseline):
-            common.warn(f"{name} fit skipped: {result[name]['skipped']}")
-        elif result[name].get("at_bound"):
-            common.warn(f"power_law: gamma = {result[name]['gamma']:.4g} is at its search bound {cal.GAMMA_BOUNDS}")
-    obj = {
-        "kind": cal.KIND,
-        "inputs": {
-            "observed": str(observed),
-            "predicted": None if predicted is None else str(predicted),
-            "column": column,
-            "layer": layer,
-        },
-        **result,
-        "provenance": common.make_provenance(
-            inputs=[p for p in (observed, predicted) if p is not None], seed=seed, config=result["config"]
-        ),
-    }
+    run = cal.calibrate_files(observed, cfg, predicted=predicted, column=column, layer=layer)
+    for message in run.warnings:
+        common.warn(message)
+    obj = run.document(
+        common.make_provenance(
+            inputs=[p for p in (observed, predicted) if p is not None], seed=seed, config=run.result["config"]
+        )
+    )
     if output is not None:
         common.emit_json(obj, output)
         common.log(f"wrote {output}")
-    if STATE.json:
+    if common.STATE.json:
         common.emit_json(obj)
-    elif not STATE.quiet:
-        _show(result)
+    elif not common.STATE.quiet:
+        _show(run.result)
 
 
 def _fmt(v) -> str:
@@ -130,14 +108,14 @@ def _show(result: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    from kdtool.theory import calibration as cal
+    from kdtool.theory.calibration import FITS
 
     fits = Table(
         title="calibration fits (95% CI: bootstrap; LOO: leave-one-out RMSE)", title_justify="left", box=box.SIMPLE_HEAD
     )
     for name in ("fit", "param", "value", "95% CI", "R^2", "RMSE", "LOO"):
         fits.add_column(name, justify="left" if name in ("fit", "param") else "right", no_wrap=True)
-    for name in cal.FITS:
+    for name in FITS:
         entry = result[name]
         if "skipped" in entry:
             fits.add_row(name, "", "skipped", "", "", "", "")
@@ -151,7 +129,7 @@ def _show(result: dict) -> None:
             fits.add_row(name if i == 0 else "", key, _fmt(entry[key]), band, *scores)
     console = common.err_console()
     console.print(fits)
-    for name in cal.FITS:
+    for name in FITS:
         if "skipped" in result[name]:
             console.print(f"  {name}: skipped: {result[name]['skipped']}")
     dfit, rows = result["decomposition_fit"], result["decomposition"]

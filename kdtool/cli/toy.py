@@ -1,18 +1,20 @@
 """kdtool toy: the paper's toy-model validation (Experiment 1), a batched sweep on CPU in minutes.
 
+Thin: parse the grid and training flags into kdtool.toy.experiment.ExperimentConfig, call
+run_experiment (or check_convergence, or kdtool.toy.stats.summarize_file for --summarize), show
+its progress on a bar and its summary on stderr (or as JSON).
+
 Example: kdtool toy --n 10,20 --d-teacher 3,5 --alpha 0.9,0.99 --seeds 4 --steps 600 -o toy.parquet
 """
 
 from __future__ import annotations
 
-import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from kdtool.cli import common
+from kdtool.cli import common, options
 
 PANEL_GRID = "Grid (defaults = the paper's 48 configurations x 20 seeds)"
 PANEL_TRAIN = "Training"
@@ -20,28 +22,10 @@ PANEL_RUN = "Running"
 PANEL_REPORT = "Reporting"
 
 
-class OptimizerChoice(str, Enum):
-    adam = "adam"
-    sgd = "sgd"
-
-
-class ScheduleChoice(str, Enum):
-    cosine = "cosine"
-    linear = "linear"
-    constant = "constant"
-
-
-class TargetChoice(str, Enum):
-    teacher = "teacher"
-    data = "data"
-
-
-class MeasureChoice(str, Enum):
-    data = "data"
-    distill = "distill"
-
-
-MEASURE_COLUMN = {"data": "floor_data", "distill": "floor_distill"}
+OptimizerChoice = options.choices("OptimizerChoice", "adam", "sgd")
+ScheduleChoice = options.choices("ScheduleChoice", "cosine", "linear", "constant")
+TargetChoice = options.choices("TargetChoice", "teacher", "data")
+MeasureChoice = options.choices("MeasureChoice", "data", "distill")
 
 
 def main(
@@ -201,41 +185,22 @@ def main(
     """
     import warnings
 
-    from kdtool.errors import BadInput
     from kdtool.parsing import parse_float_list, parse_int_list
-    from kdtool.toy.model import TrainConfig
-    from kdtool.toy.stats import fit_capacity as fit
-    from kdtool.toy.stats import read_toy_table
-    from kdtool.toy.stats import summarize as summary_of
-    from kdtool.toy.sweep import (
-        Grid,
-        PartStore,
-        chunk_cost,
-        curves_path,
-        default_workers,
-        run_sweep,
-        sample_configs,
-        settings_id,
-    )
-    from kdtool.toy.sweep import convergence_check as check
+    from kdtool.toy import experiment
+    from kdtool.toy.config import Grid, TrainConfig
+    from kdtool.toy.stats import summarize_file
 
     if summarize is not None:
-        cols, meta = read_toy_table(summarize)
-        column = MEASURE_COLUMN[measure.value] if measure is not None else "floor"
-        zipf = ((meta.get("provenance") or {}).get("config") or {}).get("zipf_exponent", zipf_exponent)
-        result = summary_of(cols, column)
-        if fit_capacity:
-            result["fit_capacity"] = fit(cols, column, zipf)
-        _report(result, None)
+        which = measure.value if measure is not None else None
+        _report(summarize_file(summarize, which, capacity_fit=fit_capacity, zipf_exponent=zipf_exponent), None)
         return
-
     grid_ns = common.parse_opt("--n", parse_int_list, n)
     grid_d = common.parse_opt("--d-teacher", parse_int_list, d_teacher)
     grid_a = common.parse_opt("--alpha", parse_float_list, alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         grid = Grid(tuple(grid_ns), tuple(grid_d), tuple(grid_a), seeds)
-    cfg = TrainConfig(
+    train = TrainConfig(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -249,90 +214,59 @@ def main(
         curve_points=curve_points if log_curves else 0,
         base_seed=seed,
     )
-    if log_curves and curve_points < 2:
-        raise BadInput(f"--curve-points must be >= 2, got {curve_points}")
-    n_workers = workers if workers is not None else default_workers()
-    if n_workers < 1:
-        raise BadInput(f"--workers must be >= 1, got {n_workers}")
-    if output.suffix.lower() not in (".parquet", ".pq"):
-        raise BadInput(f"{output}: the toy table is Parquet; use a .parquet name")
-    config = {"grid": {"n": grid_ns, "d_teacher": grid_d, "alpha": grid_a, "seeds": seeds}, **cfg.to_dict()}
-
+    config = experiment.ExperimentConfig(
+        output=output,
+        grid=grid,
+        train=train,
+        workers=workers,
+        resume=resume,
+        log_curves=log_curves,
+        measure=(measure or MeasureChoice.data).value,
+        fit_capacity=fit_capacity,
+    )
     if convergence_check:
-        keys = sample_configs(grid.keys(), check_configs)
-        common.log(
-            f"convergence check: {len(keys)} configurations x {seeds} seeds at {steps} and {2 * steps} steps "
-            f"({n_workers} workers)"
-        )
         with common.progress() as bar:
-            task = bar.add_task("convergence", total=2 * len(keys), rate="")
-            result = check(keys, seeds, cfg, workers=n_workers, on_done=lambda: bar.advance(task))
-        _report_check(result)
+            checked = experiment.check_convergence(config, check_configs, notify=_say, on_progress=_counter(bar))
+        _report_check(checked)
         return
-
-    column = MEASURE_COLUMN[(measure or MeasureChoice.data).value]
-    provenance = common.make_provenance(seed=seed, config=config)
-    store = PartStore(output, settings_id(cfg, seeds), provenance)
-    keys = grid.keys()
-    done = store.load(keys) if resume else []
-    if not resume:
-        discarded = store.clear()
-        if discarded:
-            common.log(f"discarded {discarded} part files of an earlier run in {store.dir} (--resume keeps them)")
-    pending = [k for k in keys if k not in set(done)]
-    if log_curves and done and any(k.slug not in store.curves for k in done):
-        common.warn("some resumed configurations have no training curves (they were run without --log-curves)")
-    total_models = grid.models(keys)
-    common.log(
-        f"toy sweep: {len(keys)} configurations x {seeds} seeds = {total_models} models "
-        f"({len(done)} configurations already done), {steps} steps, batch {batch_size}, "
-        f"{n_workers} workers -> {output}"
-    )
-    trained = {"models": 0}
-    t0 = time.perf_counter()
-    # the bar advances by each configuration's estimated work, not by 1: the sweep runs the biggest first,
-    # so a count-based ETA would start several times too long
-    work = {k.slug: chunk_cost([k]) * seeds for k in keys}
-    finished = {"configs": len(done)}
+    provenance = common.make_provenance(seed=seed, config=config.settings())
     with common.progress(counts=False) as bar:
-        task = bar.add_task(
-            "toy sweep",
-            total=sum(work.values()),
-            completed=sum(work[k.slug] for k in done),
-            rate=f"{len(done)}/{len(keys)} configs",
-        )
+        result = experiment.run_experiment(config, provenance, notify=_say, on_progress=_work_bar(bar))
+    _report(result.summary, output)
 
-        def on_done(key, models, seconds):
-            trained["models"] += models
-            finished["configs"] += 1
-            rate = trained["models"] / max(time.perf_counter() - t0, 1e-9)
-            bar.update(
-                task, advance=work[key.slug], rate=f"{finished['configs']}/{len(keys)} configs, {rate:.0f} models/s"
-            )
 
-        seconds = run_sweep(grid, cfg, store, workers=n_workers, pending=pending, on_done=on_done) if pending else 0.0
-    for slug in store.rows:  # the floor compared with Eq. 2 (resumed rows may carry another --measure)
-        store.rows[slug]["floor"] = store.rows[slug][column]
-    cols = store.table(keys, store.rows)
-    result = summary_of(cols, "floor")
-    result.update(
-        {
-            "target": cfg.target,
-            "floor_column": column,
-            "steps": steps,
-            "seconds": round(seconds, 2),
-            "models_trained_now": trained["models"],
-            "models_per_second": round(trained["models"] / seconds, 2) if seconds > 0 else None,
-            "workers": n_workers,
-            "output": str(output),
-        }
-    )
-    if fit_capacity:
-        result["fit_capacity"] = fit(cols, "floor", zipf_exponent)
-    store.merge(keys, result, want_curves=log_curves)
-    if log_curves:
-        result["curves"] = str(curves_path(output))
-    _report(result, output)
+def _say(level: str, text: str) -> None:
+    (common.warn if level == "warning" else common.log)(text)
+
+
+def _counter(bar):
+    """on_progress for the convergence check: trainings done of all."""
+    task = None
+
+    def show(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("convergence", total=total, rate="")
+        bar.update(task, completed=done)
+
+    return show
+
+
+def _work_bar(bar):
+    """on_progress for the sweep: the bar's units are estimated work, its text counts configurations."""
+    task = None
+
+    def show(p) -> None:
+        nonlocal task
+        rate = f"{p.configs_done}/{p.configs} configs"
+        if p.models_per_second is not None:
+            rate += f", {p.models_per_second:.0f} models/s"
+        if task is None:
+            task = bar.add_task("toy sweep", total=p.total, completed=p.done, rate=rate)
+        else:
+            bar.update(task, completed=p.done, rate=rate)
+
+    return show
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -348,11 +282,22 @@ def _report(result: dict, output: Path | None) -> None:
     if common.STATE.json:
         common.emit_json({"kind": "kdtool.toy.summary", **result})
         return
-    if common.STATE.quiet:
-        for note in (result.get("fit_capacity") or {}).get("notes", []):
-            common.warn(note)
-        return
-    ref, nai = result["refined"], result["naive"]
+    fitted = result.get("fit_capacity") or {}
+    if not common.STATE.quiet:
+        for line in _summary_lines(result, output) + _fit_lines(fitted):
+            common.log(line)
+    for note in fitted.get("notes", []):
+        common.warn(note)
+
+
+def _agreement(label: str, r: dict) -> str:
+    return (
+        f"{label}Pearson r {_fmt(r['pearson_r'])}, log-log r {_fmt(r['pearson_r_loglog'])}, "
+        f"MAPE {_fmt(r['mape_percent'])}%, median accuracy {_fmt(r['median_accuracy'])}, R^2 {_fmt(r['r2'])}"
+    )
+
+
+def _summary_lines(result: dict, output: Path | None) -> list[str]:
     lines = []
     if output is not None:
         lines.append(
@@ -364,16 +309,8 @@ def _report(result: dict, output: Path | None) -> None:
         f"data points: {result['data_points']} of {result['points']} (config, d_S) points "
         f"[{result['data_point_rule']}]; floor = {result.get('floor_column', result['measure'])}"
     )
-    lines.append(
-        f"refined (g(alpha)): Pearson r {_fmt(ref['pearson_r'])}, log-log r {_fmt(ref['pearson_r_loglog'])}, "
-        f"MAPE {_fmt(ref['mape_percent'])}%, median accuracy {_fmt(ref['median_accuracy'])}, "
-        f"R^2 {_fmt(ref['r2'])}"
-    )
-    lines.append(
-        f"naive   (g = 1):    Pearson r {_fmt(nai['pearson_r'])}, log-log r {_fmt(nai['pearson_r_loglog'])}, "
-        f"MAPE {_fmt(nai['mape_percent'])}%, median accuracy {_fmt(nai['median_accuracy'])}, "
-        f"R^2 {_fmt(nai['r2'])}"
-    )
+    lines.append(_agreement("refined (g(alpha)): ", result["refined"]))
+    lines.append(_agreement("naive   (g = 1):    ", result["naive"]))
     for a, row in result["by_alpha"].items():
         lines.append(
             f"  alpha {a}: {row['points']} points, median accuracy refined {_fmt(row['median_accuracy'])}, "
@@ -393,23 +330,23 @@ def _report(result: dict, output: Path | None) -> None:
         f"beyond d* ({bd['points']} points, formula = 0): measured floor / total mass median "
         f"{_fmt(bd['median_normalized_floor'])}, max {_fmt(bd['max_normalized_floor'])}"
     )
-    fitted = result.get("fit_capacity")
-    if fitted:
-        for p in fitted["per_alpha"]:
-            lines.append(
-                f"  fit alpha {p['alpha']:g}: g_hat {_fmt(p['g_hat'])} vs g(alpha) {_fmt(p['g'])} "
-                f"(x{_fmt(p['ratio'])}), log-rmse {_fmt(p['rmse_log_fit'])} vs {_fmt(p['rmse_log_paper_g'])} "
-                f"with g(alpha), {p['points']} points"
-            )
-        if fitted["power_law"]:
-            pl = fitted["power_law"]
-            lines.append(
-                f"  power law: g_hat = {_fmt(pl['k'])} * g(alpha)^{_fmt(pl['p'])} (R^2 on logs {_fmt(pl['r2_log'])})"
-            )
-    for line in lines:
-        common.log(line)
-    for note in (fitted or {}).get("notes", []):
-        common.warn(note)
+    return lines
+
+
+def _fit_lines(fitted: dict) -> list[str]:
+    """--fit-capacity: g_hat per alpha against g(alpha), and the power law across alphas."""
+    lines = [
+        f"  fit alpha {p['alpha']:g}: g_hat {_fmt(p['g_hat'])} vs g(alpha) {_fmt(p['g'])} "
+        f"(x{_fmt(p['ratio'])}), log-rmse {_fmt(p['rmse_log_fit'])} vs {_fmt(p['rmse_log_paper_g'])} "
+        f"with g(alpha), {p['points']} points"
+        for p in fitted.get("per_alpha", [])
+    ]
+    pl = fitted.get("power_law")
+    if pl:
+        lines.append(
+            f"  power law: g_hat = {_fmt(pl['k'])} * g(alpha)^{_fmt(pl['p'])} (R^2 on logs {_fmt(pl['r2_log'])})"
+        )
+    return lines
 
 
 def _report_check(result: dict) -> None:

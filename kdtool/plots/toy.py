@@ -17,9 +17,11 @@ import numpy as np
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
-from kdtool.toy.model import ToyConfigKey, floor_model, predictions
+from kdtool.toy.config import ToyConfigKey
+from kdtool.toy.predictions import floor_model, predictions
 from kdtool.toy.stats import aggregate, read_toy_table, summarize
-from kdtool.toy.sweep import CURVES_KIND, KIND, curves_path, sample_configs
+from kdtool.toy.store import CURVES_KIND, KIND, curves_path
+from kdtool.toy.sweep import sample_configs
 
 _MEASURES = {"data": "floor_data", "distill": "floor_distill"}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kdtool.errors import BadInput
-from kdtool.formats import numeric_column, parquet_metadata, read_table
+from kdtool.formats import is_parquet, numeric_column, parquet_metadata, read_table
 from kdtool.theory import theorem as theory
 
 #: freq above which a feature counts as alive when a stats table has no `alive` column (paper section 5.2).
@@ -102,7 +102,7 @@ def parametric(
 
 def _summary_layers(path: Path) -> dict[int, dict]:
     """The per-layer summary of a stats Parquet file ({} for CSV/JSON or files without one)."""
-    if path.suffix.lower() not in (".parquet", ".pq"):
+    if not is_parquet(path):
         return {}
     summary = parquet_metadata(path).get("summary") or {}
     layers = summary.get("layers") if isinstance(summary, dict) else None

@@ -13,29 +13,30 @@ Definitions (docs/toy.md):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
+from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.toy.model import floor_model
+from kdtool.toy.predictions import floor_model
+from kdtool.toy.store import KIND
 
 POINT_KEYS = ("n", "d_teacher", "alpha", "d_student")
 DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = n/g(alpha)); floor = mean over seeds"
 _TINY = 1e-12  # a zero prediction in log space (the capacity fit): heavily penalised, never -inf
 
 
+#: --measure: the student loss whose seed mean is compared with Eq. 2 (against the data or the teacher)
+MEASURE_COLUMN = {"data": "floor_data", "distill": "floor_distill"}
 TABLE_COLUMNS = ("n", "d_teacher", "alpha", "d_student", "seed", "floor", "pred_refined", "pred_naive", "total_mass")
 
 
 def read_toy_table(path, *, extra: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], dict]:
     """A toy.parquet (or a CSV/JSON copy) as columns, plus its kdtool metadata; refuses other kinds."""
-    from pathlib import Path
-
-    from kdtool import formats
-    from kdtool.toy.sweep import KIND
-
     path = Path(path)
-    meta = formats.parquet_metadata(path) if path.suffix.lower() in (".parquet", ".pq") else {}
+    meta = formats.parquet_metadata(path) if formats.is_parquet(path) else {}
     if meta.get("kind") not in (None, KIND):
         raise BadInput(f"{path}: a {meta.get('kind')} file, expected {KIND} (written by kdtool toy)")
     return formats.read_table(path, required=TABLE_COLUMNS + tuple(extra)), meta
@@ -185,8 +186,6 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
     real number (linear interpolation between ranks) so the objective is continuous in g_hat. Then a
     power law g_hat = k * g(alpha)^p across alphas (least squares on logs).
     """
-    from scipy.optimize import minimize_scalar
-
     agg = aggregate(cols, measure)
     data = (agg["pred_refined"] > 0) & (agg["floor_mean"] > 0)
     per_alpha = []
@@ -243,3 +242,17 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
                 f"features/dim, not g(alpha)={p['g']:.3g} (x{p['ratio']:.2f})"
             )
     return out
+
+
+def summarize_file(path, measure: str | None = None, *, capacity_fit: bool = False, zipf_exponent: float = 1.0) -> dict:
+    """`kdtool toy --summarize`: the summary of a toy table, on its `floor` column or on --measure's.
+
+    The capacity fit uses the Zipf exponent the table was made with (its provenance), else `zipf_exponent`.
+    """
+    cols, meta = read_toy_table(path)
+    column = MEASURE_COLUMN[measure] if measure is not None else "floor"
+    zipf = ((meta.get("provenance") or {}).get("config") or {}).get("zipf_exponent", zipf_exponent)
+    result = summarize(cols, column)
+    if capacity_fit:
+        result["fit_capacity"] = fit_capacity(cols, column, zipf)
+    return result

@@ -1,0 +1,196 @@
+"""kdtool toy's work (paper section 4, Experiment 1): sweep the grid into toy.parquet and summarise it.
+
+`run_experiment` drives one sweep: the part store (kdtool.toy.store) decides what is already done
+(--resume) or discards an earlier run's parts, the pending configurations are trained
+(kdtool.toy.sweep.run_sweep), the floor compared with Eq. 2 is picked (--measure), the
+summary computed (kdtool.toy.stats), and the parts merged into the output (and the curves file).
+`check_convergence` trains a sample of the grid at --steps and 2x --steps.
+
+Nothing is printed: what the command says comes back through `notify(level, text)` as it
+happens, and progress through `on_progress`, in work units (a configuration's estimated cost,
+kdtool.toy.sweep.chunk_cost): the sweep runs the biggest configurations first, so a count-based
+ETA would start several times too long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtool import formats
+from kdtool.errors import BadInput
+from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id
+from kdtool.toy.stats import MEASURE_COLUMN, fit_capacity, summarize
+from kdtool.toy.store import PartStore, curves_path
+from kdtool.toy.sweep import chunk_cost, convergence_check, default_workers, run_sweep, sample_configs
+
+#: notify(level, text): level is "info" (a progress line) or "warning" (may change how to read the result)
+Notify = Callable[[str, str], None]
+
+
+def _silent(*_args) -> None:
+    """The default notify and on_progress: say nothing."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One `kdtool toy` sweep; the flag names are in the comments and the errors."""
+
+    output: Path  # -o: toy.parquet; parts go to <output>.parts/ while the sweep runs
+    grid: Grid  # --n, --d-teacher, --alpha, --seeds
+    train: TrainConfig  # how every model trains; its curve_points is --curve-points with --log-curves, else 0
+    workers: int | None = None  # --workers: worker processes (None: one per core)
+    resume: bool = False  # --resume: keep configurations already written with the same settings
+    log_curves: bool = False  # --log-curves: also write OUTPUT-stem.curves.parquet
+    measure: str = "data"  # --measure: the student loss compared with Eq. 2, against the data or the teacher
+    fit_capacity: bool = False  # --fit-capacity: add the capacity fit to the summary
+
+    def __post_init__(self) -> None:
+        if self.log_curves and self.train.curve_points < 2:
+            raise BadInput(f"--curve-points must be >= 2, got {self.train.curve_points}")
+        if self.workers is None:
+            object.__setattr__(self, "workers", default_workers())
+        if self.workers < 1:
+            raise BadInput(f"--workers must be >= 1, got {self.workers}")
+        if not formats.is_parquet(self.output):
+            raise BadInput(f"{self.output}: the toy table is Parquet; use a .parquet name")
+        if self.measure not in MEASURE_COLUMN:
+            raise BadInput(f"--measure must be data or distill, got {self.measure!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The grid and training settings, as the output's provenance records them."""
+        grid = {"n": list(self.grid.ns), "d_teacher": list(self.grid.d_teachers), "alpha": list(self.grid.alphas)}
+        return {"grid": {**grid, "seeds": self.grid.seeds}, **self.train.to_dict()}
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """Where a sweep stands. Work is in estimated-cost units; models_per_second counts this run only."""
+
+    total: float  # work of every configuration of the grid
+    done: float  # work of the configurations finished (resumed ones included)
+    configs_done: int
+    configs: int
+    models_per_second: float | None = None  # None until a configuration of this run finishes
+
+
+@dataclass
+class ExperimentResult:
+    """A finished sweep: the summary (`kdtool --json toy` prints it) and the table written to the output."""
+
+    summary: dict[str, Any]
+    table: dict[str, np.ndarray]
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    provenance: dict,
+    *,
+    notify: Notify | None = None,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> ExperimentResult:
+    """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors."""
+    notify = notify or _silent
+    grid, cfg = config.grid, config.train
+    store = PartStore(config.output, settings_id(cfg, grid.seeds), provenance)
+    keys = grid.keys()
+    done = store.load(keys) if config.resume else []
+    if not config.resume:
+        discarded = store.clear()
+        if discarded:
+            notify("info", f"discarded {discarded} part files of an earlier run in {store.dir} (--resume keeps them)")
+    pending = [k for k in keys if k not in set(done)]
+    if config.log_curves and done and any(k.slug not in store.curves for k in done):
+        notify("warning", "some resumed configurations have no training curves (they were run without --log-curves)")
+    notify(
+        "info",
+        f"toy sweep: {len(keys)} configurations x {grid.seeds} seeds = {grid.models(keys)} models "
+        f"({len(done)} configurations already done), {cfg.steps} steps, batch {cfg.batch_size}, "
+        f"{config.workers} workers -> {config.output}",
+    )
+    seconds, trained = _train(config, store, keys, done, pending, on_progress or _silent)
+    column = MEASURE_COLUMN[config.measure]
+    for slug in store.rows:  # the floor compared with Eq. 2 (resumed rows may carry another --measure)
+        store.rows[slug]["floor"] = store.rows[slug][column]
+    cols = store.table(keys, store.rows)
+    summary = summarize(cols, "floor")
+    summary.update(
+        {
+            "target": cfg.target,
+            "floor_column": column,
+            "steps": cfg.steps,
+            "seconds": round(seconds, 2),
+            "models_trained_now": trained,
+            "models_per_second": round(trained / seconds, 2) if seconds > 0 else None,
+            "workers": config.workers,
+            "output": str(config.output),
+        }
+    )
+    if config.fit_capacity:
+        summary["fit_capacity"] = fit_capacity(cols, "floor", cfg.zipf_exponent)
+    store.merge(keys, summary, want_curves=config.log_curves)
+    if config.log_curves:
+        summary["curves"] = str(curves_path(config.output))
+    return ExperimentResult(summary=summary, table=cols)
+
+
+def _train(config, store, keys, done, pending, on_progress) -> tuple[float, int]:
+    """Run the pending configurations, reporting progress; returns (wall seconds, models trained)."""
+    seeds = config.grid.seeds
+    work = {k.slug: chunk_cost([k]) * seeds for k in keys}
+    progress = SweepProgress(
+        total=sum(work.values()), done=sum(work[k.slug] for k in done), configs_done=len(done), configs=len(keys)
+    )
+    trained = 0
+    t0 = time.perf_counter()
+    on_progress(progress)
+
+    def on_done(key: ToyConfigKey, models: int, seconds: float) -> None:
+        nonlocal progress, trained
+        trained += models
+        progress = replace(
+            progress,
+            done=progress.done + work[key.slug],
+            configs_done=progress.configs_done + 1,
+            models_per_second=trained / max(time.perf_counter() - t0, 1e-9),
+        )
+        on_progress(progress)
+
+    if not pending:
+        return 0.0, 0
+    seconds = run_sweep(config.grid, config.train, store, workers=config.workers, pending=pending, on_done=on_done)
+    return seconds, trained
+
+
+def check_convergence(
+    config: ExperimentConfig,
+    configs: int,
+    *,
+    notify: Notify | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """--convergence-check: an even sample of `configs` configurations at --steps and 2x --steps (nothing written).
+
+    on_progress(trainings done, trainings in all) starts at 0 and counts each finished training.
+    """
+    notify, on_progress = notify or _silent, on_progress or _silent
+    keys = sample_configs(config.grid.keys(), configs)
+    seeds, steps = config.grid.seeds, config.train.steps
+    notify(
+        "info",
+        f"convergence check: {len(keys)} configurations x {seeds} seeds at {steps} and {2 * steps} steps "
+        f"({config.workers} workers)",
+    )
+    count = {"done": 0}
+    on_progress(0, 2 * len(keys))
+
+    def on_done() -> None:
+        count["done"] += 1
+        on_progress(count["done"], 2 * len(keys))
+
+    return convergence_check(keys, seeds, config.train, workers=config.workers, on_done=on_done)
