@@ -113,7 +113,7 @@ def test_package_init_files_are_empty():
 def test_library_code_does_not_import_the_cli_toolkit():
     """typer and rich belong to kdtool.cli; library modules return data and raise kdtool.errors."""
     for name, path in MODULES.items():
-        if name == CLI or name.startswith(CLI + "."):
+        if name == CLI or name.startswith(CLI + ".") or name == "kdtool.__main__":  # __main__ starts the CLI
             continue
         used = {m.split(".")[0] for m in imports(path)}
         assert not used & {"typer", "rich", "click"}, f"{path} imports {sorted(used & {'typer', 'rich', 'click'})}"

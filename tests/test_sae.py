@@ -15,7 +15,6 @@ from kdtool.sae.layouts import load_sae
 from kdtool.sae.model import L1Controller, SparseAutoencoder, forward_backward, loss_value
 from kdtool.sae.training import CacheSource, TrainConfig, Trainer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -17,7 +17,6 @@ from kdtool.sae.layouts import load_sae
 from kdtool.sae.model import SparseAutoencoder
 from kdtool.sae.training import NORM_TOKENS, CacheSource, TrainConfig, Trainer, fold_scale
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

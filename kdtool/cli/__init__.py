@@ -1,1 +1,0 @@
-"""Thin Typer front-ends, one module per subcommand. Heavy imports live inside commands."""
