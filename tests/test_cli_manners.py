@@ -84,3 +84,38 @@ def test_global_flags_work_after_the_subcommand(kdtool_proc, flag):
         assert json.loads(after.stdout)["kind"] == "kdtool.predict"
     else:
         assert after.stdout == before.stdout
+
+
+def test_wide_tables_turn_vertical_instead_of_cutting_numbers():
+    from rich.console import Console
+
+    from kdtool.cli.common import fitted_table
+
+    headers = ["layer", "width", "features_kept", "features_dropped", "floor", "normalized"]
+    rows = [["12", "128", "3445", "25220", "0.000271828182", "1"]]
+    console = Console(width=40, record=True)
+    console.print(fitted_table(headers, rows, title="t", width=40))
+    text = console.export_text()
+    assert "…" not in text and "0.000271828182" in text and max(map(len, text.splitlines())) <= 40
+    wide = Console(width=200, record=True)
+    wide.print(fitted_table(headers, rows, width=200))
+    assert " ".join(headers) in " ".join(wide.export_text().split())  # one header row when it fits
+
+
+@pytest.mark.parametrize("fmt,check", [("csv", lambda s: s.startswith("layer,width")), ("json", json.loads)])
+def test_dash_means_stdout(kdtool_proc, tmp_path, fmt, check):
+    r = kdtool_proc("predict", "--features", "100", "--alpha", "0.9", "--widths", "2,4", "-o", "-", "-f", fmt, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert check(r.stdout)
+    assert not (tmp_path / "-").exists()
+
+
+def test_dash_parquet_goes_to_a_pipe(kdtool_proc, tmp_path):
+    import subprocess
+    import sys
+
+    code = "from kdtool.cli.main import run; run()"
+    argv = ["predict", "--features", "100", "--alpha", "0.9", "--widths", "2,4", "-o", "-", "-f", "parquet"]
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:4] == b"PAR1"
