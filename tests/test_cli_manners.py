@@ -104,7 +104,9 @@ def test_wide_tables_turn_vertical_instead_of_cutting_numbers():
 
 @pytest.mark.parametrize("fmt,check", [("csv", lambda s: s.startswith("layer,width")), ("json", json.loads)])
 def test_dash_means_stdout(kdtool_proc, tmp_path, fmt, check):
-    r = kdtool_proc("predict", "--features", "100", "--alpha", "0.9", "--widths", "2,4", "-o", "-", "-f", fmt, cwd=tmp_path)
+    r = kdtool_proc(
+        "predict", "--features", "100", "--alpha", "0.9", "--widths", "2,4", "-o", "-", "-f", fmt, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert check(r.stdout)
     assert not (tmp_path / "-").exists()
