@@ -121,3 +121,17 @@ def test_dash_parquet_goes_to_a_pipe(kdtool_proc, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout[:4] == b"PAR1"
+
+
+def test_plain_progress_logs_every_period_with_rate_and_eta(capsys):
+    from kdtool.cli.common import PlainProgress
+
+    now = [0.0]
+    with PlainProgress(every=10, clock=lambda: now[0]) as bar:
+        task = bar.add_task("train-sae", total=1000, rate="")
+        for step in range(1, 11):
+            now[0] = step * 3.0
+            bar.update(task, completed=step * 100, rate=f"{100 / 3:.0f} tok/s")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("train-sae: 400/1,000 (40%), 33 tok/s, elapsed 0:12, ETA 0:18"), lines
+    assert len(lines) == 3 and lines[-1].startswith("train-sae: 1,000/1,000 (100%)"), lines  # at 12 s, 24 s and the end

@@ -59,11 +59,110 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not STATE.json and not STATE.quiet
 
 
-def progress(transient: bool = False, counts: bool = True):
-    """A rich progress bar on stderr, disabled when stderr is not a TTY, or with --json/--quiet.
+#: Seconds between the plain progress lines written when stderr is not a terminal.
+LOG_EVERY_S = 10.0
 
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class PlainProgress:
+    """What a bar says, as a plain stderr line every LOG_EVERY_S seconds: for logs, pipes, nohup and CI.
+
+    Mirrors the part of rich.progress.Progress the commands use (add_task, update, advance, as a
+    context manager); each task logs `name: done/total (pct), rate, elapsed, ETA`, and once more at the end.
+    """
+
+    def __init__(self, every: float = LOG_EVERY_S, clock=None):
+        import time
+
+        self.every, self.now = every, clock or time.monotonic
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            for task in self.tasks.values():
+                if task["logged_at"] != task["changed_at"]:
+                    self._log(task)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        now = self.now()
+        task_id = len(self.tasks)
+        self.tasks[task_id] = dict(
+            description=description,
+            total=total,
+            completed=completed,
+            fields=fields,
+            start=now,
+            start_done=completed,
+            last=now,
+            logged_at=None,
+            changed_at=now,
+        )
+        return task_id
+
+    def update(self, task_id: int, *, completed=None, total=None, advance=None, description=None, **fields) -> None:
+        task = self.tasks[task_id]
+        if completed is not None:
+            task["completed"] = completed
+        if advance is not None:
+            task["completed"] += advance
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        task["fields"].update(fields)
+        now = self.now()
+        task["changed_at"] = now
+        if now - task["last"] >= self.every:
+            self._log(task)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def reset(self, task_id: int, *, total=None, completed: float = 0, description=None, **fields) -> None:
+        """Start the task over (a new phase): its clock, counts and line."""
+        task = self.tasks[task_id]
+        now = self.now()
+        task.update(start=now, start_done=completed, completed=completed, last=now, changed_at=now, logged_at=None)
+        task["total"] = total
+        if description is not None:
+            task["description"] = description
+        task["fields"].update(fields)
+
+    def line(self, task: dict) -> str:
+        """`name: done/total (pct), rate, elapsed m:ss, ETA m:ss` from what the task knows."""
+        done, total = task["completed"], task["total"]
+        elapsed = self.now() - task["start"]
+        parts = [f"{done:,.0f}/{total:,.0f} ({100 * done / total:.0f}%)" if total else f"{done:,.0f}"]
+        rate = task["fields"].get("rate")
+        if rate:
+            parts.append(str(rate))
+        parts.append(f"elapsed {_clock(elapsed)}")
+        speed = (done - task["start_done"]) / elapsed if elapsed > 0 else 0
+        if total and speed > 0 and done < total:
+            parts.append(f"ETA {_clock((total - done) / speed)}")
+        return f"{task['description']}: " + ", ".join(parts)
+
+    def _log(self, task: dict) -> None:
+        task["last"] = task["logged_at"] = task["changed_at"]
+        log(self.line(task))
+
+
+def progress(transient: bool = False, counts: bool = True):
+    """Progress on stderr: a rich bar on a terminal; off a terminal, a plain line every LOG_EVERY_S seconds.
+
+    Nothing with --quiet; with --json the plain lines (stderr) are kept, stdout stays clean.
     counts=False drops the "done/total" column, for bars whose units are work estimates, not items.
     """
+    if not show_progress():
+        return PlainProgress()  # log() is silent under --quiet
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -81,7 +180,6 @@ def progress(transient: bool = False, counts: bool = True):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console(),
-        disable=not show_progress(),
         transient=transient,
     )
 
