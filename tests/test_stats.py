@@ -11,7 +11,7 @@ from tiny_models import make_model_dir
 
 from kdtool import formats
 from kdtool.acts import store as activations
-from kdtool.sae.layouts import saelens_cfg, save_kdtool
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 
 D = 8
 

@@ -40,8 +40,8 @@ from typing import Any, Literal, Protocol
 from kdtool import formats
 from kdtool.distributed import Dist, all_reduce, barrier
 from kdtool.errors import BadInput, RuntimeFailure
-from kdtool.sae.layouts import saelens_cfg, save_kdtool
 from kdtool.sae.model import Kernel, L1Controller, SparseAutoencoder, forward_backward
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 
 #: Default lambda: the paper's 8e-4 as written, in the form it writes (sum over features, mean over
 #: tokens), like the rest of this loss. The authors' code took a mean instead, so the runs behind
