@@ -153,7 +153,9 @@ def test_streamed_stats_equal_cached_stats(cli, tmp_path, teacher):
 
 def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, teacher):
     from kdtool.models import ModelSpec, load_model
-    from kdtool.sae.training import ModelSource, TrainConfig, Trainer
+    from kdtool.sae.config import TrainConfig
+    from kdtool.sae.sources import ModelSource
+    from kdtool.sae.training import Trainer
     from kdtool.text.tokens import DataSpec
 
     model, corpus = teacher

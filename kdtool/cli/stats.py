@@ -162,7 +162,7 @@ def main(
     if stream:
         from kdtool.cli.options import load_teacher
         from kdtool.models import check_layers
-        from kdtool.sae.training import ModelSource
+        from kdtool.sae.sources import ModelSource
 
         if max_tokens is None:
             raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 1M)")

@@ -1,6 +1,6 @@
 """kdtool train-sae: train the paper's sparse autoencoders, one per layer, on cached or streamed activations.
 
-Thin: parse options into kdtool.sae.training.TrainConfig, pick the activation source (the cache
+Thin: parse options into kdtool.sae.config.TrainConfig, pick the activation source (the cache
 written by cache-acts, or a teacher streamed through a shuffle buffer), run the trainer with a
 progress bar, report one summary row per layer. The paper's run on a GPU:
     kdtool train-sae --layer 8,12,16 --expansion 32 --batch-tokens 32768 --tokens 300M --checkpoint-every 50M
@@ -231,7 +231,8 @@ def main(
     from kdtool import distributed as dist
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_count, parse_int_list
-    from kdtool.sae import training as sae_train
+    from kdtool.sae import sources
+    from kdtool.sae.config import TrainConfig
 
     n_batch = common.parse_opt("--batch-tokens", parse_count, batch_tokens)
     n_tokens = common.parse_opt("--tokens", parse_count, tokens) if tokens is not None else None
@@ -256,14 +257,14 @@ def main(
         mspec = flags.model_spec()
         dspec = flags.data_spec()
         teacher = load_teacher(mspec)
-        source = sae_train.ModelSource(
+        source = sources.ModelSource(
             teacher, dspec, buffer_tokens=buffer_tokens, batch_size=batch_size, drop_first=drop_first
         )
         available = list(range(teacher.n_layers + 1))
         default_layers = None
     else:
         root = acts if acts is not None else Path("acts")
-        source = sae_train.CacheSource(root, buffer_shards=shuffle_shards)
+        source = sources.CacheSource(root, buffer_shards=shuffle_shards)
         available = source.store.layers
         default_layers = available
     if layer is not None:
@@ -280,7 +281,7 @@ def main(
     d_sae = features if features is not None else int(round(expansion * source.d_in))
     if features is None and not expansion > 0:
         raise BadInput(f"--expansion must be > 0, got {expansion}")
-    cfg = sae_train.TrainConfig(
+    cfg = TrainConfig(
         layers=layers,
         d_in=source.d_in,
         d_sae=d_sae,
@@ -379,14 +380,14 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
     for L, run in trainer.runs.items():
         last = run.last
         rows["layer"].append(L)
-        rows["tokens"].append(trainer.tokens)
-        rows["steps"].append(trainer.step)
+        rows["tokens"].append(trainer.at.tokens)
+        rows["steps"].append(trainer.at.step)
         for k in ("mse", "explained_variance", "l0", "alive_fraction", "lambda"):
             rows[k].append(finite_or_none(last.get(k)))
         rows["sae"].append(str(output / f"layer{L}"))
     common.log(
-        f"trained {len(trainer.runs)} SAE(s) on {trainer.tokens:,} tokens in {trainer.elapsed:.1f} s "
-        f"({trainer.tokens / max(trainer.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
+        f"trained {len(trainer.runs)} SAE(s) on {trainer.at.tokens:,} tokens in {trainer.at.elapsed:.1f} s "
+        f"({trainer.at.tokens / max(trainer.at.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
     )
     common.emit_table(
         rows, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"
