@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -86,8 +88,6 @@ class ShardWriter:
         return sum(s["tokens"] for s in self.shards)
 
     def add(self, acts: dict) -> None:
-        import torch
-
         n = None
         for layer in self.layers:
             x = acts[layer]
@@ -100,8 +100,6 @@ class ShardWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        import torch
-
         index = len(self.shards)
         for layer in self.layers:
             allrows = torch.cat(self._pending[layer]) if len(self._pending[layer]) > 1 else self._pending[layer][0]
@@ -179,8 +177,6 @@ class ActivationStore:
 
     def load_shard(self, layer: int, index: int):
         """One shard as float32 [n, d_model]."""
-        from safetensors.torch import load_file
-
         path = layer_dir(self.root, layer) / self.shards[index]["file"]
         if not path.exists():
             raise BadInput(f"{path}: shard listed in the manifest is missing")
@@ -207,8 +203,6 @@ class ActivationStore:
         Batches never straddle buffers (a buffer's last rows that do not fill a batch are
         dropped), so positions stay simple and exact. epochs=None loops forever.
         """
-        import torch
-
         self.check_layers(layers)
         pos = start or Position()
         n_shards = len(self.shards)
