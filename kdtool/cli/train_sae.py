@@ -201,7 +201,7 @@ def main(
 
     --normalize expected-norm trains on x / s (s per layer) and folds s into the saved weights.
 
-    Example: kdtool train-sae --layer 12 --l1 8e-5
+    Example: kdtool train-sae --layer 12 --normalize expected-norm --l1 1 --expansion 4 --batch-tokens 512 --lr 1e-3
     """
     from kdtool import distributed as dist
     from kdtool.cli.options import load_teacher

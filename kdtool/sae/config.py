@@ -34,7 +34,7 @@ class TrainConfig:
     d_sae: int  # latents per SAE (--features, or --expansion * d_in)
     l1: float = DEFAULT_L1  # lambda (fixed), or the controller's starting value
     target_l0: float | None = None  # adapt lambda toward this L0 (paper's trial C)
-    l1_rate: float = 0.01  # controller gain: log lambda += rate * relative L0 error, per step
+    l1_rate: float = 0.01  # controller gain: log lambda += rate * log(running L0 / target_l0) per step after warmup
     l1_warmup: int = 0  # steps of linear lambda ramp from 0
     lr: float = 3e-4  # Adam learning rate (constant)
     beta1: float = 0.9
