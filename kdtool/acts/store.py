@@ -18,6 +18,9 @@ loading only the buffer that batch lives in.
 A cache shuffled on disk (`kdtool.acts.shuffle`, manifest key `shuffle`) is read the same way: its rows
 are already in a global random order, and the window shuffle still gives every epoch different
 batches at no extra cost.
+
+torch and safetensors are imported inside the methods that read or write tensors: kdtool/info.py
+describes a cache through read_manifest/manifest_summary and must not load torch.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -88,6 +89,8 @@ class ShardWriter:
         return sum(s["tokens"] for s in self.shards)
 
     def add(self, acts: dict) -> None:
+        import torch  # lazy: see the module docstring
+
         n = None
         for layer in self.layers:
             x = acts[layer]
@@ -100,6 +103,8 @@ class ShardWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
+        import torch  # lazy: see the module docstring
+
         index = len(self.shards)
         for layer in self.layers:
             allrows = torch.cat(self._pending[layer]) if len(self._pending[layer]) > 1 else self._pending[layer][0]
@@ -177,6 +182,8 @@ class ActivationStore:
 
     def load_shard(self, layer: int, index: int):
         """One shard as float32 [n, d_model]."""
+        from safetensors.torch import load_file  # lazy: see the module docstring
+
         path = layer_dir(self.root, layer) / self.shards[index]["file"]
         if not path.exists():
             raise BadInput(f"{path}: shard listed in the manifest is missing")
@@ -203,6 +210,8 @@ class ActivationStore:
         Batches never straddle buffers (a buffer's last rows that do not fill a batch are
         dropped), so positions stay simple and exact. epochs=None loops forever.
         """
+        import torch  # lazy: see the module docstring
+
         self.check_layers(layers)
         pos = start or Position()
         n_shards = len(self.shards)
