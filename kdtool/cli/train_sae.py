@@ -280,10 +280,11 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
     if not d.main:
         return
     at = trainer.at
-    common.log(
-        f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
-        f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
-    )
+    if trainer.outcome == "trained":
+        common.log(
+            f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
+            f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
+        )
     summary = trainer.summary()
     common.emit_table(
         summary, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.sae.config import TrainConfig
-from kdtool.sae.layouts import SAELENS_WEIGHTS
+from kdtool.sae.layouts import CFG, SAELENS_WEIGHTS
 from kdtool.sae.model import L1Controller, SparseAutoencoder
 from kdtool.sae.normalise import fold_scale
 from kdtool.sae.writers import saelens_cfg, save_kdtool
@@ -40,6 +40,8 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 #: config fields that may change between a run and its --resume
 RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
+#: source keys (kdtool/sae/sources.py `info`) that say where the activations are, not what they are
+SOURCE_MAY_CHANGE = ("acts",)
 #: config fields added after the first checkpoints were written: their value for an older checkpoint
 LEGACY_CONFIG = {"normalize": "none"}
 
@@ -53,6 +55,7 @@ class Counters:
     position: dict | None = None  # the source's position after the latest batch
     elapsed: float = 0.0  # seconds of training, over all resumes
     scale_tokens: int = 0  # tokens s was estimated on (0 without normalisation)
+    finished: bool = False  # the checkpoint is the run's last one (its final SAEs follow it)
 
 
 @dataclass
@@ -101,8 +104,14 @@ class RunFiles:
         return formats.read_json(path) if path.exists() else None
 
     # ---- writing ----------------------------------------------------------------------------
-    def save_checkpoint(self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict]) -> None:
-        """Per layer: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last)."""
+    def save_checkpoint(
+        self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict], *, finished: bool = False
+    ) -> None:
+        """Per layer: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last).
+
+        finished=True marks the run's last checkpoint (written just before the final SAE folders):
+        a --resume that finds it only checks, or repairs, the final folders (`final_complete`).
+        """
         previous = self.read_pointer()
         for r in runs.values():
             ck = self.checkpoint_dir(r.layer, at.tokens)
@@ -148,6 +157,7 @@ class RunFiles:
                 "elapsed_s": at.elapsed,
                 "layers": self.cfg.layers,
                 "dir": f"tokens-{at.tokens:012d}",
+                "finished": finished,
                 "config": self.cfg.as_dict(),
                 "source": self.source_info,
                 "provenance": self.provenance,
@@ -167,6 +177,19 @@ class RunFiles:
             cfg, kd = self._cfg_json(r, at, checkpoint=False)
             self._write_log(r, at, logs[r.layer], folder / LOG_FILE)
             save_kdtool(folder, fold_scale(r.sae.tensors(), r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
+
+    def final_complete(self, at: Counters) -> bool:
+        """Whether every layer's final SAE folder was written whole at `at` (cfg.json, written last, says so)."""
+        for L in self.cfg.layers:
+            folder = self.out / f"layer{L}"
+            try:
+                kd = formats.read_json(folder / CFG).get("kdtool") or {}
+            except BadInput:
+                return False
+            same = kd.get("tokens") == at.tokens and kd.get("steps") == at.step and not kd.get("checkpoint")
+            if not (same and (folder / SAELENS_WEIGHTS).is_file() and (folder / LOG_FILE).is_file()):
+                return False
+        return True
 
     def _cfg_json(self, r: LayerRun, at: Counters, *, checkpoint: bool) -> tuple[dict, dict]:
         info = self.source_info
@@ -235,7 +258,8 @@ class RunFiles:
         """The latest checkpoint; refuse if the config changed in a way that changes the result."""
         pointer = self.read_pointer()
         if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
-            raise BadInput(f"--resume: no checkpoint in {self.out} (no {CHECKPOINT}); run without --resume first")
+            raise BadInput(f"{self.out / CHECKPOINT}: not a train-sae checkpoint; use --force to start over")
+        self._check_source(pointer.get("source") or {})
         old = {**LEGACY_CONFIG, **pointer["config"]}
         changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         if changed:
@@ -249,11 +273,28 @@ class RunFiles:
             tokens=int(pointer["tokens"]),
             position=pointer["position"],
             elapsed=float(pointer.get("elapsed_s", 0.0)),
+            finished=bool(pointer.get("finished", False)),
         )
         runs = {}
         for L in self.cfg.layers:
             runs[L], at.scale_tokens = self._load_layer(self.checkpoint_dir(L, at.tokens), L, device)
         return at, runs
+
+    def _check_source(self, old: dict) -> None:
+        """Refuse to continue on other activations: the source's identity, not its path, must match.
+
+        Compared: every key the checkpoint recorded except where the source lives (SOURCE_MAY_CHANGE), so
+        a cache moved or named another way resumes, and a cache rebuilt with another model, text or
+        seq_len (or grown: other shards) is refused with both values.
+        """
+        now = self.source_info
+        diffs = [k for k in old if k not in SOURCE_MAY_CHANGE and old.get(k) != now.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}" for k in diffs[:3])
+            raise BadInput(
+                f"--resume: the activations are not those of the checkpointed run in {self.out} ({shown}); "
+                "resume with the same source, or use --force to start over"
+            )
 
     def _load_layer(self, ck: Path, layer: int, device: torch.device) -> tuple[LayerRun, int]:
         try:
@@ -302,21 +343,42 @@ def _py(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool, remove: bool = True) -> None:
-    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these layers.
+def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool, remove: bool = True) -> bool:
+    """Decide what happens to a run already in `out`; True when training continues from its checkpoint.
 
-    remove=False (ranks other than 0) only checks.
+    --force clears the old run's files for these layers. With checkpoint.json: --resume continues
+    (or, for a finished run, checks and repairs the final folders); a plain rerun is refused. Without
+    it, layer folders with no final SAE are what a run killed before its first checkpoint (or out of
+    disk) left: --resume clears them and starts over, a plain rerun says so. remove=False (ranks
+    other than 0) only decides.
     """
     out = Path(out)
     existing = [out / f"layer{L}" for L in layers if (out / f"layer{L}").exists()]
     pointer = out / CHECKPOINT
-    if resume:
-        return
-    if (existing or pointer.exists()) and not force:
-        what = ", ".join(str(p) for p in existing) or str(pointer)
-        raise BadInput(f"{what} already exists: use --resume to continue that run or --force to replace it")
-    if force and remove:
+    if force:
+        if remove:
+            for folder in existing:
+                shutil.rmtree(folder)
+            pointer.unlink(missing_ok=True)
+        return False
+    if pointer.exists():
+        if resume:
+            return True
+        p = formats.read_json(pointer)
+        state = "finished" if p.get("finished") else "stopped"
+        raise BadInput(
+            f"{out} holds a train-sae run {state} at {p.get('tokens', 0):,} tokens: use --resume to continue it "
+            "(a finished run is checked and left as is) or --force to replace it"
+        )
+    finals = [f for f in existing if (f / CFG).exists()]
+    if finals:
+        raise BadInput(f"{finals[0]} already holds an SAE (and {out} no {CHECKPOINT}): use --force to replace it")
+    if existing and not resume:
+        raise BadInput(
+            f"{existing[0]}: a run stopped before its first checkpoint left this (nothing to keep): "
+            "rerun with --resume to start it over, or --force"
+        )
+    if remove:
         for folder in existing:
             shutil.rmtree(folder)
-        if pointer.exists():
-            pointer.unlink()
+    return False
