@@ -11,16 +11,21 @@ See docs/formats.md for each artifact's schema.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdtool import killpoints
 from kdtool import provenance as _prov
-from kdtool.errors import BadInput, MissingColumns, UnknownFormat
+from kdtool.errors import BadInput, MissingColumns, RuntimeFailure, UnknownFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
@@ -31,27 +36,135 @@ def is_parquet(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in PARQUET_SUFFIXES
 
 
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a finished file or folder onto its final name (os.replace): the one rename every writer uses.
+
+    The kill matrix's hook (kdtool/killpoints.py) runs first, so a test can kill a command at each rename.
+    """
+    killpoints.before_rename(src, dst)
+    os.replace(src, dst)
+
+
+#: what atomic_path / atomic_dir name their temporary files and folders, and what atomic_dir sets aside
+#: while it swaps: .NAME.XXXXXXXX.tmp and .NAME.XXXXXXXX.old (XXXXXXXX: tempfile's 8 random characters)
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.(?P<what>tmp|old)$")
+
+
+def _umask_mode(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp make owner-only files and folders; give the final one the usual umask mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _write_error(exc: BaseException, final: Path) -> Exception | None:
+    """A failed write as one line naming the output, not its hidden temporary name; None: not ours to name.
+
+    Disk full is a runtime failure (exit 1) and is also recognised when a library reports it in its
+    own words (torch.save's "unexpected pos"): by the free space left. A read-only place is a bad
+    output (exit 2).
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BadInput(f"{final}: cannot write here ({os.strerror(exc.errno)})")
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            full = shutil.disk_usage(final.parent).free < 1 << 20
+        except OSError:
+            full = False
+    if full:
+        return RuntimeFailure(f"{final}: no space left on device while writing it")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
 
-    A crash or an exception leaves no partial file under the final name.
+    A crash or an exception leaves no partial file under the final name; a kill -9 leaves the
+    temporary file, which the next writer's `remove_stale_temps` removes.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise (_write_error(exc, final) or exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600 files; give the final file the usual umask mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, final)
+        if tmp_path.exists():
+            _umask_mode(tmp_path, 0o666)
+        rename(tmp_path, final)
+    except Exception as exc:
+        named = _write_error(exc, final)
+        if named is None:
+            raise
+        raise named from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; swap it in for `path` only if the block succeeds.
+
+    The swap is two renames: the old folder aside as .NAME.XXXXXXXX.old, the new one in. A kill
+    between them leaves no folder under the final name and the old one aside: `remove_stale_temps`
+    puts it back, so a reader finds the previous complete folder, never a partial one.
+    """
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise (_write_error(exc, final) or exc) from exc
+    try:
+        yield tmp
+        _umask_mode(tmp, 0o777)
+        old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+        if final.exists():
+            rename(final, old)
+        rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:
+        named = _write_error(exc, final)
+        if named is None:
+            raise
+        raise named from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Clear what killed writes of `path` left: its .NAME.*.tmp files and folders (for a folder, anywhere
+    inside it), and a folder set aside mid-swap (.NAME.*.old), put back when its final name is missing.
+
+    Only the output's one writer may call this (kdtool/locks.py `claim` does, once it holds the
+    lock): another writer's temporary files would look the same. Returns what was removed.
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = [c for c in p.rglob(".*") if _TEMP_NAME.match(c.name)]
+    else:
+        found = [c for c in p.parent.glob(f".{glob.escape(p.name)}.*") if _TEMP_NAME.match(c.name)]
+    removed = []
+    for c in sorted(found, key=lambda c: len(c.parts)):  # outer first: inner ones go with them
+        m = _TEMP_NAME.match(c.name)
+        if not (c.exists() or c.is_symlink()):
+            continue
+        original = c.with_name(m["name"])
+        if m["what"] == "old" and not original.exists():
+            rename(c, original)  # killed between atomic_dir's two renames: the previous folder is whole
+            continue
+        if c.is_dir() and not c.is_symlink():
+            shutil.rmtree(c)
+        else:
+            c.unlink()
+        removed.append(c)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -263,6 +376,51 @@ def save_safetensors(
     meta.update(extra or {})
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """Every tensor of a safetensors file; BadInput naming the file when it is missing, cut short or not one."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file")
+    try:
+        return load_file(str(p))
+    except Exception as exc:
+        raise BadInput(f"{p}: not a complete safetensors file ({_first_line(exc)}); was its write cut short?") from None
+
+
+def load_torch(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """A PyTorch file read with torch.load(weights_only=True): tensors and plain containers only, never code.
+
+    A file that holds other Python objects is refused with the object's name; PyTorch's own advice
+    (to turn weights_only off) is not passed on: that would run whatever the file contains.
+    """
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file")
+    try:
+        return torch.load(str(p), map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
+        what = f" ({found.group(0)})" if found else ""
+        raise BadInput(
+            f"{p}: holds Python objects, not only tensors{what}; kdtool reads tensors and never unpickles code"
+        ) from None
+    except Exception as exc:
+        line = _first_line(exc)
+        detail = "" if "weights_only" in line else f" ({line})"
+        raise BadInput(f"{p}: not a complete PyTorch tensor file{detail}; was its write cut short?") from None
 
 
 def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:

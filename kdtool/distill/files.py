@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,19 +197,12 @@ def write_outputs(out: Path, cfg: DistillConfig, models, tokenizer, curves, floo
 
 
 def _save_student(final: Path, model, tokenizer, info: dict) -> None:
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    formats.write_json(tmp / "kdtool.json", info)
-    old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with formats.atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        formats.write_json(tmp / "kdtool.json", info)
 
 
 def _rng_state() -> dict:
@@ -244,61 +236,83 @@ def save_checkpoint(
     out: Path, cfg: DistillConfig, models, optims, scheds, step, tokens_seen, rows_log, d: Dist
 ) -> None:
     """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
-    RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
+    RNG, curves so far). Written to a new folder and swapped in (formats.atomic_dir), so a kill never
+    leaves half a checkpoint."""
     if not d.main:
         return
-    final = out / "checkpoint"
-    tmp = out / ".checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for w, m in models.items():
+    with formats.atomic_dir(out / "checkpoint") as tmp:
+        for w, m in models.items():
+            torch.save(
+                {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
+                tmp / f"width{w}.pt",
+            )
         torch.save(
-            {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
-            tmp / f"width{w}.pt",
+            {
+                "step": step,
+                "data_position": step,
+                "tokens_seen": tokens_seen,
+                "curves": rows_log,
+                "config": cfg.as_dict(),
+                "world": d.world,
+                "rng": _rng_state(),
+            },
+            tmp / "state.pt",
         )
-    torch.save(
-        {
-            "step": step,
-            "data_position": step,
-            "tokens_seen": tokens_seen,
-            "curves": rows_log,
-            "config": cfg.as_dict(),
-            "world": d.world,
-            "rng": _rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    old = out / ".checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(out: Path, cfg: DistillConfig, models, optims, scheds, device) -> dict | None:
     """Restore every width's model/optimizer/scheduler and the RNG; None when there is no checkpoint."""
-    folder = out / "checkpoint"
-    if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
-        folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
+    folder = out / "checkpoint"  # a kill mid-swap left it aside: kdtool.locks.claim has put it back
     if not (folder / "state.pt").exists():
         return None
-    try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
-    saved, now = state["config"], cfg.as_dict()
-    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
-        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+    state = _load(folder / "state.pt", "cpu")
+    _check_same_run(state["config"], cfg, folder)
     for w in cfg.widths:
-        blob = torch.load(folder / f"width{w}.pt", map_location=device, weights_only=True)
+        blob = _load(folder / f"width{w}.pt", device)
         models[w].load_state_dict(blob["model"])
         optims[w].load_state_dict(blob["optim"])
         scheds[w].load_state_dict(blob["sched"])
     _set_rng_state(state["rng"])
     return state
+
+
+def _check_same_run(saved: dict, cfg: DistillConfig, folder: Path) -> None:
+    """Refuse a --resume whose settings, teacher or text differ from the checkpoint's (both values shown)."""
+    now = cfg.as_dict()
+    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
+        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+
+
+def finished_run(out: Path, cfg: DistillConfig) -> dict | None:
+    """--resume of a run that is done and whole: {floors, curves, provenance} as written; else None.
+
+    None also when an output is missing (a kill during the final write): the loop then rewrites
+    them from the final checkpoint. A finished run resumed with other settings is refused like any.
+    """
+    folder = out / "checkpoint"
+    if not (folder / "state.pt").exists():
+        return None
+    state = _load(folder / "state.pt", "cpu")
+    _check_same_run(state["config"], cfg, folder)
+    outputs = [out / "curves.parquet", out / "floors.parquet", *(out / f"width{w}" / "kdtool.json" for w in cfg.widths)]
+    if int(state["step"]) < cfg.steps or not all(p.is_file() for p in outputs):
+        return None
+    floors, curves = (formats.read_table(out / name) for name in ("floors.parquet", "curves.parquet"))
+    return {
+        "floors": {k: v.tolist() for k, v in floors.items()},
+        "curves": {k: v.tolist() for k, v in curves.items()},
+        "provenance": formats.parquet_metadata(out / "floors.parquet")["provenance"],
+        "step": int(state["step"]),
+    }
+
+
+def _load(path: Path, device):
+    try:
+        return formats.load_torch(path, map_location=device)
+    except BadInput as exc:  # names the file: cut short, or not tensors
+        raise BadInput(f"--resume: {exc}; use --overwrite to start over") from None
 
 
 def _norm(v):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -299,10 +298,10 @@ class RunFiles:
     def _load_layer(self, ck: Path, layer: int, device: torch.device) -> tuple[LayerRun, int]:
         try:
             state = formats.read_json(ck / STATE)
-            weights = load_file(str(ck / SAELENS_WEIGHTS))
-            opt_t = load_file(str(ck / OPTIMIZER))
-        except (OSError, BadInput) as exc:
-            raise BadInput(f"--resume: checkpoint {ck} is incomplete ({exc})") from None
+            weights = formats.load_safetensors(ck / SAELENS_WEIGHTS)
+            opt_t = formats.load_safetensors(ck / OPTIMIZER)
+        except BadInput as exc:  # names the file: missing, cut short, not what it should be
+            raise BadInput(f"--resume: {exc}; use --force to start over") from None
         scale = float(state.get("activation_scale", 1.0))
         if "train.b_enc" in opt_t:  # the SAE folder's biases have s folded in
             weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
