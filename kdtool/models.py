@@ -220,6 +220,23 @@ def load_model(spec: ModelSpec, *, notify: Notify | None = None) -> LoadedModel:
     )
 
 
+def max_positions(config) -> int | None:
+    """The positions a model was trained for (its config's max_position_embeddings or equivalent), if it says."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(teacher: LoadedModel, seq_len: int) -> None:
+    """Refuse a --seq-len beyond the teacher's positions: its activations there would be extrapolation."""
+    limit = max_positions(teacher.model.config)
+    if limit is not None and seq_len > limit:
+        raise BadInput(f"--seq-len {seq_len}: more than the {limit} positions {teacher.name} was trained for")
+
+
 # --------------------------------------------------------------------------------------- residual stream
 
 #: Where the transformer blocks live, by architecture family (checked in order).

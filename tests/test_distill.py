@@ -473,9 +473,11 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
     assert r3.exit_code == 2 and "--resume" in r3.stderr
     r4 = cli("--json", "distill", *args, "--resume")  # without the cache: other settings (topk)
     assert r4.exit_code == 2 and "topk" in r4.stderr
-    # a finished run resumes at its last step: nothing to train, same floors
+    # a finished run's --resume: nothing to train, left as it is (not a file rewritten), same floors
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     r4 = cli("--json", "distill", *args, "--resume", "--teacher-cache", tmp_path / "tc", "--topk", "16")
-    assert r4.exit_code == 0 and "resumed from step 6" in r4.stderr
+    assert r4.exit_code == 0 and "left as it is" in r4.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
     assert [row["floor"] for row in json.loads(r4.stdout)["rows"]] == [row["floor"] for row in rows]
 
 

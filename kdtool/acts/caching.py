@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
+from kdtool import locks
 from kdtool.acts.shuffle import TMP, clean_leftovers
 from kdtool.acts.store import MANIFEST, read_manifest
 from kdtool.acts.writer import BackgroundWriter, TrackedWriter
 from kdtool.errors import BadInput
-from kdtool.models import LoadedModel, check_layers, residual_stream
+from kdtool.models import LoadedModel, check_layers, check_seq_len, residual_stream
 from kdtool.parsing import parse_int_list
 from kdtool.text.tokens import DataSpec, token_batches
 
@@ -173,7 +174,7 @@ def _remove_cache(root: Path) -> None:
     shutil.rmtree(root / TMP, ignore_errors=True)  # a killed shuffle's buckets and new shards
     for layer_dir in root.glob("layer*"):
         if layer_dir.is_dir():
-            for f in list(layer_dir.glob("shard-*.safetensors")) + list(layer_dir.glob(".shard-*.tmp")):
+            for f in layer_dir.glob("shard-*.safetensors"):
                 f.unlink()
             if not any(layer_dir.iterdir()):
                 layer_dir.rmdir()
@@ -289,6 +290,13 @@ def cache_activations(
     root = cfg.output
     if root.exists() and not root.is_dir():
         raise BadInput(f"--output {root}: exists and is not a folder")
+    check_seq_len(teacher, data.seq_len)
+    with locks.claim(root, command=provenance.get("command")):  # the cache's only writer until it is done
+        return _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress)
+
+
+def _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress) -> CacheResult:
+    root = cfg.output
     info = _manifest_info(teacher, data, cfg)
     resume_from = prepare_output(root, info, cfg, layers, dtype)
     writer = TrackedWriter(
@@ -340,9 +348,12 @@ def cache_activations(
                 if done >= cfg.tokens:
                     exhausted = False
                     break
-        ok = True
+        ok = done > 0  # no row at all: no cache (an empty "complete" one would fool train-sae)
     finally:
         bg.finish(close=ok)
+    if not ok:
+        what = f"--dataset {data.dataset}" if data.dataset is not None else "the embedded corpus"
+        raise BadInput(f"{what}: no {data.seq_len}-token sequence of text in it (empty, or not text?); nothing cached")
     seconds = time.perf_counter() - started
     return CacheResult(
         root,

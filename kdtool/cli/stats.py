@@ -90,7 +90,7 @@ def main(
 
     Example: kdtool stats --sae saes/layer12 -o stats.parquet
     """
-    from kdtool import formats
+    from kdtool import formats, locks
     from kdtool.errors import BadInput
     from kdtool.models import resolve_device
     from kdtool.sae import sources
@@ -113,19 +113,20 @@ def main(
     for s in saes:
         common.log(f"sae {s.describe()} (layer from {s.layer_source})")
     source = sae_stats.open_activations(sorted({s.layer for s in saes}), acts, teacher, max_tokens=cfg.max_tokens)
-    with common.progress() as bar:
-        task = bar.add_task("stats", total=source.total, rate="")
-        result = sae_stats.measure(cfg, saes, source, on_progress=lambda n: bar.update(task, completed=n))
-    for note in result.notes:
-        common.warn(note)
-    provenance = common.make_provenance(
-        inputs=[*source.inputs, *paths],
-        seed=flags.seed,
-        config={"alive_threshold": cfg.alive_threshold, "source": source.info, "decoder_norm": cfg.decoder_norm},
-    )
-    formats.write_parquet(
-        output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
-    )
+    with locks.claim(output, command=common.command_line()):  # one stats run writes OUTPUT at a time
+        with common.progress() as bar:
+            task = bar.add_task("stats", total=source.total, rate="")
+            result = sae_stats.measure(cfg, saes, source, on_progress=lambda n: bar.update(task, completed=n))
+        for note in result.notes:
+            common.warn(note)
+        provenance = common.make_provenance(
+            inputs=[*source.inputs, *paths],
+            seed=flags.seed,
+            config={"alive_threshold": cfg.alive_threshold, "source": source.info, "decoder_norm": cfg.decoder_norm},
+        )
+        formats.write_parquet(
+            output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
+        )
     common.log(
         f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['layers'])} layer(s), "
         f"{result.tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"

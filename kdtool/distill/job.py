@@ -9,6 +9,7 @@ provenance and runs kdtool.distill.loop.run. Under torchrun the caller joins the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -18,12 +19,14 @@ from typing import Any
 
 import torch
 
+from kdtool import locks
 from kdtool import provenance as _provenance
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import text_streams
+from kdtool.distill.files import finished_run
 from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
-from kdtool.distributed import Dist, world_size
+from kdtool.distributed import Dist, barrier, world_size
 from kdtool.errors import BadInput
 from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec
 from kdtool.text.tokens import DataSpec
@@ -102,10 +105,22 @@ def distill_text(
     """
     d = dist or Dist()
     out = Path(out_dir)
-    emit = callback or (lambda event: None)
     check_output(out, resume=resume, overwrite=overwrite)
     if cache_dir is not None and cfg.topk < 1:
         raise BadInput("--teacher-cache needs --topk >= 1")
+    command = provenance().get("command")
+    owner = locks.claim(out, command=command) if d.main else contextlib.nullcontext()
+    with owner:  # rank 0 is `out`'s only writer, has put back a checkpoint a kill left aside, and can write
+        barrier(d)  # the other ranks read the checkpoint only after that
+        return _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, provenance, callback)
+
+
+def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, provenance, callback) -> DistillResult:
+    emit = callback or (lambda event: None)
+    done = finished_run(out, cfg) if resume else None
+    if done is not None:  # nothing to train: left as it is (the one rule for a finished run's --resume)
+        emit({"event": "finished", "step": done["step"]})
+        return DistillResult(done["floors"], done["curves"], out, done["step"], done["provenance"])
     if overwrite and d.main and (out / "checkpoint").exists():
         shutil.rmtree(out / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
     rows = rank_rows(cfg.batch_size, d)
@@ -125,6 +140,11 @@ def distill_text(
         cfg.batch_size,
         on_new_epoch=lambda epoch, at: emit({"event": "epoch", "epoch": epoch, "at": at}),
     )
+    if teacher.model is not None and next(iter(train(0)), None) is None:
+        name = f"--dataset {data.dataset}" if data.dataset is not None else "the embedded corpus"
+        raise BadInput(
+            f"{name}: no training batch of {cfg.batch_size}x{cfg.seq_len} tokens in it (empty, or too little text)"
+        )
     record = provenance(
         inputs=[p for p in (teacher.path,) if p] + data.local_inputs(),
         seed=cfg.seed,

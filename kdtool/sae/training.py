@@ -14,6 +14,7 @@ W processes follow the one-process run up to float rounding. Only rank 0 writes 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kdtool import locks
 from kdtool.distributed import Dist, all_reduce, barrier
 from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.formats import finite_or_none
@@ -327,22 +329,24 @@ def train(
     `dist`: the torchrun process group (kdtool.distributed.dist_init), None for one process.
     """
     dist = dist or Dist()
-    continues = prepare_output(out, cfg.layers, resume=resume, force=force, remove=dist.main)
-    barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
-    trainer = Trainer(
-        cfg,
-        source,
-        out,
-        provenance=provenance,
-        on_step=on_step,
-        on_message=on_message,
-        stop_after_steps=stop_after_steps,
-        dist=dist,
-    )
-    if continues:
-        trainer.resume()
-    elif resume:
-        trainer.on_message(f"--resume: no checkpoint in {out}; starting from the beginning")
-    trainer.run()
-    barrier(dist)  # the other ranks wait for rank 0's files
+    owner = locks.claim(out, command=(provenance or {}).get("command")) if dist.main else contextlib.nullcontext()
+    with owner:  # rank 0 is `out`'s only writer (kdtool/locks.py), and clears what a killed run left
+        continues = prepare_output(out, cfg.layers, resume=resume, force=force, remove=dist.main)
+        barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
+        trainer = Trainer(
+            cfg,
+            source,
+            out,
+            provenance=provenance,
+            on_step=on_step,
+            on_message=on_message,
+            stop_after_steps=stop_after_steps,
+            dist=dist,
+        )
+        if continues:
+            trainer.resume()
+        elif resume:
+            trainer.on_message(f"--resume: no checkpoint in {out}; starting from the beginning")
+        trainer.run()
+        barrier(dist)  # the other ranks wait for rank 0's files
     return trainer

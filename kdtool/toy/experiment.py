@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from kdtool import formats
+from kdtool import formats, locks
 from kdtool.errors import BadInput
 from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id
 from kdtool.toy.stats import MEASURE_COLUMN, fit_capacity, summarize
-from kdtool.toy.store import PartStore, curves_path
+from kdtool.toy.store import PartStore, curves_path, parts_dir
 from kdtool.toy.sweep import chunk_cost, convergence_check, default_workers, run_sweep, sample_configs
 
 #: notify(level, text): level is "info" (a progress line) or "warning" (may change how to read the result)
@@ -94,8 +94,17 @@ def run_experiment(
     notify: Notify | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
 ) -> ExperimentResult:
-    """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors."""
-    notify = notify or _silent
+    """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors.
+
+    The sweep is the only writer of its output, parts folder and curves file (kdtool/locks.py): a
+    second sweep into them is refused instead of deleting the first one's parts.
+    """
+    companions = (parts_dir(config.output), curves_path(config.output))
+    with locks.claim(config.output, command=provenance.get("command"), also=companions):
+        return _run(config, provenance, notify or _silent, on_progress)
+
+
+def _run(config: ExperimentConfig, provenance: dict, notify: Notify, on_progress) -> ExperimentResult:
     grid, cfg = config.grid, config.train
     store = PartStore(config.output, settings_id(cfg, grid.seeds), provenance)
     keys = grid.keys()
