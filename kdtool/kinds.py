@@ -68,6 +68,9 @@ KINDS = {
         Kind("kdtool.toy.summary", "a toy sweep summary", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.toy.convergence", "a toy convergence check", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.reproduce.stage", "a reproduction stage record", "RUN/stages.jsonl", "scripts/reproduce-paper"),
+        Kind(
+            "kdtool.lock", "a lock on an output being written", "run/.acts.lock", "a writing command (kdtool/locks.py)"
+        ),
     )
 }
 

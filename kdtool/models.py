@@ -31,6 +31,7 @@ from torch import nn
 from kdtool.distributed import world_size
 from kdtool.embedded import Notify, convert_gguf, embedded_default_dir, kdtool_home
 from kdtool.errors import BadInput, RuntimeFailure
+from kdtool.identity import model_identity
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,6 +79,7 @@ class LoadedModel:
     n_layers: int  # number of blocks; valid layer indices are 0..n_layers
     d_model: int  # residual-stream width
     path: str | None = None  # local folder actually loaded (None for a hub id)
+    identity: dict | None = None  # what the model is by content (kdtool/identity.py): what --resume compares
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for manifests and provenance."""
@@ -92,6 +94,7 @@ class LoadedModel:
             "architecture": type(self.model).__name__,
             "vocab_size": len(self.tokenizer),
             "eos_token_id": self.tokenizer.eos_token_id,
+            "identity": self.identity,
         }
 
 
@@ -217,6 +220,7 @@ def load_model(spec: ModelSpec, *, notify: Notify | None = None) -> LoadedModel:
         n_layers=len(blocks),
         d_model=int(d_model),
         path=local,
+        identity=model_identity(spec.model, spec.revision),
     )
 
 

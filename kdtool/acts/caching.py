@@ -31,6 +31,7 @@ from kdtool.acts.shuffle import TMP, clean_leftovers
 from kdtool.acts.store import MANIFEST, read_manifest
 from kdtool.acts.writer import BackgroundWriter, TrackedWriter
 from kdtool.errors import BadInput
+from kdtool.identity import data_identity, describe, model_identity
 from kdtool.models import LoadedModel, check_layers, check_seq_len, residual_stream
 from kdtool.parsing import parse_int_list
 from kdtool.text.tokens import DataSpec, token_batches
@@ -182,9 +183,22 @@ def _remove_cache(root: Path) -> None:
         manifest.unlink()
 
 
+#: resume keys compared by content when the cache recorded it (kdtool/identity.py): name as typed -> identity
+_IDENTITY_KEYS = {"model": "model_identity", "dataset": "data_identity"}
+
+
 def _check_resume(root: Path, info: dict, cfg: CacheConfig, layers: list[int], dtype: str) -> None:
     old = read_manifest(root)
     for key in _RESUME_KEYS:
+        ident = _IDENTITY_KEYS.get(key)
+        if ident in old:  # the same model or text under another path spelling resumes; another one does not
+            if old[ident].get("fingerprint") != info[ident].get("fingerprint"):
+                raise BadInput(
+                    f"{root}: --resume with another {key} than the cached run (cached: {old.get(key)!r}, "
+                    f"{describe(old[ident])}; now: {info.get(key)!r}, {describe(info[ident])}); "
+                    "use another --output or --overwrite"
+                )
+            continue
         if old.get(key) != info.get(key):
             raise BadInput(
                 f"{root}: --resume with a different {key} ({info.get(key)!r}) than the cached run "
@@ -205,8 +219,10 @@ def _manifest_info(teacher: LoadedModel, data: DataSpec, cfg: CacheConfig) -> di
     described = data.describe()
     return {
         "model": teacher.name,
+        "model_identity": teacher.identity or model_identity(teacher.path or teacher.name, teacher.revision),
         "revision": teacher.revision,
         "dataset": described["dataset"],
+        "data_identity": data_identity(described, data.local_inputs()),
         "split": data.split,
         "text_column": data.text_column,
         "seq_len": data.seq_len,

@@ -18,6 +18,7 @@ from kdtool.distill import students as st
 from kdtool.distill.config import DistillConfig
 from kdtool.distributed import Dist
 from kdtool.errors import BadInput
+from kdtool.identity import describe
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
@@ -281,8 +282,21 @@ def _check_same_run(saved: dict, cfg: DistillConfig, folder: Path) -> None:
     now = cfg.as_dict()
     diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
     if diff:
-        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
+        shown = ", ".join(_difference(k, saved.get(k), now.get(k)) for k in diff[:3])
         raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+
+
+def _difference(key: str, saved, now) -> str:
+    """One differing setting for a message; the teacher and text by their identities (kdtool/identity.py)."""
+    if key == "run_key" and isinstance(saved, dict) and isinstance(now, dict):
+        parts = []
+        for k in sorted(set(saved) | set(now)):
+            a, b = saved.get(k), now.get(k)
+            if _norm(a) != _norm(b):
+                a, b = (describe(x) if isinstance(x, dict) and "fingerprint" in x else repr(x) for x in (a, b))
+                parts.append(f"{k}: checkpoint {a} vs now {b}")
+        return ", ".join(parts)
+    return f"{key}: checkpoint {saved!r} vs now {now!r}"
 
 
 def finished_run(out: Path, cfg: DistillConfig) -> dict | None:

@@ -28,6 +28,7 @@ from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist, barrier, world_size
 from kdtool.errors import BadInput
+from kdtool.identity import data_identity, describe, model_identity
 from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec
 from kdtool.text.tokens import DataSpec
 
@@ -40,12 +41,17 @@ def rank_device(device: str) -> str:
 
 
 def run_key(model: ModelSpec, data: DataSpec) -> dict[str, Any]:
-    """What identifies a run's teacher and text (DistillConfig.run_key): --resume and --teacher-cache check it."""
+    """What identifies a run's teacher and text (DistillConfig.run_key): --resume and --teacher-cache check it.
+
+    By content (kdtool/identity.py), not by the names typed: the same teacher or text under another
+    path spelling resumes, another teacher under the same name is refused.
+    """
+    described = data.describe()
     return {
-        "teacher": model.model or EMBEDDED_NAME,
-        "revision": model.revision,
+        "teacher": model_identity(model.model, model.revision),
         "teacher_dtype": model.dtype,
-        "data": data.describe(),
+        "text": data_identity(described, data.local_inputs()),
+        "data": {k: v for k, v in described.items() if k != "dataset"},  # how it is cut and shuffled
     }
 
 
@@ -72,7 +78,8 @@ class _TeacherParts:
 def _open_teacher(cfg: DistillConfig, cache, rows, load_teacher: Callable[[], LoadedModel], emit) -> _TeacherParts:
     if cache is not None and cache.covers(cfg.steps, cfg.eval_batches, rows):
         emit({"event": "teacher-cached", "cache": cache.root})
-        name = cfg.run_key.get("teacher")
+        key = cfg.run_key.get("teacher")
+        name = describe(key) if isinstance(key, dict) else str(key or EMBEDDED_NAME)
         return _TeacherParts(cache.load_teacher_config(), cache.load_tokenizer(), None, name, None, {"model": name})
     lm = load_teacher()
     config = lm.model.config

@@ -25,6 +25,7 @@ import torch
 
 from kdtool import formats
 from kdtool.errors import BadInput
+from kdtool.identity import describe
 from kdtool.sae.config import TrainConfig
 from kdtool.sae.layouts import CFG, SAELENS_WEIGHTS
 from kdtool.sae.model import L1Controller, SparseAutoencoder
@@ -287,9 +288,11 @@ class RunFiles:
         seq_len (or grown: other shards) is refused with both values.
         """
         now = self.source_info
-        diffs = [k for k in old if k not in SOURCE_MAY_CHANGE and old.get(k) != now.get(k)]
+        by_name = {"model": "model_identity", "dataset": "data_identity"}  # as typed; skipped when identified
+        skip = {*SOURCE_MAY_CHANGE, *(name for name, ident in by_name.items() if old.get(ident))}
+        diffs = [k for k in old if k not in skip and _comparable(old.get(k)) != _comparable(now.get(k))]
         if diffs:
-            shown = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}" for k in diffs[:3])
+            shown = "; ".join(f"{k}: checkpoint {_shown(old.get(k))}, now {_shown(now.get(k))}" for k in diffs[:3])
             raise BadInput(
                 f"--resume: the activations are not those of the checkpointed run in {self.out} ({shown}); "
                 "resume with the same source, or use --force to start over"
@@ -336,6 +339,15 @@ class RunFiles:
             scale=scale,
         )
         return run, int(state.get("scale_tokens", 0))
+
+
+def _comparable(v):
+    """An identity compares by its fingerprint; anything else as it is."""
+    return v.get("fingerprint") if isinstance(v, dict) and "fingerprint" in v else v
+
+
+def _shown(v) -> str:
+    return describe(v) if isinstance(v, dict) and "fingerprint" in v else repr(v)
 
 
 def _py(v):

@@ -8,7 +8,9 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 
 from kdtool.acts.store import ActivationStore, Position
 from kdtool.errors import BadInput
+from kdtool.identity import data_identity
 from kdtool.models import LoadedModel, ModelSpec, residual_stream
 from kdtool.text.tokens import DataSpec, token_batches
 
@@ -60,6 +63,9 @@ class CacheSource:
         self.info = {k: m.get(k) for k in ("model", "revision", "dataset", "seq_len", "dtype")} | {
             "acts": str(root),
             "source": "cache",
+            "model_identity": m.get("model_identity"),  # what the model and text are (kdtool/identity.py)
+            "data_identity": m.get("data_identity"),
+            "cache": cache_fingerprint(m),
         }
         self.inputs = [Path(root) / "manifest.json"]
 
@@ -85,6 +91,17 @@ class CacheSource:
                 f"(cached: {','.join(map(str, cached))}; run `kdtool cache-acts --layers ...`)"
             )
         return requested
+
+
+def cache_fingerprint(manifest: dict) -> str:
+    """A short hash of what decides a cache's rows: its shards, layers, dtype, width and on-disk shuffle.
+
+    train-sae's checkpoint records it, so a resume on a cache that was rebuilt or grown (other shards,
+    so other batches) is refused even when the folder has the same name.
+    """
+    keys = ("shards", "layers", "d_model", "dtype", "seq_len", "drop_first", "max_norm_ratio", "model_identity")
+    what = {k: manifest.get(k) for k in keys} | {"shuffle_seed": (manifest.get("shuffle") or {}).get("seed")}
+    return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ModelSource:
@@ -116,8 +133,10 @@ class ModelSource:
         self.d_in = teacher.d_model
         self.info = {
             "model": teacher.name,
+            "model_identity": teacher.identity,
             "revision": teacher.revision,
             "dataset": data.describe()["dataset"],
+            "data_identity": data_identity(data.describe(), data.local_inputs()),
             "seq_len": data.seq_len,
             "source": "stream",
             "drop_first": drop_first,
