@@ -25,7 +25,7 @@ from typing import Any
 
 from kdtool import killpoints
 from kdtool import provenance as _prov
-from kdtool.errors import BadInput, MissingColumns, RuntimeFailure, UnknownFormat
+from kdtool.errors import BadInput, KdtoolError, MissingColumns, RuntimeFailure, UnknownFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
@@ -60,14 +60,16 @@ def _umask_mode(path: Path, mode: int) -> None:
 def _write_error(exc: BaseException, final: Path) -> Exception | None:
     """A failed write as one line naming the output, not its hidden temporary name; None: not ours to name.
 
-    Disk full is a runtime failure (exit 1) and is also recognised when a library reports it in its
-    own words (torch.save's "unexpected pos"): by the free space left. A read-only place is a bad
-    output (exit 2).
+    Disk full is a runtime failure (exit 1), also when a library reports it in its own words
+    (safetensors' "os error 28", torch.save's "unexpected pos"): by the message, or by the free space
+    left. A read-only place is a bad output (exit 2).
     """
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BadInput(f"{final}: cannot write here ({os.strerror(exc.errno)})")
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full and isinstance(exc, (OSError, RuntimeError)):
+    if isinstance(exc, KdtoolError):
+        return None  # already says what went wrong
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(exc)
+    if not full:
         try:
             full = shutil.disk_usage(final.parent).free < 1 << 20
         except OSError:

@@ -306,7 +306,7 @@ def cache_activations(
     root = cfg.output
     if root.exists() and not root.is_dir():
         raise BadInput(f"--output {root}: exists and is not a folder")
-    check_seq_len(teacher, data.seq_len)
+    check_seq_len(teacher.model.config, data.seq_len, teacher.name)
     with locks.claim(root, command=provenance.get("command")):  # the cache's only writer until it is done
         return _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress)
 

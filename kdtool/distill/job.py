@@ -29,7 +29,7 @@ from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist, barrier, world_size
 from kdtool.errors import BadInput
 from kdtool.identity import data_identity, describe, model_identity
-from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec
+from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec, check_seq_len
 from kdtool.text.tokens import DataSpec
 
 
@@ -141,6 +141,7 @@ def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, prov
             provenance=provenance(seed=cfg.seed, config={"key": cfg.run_key}),
         )
     teacher = _open_teacher(cfg, cache, rows, load_teacher, emit)
+    check_seq_len(teacher.config, cfg.seq_len, teacher.name)
     train, held_out = text_streams(
         data,
         teacher.tokenizer,

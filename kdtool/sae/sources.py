@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from kdtool.acts.store import ActivationStore, Position
-from kdtool.errors import BadInput
+from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.identity import data_identity
-from kdtool.models import LoadedModel, ModelSpec, residual_stream
+from kdtool.models import LoadedModel, ModelSpec, check_seq_len, residual_stream
 from kdtool.text.tokens import DataSpec, token_batches
 
 #: train-sae reads this cache when neither --acts nor a teacher is given
@@ -49,6 +49,10 @@ class BatchSource(Protocol):
 
     def select_layers(self, requested: list[int] | None) -> list[int]:
         """The layers to train: `requested` (--layer) checked against what the source has, or its default."""
+        ...
+
+    def check_batch(self, batch_tokens: int) -> None:
+        """BadInput when no batch of `batch_tokens` rows can be formed (batches never straddle buffers)."""
         ...
 
 
@@ -78,6 +82,19 @@ class CacheSource:
 
     def approx_tokens(self):
         return self.store.n_tokens
+
+    def check_batch(self, batch_tokens):
+        sizes = sorted((int(s["tokens"]) for s in self.store.shards), reverse=True)
+        most = sum(sizes[: self.buffer_shards])  # the rows of the biggest buffer the reader mixes
+        if batch_tokens > self.store.n_tokens:
+            raise BadInput(
+                f"--batch-tokens {batch_tokens:,}: more than the {self.store.n_tokens:,} tokens in {self.store.root}"
+            )
+        if batch_tokens > most:
+            raise BadInput(
+                f"--batch-tokens {batch_tokens:,}: more than the {most:,} rows read at once "
+                f"(--shuffle-shards {self.buffer_shards} shards); raise --shuffle-shards or lower --batch-tokens"
+            )
 
     def select_layers(self, requested):
         """Default: every cached layer."""
@@ -123,6 +140,7 @@ class ModelSource:
         batch_size: int = 8,
         drop_first: bool = True,
     ):
+        check_seq_len(teacher.model.config, data.seq_len, teacher.name)
         self.teacher, self.data = teacher, data
         self.batch_size = int(batch_size)
         self.first = 1 if drop_first else 0
@@ -149,7 +167,13 @@ class ModelSource:
         for ids in token_batches(self.data, self.teacher.tokenizer, self.batch_size, skip_batches=skip_batches):
             with torch.no_grad():  # not inference_mode: its flag would leak into the trainer across yields
                 hidden = residual_stream(self.teacher.model, ids.to(self.teacher.device), None, layers)
-            yield {L: hidden[L][:, self.first :, :].reshape(-1, self.d_in).float() for L in layers}
+            rows = {L: hidden[L][:, self.first :, :].reshape(-1, self.d_in).float() for L in layers}
+            bad = [L for L, x in rows.items() if not bool(torch.isfinite(x).all())]
+            if bad:  # not "the loss diverged": the teacher's own numbers overflowed
+                raise RuntimeFailure(
+                    f"layer(s) {bad}: the teacher's activations hold NaN or infinite values (try --dtype float32)"
+                )
+            yield rows
 
     def batches(self, layers, batch_tokens, *, seed, start, one_pass):
         block = int(start["block"]) if start else 0
@@ -174,6 +198,11 @@ class ModelSource:
 
     def approx_tokens(self):
         return None
+
+    def check_batch(self, batch_tokens):
+        rows = self.info["buffer_tokens"]
+        if batch_tokens > rows:
+            raise BadInput(f"--batch-tokens {batch_tokens:,}: more than the {rows:,} rows of a --shuffle-buffer")
 
     def select_layers(self, requested):
         """No default: a model has too many layers to train them all by accident."""

@@ -97,6 +97,7 @@ class Trainer:
         self.matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         if source.d_in != cfg.d_in:
             raise BadInput(f"activations have d={source.d_in} but the config says d_in={cfg.d_in}")
+        source.check_batch(cfg.batch_tokens)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[int, LayerRun]:
@@ -329,6 +330,7 @@ def train(
     `dist`: the torchrun process group (kdtool.distributed.dist_init), None for one process.
     """
     dist = dist or Dist()
+    source.check_batch(cfg.batch_tokens)  # before anything in `out` is touched (--force removes the old run)
     owner = locks.claim(out, command=(provenance or {}).get("command")) if dist.main else contextlib.nullcontext()
     with owner:  # rank 0 is `out`'s only writer (kdtool/locks.py), and clears what a killed run left
         continues = prepare_output(out, cfg.layers, resume=resume, force=force, remove=dist.main)
