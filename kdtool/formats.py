@@ -1,4 +1,4 @@
-"""Reading and writing kdtool's files: atomic writes, Parquet/CSV/JSON tables, safetensors.
+"""Reading and writing kdtool's files: Parquet/CSV/JSON tables, safetensors, PyTorch tensors (via kdtool/atomic.py).
 
 One place decides how provenance is stored:
 - Parquet: schema metadata key ``kdtool`` (provenance JSON) plus ``kdtool.kind`` and
@@ -10,22 +10,16 @@ See docs/formats.md for each artifact's schema.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import glob
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kdtool import killpoints
 from kdtool import provenance as _prov
-from kdtool.errors import BadInput, KdtoolError, MissingColumns, RuntimeFailure, UnknownFormat
+from kdtool.atomic import atomic_path
+from kdtool.errors import BadInput, MissingColumns, UnknownFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
@@ -34,139 +28,6 @@ TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
 def is_parquet(path: str | os.PathLike) -> bool:
     """Whether a path names a Parquet file by its suffix (.parquet or .pq)."""
     return Path(path).suffix.lower() in PARQUET_SUFFIXES
-
-
-def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move a finished file or folder onto its final name (os.replace): the one rename every writer uses.
-
-    The kill matrix's hook (kdtool/killpoints.py) runs first, so a test can kill a command at each rename.
-    """
-    killpoints.before_rename(src, dst)
-    os.replace(src, dst)
-
-
-#: what atomic_path / atomic_dir name their temporary files and folders, and what atomic_dir sets aside
-#: while it swaps: .NAME.XXXXXXXX.tmp and .NAME.XXXXXXXX.old (XXXXXXXX: tempfile's 8 random characters)
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.(?P<what>tmp|old)$")
-
-
-def _umask_mode(path: Path, mode: int) -> None:
-    """mkstemp/mkdtemp make owner-only files and folders; give the final one the usual umask mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def _write_error(exc: BaseException, final: Path) -> Exception | None:
-    """A failed write as one line naming the output, not its hidden temporary name; None: not ours to name.
-
-    Disk full is a runtime failure (exit 1), also when a library reports it in its own words
-    (safetensors' "os error 28", torch.save's "unexpected pos"): by the message, or by the free space
-    left. A read-only place is a bad output (exit 2).
-    """
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return BadInput(f"{final}: cannot write here ({os.strerror(exc.errno)})")
-    if isinstance(exc, KdtoolError):
-        return None  # already says what went wrong
-    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(exc)
-    if not full:
-        try:
-            full = shutil.disk_usage(final.parent).free < 1 << 20
-        except OSError:
-            full = False
-    if full:
-        return RuntimeFailure(f"{final}: no space left on device while writing it")
-    return None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
-
-    A crash or an exception leaves no partial file under the final name; a kill -9 leaves the
-    temporary file, which the next writer's `remove_stale_temps` removes.
-    """
-    final = Path(path)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    except OSError as exc:
-        raise (_write_error(exc, final) or exc) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():
-            _umask_mode(tmp_path, 0o666)
-        rename(tmp_path, final)
-    except Exception as exc:
-        named = _write_error(exc, final)
-        if named is None:
-            raise
-        raise named from exc
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; swap it in for `path` only if the block succeeds.
-
-    The swap is two renames: the old folder aside as .NAME.XXXXXXXX.old, the new one in. A kill
-    between them leaves no folder under the final name and the old one aside: `remove_stale_temps`
-    puts it back, so a reader finds the previous complete folder, never a partial one.
-    """
-    final = Path(path)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        raise (_write_error(exc, final) or exc) from exc
-    try:
-        yield tmp
-        _umask_mode(tmp, 0o777)
-        old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
-        if final.exists():
-            rename(final, old)
-        rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except Exception as exc:
-        named = _write_error(exc, final)
-        if named is None:
-            raise
-        raise named from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Clear what killed writes of `path` left: its .NAME.*.tmp files and folders (for a folder, anywhere
-    inside it), and a folder set aside mid-swap (.NAME.*.old), put back when its final name is missing.
-
-    Only the output's one writer may call this (kdtool/locks.py `claim` does, once it holds the
-    lock): another writer's temporary files would look the same. Returns what was removed.
-    """
-    p = Path(path)
-    if p.is_dir():
-        found = [c for c in p.rglob(".*") if _TEMP_NAME.match(c.name)]
-    else:
-        found = [c for c in p.parent.glob(f".{glob.escape(p.name)}.*") if _TEMP_NAME.match(c.name)]
-    removed = []
-    for c in sorted(found, key=lambda c: len(c.parts)):  # outer first: inner ones go with them
-        m = _TEMP_NAME.match(c.name)
-        if not (c.exists() or c.is_symlink()):
-            continue
-        original = c.with_name(m["name"])
-        if m["what"] == "old" and not original.exists():
-            rename(c, original)  # killed between atomic_dir's two renames: the previous folder is whole
-            continue
-        if c.is_dir() and not c.is_symlink():
-            shutil.rmtree(c)
-        else:
-            c.unlink()
-        removed.append(c)
-    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

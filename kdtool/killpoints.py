@@ -1,7 +1,7 @@
 """A hook for the kill matrix: kill this process just before its Nth file rename, as `kill -9` would.
 
 kdtool's promise is that a file is complete or absent and that a killed job resumes exactly. The
-moments that test it are the renames that publish a file (kdtool.formats.rename is the only one
+moments that test it are the renames that publish a file (kdtool.atomic.rename is the only one
 every writer uses), so tests/test_kill_matrix.py kills each long command at every one of them:
 
     KDTOOL_KILL_AT_RENAME=N   SIGKILL this process right before its Nth rename (1-based, counted per

@@ -34,8 +34,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kdtool.atomic import remove_stale_temps
 from kdtool.errors import BadInput
-from kdtool.formats import remove_stale_temps
 
 try:
     import fcntl

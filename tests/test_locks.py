@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kdtool import formats, locks
+from kdtool import atomic, formats, locks
 from kdtool.errors import BadInput
 
 HOLD = """
@@ -109,7 +109,7 @@ def test_claim_clears_stale_temporary_files_and_keeps_the_rest(tmp_path):
 
 def test_a_folder_set_aside_by_a_killed_swap_is_put_back(tmp_path):
     out = tmp_path / "students"
-    with formats.atomic_dir(out / "checkpoint") as tmp:
+    with atomic.atomic_dir(out / "checkpoint") as tmp:
         (tmp / "state.pt").write_text("step 10")
     # killed between atomic_dir's two renames: no checkpoint/, the previous one aside, the new one whole
     os.rename(out / "checkpoint", out / ".checkpoint.z9y8x7w6.old")
@@ -124,11 +124,11 @@ def test_a_folder_set_aside_by_a_killed_swap_is_put_back(tmp_path):
 def test_atomic_dir_replaces_a_folder_whole(tmp_path):
     final = tmp_path / "width8"
     for text in ("one", "two"):
-        with formats.atomic_dir(final) as tmp:
+        with atomic.atomic_dir(final) as tmp:
             (tmp / "kdtool.json").write_text(text)
     assert (final / "kdtool.json").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["width8"]
     with pytest.raises(RuntimeError):
-        with formats.atomic_dir(final) as tmp:
+        with atomic.atomic_dir(final) as tmp:
             (tmp / "kdtool.json").write_text("three")
             raise RuntimeError("failed half-way")
     assert (final / "kdtool.json").read_text() == "two" and sorted(os.listdir(tmp_path)) == ["width8"]

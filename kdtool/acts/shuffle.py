@@ -39,6 +39,7 @@ import torch
 
 from kdtool import formats, locks
 from kdtool.acts import store
+from kdtool.atomic import rename
 from kdtool.errors import BadInput, RuntimeFailure
 
 TMP = ".shuffle-tmp"
@@ -282,7 +283,7 @@ def _shuffle_cache(root: Path, seed, bucket_tokens, provenance, on_progress) -> 
     # Commit: move the new shards beside the old ones, then swap the manifest atomically.
     for L in layers:
         for s in new_shards:
-            formats.rename(tmp / f"layer{L}" / s["file"], store.layer_dir(root, L) / s["file"])
+            rename(tmp / f"layer{L}" / s["file"], store.layer_dir(root, L) / s["file"])
     seconds = time.perf_counter() - started
     record = {
         "seed": int(seed),

@@ -14,6 +14,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from kdtool import formats
+from kdtool.atomic import atomic_dir
 from kdtool.distill import students as st
 from kdtool.distill.config import DistillConfig
 from kdtool.distributed import Dist
@@ -199,7 +200,7 @@ def write_outputs(out: Path, cfg: DistillConfig, models, tokenizer, curves, floo
 
 def _save_student(final: Path, model, tokenizer, info: dict) -> None:
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
-    with formats.atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
             formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
@@ -239,11 +240,11 @@ def save_checkpoint(
     out: Path, cfg: DistillConfig, models, optims, scheds, step, tokens_seen, rows_log, d: Dist
 ) -> None:
     """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
-    RNG, curves so far). Written to a new folder and swapped in (formats.atomic_dir), so a kill never
+    RNG, curves so far). Written to a new folder and swapped in (atomic.atomic_dir), so a kill never
     leaves half a checkpoint."""
     if not d.main:
         return
-    with formats.atomic_dir(out / "checkpoint") as tmp:
+    with atomic_dir(out / "checkpoint") as tmp:
         for w, m in models.items():
             torch.save(
                 {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
