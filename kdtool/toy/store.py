@@ -105,11 +105,12 @@ class PartStore:
         return [wanted[s] for s in wanted if s in self.rows]
 
     def add(self, slug: str, rows: dict[str, list], curves: dict[str, list] | None) -> None:
-        self.rows[slug] = _columns_to_numpy(rows)
+        """Write a finished configuration's parts: its curves first, its rows last.
+
+        The rows part is what marks the configuration done (`load`), so a kill between the two
+        writes leaves it pending (trained again, curves and all), never done without its curves.
+        """
         meta = {"settings": self.settings, "config": slug}
-        formats.write_parquet(
-            self.dir / f"{slug}.parquet", self.rows[slug], kind=KIND + ".part", provenance=self.provenance, summary=meta
-        )
         if curves is not None:
             self.curves[slug] = _columns_to_numpy(curves)
             formats.write_parquet(
@@ -119,6 +120,10 @@ class PartStore:
                 provenance=self.provenance,
                 summary=meta,
             )
+        self.rows[slug] = _columns_to_numpy(rows)
+        formats.write_parquet(
+            self.dir / f"{slug}.parquet", self.rows[slug], kind=KIND + ".part", provenance=self.provenance, summary=meta
+        )
 
     def table(self, keys: list[ToyConfigKey], store: dict[str, dict]) -> dict[str, np.ndarray] | None:
         present = [store[k.slug] for k in keys if k.slug in store]
