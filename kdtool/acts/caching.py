@@ -145,6 +145,7 @@ class CacheResult:
     dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
     model: str | None = None  # the teacher's name
     d_model: int | None = None
+    finished: bool = False  # --resume found the cache done (all --tokens, or its data had run out): untouched
 
     @property
     def tokens_per_second(self) -> float:
@@ -162,6 +163,7 @@ class CacheResult:
             "exhausted": self.exhausted,
             "dtype": self.dtype,
             "dropped_outliers": self.dropped_outliers,
+            "finished": self.finished,
         }
 
     def record(self) -> dict:
@@ -327,10 +329,13 @@ def _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress) ->
     )
     start_tokens = done = writer.tokens
     started = time.perf_counter()
-    if done >= cfg.tokens:
+    old = read_manifest(root) if cfg.resume and (root / MANIFEST).exists() else {}
+    ran_out = old.get("complete") and done < int(old.get("target_tokens") or 0)  # its data had run out
+    if done >= cfg.tokens or ran_out:  # a finished cache: left as it is (not a byte rewritten)
         return CacheResult(
-            root, layers, done, 0, len(writer.shards), 0.0, False, dtype, 0, teacher.name, teacher.d_model
-        )
+            root, layers, done, 0, len(writer.shards), 0.0, bool(ran_out), dtype, 0, teacher.name, teacher.d_model,
+            finished=True,
+        )  # fmt: skip
     # Restart at the batch holding the first row not in a complete shard; recomputing that whole
     # batch keeps its composition (and so every float and the outlier medians) as in the first run.
     batch_index, discard = int(resume_from["batch"]), int(resume_from["row"])

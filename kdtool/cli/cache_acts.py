@@ -182,9 +182,11 @@ def main(
             task = bar.add_task("cache-acts", total=n_tokens, rate="")
             on_progress = _progress_reporter(bar, task)
             result = caching.cache_activations(teacher, dspec, cfg, provenance=provenance, on_progress=on_progress)
+        if result.finished:
+            common.log(f"{output}/ already holds its {result.tokens:,} tokens (a finished cache): left as it is")
         if result.exhausted:
             common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
-        if not common.STATE.json:
+        if not common.STATE.json and not result.finished:
             common.log(
                 f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({result.dtype}) in "
                 f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "

@@ -142,10 +142,25 @@ def _run(config: ExperimentConfig, provenance: dict, notify: Notify, on_progress
     )
     if config.fit_capacity:
         summary["fit_capacity"] = fit_capacity(cols, "floor", cfg.zipf_exponent)
-    store.merge(keys, summary, want_curves=config.log_curves)
+    if config.resume and not pending and _whole(config, column, summary["rows"]):
+        notify("info", f"{config.output}: every configuration is already in it; left as it is")
+    else:
+        store.merge(keys, summary, want_curves=config.log_curves)
     if config.log_curves:
         summary["curves"] = str(curves_path(config.output))
     return ExperimentResult(summary=summary, table=cols)
+
+
+def _whole(config: ExperimentConfig, column: str, rows: int) -> bool:
+    """A finished sweep's output, as this run would write it: no parts left over, this grid's rows only, the
+    same floor column and capacity fit, the curves file when --log-curves asks. Then --resume leaves it."""
+    if not config.output.exists() or parts_dir(config.output).exists():
+        return False
+    if config.log_curves and not curves_path(config.output).exists():
+        return False
+    stored = formats.parquet_metadata(config.output)["summary"] or {}
+    same = stored.get("floor_column") == column and stored.get("rows") == rows
+    return same and ("fit_capacity" in stored) == config.fit_capacity
 
 
 def _train(config, store, keys, done, pending, on_progress) -> tuple[float, int]:
