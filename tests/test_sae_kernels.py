@@ -118,3 +118,21 @@ def test_auto_picks_the_faster_kernel_on_measured_data(density):
     if max(dense, sparse) < 1.5 * min(dense, sparse):
         pytest.skip(f"no clear winner at {density:.1%} here (dense {dense * 1e3:.1f} ms, sparse {sparse * 1e3:.1f} ms)")
     assert st.sparse == (sparse < dense), (dense, sparse, sae.kernel_choice.describe())
+
+
+@pytest.mark.gpu
+def test_kernels_agree_on_cuda_and_auto_measures_there():
+    """On a GPU: sparse == dense within the stated tolerance, and auto calibrates on CUDA (its decision is printed)."""
+    d, F, B = 256, 8192, 4096
+    x = (torch.randn(B, d) * 2).cuda()
+    sae = sae_at_density(d, F, x.cpu(), 0.01).cuda()
+    sae.kernel_choice = KernelChoice()
+    gd, sd = grads(sae, x, "dense")
+    gs, ss = grads(sae, x, "sparse")
+    assert torch.equal(sd.fires, ss.fires)
+    for name in gd:
+        torch.testing.assert_close(gs[name], gd[name], rtol=1e-4, atol=1e-5)
+    forward_backward(sae, x, 0.01)  # density
+    forward_backward(sae, x, 0.01)  # calibration on CUDA, then the decision
+    assert sae.kernel_choice.device == "cuda" and sae.kernel_choice.crossover is not None
+    print(sae.kernel_choice.describe())

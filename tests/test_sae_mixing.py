@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kdtool.sae.mixing import Plan, Prefetcher, serve
+from kdtool.sae.mixing import Plan, prefetch_blocks, serve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,7 @@ def run_chain(plan, *, seed=5, start=None, data_rows=10**9, prefetch=False, forw
     first = max(0, start["pool"] - 2) if start else 0
     blocks = fake_blocks(plan, first, data_rows, forwarded)
     if prefetch:
-        blocks = iter(Prefetcher(blocks, torch.device("cpu")))
+        blocks = iter(prefetch_blocks(blocks, torch.device("cpu")))
     return [(b[7][:, 0].long().tolist(), pos) for b, pos in serve(plan, blocks, seed=seed, layers=[7], start=start)]
 
 
@@ -87,4 +87,21 @@ def test_a_producer_error_reaches_the_consumer():
         raise RuntimeError("teacher failed")
 
     with pytest.raises(RuntimeError, match="teacher failed"):
-        list(Prefetcher(broken(), torch.device("cpu")))
+        list(prefetch_blocks(broken(), torch.device("cpu")))
+
+
+@pytest.mark.gpu
+def test_prefetching_on_a_cuda_stream_gives_the_same_batches():
+    """The teacher's thread runs on its own CUDA stream; the batches are those of the synchronous run."""
+    plan = plan_for(25)
+
+    def on_gpu(blocks):
+        for b in blocks:
+            yield {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+    sync = [
+        (b[7][:, 0].long().tolist(), p) for b, p in serve(plan, on_gpu(fake_blocks(plan, 0, 10**9)), seed=5, layers=[7])
+    ]
+    threaded = prefetch_blocks(on_gpu(fake_blocks(plan, 0, 10**9)), torch.device("cuda"))
+    got = [(b[7][:, 0].long().tolist(), p) for b, p in serve(plan, iter(threaded), seed=5, layers=[7])]
+    assert got == sync == run_chain(plan)

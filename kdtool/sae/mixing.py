@@ -29,14 +29,15 @@ served by the chain.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kdtool.prefetch import Background
 
 #: permutation streams: which shuffle a generator seeds (kept apart so no two share numbers)
 _SPLIT, _POOL = 3, 4
@@ -99,71 +100,30 @@ def pool_sizes(plan: Plan, block_rows: list[int]) -> list[tuple[int, int]]:
     return sizes
 
 
-class Prefetcher:
+def prefetch_blocks(produce: Iterator[dict], device: torch.device) -> Background:
     """Runs a block producer one block ahead on a thread, so the teacher works while the SAE trains.
 
     On a GPU the producer runs on its own CUDA stream and waits for its kernels before handing a
     block over; the consumer marks the tensors as used on its own stream, so the caching allocator
     does not recycle them under it.
     """
+    if device.type != "cuda":
+        return Background(produce, name="kdtool-teacher", context=torch.no_grad)
+    stream = torch.cuda.Stream(device)
 
-    def __init__(self, produce: Iterator[dict], device: torch.device):
-        self.device = device
-        self.q: queue.Queue = queue.Queue(maxsize=1)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(produce,), name="kdtool-teacher", daemon=True)
-        self.thread.start()
+    @contextlib.contextmanager
+    def on_stream():
+        with torch.no_grad(), torch.cuda.stream(stream):
+            yield
 
-    def _run(self, produce: Iterator[dict]) -> None:
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        try:
-            with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else _null():
-                for block in produce:
-                    if stream is not None:
-                        stream.synchronize()
-                    while not self.stop.is_set():
-                        try:
-                            self.q.put(("block", block), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self.stop.is_set():
-                        return
-            self.q.put(("end", None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            self.q.put(("error", exc))
+    def receive(block: dict) -> None:
+        for t in block.values():
+            if isinstance(t, torch.Tensor):
+                t.record_stream(torch.cuda.current_stream(device))
 
-    def __iter__(self) -> Iterator[dict]:
-        try:
-            while True:
-                kind, item = self.q.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise item
-                if self.device.type == "cuda":
-                    for t in item.values():
-                        if isinstance(t, torch.Tensor):
-                            t.record_stream(torch.cuda.current_stream(self.device))
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        while self.thread.is_alive():
-            try:
-                self.q.get_nowait()
-            except queue.Empty:
-                self.thread.join(timeout=0.1)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return Background(
+        produce, name="kdtool-teacher", context=on_stream, ready=lambda _: stream.synchronize(), receive=receive
+    )
 
 
 def serve(

@@ -20,7 +20,7 @@ import torch
 from kdtool.acts.store import ActivationStore, Position
 from kdtool.errors import BadInput
 from kdtool.models import LoadedModel, ModelSpec, residual_stream
-from kdtool.sae.mixing import Plan, Prefetcher, serve
+from kdtool.sae.mixing import Plan, prefetch_blocks, serve
 from kdtool.text.tokens import DataSpec, token_batches
 
 #: train-sae reads this cache when neither --acts nor a teacher is given
@@ -199,7 +199,7 @@ class ModelSource:
                 plan, resume_at = self.plan(pos["base"], pos["total"], batch_tokens), pos
             first = max(0, resume_at["pool"] - 2) if resume_at else 0
             produce = self._blocks(plan, layers, first)
-            feeder = Prefetcher(produce, self.teacher.device) if self.prefetch else None
+            feeder = prefetch_blocks(produce, self.teacher.device) if self.prefetch else None
             try:
                 for batch, position in serve(plan, iter(feeder or produce), seed=seed, layers=layers, start=resume_at):
                     pos = position
