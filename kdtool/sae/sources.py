@@ -1,4 +1,4 @@
-"""Where train-sae's (and stats') activations come from: the cache, or a teacher streamed through a shuffle buffer.
+"""Where train-sae's (and stats') activations come from: the cache, or a teacher streamed through a mixing buffer.
 
 A source yields ({layer: [batch_tokens, d_in] float32}, position) pairs; the position is a JSON
 dict from which `batches(start=position)` continues exactly (the checkpoint stores it). Both
