@@ -90,21 +90,13 @@ class KernelChoice:
     device: str | None = None  # where the crossover was measured (another device is measured again)
     measured: dict = field(default_factory=dict)  # the calibration's timings, for reports
 
-    def decide(
-        self,
-        sae: SparseAutoencoder,
-        x: torch.Tensor,
-        l1: float,
-        *,
-        matmul_dtype: torch.dtype | None = None,
-        timer: Timer | None = None,
-    ) -> bool:
-        """True: run the sparse kernel on this batch. Calibrates first when the answer depends on it."""
+    def decide(self, sae: SparseAutoencoder, x: torch.Tensor, l1: float, **how) -> bool:
+        """True: run the sparse kernel on this batch. Calibrates first (`how`: calibrate's options) when it matters."""
         B, F = x.shape[0], sae.d_sae
         if self.density is None or B * F < MIN_ELEMENTS or self.density >= MAX_SPARSE_DENSITY:
             return False
         if self.crossover is None or self.device != x.device.type:
-            self.calibrate(sae, x, l1, matmul_dtype=matmul_dtype, timer=timer)
+            self.calibrate(sae, x, l1, **how)
         return self.density < self.crossover
 
     def calibrate(
