@@ -14,7 +14,8 @@ from synthetic_acts import write_random
 
 from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.sae.config import SAESpec, TrainConfig, run_name, short_float
+from kdtool.parsing import short_float
+from kdtool.sae.config import SAESpec, TrainConfig, run_name
 from kdtool.sae.layouts import find_saes, load_sae
 from kdtool.sae.sources import CacheSource
 from kdtool.sae.training import Trainer

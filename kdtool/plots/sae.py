@@ -16,6 +16,7 @@ from matplotlib.colors import LinearSegmentedColormap
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
+from kdtool.report import trials
 
 LOG_KIND = "kdtool.sae.train_log"
 STATS_KIND = "kdtool.stats"
@@ -95,25 +96,24 @@ def read_logs(inputs: list[Path], options: dict) -> list[tuple[int, dict, Path]]
 
 
 def read_summaries(inputs: list[Path], options: dict) -> list[tuple[str, dict, Path]]:
-    """(row label, per-layer summary, file) from stats.parquet files' metadata."""
+    """(row label, per-layer summary, file) from stats files' metadata, trial by trial (kdtool/report/trials.py).
+
+    Option trial: only that trial's layers (a Trial.key, as kdtool plot report sets it). Rows of
+    several trials are labelled with the trial ("L12 A (dense)"), told apart by how the SAEs were
+    trained, not by the file names.
+    """
     wanted = _wanted(options)
-    rows = []
     for path in inputs:
-        path = Path(path)
-        meta = formats.parquet_metadata(path) if path.exists() else None
-        if meta is None:
+        if not Path(path).exists():
             raise BadInput(f"{path}: no such file")
-        if meta.get("kind") != STATS_KIND:
-            raise BadInput(f"{path}: not a `kdtool stats` file (kind {meta.get('kind')!r})")
-        layers = ((meta.get("summary") or {}).get("layers")) or {}
-        for key in sorted(layers, key=int):
-            if wanted is None or int(key) in wanted:
-                rows.append((f"L{key}", layers[key], path))
+    found = trials.select([Path(p) for p in inputs], options.get("trial"))
+    rows = []
+    for t in found:
+        for tl in t.layers:
+            if wanted is None or tl.layer in wanted:
+                rows.append((f"L{tl.layer}" + (f" {t.label}" if len(found) > 1 else ""), tl.summary, tl.path))
     if not rows:
         raise BadInput("no layer to show (check --layer)")
-    labels = [r[0] for r in rows]
-    if len(set(labels)) != len(labels):  # the same layer from several files: name the files too
-        rows = [(f"{lab} {p.stem}", s, p) for lab, s, p in rows]
     return rows
 
 
@@ -194,7 +194,9 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(options.get("title") or "SAE measurements per layer\n(shade: low to high within each column)",
+    found = trials.select([Path(p) for p in inputs], options.get("trial"))
+    what = f": {found[0].label}" if len(found) == 1 else ""
+    ax.set_title(options.get("title") or f"SAE measurements per layer{what}\n(shade: low to high within each column)",
                  pad=14, fontsize="medium")  # fmt: skip
     st.save(fig, output)
 

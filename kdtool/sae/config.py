@@ -16,10 +16,10 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from decimal import Decimal
 from typing import Literal
 
 from kdtool.errors import BadInput
+from kdtool.parsing import short_float
 from kdtool.sae.model import Kernel, L1Controller
 
 #: Default lambda: the paper's 8e-4 as written, in the form it writes (sum over features, mean over
@@ -157,14 +157,6 @@ def run_name(layer: int, spec: SAESpec, specs: list[SAESpec], d_in: int) -> str:
     if len({s.init_seed for s in specs}) > 1:
         parts.append(f"seed{spec.init_seed}")
     return "-".join(parts)
-
-
-def short_float(x: float) -> str:
-    """3e-4 -> '3e-4', 2.5e-5 -> '2.5e-5', 0.05 -> '0.05', 1.0 -> '1': repr's shortest digits, scientific below 1e-3."""
-    d = Decimal(repr(float(x)))
-    if d != 0 and abs(d) < Decimal("1e-3"):
-        return format(d.normalize(), "e")
-    return format(d.normalize(), "f")
 
 
 def _as_list(v) -> list:
