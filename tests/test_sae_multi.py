@@ -15,6 +15,7 @@ from synthetic_acts import write_random
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.parsing import short_float
+from kdtool.plots.sae import _run_name, read_logs
 from kdtool.sae.config import SAESpec, TrainConfig, run_name
 from kdtool.sae.layouts import find_saes, load_sae
 from kdtool.sae.sources import CacheSource
@@ -143,6 +144,12 @@ def test_every_reader_takes_the_folders(cli, tmp_path, acts):
     assert r.exit_code == 0, r.output
     log = formats.parquet_metadata(out / "layer3-x2" / "train_log.parquet")
     assert log["kind"] == "kdtool.sae.train_log" and log["summary"]["sae"] == "layer3-x2"
+    # the training-curve figure takes the run folder: four logs, by layer, each named apart
+    logs = read_logs([out], {})
+    assert [(layer, _run_name(path)) for layer, _, path in logs] == [
+        (3, "saes x2"), (3, "saes x4"), (5, "saes x2"), (5, "saes x4"),
+    ]  # fmt: skip
+    assert cli("plot", "sae-curves", out, "-o", tmp_path / "curves.png").exit_code == 0
 
 
 def test_names_and_config_validation():

@@ -8,6 +8,7 @@ Options read: layer (only these layers), title, and via --set: x=tokens|step (sa
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def _expand(inputs: list[Path]) -> list[Path]:
             found = (
                 [p / "train_log.parquet"]
                 if (p / "train_log.parquet").exists()
-                else sorted(p.glob("layer*/train_log.parquet"), key=lambda f: _layer_number(f.parent.name))
+                else sorted(p.glob("layer*/train_log.parquet"), key=lambda f: _folder_key(f.parent.name))
             )
             if not found:
                 raise BadInput(f"{p}: no train_log.parquet here or in layer*/ (a `kdtool train-sae` output?)")
@@ -52,9 +53,15 @@ def _expand(inputs: list[Path]) -> list[Path]:
     return out
 
 
+def _folder_key(name: str) -> tuple:
+    """Sort key of SAE folders: by layer, then naturally (layer12-x4 before layer12-x16)."""
+    return _layer_number(name), [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _layer_number(name: str) -> int:
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if digits else 0
+    """layer12 -> 12, layer12-x8 -> 12 (an SAE trained beside others: the layer, not the other digits)."""
+    m = re.match(r"layer(\d+)", name)
+    return int(m.group(1)) if m else 0
 
 
 def _wanted(options: dict) -> set[int] | None:
@@ -75,9 +82,13 @@ def read_log(path: Path) -> tuple[int, dict]:
 
 
 def _run_name(path: Path) -> str:
-    """saes_a/layer12/train_log.parquet -> saes_a (the run a log belongs to)."""
+    """saes_a/layer12/train_log.parquet -> saes_a (the run a log belongs to); saes/layer12-x8/... -> saes x8
+    (an SAE trained beside others of its layer: what sets it apart)."""
     parent = path.parent
-    return parent.parent.name if parent.name.startswith("layer") else parent.name
+    if not parent.name.startswith("layer"):
+        return parent.name
+    apart = re.sub(r"^layer\d+-?", "", parent.name)
+    return f"{parent.parent.name} {apart}" if apart else parent.parent.name
 
 
 def read_logs(inputs: list[Path], options: dict) -> list[tuple[int, dict, Path]]:
