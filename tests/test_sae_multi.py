@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from synthetic_acts import write_random
+from test_sae import _log_without_time as _log
+from test_sae import _weights
 
 from kdtool import formats
 from kdtool.errors import BadInput
@@ -30,16 +31,6 @@ BASE = ("--layer", "3,5", "--lr", "3e-3", "--batch-tokens", "512", "--log-every"
 @pytest.fixture
 def acts(tmp_path):
     return write_random(tmp_path / "acts", d=16, n=12_000, layers=(3, 5))
-
-
-def _weights(folder):
-    return load_file(str(folder / "sae_weights.safetensors"))
-
-
-def _log(folder):
-    cols = formats.read_table(folder / "train_log.parquet")
-    cols.pop("elapsed_s")
-    return cols
 
 
 def assert_same_sae(a, b):
