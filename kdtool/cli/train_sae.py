@@ -32,6 +32,7 @@ from kdtool.cli.options import (
     parse_layers,
     parse_tokens,
     tokens_option,
+    values_option,
     with_teacher_flags,
 )
 
@@ -49,6 +50,33 @@ LayerOpt = layers_option(
     SAE_PANEL,
 )
 ActsOpt = acts_option(SAE_PANEL)
+# one value, or several: one SAE per combination of the values, per layer, trained side by side
+ExpansionOpt = values_option(
+    "--expansion",
+    "Latents per SAE = expansion x d_model (paper: 32). Several (4,8,16): one SAE per value, trained side by "
+    "side on the same batches.",
+    SAE_PANEL,
+)
+FeaturesOpt = values_option(
+    "--features",
+    "Latents per SAE (overrides --expansion); several (1024,4096): one SAE per value.",
+    SAE_PANEL,
+    optional=True,
+)
+InitSeedOpt = values_option(
+    "--init-seed",
+    "SAE initialisation seed(s) (default: --seed); several (0,1,2): one SAE per seed. --seed alone sets the "
+    "data order, shared by all.",
+    SAE_PANEL,
+    optional=True,
+)
+L1Opt = values_option(
+    "--l1",
+    "lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). Its effect scales with "
+    "the activations: prefer --target-l0 or --normalize expected-norm. The controller's start with --target-l0. "
+    "Several (3e-4,8e-5): one SAE per value.",
+    SPARSITY_PANEL,
+)
 TokensOpt = tokens_option(
     "Tokens to train on (300M; more than cached loops the cache). Default: one pass over the cache.", RUN_PANEL
 )
@@ -58,44 +86,10 @@ TokensOpt = tokens_option(
 def main(
     layer: LayerOpt = None,
     acts: ActsOpt = None,
-    expansion: Annotated[
-        str,
-        typer.Option(
-            "--expansion",
-            help="Latents per SAE = expansion x d_model (paper: 32). Several (4,8,16): one SAE per value, "
-            "trained side by side on the same batches.",
-            rich_help_panel=SAE_PANEL,
-        ),
-    ] = "32",
-    features: Annotated[
-        Optional[str],
-        typer.Option(
-            "--features",
-            help="Latents per SAE (overrides --expansion); several (1024,4096): one SAE per value.",
-            rich_help_panel=SAE_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    init_seed: Annotated[
-        Optional[str],
-        typer.Option(
-            "--init-seed",
-            help="SAE initialisation seed(s) (default: --seed); several (0,1,2): one SAE per seed. "
-            "--seed alone sets the data order, shared by all.",
-            rich_help_panel=SAE_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    l1: Annotated[
-        str,
-        typer.Option(
-            "--l1",
-            help="lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). "
-            "Its effect scales with the activations: prefer --target-l0 or --normalize expected-norm. "
-            "The controller's start with --target-l0. Several (3e-4,8e-5): one SAE per value.",
-            rich_help_panel=SPARSITY_PANEL,
-        ),
-    ] = "8e-4",
+    expansion: ExpansionOpt = "32",
+    features: FeaturesOpt = None,
+    init_seed: InitSeedOpt = None,
+    l1: L1Opt = "8e-4",
     target_l0: Annotated[
         Optional[float],
         typer.Option(
