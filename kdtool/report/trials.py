@@ -3,10 +3,9 @@
 A trial is one set of training settings applied to a run's layers: lambda or the L0 controller,
 width, seeds, learning rate, batch, normalisation, teacher, data and training tokens (the authors'
 three trials A, B and C differ in lambda only). Each layer entry of a stats file records them
-(`trained`, kdtool/sae/record.py; for a stats file written before that, the SAE's cfg.json at the
-recorded path is read when it still exists). File names are never used: two trials' layers may sit
-in one file, and one trial's layers in several. A layer whose SAE recorded nothing (another
-layout, or a folder gone) is a trial of its own per file, labelled as such.
+(`trained`, kdtool/sae/record.py). File names are never used: two trials' layers may sit in one
+file, and one trial's layers in several. A layer without a record (an SAE of another layout, or a
+stats file older than the record) is a trial of its own per file, labelled as such.
 
 A trial whose lambda settings equal a preset of kdtool/data/presets/paper-sae-trials.toml (and
 trained on raw activations, as the presets mean) is named after it: "A (dense)". Others are
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from kdtool import formats
-from kdtool.errors import BadInput, KdtoolError
+from kdtool.errors import BadInput
 from kdtool.parsing import short_float
 from kdtool.reproduce import presets
 from kdtool.reproduce.stage import compact
-from kdtool.sae.record import FIELDS, training_record
+from kdtool.sae.record import FIELDS
 
 #: what a label names after the lambda settings, in this order, when they tell trials apart
 _DETAIL = ("d_sae", "tokens", "init_seed", "data_seed", "normalize", "lr", "batch_tokens", "model", "dataset")
@@ -102,16 +101,12 @@ def layer_entries(path: Path) -> list[tuple[int, dict]]:
 
 
 def record_of(entry: dict) -> dict | None:
-    """The training record of one layer entry: its own, else the cfg.json of the SAE folder it names."""
-    if isinstance(entry.get("trained"), dict):
-        return entry["trained"]
-    folder = entry.get("sae")
-    if isinstance(folder, str) and (Path(folder) / "cfg.json").is_file():
-        try:
-            return training_record(formats.read_json(Path(folder) / "cfg.json"))
-        except KdtoolError:
-            return None
-    return None
+    """The training record of one layer entry, None without one.
+
+    The SAE folder the entry names is not read instead: its path was relative to wherever `stats` ran,
+    and the folder may hold another SAE by now; a wrong trial would be worse than none.
+    """
+    return entry["trained"] if isinstance(entry.get("trained"), dict) else None
 
 
 def preset_trial(record: dict | None) -> str | None:
