@@ -147,6 +147,7 @@ class CacheResult:
     dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
     model: str | None = None  # the teacher's name
     d_model: int | None = None
+    forwarded: int = 0  # token positions the teacher ran on (kept, dropped, and past --tokens in the last batch)
 
     @property
     def tokens_per_second(self) -> float:
@@ -164,6 +165,7 @@ class CacheResult:
             "exhausted": self.exhausted,
             "dtype": self.dtype,
             "dropped_outliers": self.dropped_outliers,
+            "forwarded": self.forwarded,
         }
 
     def record(self) -> dict:
@@ -320,11 +322,12 @@ def cache_activations(
     bg = BackgroundWriter(writer)
     # the next batches are read, tokenised and packed on a thread while the teacher runs
     batches = Background(token_batches(data, teacher.tokenizer, cfg.batch_size, skip_batches=batch_index), depth=2)
-    exhausted, ok, dropped = True, False, 0
+    exhausted, ok, dropped, forwarded = True, False, 0, 0
     try:
         with torch.inference_mode():
             for batch in batches:
                 hidden = residual_stream(teacher.model, batch.to(teacher.device), None, layers)
+                forwarded += batch.numel()
                 keep = outlier_mask(hidden, first, cfg.max_norm_ratio) if cfg.max_norm_ratio > 0 else None
                 rows = {}
                 for layer in layers:
@@ -363,4 +366,5 @@ def cache_activations(
         dropped,
         model=teacher.name,
         d_model=teacher.d_model,
+        forwarded=forwarded,
     )
