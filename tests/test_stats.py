@@ -237,7 +237,7 @@ def test_streaming_forwards_only_what_the_run_uses_and_a_thread_changes_nothing(
         tc = TrainConfig(layers=[2], d_in=32, d_sae=64, batch_tokens=128, tokens=1000, lr=1e-3)
         trainer = Trainer(tc, source, tmp_path / str(prefetch))
         trainer.run()
-        weights[prefetch] = {k: v.clone() for k, v in trainer.runs[2].sae.tensors().items()}
+        weights[prefetch] = {k: v.clone() for k, v in trainer.runs["layer2"].sae.tensors().items()}
         forwarded[prefetch] = source.forwarded_tokens
         assert trainer.at.tokens == 896 and trainer.step_seconds > 0 and source.forward_seconds > 0
     assert forwarded[False] == forwarded[True] == 29 * 32  # 896 rows / 31 per sequence, rounded up
