@@ -299,8 +299,9 @@ def test_cli_resume_after_a_kill_trains_only_what_is_missing(cli, tmp_path, monk
 
     monkeypatch.setattr(toy_sweep, "_timed_chunk", dies_on_second)
     r = cli("toy", *SMALL, "-o", out)
-    assert r.exit_code == 130 and not out.exists()
-    assert len(list((tmp_path / "t.parquet.parts").glob("*.parquet"))) == 1
+    assert r.exit_code == 130 and not out.exists() and not (tmp_path / "t.survival.parquet").exists()
+    parts = sorted(p.name for p in (tmp_path / "t.parquet.parts").glob("*.parquet"))
+    assert len(parts) == 2 and parts[1].endswith(".survival.parquet")  # one configuration: rows + survival
     monkeypatch.setattr(toy_sweep, "_timed_chunk", real)
     r = cli("--json", "toy", *SMALL, "-o", out, "--resume")
     assert r.exit_code == 0, r.output
@@ -310,6 +311,14 @@ def test_cli_resume_after_a_kill_trains_only_what_is_missing(cli, tmp_path, monk
     assert cli("--quiet", "toy", *SMALL, "-o", fresh).exit_code == 0
     a, b = formats.read_table(out), formats.read_table(fresh)
     np.testing.assert_allclose(a["floor_data"], b["floor_data"], rtol=1e-6)
+    sa = formats.read_table(tmp_path / "t.survival.parquet")
+    sb = formats.read_table(tmp_path / "fresh.survival.parquet")
+    assert list(sa) == list(sb) and len(sa["loss"]) == len(sb["loss"])
+    for col in sa:  # the resumed survival records are the fresh run's, row for row
+        if sa[col].dtype.kind in "fc":
+            np.testing.assert_allclose(sa[col], sb[col], rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(sa[col], sb[col])
     # a resumed run with other settings is refused, naming the file
     store = PartStore(out, settings_id(TINY, 2), {})
     run_sweep(Grid((6,), (2,), (0.9,), 2), TINY, store, workers=1)
