@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kdtool.errors import BadInput
+from kdtool.kinds import expect
 from kdtool.theory import calibrated as calib_mod
 from kdtool.theory import capacity as capacity_mod
 from kdtool.theory import importance as imp
@@ -91,6 +92,7 @@ class Prediction:
 def importance_source(cfg: PredictionConfig) -> list[imp.LayerImportance]:
     """The per-layer loss weights the config names: a stats file's layers, or one parametric layer."""
     if cfg.stats is not None:
+        expect(cfg.stats, "kdtool.stats", "STATS")
         layers = imp.from_stats(cfg.stats, layers=list(cfg.layers) if cfg.layers else None)
         if cfg.alpha is None:
             return layers
@@ -120,6 +122,7 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
     cap_label = "explicit g" if cfg.g_value is not None else cap.label
     cal = calib = None
     if cfg.calibration is not None:
+        expect(cfg.calibration, "kdtool.calibration", "--calibration")
         calib = calib_mod.load(cfg.calibration)
         cal = calib_mod.fit_params(calib, cfg.fit, cfg.calibration)
         if cal["C_samples"].size == 0:
