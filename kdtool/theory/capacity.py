@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kdtool import formats
+from kdtool import formats, kinds
 from kdtool.errors import BadInput
 from kdtool.theory import theorem as theory
 
@@ -110,9 +110,8 @@ def parse(spec: str) -> CapacityModel:
 
 def read(path: str | os.PathLike) -> CapacityModel:
     """A capacity file (kind kdtool.capacity) as a model; BadInput naming the file when it is not one."""
+    kinds.expect(path, KIND, "--capacity", allow_unmarked=False)
     obj = formats.read_json(path)
-    if obj.get("kind") != KIND:
-        raise BadInput(f"{path}: a {obj.get('kind')!r} file, expected {KIND} (kdtool toy --fit-capacity writes one)")
     model = obj.get("model")
     params = obj.get("params") if isinstance(obj.get("params"), dict) else {}
     try:
