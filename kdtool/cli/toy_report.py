@@ -141,7 +141,7 @@ def _survival_lines(surv: dict | None) -> list[str]:
             f"(R^2 on logs {_fmt(law['r2_log'])})"
         )
     pred = surv["measured_kept_predictor"]
-    for where, label in (("data_points", "data points (d_S < d*)"), ("all_points", "all points")):
+    for where, label in (("data_points", "data points (d_S < d*)"), ("all_points", "points (all widths)")):
         score = pred[where]
         lines.append(f"  Eq. 2 on the measured kept set, {score['points']} {label}:")
         lines.append(_agreement("    measured kept: ", score["measured_kept"]))

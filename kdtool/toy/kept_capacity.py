@@ -121,10 +121,9 @@ def capacity_file(summary: dict, *, method: str, source: str, provenance: dict |
         if not fit:
             raise BadInput(f"{source}: no survival records to measure the kept capacity; use --capacity-from floors")
         per_alpha = [
-            {k: p[k] for k in ("alpha", "g", "g_meas", "ratio", "median_kept_over_d", "points")}
+            {"alpha": p["alpha"], "g": p["g"], "g_hat": p["g_meas"], "ratio": p["ratio"], "points": p["points"]}
             for p in fit["per_alpha"]
         ]
-        per_alpha = [{**p, "g_hat": p.pop("g_meas")} for p in per_alpha]
         rules = {"kept_rule": summary["survival"]["kept_rule"], "kept_threshold": summary["survival"]["kept_threshold"]}
         rules.update({"points_rule": fit["points_rule"], "estimator": fit["estimator"]})
     elif method == "floors":
