@@ -39,7 +39,8 @@ def test_batched_trainer_matches_single_model_trainer(optimizer, target, schedul
 
     cfg = replace(TINY, optimizer=optimizer, target=target, schedule=schedule, lr=0.05 if optimizer == "sgd" else 1e-2)
     key = ToyConfigKey(8, 3, 0.9)
-    rows = _rows([key], 2, cfg)[key.slug]
+    out = run_chunk([key], 2, cfg)[key.slug]
+    rows, surv = {k: np.asarray(v) for k, v in out["rows"].items()}, out["survival"]
     imp = importance(8)
     for s in range(2):
         ex = sample(data_stream(generator_seed(0, key, s, "eval")), cfg.eval_samples, 8, 0.9)
@@ -69,6 +70,9 @@ def test_batched_trainer_matches_single_model_trainer(optimizer, target, schedul
             assert rows["teacher_floor"][i] == pytest.approx(teacher["floor_data"], rel=1e-4)
             assert rows["floor_data"][i] == pytest.approx(ref["floor_data"], rel=1e-4)
             assert rows["floor_distill"][i] == pytest.approx(ref["floor_distill"], rel=1e-4)
+            # each feature's part of the floor, I_i * its held-out squared error, is the plain trainer's too
+            mine = (surv["seed"] == s) & (surv["d_student"] == w) & (surv["role"] == "student")
+            np.testing.assert_allclose(surv["loss"][mine], (ref["feature_mse"] * imp.double()).numpy(), rtol=1e-4)
 
 
 def test_a_configuration_trains_the_same_alone_or_batched_with_others():
@@ -351,10 +355,13 @@ def test_cli_summarize_refuses_other_files(cli, tmp_path):
 def test_toy_figures_draw_from_a_small_sweep(cli, tmp_path):
     out = tmp_path / "toy.parquet"
     assert cli("--quiet", "toy", *SMALL, "-o", out, "--log-curves", "--curve-points", "4").exit_code == 0
-    for kind in ("toy-grid", "toy-scatter", "toy-accuracy", "toy-scaling", "toy-curves"):
+    kinds = ("toy-grid", "toy-scatter", "toy-accuracy", "toy-scaling", "toy-curves", "toy-survival", "toy-kept")
+    for kind in kinds:
         fig = tmp_path / f"{kind}.png"
         r = cli("plot", kind, out, "-o", fig)
         assert r.exit_code == 0, (kind, r.output)
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = cli("plot", "toy-curves", tmp_path / "toy-grid.png", "-o", tmp_path / "x.png")
     assert r.exit_code == 2
+    r = cli("plot", "toy-survival", tmp_path / "toy.survival.parquet", "--set", "threshold=2", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--set threshold must be in (0, 1]" in r.stderr

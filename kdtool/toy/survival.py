@@ -38,10 +38,10 @@ RECORD_COLUMNS = ("n", "d_teacher", "alpha", "d_student", "seed", "role", "featu
 _POINT = ("n", "d_teacher", "alpha", "d_student")
 
 
-def check_threshold(threshold: float) -> float:
-    """--kept-threshold must lie in (0, 1]: 1 would count a feature kept whenever it beats its mean."""
+def check_threshold(threshold: float, what: str = "--kept-threshold") -> float:
+    """The kept threshold must lie in (0, 1]: at 1 a feature counts as kept whenever it beats its mean."""
     if not (0 < float(threshold) <= 1):
-        raise BadInput(f"--kept-threshold must be in (0, 1], got {threshold}")
+        raise BadInput(f"{what} must be in (0, 1], got {threshold}")
     return float(threshold)
 
 
@@ -69,7 +69,8 @@ def read_survival(path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def per_model(cols: dict[str, np.ndarray], threshold: float = KEPT_THRESHOLD) -> dict[str, np.ndarray]:
-    """One entry per model (teacher or student of one seed): kept count, floor, Eq. 2 on its dropped set, A2.
+    """One entry per model (per configuration and seed: the teacher, then students by width): kept count, floor,
+    Eq. 2 on its dropped set, A2.
 
     floor = sum of the model's per-feature losses (its floor_data); pred_measured_kept = sum of
     w_i = I_i (1-alpha)/3 over the features it does not keep; dropped_loss = the part of its floor on
