@@ -216,3 +216,8 @@ def test_the_report_draws_the_survival_figures_of_a_toy_sweep(tmp_path):
     jobs, _ = figures.plan_figures(arts)
     planned = {j.rule.figure: [a.kind for a in j.inputs] for j in jobs}
     assert planned["toy-survival"] == planned["toy-kept"] == ["kdtool.toy.survival"]
+    from kdtool.report.tables import build_tables
+
+    tables, notes = build_tables(arts)
+    (surv,) = [t for t in tables if t.key == "toy_survival"]
+    assert notes == [] and [r[0] for r in surv.rows] == ["0.9"] and surv.rows[0][1] == pytest.approx(theory.g(0.9))

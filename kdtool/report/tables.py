@@ -15,6 +15,7 @@ and the other tables go on.
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
 | toy            | toy.parquet, per sparsity              | Fig. 3   | tables_toy.py       |
+| toy_survival   | toy.survival.parquet, per sparsity     |          | tables_toy.py       |
 | inputs         | every artifact's provenance            |          | here                |
 
 The Table class and cell formats are kdtool/report/model.py.
@@ -29,7 +30,7 @@ from kdtool.report.model import Artifact, Table
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
 from kdtool.report.tables_sae import sae_layers, sae_training
-from kdtool.report.tables_toy import toy
+from kdtool.report.tables_toy import toy, toy_survival
 
 
 def inputs(arts: list[Artifact]) -> list[Table]:
@@ -48,7 +49,16 @@ def inputs(arts: list[Artifact]) -> list[Table]:
     return [t]
 
 
-BUILDERS: tuple[Callable, ...] = (sae_layers, sae_training, predicted, distill_floors, calibration, probe, toy)
+BUILDERS: tuple[Callable, ...] = (
+    sae_layers,
+    sae_training,
+    predicted,
+    distill_floors,
+    calibration,
+    probe,
+    toy,
+    toy_survival,
+)
 
 
 def build_tables(arts: list[Artifact]) -> tuple[list[Table], list[str]]:
