@@ -180,7 +180,7 @@ def _eval_losses(W, b, imp, eval_x, eval_t):
         diff = torch.empty_like(y)
         if eval_t is not None:
             dist += _weighted_sq_sum(torch.sub(y, eval_t[:, lo : lo + step].unsqueeze(1), out=diff), imp)
-        feat += torch.sub(y, xc.unsqueeze(1), out=diff).square_().sum(2, dtype=torch.float64)
+        feat += torch.sub(y, xc.unsqueeze(1), out=diff).square_().sum(2)  # float32 over <= 1024 samples, then float64
     return feat / E, (dist / E if dist is not None else None)
 
 
