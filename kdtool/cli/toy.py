@@ -172,8 +172,8 @@ def main(
         CapacityFromChoice,
         typer.Option(
             "--capacity-from",
-            help="The capacity file's law: from the students' kept counts (g_meas) or from the floors (g_hat).",
             rich_help_panel=PANEL_REPORT,
+            help="The capacity file's law: from the students' kept counts (g_meas) or from the floors (g_hat).",
         ),
     ] = CapacityFromChoice.kept,
     kept_threshold: Annotated[

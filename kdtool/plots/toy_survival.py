@@ -18,6 +18,7 @@ import numpy as np
 
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
+from kdtool.plots.toy import select
 from kdtool.theory import theorem as theory
 from kdtool.toy.kept_capacity import fit_kept_capacity
 from kdtool.toy.survival import check_threshold, kept_mask, per_model, points, read_survival
@@ -36,17 +37,7 @@ def _records(inputs: list[Path], what: str, options: dict) -> dict[str, np.ndarr
     cols["threshold"] = np.full(len(cols["kept"]), float(threshold))
     target = ((meta.get("provenance") or {}).get("config") or {}).get("target", "teacher")
     cols["target"] = np.full(len(cols["kept"]), str(target))  # what is available to a student: kept_capacity
-    keep = np.ones(len(cols["n"]), dtype=bool)
-    if options.get("alpha"):
-        keep &= np.isin(np.round(cols["alpha"].astype(float), 9), np.round(list(options["alpha"]), 9))
-    if options.get("n") is not None:
-        keep &= np.isin(cols["n"], np.atleast_1d(options["n"]))
-    if not keep.any():
-        raise BadInput(
-            f"{inputs[0]}: no records left after --alpha / --set n= (alphas: {sorted(set(cols['alpha']))}, "
-            f"n: {sorted(set(cols['n'].tolist()))})"
-        )
-    return {k: v[keep] for k, v in cols.items()}
+    return select(cols, options, inputs[0])
 
 
 def staircase(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
