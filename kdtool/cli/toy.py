@@ -2,7 +2,7 @@
 
 Thin: parse the grid and training flags into kdtool.toy.experiment.ExperimentConfig, call
 run_experiment (or check_convergence, or kdtool.toy.stats.summarize_file for --summarize), show
-its progress on a bar and its summary on stderr (or as JSON).
+its progress on a bar and its summary on stderr (kdtool/cli/toy_report.py; or as JSON).
 
 Example: kdtool toy --n 10,20 --d-teacher 3,5 --alpha 0.9,0.99 --seeds 4 --steps 600 -o toy.parquet
 """
@@ -213,10 +213,13 @@ def main(
     """Sweep the toy model of the paper's section 4: teachers, distilled students, measured vs predicted floors.
 
     For each configuration (n, d_T, alpha) and seed: a teacher of width d_T is trained on the data,
-    then students of every width d_S = 1..d_T learn its output; each floor is the mean held-out loss
-    over the final 10% of training, next to Eq. 2's refined (g(alpha)) and naive (g = 1) predictions.
-    All models of a configuration train as one batched computation; configurations run in parallel
-    worker processes and are written as they finish (--resume continues a killed sweep).
+    then students of every width d_S = 1..d_T (--student-widths) learn its output; each floor is the
+    mean held-out loss over the final 10% of training, next to Eq. 2's refined (g(alpha)) and naive
+    (g = 1) predictions. Beside the table, OUTPUT-stem.survival.parquet records each feature's share of
+    every model's floor and whether it is kept; the summary compares kept counts with Eq. 2's F_S and
+    charges Eq. 2 on the features actually dropped. All models of a configuration train as one batched
+    computation; configurations run in parallel worker processes and are written as they finish
+    (--resume continues a killed sweep).
 
     Example: kdtool toy --n 10,20 --d-teacher 3,5 --alpha 0.9,0.99 --seeds 4 --steps 600 -o toy.parquet
     """
