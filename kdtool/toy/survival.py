@@ -68,86 +68,100 @@ def read_survival(path) -> tuple[dict[str, np.ndarray], dict]:
     return formats.read_table(path, required=RECORD_COLUMNS), meta
 
 
-def per_model(cols: dict[str, np.ndarray], threshold: float = KEPT_THRESHOLD) -> dict[str, np.ndarray]:
+def group_ids(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by equal values in all `columns`: (group id per row, first row of each group), groups in
+    sorted order (as np.unique(axis=0), which is several times slower on the ~10^6 records of a sweep)."""
+    order = np.lexsort(columns[::-1])  # the first column is the primary key
+    change = np.zeros(len(order), dtype=bool)
+    change[:1] = True
+    for c in columns:
+        ordered = np.asarray(c)[order]
+        change[1:] |= ordered[1:] != ordered[:-1]
+    inv = np.empty(len(order), dtype=np.int64)
+    inv[order] = np.cumsum(change) - 1
+    return inv, order[change]
+
+
+def layout(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What `per_model` needs besides the threshold, computed once: the models, each row's model and seed, and
+    Eq. 2's F_S and charge per row (F_S = floor(d_S g(alpha)) capped at n; w_i = I_i (1-alpha)/3)."""
+    student = np.asarray(cols["role"]).astype(str) == "student"
+    alpha = np.asarray(cols["alpha"], dtype=np.float64)
+    base = [np.asarray(cols[c]) for c in ("n", "d_teacher", "alpha", "seed")]
+    inv, first = group_ids([*base, student, np.asarray(cols["d_student"])])
+    d_student = np.asarray(cols["d_student"], dtype=np.int64)
+    return {
+        "inv": inv,
+        "first": first,
+        "seed_id": group_ids(base)[0],
+        "student": student,
+        "feature": np.asarray(cols["feature"], dtype=np.int64),
+        "loss": np.asarray(cols["loss"], dtype=np.float64),
+        "weight": np.asarray(cols["importance"], dtype=np.float64) * (1.0 - alpha) / 3.0,
+        "f_s": theory.features_kept(d_student, theory.g(alpha), np.asarray(cols["n"], dtype=np.int64)),
+    }
+
+
+def per_model(
+    cols: dict[str, np.ndarray], threshold: float = KEPT_THRESHOLD, rows: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """One entry per model (per configuration and seed: the teacher, then students by width): kept count, floor,
-    Eq. 2 on its dropped set, A2.
+    Eq. 2 on its dropped set, A2. `rows` is `layout(cols)`, when the caller counts at several thresholds.
 
     floor = sum of the model's per-feature losses (its floor_data); pred_measured_kept = sum of
     w_i = I_i (1-alpha)/3 over the features it does not keep; dropped_loss = the part of its floor on
     those features (the rest is interference on kept ones); top_k: its kept set is exactly features 1..kept.
     teacher_kept (students): how many features its seed's teacher keeps; beyond_teacher: features the
-    student keeps that its teacher does not.
+    student keeps that its teacher does not; F_S and pred_refined: Eq. 2 on the same records.
     """
+    lay = layout(cols) if rows is None else rows
+    inv, first, seed_id, student, feature = lay["inv"], lay["first"], lay["seed_id"], lay["student"], lay["feature"]
     kept = kept_mask(cols["rel_error"], threshold)
-    student = np.asarray(cols["role"]).astype(str) == "student"
-    feature = np.asarray(cols["feature"], dtype=np.int64)
-    alpha = np.asarray(cols["alpha"], dtype=np.float64)
-    base = [np.asarray(cols[c], dtype=np.float64) for c in ("n", "d_teacher", "alpha", "seed")]
-    keys = np.stack([*base, student.astype(np.float64), np.asarray(cols["d_student"], dtype=np.float64)], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    inv = inv.ravel()
-    m = len(uniq)
+    m = len(first)
 
     def total(values) -> np.ndarray:
         return np.bincount(inv, weights=np.asarray(values, dtype=np.float64), minlength=m)
 
     count = total(kept).round().astype(np.int64)
-    loss = np.asarray(cols["loss"], dtype=np.float64)
-    weight = np.asarray(cols["importance"], dtype=np.float64) * (1.0 - alpha) / 3.0
     top_rank = np.zeros(m, dtype=np.int64)
     np.maximum.at(top_rank, inv, np.where(kept, feature, 0))
     # the seed's teacher: its kept flag per feature, looked up by (n, d_T, alpha, seed, feature)
-    seed_id = np.unique(np.stack(base, axis=1), axis=0, return_inverse=True)[1].ravel()
     table = np.zeros((seed_id.max() + 1, feature.max() + 1), dtype=bool)
     table[seed_id[~student], feature[~student]] = kept[~student]
     both = total(student & kept & table[seed_id, feature]).round().astype(np.int64)  # kept by student and teacher
     per_seed_teacher = np.bincount(seed_id[~student], weights=kept[~student], minlength=table.shape[0])
-    first = first_of(inv, m)
-    # Eq. 2 on the same records: F_S = floor(d_S g(alpha)) capped at n, floor = sum of w_i beyond rank F_S
-    n_row = np.asarray(cols["n"], dtype=np.int64)
-    f_s_row = theory.features_kept(np.asarray(cols["d_student"]), theory.g(alpha), n_row)
     return {
-        "n": uniq[:, 0].astype(np.int64),
-        "d_teacher": uniq[:, 1].astype(np.int64),
-        "alpha": uniq[:, 2],
-        "seed": uniq[:, 3].astype(np.int64),
-        "student": uniq[:, 4].astype(bool),
-        "d_student": uniq[:, 5].astype(np.int64),
+        "n": np.asarray(cols["n"], dtype=np.int64)[first],
+        "d_teacher": np.asarray(cols["d_teacher"], dtype=np.int64)[first],
+        "alpha": np.asarray(cols["alpha"], dtype=np.float64)[first],
+        "seed": np.asarray(cols["seed"], dtype=np.int64)[first],
+        "student": student[first],
+        "d_student": np.asarray(cols["d_student"], dtype=np.int64)[first],
         "kept": count,
-        "floor": total(loss),
-        "pred_measured_kept": total(np.where(kept, 0.0, weight)),
-        "dropped_loss": total(np.where(kept, 0.0, loss)),
+        "floor": total(lay["loss"]),
+        "pred_measured_kept": total(np.where(kept, 0.0, lay["weight"])),
+        "dropped_loss": total(np.where(kept, 0.0, lay["loss"])),
         "top_k": top_rank == count,
         "teacher_kept": per_seed_teacher[seed_id[first]].round().astype(np.int64),
-        "beyond_teacher": np.where(uniq[:, 4] > 0, count - both, 0),
-        "F_S": f_s_row[first],
-        "pred_refined": total(np.where(feature > f_s_row, weight, 0.0)),
+        "beyond_teacher": np.where(student[first], count - both, 0),
+        "F_S": lay["f_s"][first],
+        "pred_refined": total(np.where(feature > lay["f_s"], lay["weight"], 0.0)),
     }
-
-
-def first_of(inv: np.ndarray, groups: int) -> np.ndarray:
-    """Index of the first member of each group, for group ids `inv`."""
-    first = np.zeros(groups, dtype=np.int64)
-    first[inv[::-1]] = np.arange(len(inv))[::-1]
-    return first
 
 
 def points(models: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Students averaged over seeds per (n, d_T, alpha, d_S), next to Eq. 2's F_S and floor (refined)."""
     s = models["student"]
-    keys = np.stack([np.asarray(models[c][s], dtype=np.float64) for c in _POINT], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    inv = inv.ravel()
-    seeds = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    inv, first = group_ids([np.asarray(models[c][s]) for c in _POINT])
+    count = len(first)
+    seeds = np.bincount(inv, minlength=count).astype(np.float64)
 
     def mean(name) -> np.ndarray:
-        return np.bincount(inv, weights=np.asarray(models[name][s], dtype=np.float64), minlength=len(uniq)) / seeds
+        return np.bincount(inv, weights=np.asarray(models[name][s], dtype=np.float64), minlength=count) / seeds
 
-    out = {c: uniq[:, i] for i, c in enumerate(_POINT)}
-    for c in ("n", "d_teacher", "d_student"):
-        out[c] = out[c].astype(np.int64)
+    out = {c: np.asarray(models[c][s])[first] for c in _POINT}
     kept = np.asarray(models["kept"][s], dtype=np.float64)
-    lo, hi = np.full(len(uniq), np.inf), np.full(len(uniq), -np.inf)
+    lo, hi = np.full(count, np.inf), np.full(count, -np.inf)
     np.minimum.at(lo, inv, kept)
     np.maximum.at(hi, inv, kept)
     out.update(
@@ -164,7 +178,7 @@ def points(models: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "dropped_share": mean("dropped_loss") / np.where(mean("floor") > 0, mean("floor"), 1.0),
         }
     )
-    out["F_S"] = np.asarray(models["F_S"][s])[first_of(inv, len(uniq))]
+    out["F_S"] = np.asarray(models["F_S"][s])[first]
     out["pred_refined"] = mean("pred_refined")
     return out
 
@@ -200,7 +214,8 @@ def summarize_survival(cols: dict[str, np.ndarray], threshold: float = KEPT_THRE
     a positive floor (Eq. 2 predicts 0 beyond d*, where the measured-kept predictor still predicts).
     """
     threshold = check_threshold(threshold)
-    models = per_model(cols, threshold)
+    rows = layout(cols)
+    models = per_model(cols, threshold, rows)
     pts = points(models)
     fit = fit_kept_capacity(pts, target)
     limited = pts["kept_mean"] < available(pts, target) - 1e-9
@@ -243,14 +258,14 @@ def summarize_survival(cols: dict[str, np.ndarray], threshold: float = KEPT_THRE
             "wider_than_teacher": int(wide.sum()),
             "wider_keeping_more_than_teacher": int(np.sum(models["kept"][wide] > models["teacher_kept"][wide])),
         },
-        "threshold_sensitivity": [_at_threshold(cols, t, target) for t in SENSITIVITY],
+        "threshold_sensitivity": [_at_threshold(cols, t, target, rows) for t in SENSITIVITY],
         "point_list": _point_list(pts, limited),
     }
 
 
-def _at_threshold(cols: dict[str, np.ndarray], threshold: float, target: str) -> dict:
+def _at_threshold(cols: dict[str, np.ndarray], threshold: float, target: str, rows: dict) -> dict:
     """Mean kept count per student and the measured capacity when `threshold` defines kept."""
-    models = per_model(cols, threshold)
+    models = per_model(cols, threshold, rows)
     pts = points(models)
     fit = fit_kept_capacity(pts, target)
     law = fit["power_law"]
