@@ -32,9 +32,14 @@ from kdtool.toy.store import PartStore
 
 
 def chunk_cost(keys: list[ToyConfigKey], widths_spec: str | tuple[int, ...] = "teacher") -> int:
-    """Relative work of a chunk: the [S, K, B, n] tensors dominate (K = the students trained + the teacher)."""
+    """Relative work of a chunk, from the trainer's cost model (kdtool.toy.trainer): each model of width d costs
+    ~ n (4 + d) per stream and step; every stream of the chunk trains the union of its widths and a teacher.
+
+    With widths beyond d_T (--student-widths to-dstar, up to 27 at n = 80) the width term dominates: counting
+    models alone made the ETA of such a sweep start 2x too long (measured)."""
     trained = set().union(*(student_widths(k, widths_spec) for k in keys))
-    return len(keys) * keys[0].n * (len(trained) + 1)
+    d_teacher = max(k.d_teacher for k in keys)
+    return len(keys) * keys[0].n * (sum(4 + w for w in trained) + 4 + d_teacher)
 
 
 def make_chunks(
