@@ -29,6 +29,7 @@ from kdtool.toy.survival import KEPT_THRESHOLD, read_survival, summarize_surviva
 
 POINT_KEYS = ("n", "d_teacher", "alpha", "d_student")
 DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = n/g(alpha)); floor = mean over seeds"
+FIT_POINT_RULE = DATA_POINT_RULE + "; students distilled from a teacher: only d_S <= d_T"
 _TINY = 1e-12  # a zero prediction in log space (the capacity fit): heavily penalised, never -inf
 
 
@@ -161,12 +162,17 @@ def _continuous_floor(weights_tail: np.ndarray, weights: np.ndarray, ranks: np.n
 def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_exponent: float = 1.0) -> dict:
     """Per alpha, the capacity g_hat whose Eq. 2 floors best match the measured ones (least squares on logs).
 
-    Fitted on the data points of that alpha (see DATA_POINT_RULE), with F_S = d_S * g_hat taken as a
+    Fitted on the data points of that alpha (FIT_POINT_RULE), with F_S = d_S * g_hat taken as a
     real number (linear interpolation between ranks) so the objective is continuous in g_hat. Then a
-    power law g_hat = k * g(alpha)^p across alphas (least squares on logs).
+    power law g_hat = k * g(alpha)^p across alphas (least squares on logs). Students distilled from a
+    teacher narrower than themselves (--student-widths to-dstar) are left out: their floor is the
+    teacher's (they keep what it keeps), so it measures the teacher's capacity, not theirs.
     """
     agg = aggregate(cols, measure)
     data = (agg["pred_refined"] > 0) & (agg["floor_mean"] > 0)
+    distilled = "data" not in set(np.asarray(cols.get("target", ["teacher"])).astype(str).tolist())
+    if distilled:
+        data &= agg["d_student"] <= agg["d_teacher"]
     per_alpha = []
     for a in sorted(set(agg["alpha"][data].tolist())):
         sel = data & (agg["alpha"] == a)
@@ -203,7 +209,7 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
             }
         )
     law = power_law([p["alpha"] for p in per_alpha], [p["g_hat"] for p in per_alpha])
-    out: dict = {"per_alpha": per_alpha, "points_rule": DATA_POINT_RULE, "power_law": law, "notes": []}
+    out: dict = {"per_alpha": per_alpha, "points_rule": FIT_POINT_RULE, "power_law": law, "notes": []}
     for p in per_alpha:
         if not 0.5 <= p["ratio"] <= 2.0:
             out["notes"].append(
