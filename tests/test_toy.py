@@ -168,8 +168,9 @@ def test_floors_fall_as_sparsity_grows_and_with_width():
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
-    """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits."""
+def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2, beyond=0):
+    """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits; `beyond`
+    more students wider than the teacher have the floor of width d_T (they copy the teacher)."""
     from kdtool.toy.predictions import floor_model
     from kdtool.toy.stats import _continuous_floor
 
@@ -177,10 +178,10 @@ def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
     for n in ns:
         for dt in d_ts:
             for a in alphas:
-                widths = np.arange(1, dt + 1)
+                widths = np.arange(1, dt + beyond + 1)
                 pred = predictions(n, a, widths)
                 fm = floor_model(n, a)
-                measured = _continuous_floor(fm.tail, fm.weights, widths * g_fn(a))
+                measured = _continuous_floor(fm.tail, fm.weights, np.minimum(widths, dt) * g_fn(a))
                 for s in range(seeds):
                     for j, w in enumerate(widths):
                         row = {
@@ -241,6 +242,12 @@ def test_fit_capacity_recovers_a_planted_capacity_and_power_law():
     pred = pl["k"] * gs ** pl["p"]
     np.testing.assert_allclose(pred, list(true.values()), rtol=0.1)
     assert len(fit["notes"]) == 3  # every fitted capacity is far from g(alpha): each is reported
+    # students wider than their teacher (--student-widths to-dstar) copy it: the fit leaves them out
+    wide = _synthetic_table((40,), (3, 5), tuple(true), lambda a: true[a], beyond=4)
+    for p in fit_capacity({**wide, "target": np.array(["teacher"] * len(wide["n"]))})["per_alpha"]:
+        assert p["g_hat"] == pytest.approx(true[p["alpha"]], rel=0.02)
+    skewed = fit_capacity({**wide, "target": np.array(["data"] * len(wide["n"]))})["per_alpha"]
+    assert skewed[0]["g_hat"] < 0.9 * true[0.8]  # counted as if they were capacity-limited, they drag g_hat down
 
 
 # ------------------------------------------------------------------------------------------ CLI
