@@ -97,27 +97,31 @@ def kept_counts(inputs: list[Path], output: Path, *, style: str, options: dict) 
     fit = {p["alpha"]: p["g_meas"] for p in fit_kept_capacity(pts, str(cols["target"][0]))["per_alpha"]}
     alphas = sorted(set(pts["alpha"].tolist()))
     fig, axes = st.figure(style, 1, len(alphas))
-    configs = sorted({(int(n), int(d)) for n, d in zip(pts["n"], pts["d_teacher"], strict=True)})
+    ns, d_ts = sorted(set(pts["n"].tolist())), sorted(set(pts["d_teacher"].tolist()))
     for c, a in enumerate(alphas):
         ax = axes[0][c]
-        for i, (n, d_t) in enumerate(configs):
-            sel = (pts["alpha"] == a) & (pts["n"] == n) & (pts["d_teacher"] == d_t)
-            if not sel.any():
-                continue
-            color = st.PALETTE[sorted({k[0] for k in configs}).index(n) % len(st.PALETTE)]
-            label = f"n={n}" if d_t == max(d for m, d in configs if m == n) else None
-            ax.plot(pts["d_student"][sel], pts["kept_mean"][sel], marker=st.MARKERS[i % len(st.MARKERS)], color=color,
-                    markersize=3, linewidth=0.8, alpha=0.8, label=label)  # fmt: skip
+        for i, n in enumerate(ns):  # colour = n, marker = d_T (a student wider than its teacher copies it: flat)
+            for j, d_t in enumerate(d_ts):
+                sel = (pts["alpha"] == a) & (pts["n"] == n) & (pts["d_teacher"] == d_t)
+                if sel.any():
+                    ax.plot(pts["d_student"][sel], pts["kept_mean"][sel], color=st.PALETTE[i % len(st.PALETTE)],
+                            marker=st.MARKERS[j % len(st.MARKERS)], markersize=3, linewidth=0.8, alpha=0.8)  # fmt: skip
+        for i, n in enumerate(ns):
+            ax.plot([], [], color=st.PALETTE[i % len(st.PALETTE)], label=f"n={n}")
+        for j, d_t in enumerate(d_ts):
+            marker = st.MARKERS[j % len(st.MARKERS)]
+            ax.plot([], [], color=st.GREY, marker=marker, linestyle="none", label=f"$d_T$={d_t}")
         widths = np.arange(0, int(pts["d_student"][pts["alpha"] == a].max()) + 1)
         ax.plot(widths, np.floor(widths * theory.g(a)), "--", color=st.GREY, label="Eq. 2: ⌊d_S g(α)⌋")
         if a in fit:
-            ax.plot(widths, widths * fit[a], ":", color="black", label=f"d_S g_meas, g_meas={fit[a]:.2f}")
+            ax.plot(widths, widths * fit[a], ":", color="black", label="$d_S$ g_meas (measured capacity)")
         top = float(pts["kept_mean"][pts["alpha"] == a].max())
         ax.set_ylim(0, top * 1.3 + 1)
-        ax.set_title(f"α={a:g}, g(α)={theory.g(a):.3g}")
+        measured = f", g_meas={fit[a]:.3g}" if a in fit else ""
+        ax.set_title(f"α={a:g}: g(α)={theory.g(a):.3g}{measured}")
         ax.set_xlabel("student width $d_S$")
         if c == 0:
             ax.set_ylabel("features kept (mean over seeds)")
-        ax.legend(loc="upper left", fontsize="small")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.suptitle(options.get("title") or "kept features vs width: measured (lines per n, d_T) against Eq. 2")
     st.save(fig, output)
