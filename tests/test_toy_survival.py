@@ -221,3 +221,15 @@ def test_the_report_draws_the_survival_figures_of_a_toy_sweep(tmp_path):
     tables, notes = build_tables(arts)
     (surv,) = [t for t in tables if t.key == "toy_survival"]
     assert notes == [] and [r[0] for r in surv.rows] == ["0.9"] and surv.rows[0][1] == pytest.approx(theory.g(0.9))
+
+
+def test_summarize_refuses_survival_records_of_another_sweep(tmp_path):
+    from kdtool.toy.stats import summarize_file
+
+    a, b = tmp_path / "a" / "toy.parquet", tmp_path / "b" / "toy.parquet"
+    run_experiment(_experiment(a), {})
+    run_experiment(ExperimentConfig(output=b, grid=Grid((6,), (2,), (0.9,), 1), train=TINY, workers=1), {})
+    assert summarize_file(a, kept_threshold=0.25)["survival"]["kept_threshold"] == 0.25
+    survival_path(a).write_bytes(survival_path(b).read_bytes())
+    with pytest.raises(BadInput, match="made by another sweep"):
+        summarize_file(a)

@@ -245,6 +245,9 @@ def summarize_file(
     spath = survival_path(Path(path))
     if spath.exists():
         scols, smeta = read_survival(spath)
+        mine, theirs = (meta.get("summary") or {}).get("settings"), (smeta.get("summary") or {}).get("settings")
+        if mine != theirs:
+            raise BadInput(f"{spath}: made by another sweep than {path} (settings {theirs} vs {mine})")
         recorded = (smeta.get("summary") or {}).get("kept_threshold", KEPT_THRESHOLD)
         target = str(cols["target"][0]) if "target" in cols and len(cols["target"]) else "teacher"
         result["survival"] = summarize_survival(scols, recorded if kept_threshold is None else kept_threshold, target)
