@@ -233,3 +233,21 @@ def test_summarize_refuses_survival_records_of_another_sweep(tmp_path):
     survival_path(a).write_bytes(survival_path(b).read_bytes())
     with pytest.raises(BadInput, match="made by another sweep"):
         summarize_file(a)
+
+
+def test_a_killed_to_dstar_sweep_resumes_to_the_fresh_result(tmp_path):
+    out, fresh = tmp_path / "k" / "toy.parquet", tmp_path / "f" / "toy.parquet"
+    grid = Grid((12,), (2,), (0.8, 0.99), 2, "to-dstar")  # widths 1..5 and 1..2: both beyond d_T = 2 or at it
+    store = PartStore(out, settings_id(TINY, 2, "to-dstar"), {})
+    run_sweep(grid, TINY, store, workers=1, pending=[grid.keys()[0]])  # killed after its first configuration
+    resumed = run_experiment(ExperimentConfig(output=out, grid=grid, train=TINY, workers=1, resume=True), {})
+    assert resumed.summary["models_trained_now"] == grid.models(grid.keys()[1:])
+    run_experiment(ExperimentConfig(output=fresh, grid=grid, train=TINY, workers=1), {})
+    for path in (lambda p: p, survival_path):
+        a, b = formats.read_table(path(out)), formats.read_table(path(fresh))
+        assert list(a) == list(b)
+        for col in a:
+            if a[col].dtype.kind == "f":
+                np.testing.assert_allclose(a[col], b[col], rtol=1e-6, atol=1e-12)
+            else:
+                np.testing.assert_array_equal(a[col], b[col])

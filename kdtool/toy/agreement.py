@@ -20,8 +20,10 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def r2(actual: np.ndarray, pred: np.ndarray) -> float | None:
     """1 - SS_res/SS_tot of `pred` as is (no fitted scale or offset); None when SS_tot is 0."""
+    if len(actual) < 2:
+        return None
     ss_tot = float(np.sum((actual - actual.mean()) ** 2))
-    if len(actual) < 2 or ss_tot == 0:
+    if ss_tot == 0:
         return None
     return 1.0 - float(np.sum((actual - pred) ** 2)) / ss_tot
 
