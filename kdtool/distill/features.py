@@ -1,0 +1,173 @@
+"""Feature-prioritised distillation (`--loss features`): keep the teacher's most important SAE features.
+
+The paper's authors propose "feature prioritisation": when width is constrained, use the SAE
+importance distribution so that the high-value features are the ones preserved. kdtool's own
+version of it (no published recipe exists): with a teacher SAE at layer L (`--sae`, any layout
+kdtool.sae.layouts reads) and its `kdtool stats` file (`--stats`), the student's layer-L residual
+stream goes through a learned map r: d_S -> d_T (kdtool/distill/matching.py) and the SAE encoder's
+pre-activation of each chosen feature i is asked to reproduce the teacher's latent z_i:
+
+    u_i = e_i . (r(h_S) - b_dec) + b_enc_i              (the student's pre-activation; b_dec only if
+                                                          the SAE subtracts it from its input)
+    err_i = u_i - z_i        where the teacher fires (z_i > 0): the gradient reaches a feature the
+                             student has not learnt yet (through ReLU(u_i) it would get none)
+          = ReLU(u_i)        where it does not: firing costs, staying below zero does not
+    features = sum_{i in S} w_i err_i^2 / sum_{i in S} w_i I_i      per real token
+
+S = the F_S alive features of highest importance I_i = E[z_i^2]: `--feature-budget auto` =
+floor(d_S g(alpha)) (Eq. 2's budget, alpha from the stats file, per width), a number, or `all`.
+w_i = I_i (`--feature-weighting importance`, the default) or 1 (`uniform`). The denominator is what
+predicting zero costs on average (E[z_i^2] = I_i), so 1 = "reproduces none of S", whatever the
+SAE's units. Note that Eq. 2 already charges a dropped feature I_i when every err_i counts
+equally (uniform); importance weighting leans further toward the top of S.
+
+Latents are in the stats file's units: when it folded the decoder norms (`decoder_norm: fold`,
+kdtool/sae/stats.py) and they are not 1, err_i and z_i are multiplied by ||W_dec[i]|| too.
+For TopK and groupmax SAEs the teacher's z comes from the full encoder (its own top k); for ReLU
+and JumpReLU only the chosen columns are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtool import formats
+from kdtool.distill.objectives import check_feature_options
+from kdtool.errors import BadInput
+from kdtool.sae.layouts import LoadedSAE, load_sae
+from kdtool.theory import importance as imp
+from kdtool.theory import theorem
+
+
+@dataclass
+class FeaturePlan:
+    """The chosen features of one run: which SAE latents, their importances, each width's budget."""
+
+    layer: int  # residual-stream layer L (hidden_states[L]) of the SAE
+    sae: LoadedSAE
+    ids: torch.Tensor  # [F_max] SAE latent indices, most important first (the longest budget's prefix)
+    importance: torch.Tensor  # [F_max] I_i of those latents (stats file units)
+    scale: torch.Tensor | None  # [F_max] ||W_dec[i]|| when the stats file folded non-unit norms, else None
+    budgets: dict[int, int]  # width -> F_S (the first F_S of ids)
+    weighting: str  # importance | uniform
+    info: dict  # what kdtool.json records: sae, stats, alpha, g, alive
+
+    @classmethod
+    def load(cls, sae_path, stats_path, widths: list[int], budget: str, weighting: str) -> FeaturePlan:
+        """Read the SAE and its stats file and choose each width's features (BadInput on any mismatch)."""
+        budget, weighting = check_feature_options(budget, weighting)
+        sae = load_sae(sae_path)
+        layers = imp.from_stats(stats_path)
+        by_layer = {x.layer: x for x in layers}
+        layer = sae.layer
+        if layer is None:
+            if len(layers) != 1:
+                have = ", ".join(str(x.layer) for x in layers)
+                raise BadInput(f"--sae {sae_path}: says no layer and --stats {stats_path} has several ({have})")
+            layer = layers[0].layer
+        if layer not in by_layer:
+            raise BadInput(f"--stats {stats_path}: has no layer {layer} (the layer of --sae {sae_path})")
+        li = by_layer[layer]
+        if li.features is None or int(li.features.max()) >= sae.d_sae:
+            raise BadInput(f"--stats {stats_path}: features beyond the SAE's d_sae={sae.d_sae}: not this SAE's stats")
+        g = imp.capacity_g(li.alpha)
+        alive = li.n_features
+        budgets = {}
+        for w in widths:
+            if budget == "auto":
+                budgets[w] = int(theorem.features_kept(np.array([w]), g, alive)[0])
+            else:
+                budgets[w] = alive if budget == "all" else min(int(budget), alive)
+        if min(budgets.values()) < 1:
+            raise BadInput(f"--feature-budget: width {min(budgets, key=budgets.get)} keeps no feature (g = {g:.3g})")
+        top = max(budgets.values())
+        ids = torch.as_tensor(li.features[:top].copy(), dtype=torch.long)
+        norms = sae.W_dec.norm(dim=1)[ids]
+        unit = torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-4)
+        folded = _decoder_norm(Path(stats_path)) == "fold"
+        info = {
+            "sae": str(sae_path),
+            "stats": str(stats_path),
+            "layer": int(layer),
+            "alpha": li.alpha,
+            "g": g,
+            "alive": alive,
+            "budget": budget,
+            "weighting": weighting,
+        }
+        imp_t = torch.as_tensor(li.weights[:top].copy(), dtype=torch.float32)
+        return cls(int(layer), sae, ids, imp_t, None if (unit or not folded) else norms, budgets, weighting, info)
+
+    def __post_init__(self) -> None:
+        self._select()
+
+    def _select(self) -> None:
+        """The chosen encoder columns, gathered once: [d_T, F_max] and [F_max]."""
+        self._w_enc = self.sae.W_enc[:, self.ids].contiguous()
+        self._b_enc = self.sae.b_enc[self.ids]
+        self._threshold = None if self.sae.threshold is None else self.sae.threshold[self.ids]
+
+    def to(self, device) -> FeaturePlan:
+        self.sae = self.sae.to(device)
+        self.ids, self.importance = self.ids.to(device), self.importance.to(device)
+        self.scale = None if self.scale is None else self.scale.to(device)
+        self._select()
+        return self
+
+    def describe(self, width: int) -> dict:
+        """The record of one student's chosen features (kdtool.json `objective.features`)."""
+        k = self.budgets[width]
+        return self.info | {"kept": k, "features": self.ids[:k].tolist()}
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's pre-activations of the chosen latents: x [n, d_T] -> [n, F_max]."""
+        sae = self.sae
+        xin = x - sae.b_dec if sae.apply_b_dec_to_input else x
+        return xin @ self._w_enc + self._b_enc
+
+    def latents(self, h_teacher: torch.Tensor) -> torch.Tensor:
+        """The teacher's latents z of the chosen features: [b, S, d_T] -> [b, S, F_max] (no gradient)."""
+        sae = self.sae
+        with torch.no_grad():
+            x = h_teacher.float().reshape(-1, h_teacher.shape[-1])  # [n, d_T]
+            if sae.activation == "relu":
+                z = self._pre(x).relu()
+            elif sae.activation == "jumprelu":
+                pre = self._pre(x)
+                z = (pre * (pre > self._threshold)).relu()
+            else:  # topk / groupmax: which latents fire depends on all of them
+                z = sae.encode(x)[:, self.ids]
+        return z.reshape(*h_teacher.shape[:-1], -1)
+
+    def term(self, mapped: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
+        """The features term per position for a student of `width`: mapped [b, S, d_T], z [b, S, F_max] -> [b, S]."""
+        k = self.budgets[width]
+        u = self._pre(mapped.float().reshape(-1, mapped.shape[-1]))[:, :k].reshape(*mapped.shape[:-1], k)
+        zk = z[..., :k]
+        err = torch.where(zk > 0, u - zk, u.relu())  # [b, S, k]
+        imp_k = self.importance[:k]
+        if self.scale is not None:
+            err = err * self.scale[:k]
+        w = imp_k if self.weighting == "importance" else torch.ones_like(imp_k)
+        return (err.square() * w).sum(-1) / (w * imp_k).sum().clamp_min(1e-30)
+
+
+def _decoder_norm(stats: Path) -> str | None:
+    """The stats file's `decoder_norm` summary entry (fold or raw), None when it has none."""
+    if not formats.is_parquet(stats):
+        return None
+    summary = formats.parquet_metadata(stats).get("summary")
+    value = summary.get("decoder_norm") if isinstance(summary, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def check_teacher(plan: FeaturePlan, d_teacher: int, n_layers: int) -> None:
+    """Refuse an SAE that does not read this teacher's residual stream (before any training)."""
+    if plan.sae.d_in != d_teacher:
+        raise BadInput(f"--sae {plan.info['sae']}: reads d_in={plan.sae.d_in}, the teacher's width is {d_teacher}")
+    if not 0 <= plan.layer <= n_layers:
+        raise BadInput(f"--sae {plan.info['sae']}: layer {plan.layer} outside the teacher's 0..{n_layers}")

@@ -1,0 +1,88 @@
+"""Residual-stream matching: a student with learned maps d_S -> d_T, and the FitNets term (`--loss hidden`).
+
+FitNets (Romero et al. 2015) trains a narrow student's "guided" layer to predict a wide teacher's
+"hint" layer through a learned regressor. kdtool's version: at each layer L of --hidden-layers
+(students keep the teacher's depth, so layer L of both is hidden_states[L], the output of block L),
+an affine map r_L: R^{d_S} -> R^{d_T} is trained with the student, and per real token
+
+    hidden = mean over L of ||r_L(h_S^L) - h_T^L||^2 / ||h_T^L||^2
+
+is added to the KL as --hidden-weight x hidden. Dividing by the teacher's own squared norm per
+token makes the term scale-free (0 = a perfect copy, 1 = predicting zero): SmolLM2's residual
+norms run in the hundreds and vary across positions by orders of magnitude (the first token's is
+far larger), so plain MSE would need a weight picked per model and would be ruled by a few
+tokens. FitNets' own loss is the plain 1/2 ||.||^2; the difference is this normalisation only.
+
+The maps (`Student.maps`) train with the student (same AdamW, same DDP wrapper, so their gradients
+are averaged across ranks) and are saved beside it: OUTPUT/width{W}-hidden/residual_map.safetensors
+(docs/formats.md). kdtool/distill/features.py reuses the same maps for `--loss features`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdtool import formats
+from kdtool.distill.students import student_seed
+
+MAP_FILE = "residual_map.safetensors"
+MAP_KIND = "kdtool.distill.residual_map"
+
+
+class Student(nn.Module):
+    """A student LM and its learned maps r_L (one per matched layer; none for the output-only losses).
+
+    forward(input_ids, attention_mask) -> (logits [b, S, V], {L: r_L(hidden_states[L]) [b, S, d_T]}).
+    With no maps it runs exactly the plain LM forward (the kl students of today, bit for bit).
+    """
+
+    def __init__(self, lm: nn.Module, layers: list[int], d_teacher: int, seed: int):
+        super().__init__()
+        self.lm = lm
+        self.maps = nn.ModuleDict()
+        width = int(lm.config.hidden_size)
+        for layer in layers:  # seeded per (seed, width, layer): the same init for hidden and features students
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(student_seed(seed, width) + 7919 * (int(layer) + 1))
+                self.maps[str(layer)] = nn.Linear(width, d_teacher, dtype=torch.float32)
+
+    def forward(self, input_ids, attention_mask):
+        if not self.maps:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits, {}
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, {int(k): m(out.hidden_states[int(k)]) for k, m in self.maps.items()}
+
+    def map_tensors(self) -> dict[str, torch.Tensor]:
+        """layer{L}.weight [d_T, d_S] and layer{L}.bias [d_T] of every map, for residual_map.safetensors."""
+        out = {}
+        for k, m in self.maps.items():
+            out[f"layer{k}.weight"] = m.weight.detach().float().cpu().contiguous()
+            out[f"layer{k}.bias"] = m.bias.detach().float().cpu().contiguous()
+        return out
+
+    def save_maps(self, folder: Path, provenance: dict | None) -> None:
+        """Write the maps into a student folder (nothing when there are none)."""
+        if self.maps:
+            formats.save_safetensors(
+                folder / MAP_FILE,
+                self.map_tensors(),
+                kind=MAP_KIND,
+                provenance=provenance,
+                extra={"layers": ",".join(self.maps.keys())},
+            )
+
+
+def relative_mse(mapped: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """||mapped - teacher||^2 / ||teacher||^2 per position: [b, S] (inputs [b, S, d_T], computed in fp32)."""
+    t = teacher.float()
+    err = (mapped.float() - t).square().sum(-1)
+    return err / t.square().sum(-1).clamp_min(1e-12)
+
+
+def hidden_term(mapped: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], layers: list[int]) -> torch.Tensor:
+    """The FitNets term per position, averaged over the matched layers: [b, S]."""
+    terms = [relative_mse(mapped[layer], teacher[layer]) for layer in layers]
+    return torch.stack(terms).mean(0)
