@@ -43,6 +43,12 @@ KINDS = {
         Kind("kdtool.distill.floors", "a distillation floors table", "students/floors.parquet", "kdtool distill"),
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),
+        Kind(
+            "kdtool.distill.residual_map",
+            "a student's learned map to the teacher's residual stream",
+            "students/width128-hidden/residual_map.safetensors",
+            "kdtool distill --loss hidden",
+        ),
         Kind("kdtool.teacher_cache", "a teacher top-k cache", "teacher-cache/", "kdtool distill --teacher-cache"),
         Kind("kdtool.calibration", "a calibration", "calib.json", "kdtool calibrate"),
         Kind("kdtool.concepts", "a concepts table", "concepts.parquet", "kdtool probe build-concepts"),

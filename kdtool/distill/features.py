@@ -7,8 +7,10 @@ kdtool.sae.layouts reads) and its `kdtool stats` file (`--stats`), the student's
 stream goes through a learned map r: d_S -> d_T (kdtool/distill/matching.py) and the SAE encoder's
 pre-activation of each chosen feature i is asked to reproduce the teacher's latent z_i:
 
-    u_i = e_i . (r(h_S) - b_dec) + b_enc_i              (the student's pre-activation; b_dec only if
-                                                          the SAE subtracts it from its input)
+    x   = rms(h_T) r(n(h_S))                           (the student's mapped stream, at the teacher's
+                                                          per-token RMS: matching.py explains n and rms)
+    u_i = e_i . (x - b_dec) + b_enc_i                   (its pre-activation; b_dec only if the SAE
+                                                          subtracts it from its input)
     err_i = u_i - z_i        where the teacher fires (z_i > 0): the gradient reaches a feature the
                              student has not learnt yet (through ReLU(u_i) it would get none)
           = ReLU(u_i)        where it does not: firing costs, staying below zero does not
@@ -35,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtool import formats
+from kdtool import formats, kinds
+from kdtool.distill.matching import rms
 from kdtool.distill.objectives import check_feature_options
 from kdtool.errors import BadInput
 from kdtool.sae.layouts import LoadedSAE, load_sae
@@ -60,6 +63,10 @@ class FeaturePlan:
     def load(cls, sae_path, stats_path, widths: list[int], budget: str, weighting: str) -> FeaturePlan:
         """Read the SAE and its stats file and choose each width's features (BadInput on any mismatch)."""
         budget, weighting = check_feature_options(budget, weighting)
+        kinds.expect(sae_path, "kdtool.sae", "--sae")  # a foreign layout records no kind: load_sae checks it
+        kinds.expect(stats_path, "kdtool.stats", "--stats")
+        if not Path(stats_path).exists():
+            raise BadInput(f"--stats {stats_path}: no such file")
         sae = load_sae(sae_path)
         layers = imp.from_stats(stats_path)
         by_layer = {x.layer: x for x in layers}
@@ -143,10 +150,14 @@ class FeaturePlan:
                 z = sae.encode(x)[:, self.ids]
         return z.reshape(*h_teacher.shape[:-1], -1)
 
-    def term(self, mapped: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
-        """The features term per position for a student of `width`: mapped [b, S, d_T], z [b, S, F_max] -> [b, S]."""
+    def term(self, mapped: torch.Tensor, z: torch.Tensor, h_teacher: torch.Tensor, width: int) -> torch.Tensor:
+        """The features term per position for a student of `width`: [b, S].
+
+        mapped [b, S, d_T] = r(n(h_S)); z [b, S, F_max] = latents(h_teacher); h_teacher [b, S, d_T].
+        """
         k = self.budgets[width]
-        u = self._pre(mapped.float().reshape(-1, mapped.shape[-1]))[:, :k].reshape(*mapped.shape[:-1], k)
+        x = mapped.float() * rms(h_teacher)  # [b, S, d_T]: in the teacher's units
+        u = self._pre(x.reshape(-1, x.shape[-1]))[:, :k].reshape(*x.shape[:-1], k)
         zk = z[..., :k]
         err = torch.where(zk > 0, u - zk, u.relu())  # [b, S, k]
         imp_k = self.importance[:k]

@@ -5,17 +5,21 @@ FitNets (Romero et al. 2015) trains a narrow student's "guided" layer to predict
 (students keep the teacher's depth, so layer L of both is hidden_states[L], the output of block L),
 an affine map r_L: R^{d_S} -> R^{d_T} is trained with the student, and per real token
 
-    hidden = mean over L of ||r_L(h_S^L) - h_T^L||^2 / ||h_T^L||^2
+    hidden = mean over L of ||r_L(n(h_S^L)) - n(h_T^L)||^2 / d_T,    n(x) = x / rms(x)
 
-is added to the KL as --hidden-weight x hidden. Dividing by the teacher's own squared norm per
-token makes the term scale-free (0 = a perfect copy, 1 = predicting zero): SmolLM2's residual
-norms run in the hundreds and vary across positions by orders of magnitude (the first token's is
-far larger), so plain MSE would need a weight picked per model and would be ruled by a few
-tokens. FitNets' own loss is the plain 1/2 ||.||^2; the difference is this normalisation only.
+is added to the KL as --hidden-weight x hidden (rms(x) = sqrt(mean_d x_d^2): both streams are
+compared at unit RMS per token, so 0 = a perfect copy and 1 = predicting zero). Why normalise:
+the scales differ by orders of magnitude (SmolLM2's residual norms run in the hundreds and the
+first token's is far larger than the rest; a fresh student's are ~0.02 x sqrt(d_S)), so a plain
+MSE would need a weight picked per model, be ruled by a few tokens, and leave the map to grow its
+weights by 10^4 at Adam's step size before the term meant anything. What n() drops, each token's
+overall norm, is what the next block's RMSNorm/LayerNorm drops too. FitNets' own loss is the
+plain 1/2 ||r(h_S) - h_T||^2; the difference is this normalisation only.
 
 The maps (`Student.maps`) train with the student (same AdamW, same DDP wrapper, so their gradients
 are averaged across ranks) and are saved beside it: OUTPUT/width{W}-hidden/residual_map.safetensors
-(docs/formats.md). kdtool/distill/features.py reuses the same maps for `--loss features`.
+(docs/formats.md), applied to n(h_S). kdtool/distill/features.py reuses the same maps for
+`--loss features`, at the teacher's per-token RMS.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Student(nn.Module):
         if not self.maps:
             return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits, {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.logits, {int(k): m(out.hidden_states[int(k)]) for k, m in self.maps.items()}
+        return out.logits, {int(k): m(rms_normalise(out.hidden_states[int(k)])) for k, m in self.maps.items()}
 
     def map_tensors(self) -> dict[str, torch.Tensor]:
         """layer{L}.weight [d_T, d_S] and layer{L}.bias [d_T] of every map, for residual_map.safetensors."""
@@ -75,11 +79,19 @@ class Student(nn.Module):
             )
 
 
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean_d x_d^2) per position: [..., d] -> [..., 1] (fp32, never 0)."""
+    return x.float().square().mean(-1, keepdim=True).add(1e-12).sqrt()
+
+
+def rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x): every position at unit RMS ([..., d], in x's dtype)."""
+    return (x.float() / rms(x)).to(x.dtype)
+
+
 def relative_mse(mapped: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """||mapped - teacher||^2 / ||teacher||^2 per position: [b, S] (inputs [b, S, d_T], computed in fp32)."""
-    t = teacher.float()
-    err = (mapped.float() - t).square().sum(-1)
-    return err / t.square().sum(-1).clamp_min(1e-12)
+    """||mapped - n(teacher)||^2 / d_T per position: [b, S] (mapped already at unit scale; fp32)."""
+    return (mapped.float() - teacher.float() / rms(teacher)).square().mean(-1)
 
 
 def hidden_term(mapped: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], layers: list[int]) -> torch.Tensor:

@@ -71,7 +71,8 @@ def train_loss(
             term, weight = hidden_term(mapped, aux.hidden, students.hidden_layers), cfg.hidden_weight
         else:
             plan = students.plan
-            term, weight = plan.term(mapped[plan.layer], aux.latents, key.width), cfg.feature_weight
+            term = plan.term(mapped[plan.layer], aux.latents, aux.hidden[plan.layer], key.width)
+            weight = cfg.feature_weight
         aux_sum = (term * mask.float()).sum()  # [b, S] -> sum over real tokens
         loss = loss + weight * aux_sum / local_tokens
         sums.aux_sum = aux_sum.item()
