@@ -678,7 +678,7 @@ def test_curves_figure_draws_eval_kl_and_floor_lines(run_dir, captured):
 
 
 def test_floors_figure_marks_d_star_from_stats(run_dir, tmp_path, captured):
-    from kdtool.plots import distill as pd
+    from kdtool.plots import distill_floors as pd
     from kdtool.theory import theorem as theory
 
     n, l0 = 400, 8.0
