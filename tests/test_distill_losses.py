@@ -340,3 +340,35 @@ def test_cli_trains_several_losses_and_refuses_contradictions_before_loading(cli
         assert r.exit_code == 2 and message in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 or "loading" in r.stderr  # one line (the layer check: after)
         assert not (tmp_path / "x" / "floors.parquet").exists()
+
+
+def test_calibrate_fits_one_loss_or_the_pooled_floors(cli, tmp_path):
+    import json
+
+    path = tmp_path / "floors.parquet"
+    widths = [64, 128, 256, 512]
+    formats.write_parquet(
+        path,
+        {
+            "width": widths * 2,
+            "loss": ["kl"] * 4 + ["tvd"] * 4,
+            "floor": [1.3, 1.0, 0.75, 0.65, 1.2, 0.9, 0.7, 0.6],
+            "predicted": [0.08, 0.04, 0.011, 0.0016] * 2,
+        },
+        kind="kdtool.distill.floors",
+    )
+
+    def points(*extra):
+        r = cli("--json", "calibrate", path, "--bootstrap", "0", *extra)
+        assert r.exit_code == 0, r.output
+        obj = json.loads(r.stdout)
+        return obj["inputs"]["loss"], [(p["width"], p["observed"]) for p in obj["points"]], r.stderr
+
+    used, pts, err = points()
+    assert used == "kl" and pts == list(zip(widths, [1.3, 1.0, 0.75, 0.65], strict=True))
+    assert "has floors of kl, tvd: calibrating kl" in err
+    assert points("--loss", "tvd")[1] == list(zip(widths, [1.2, 0.9, 0.7, 0.6], strict=True))
+    used, pts, _ = points("--loss", "pooled")
+    assert used == "pooled" and len(pts) == 8
+    r = cli("calibrate", path, "--loss", "jsd:0.5")
+    assert r.exit_code == 2 and "--loss jsd:0.5" in r.stderr and "kl, tvd only" in r.stderr
