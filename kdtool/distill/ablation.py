@@ -6,7 +6,7 @@ more than the spread of the floors themselves?
 
 Inputs are floors tables (`kdtool distill`, kind kdtool.distill.floors). Tables from different
 runs pool when their runs are comparable: the same teacher, text, schedule, batch, sequence
-length, temperature, student policy and top-k (`comparable_key`); the seed, the losses and the
+length, temperature, student policy, top-k and evaluation cadence (`comparable_key`); the seed, the losses and the
 widths may differ, so `--seed 0`, `--seed 1`, ... runs are seed repeats, and a run of one new loss
 pools with an earlier run of kl at the same settings (a student trains exactly as it would beside
 the others: tests/test_distill_losses.py). Rows repeated across tables (same loss, width, seed) count once.
@@ -54,6 +54,7 @@ COMPARABLE = (
     "topk",
     "floor_fraction",
     "eval_batches",
+    "eval_every",  # the floor averages the window's evaluations: another cadence averages other points
 )
 RUN_KEYS = ("teacher", "revision", "teacher_dtype", "data")
 
