@@ -34,27 +34,14 @@ import numpy as np
 
 from kdtool import formats
 
-#: config fields that must agree for two runs' floors to be compared or pooled
+#: config fields that must agree for two runs' floors to be compared or pooled (seed, losses, widths may differ)
 COMPARABLE = (
-    "temperature",
-    "steps",
-    "batch_size",
-    "seq_len",
-    "lr",
-    "min_lr_ratio",
-    "warmup",
-    "weight_decay",
-    "betas",
-    "eps",
-    "grad_clip",
-    "ce_weight",
-    "heads",
-    "ffn_ratio",
-    "init_std",
-    "topk",
-    "floor_fraction",
-    "eval_batches",
-    "eval_every",  # the floor averages the window's evaluations: another cadence averages other points
+    *("temperature", "topk", "ce_weight"),  # the target and what the loss mixes in
+    *("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup"),  # the schedule and the data shape
+    *("weight_decay", "betas", "eps", "grad_clip"),  # the optimiser
+    *("heads", "ffn_ratio", "init_std"),  # the student policy
+    # how the floor is measured: the window, its held-out batches, the evaluations averaged in it
+    *("floor_fraction", "eval_batches", "eval_every"),
 )
 RUN_KEYS = ("teacher", "revision", "teacher_dtype", "data")
 
