@@ -1,4 +1,4 @@
-"""kdtool distill: train narrower students of a teacher with KL at temperature T and measure their floors.
+"""kdtool distill: train narrower students of a teacher (KL at temperature T, or other --loss) and measure their floors.
 
 Thin: parse options, build a kdtool.distill.config.DistillConfig, join the torchrun group, call
 kdtool.distill.job.distill_text, report its events and print the floors. The paper's run on a GPU:
@@ -143,11 +143,13 @@ def main(
     """Distil the teacher into students of several widths at once and measure each one's loss floor.
 
     Students keep the teacher's architecture, depth, vocabulary and positions; only the width
-    changes. Loss: KL(teacher || student) at --temperature (trained on T^2 x KL), AdamW with
-    warmup + cosine, evaluated on held-out text every --eval-every steps. Floor = mean held-out
-    per-token KL over the final 10% of steps. All widths share one teacher forward per batch.
-    Writes OUTPUT/width{W}/ (HF folder), curves.parquet, floors.parquet, checkpoint/.
-    Defaults are the paper's schedule (30k steps of 32 x 512); on a CPU pass small --steps.
+    changes. Loss: KL(teacher || student) at --temperature (trained on T^2 x KL), or any of
+    --loss, several at once (one student per width and loss); AdamW with warmup + cosine,
+    evaluated on held-out text every --eval-every steps. Floor = mean held-out per-token KL over
+    the final 10% of steps, the same measure for every loss. All students share one teacher
+    forward per batch. Writes OUTPUT/width{W}/ (HF folder; width{W}-{loss}/ for losses other
+    than kl), curves.parquet, floors.parquet, checkpoint/. Defaults are the paper's schedule
+    (30k steps of 32 x 512); on a CPU pass small --steps.
 
     Example: kdtool distill --widths 64,128 --steps 200 --warmup 20 --batch-size 4 --seq-len 128 --eval-every 50
     """
