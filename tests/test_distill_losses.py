@@ -18,7 +18,8 @@ from kdtool.distill.matching import hidden_term, relative_mse, rms_normalise
 from kdtool.distill.objectives import StudentKey, parse_losses, student_name
 from kdtool.errors import BadInput
 from kdtool.sae import stats as sae_stats
-from kdtool.sae.layouts import load_sae, saelens_cfg, save_kdtool
+from kdtool.sae.layouts import load_sae
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 from kdtool.theory import theorem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
