@@ -85,7 +85,8 @@ def test_floors_figure_draws_one_line_per_loss_with_seed_bars_and_the_predicted_
                           kind="kdtool.predict")  # fmt: skip
     distill_floors.floors([*two_seeds, pred], tmp_path / "x.png", style="paper", options={})
     ax = captured[0].axes[0]
-    labels = ax.get_legend_handles_labels()[1]
+    (legend,) = [a.get_legend() for a in captured[0].axes if a.get_legend()]  # one legend, below the panel
+    labels = [t.get_text() for t in legend.get_texts()]
     assert "kl" in labels and "tvd" in labels and "std over 2 seeds" in " ".join(labels)
     assert "predicted, layer 1 (calibrated)" in labels
     kl = [c for c in ax.containers if c.get_label() == "kl"][0]

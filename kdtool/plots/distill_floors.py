@@ -42,8 +42,8 @@ def _spread_note(floors: list[ablation.LossFloor]) -> str:
     return "bars: std over the floor window's evaluations" + (" (1 seed)" if seeds == 1 else "")
 
 
-def _predicted(ax, predict_files: list[Path], options: dict, widths: list[int]) -> None:
-    """The predicted floor per layer: floor_kl (nats) on ax, else L* on a right-hand axis."""
+def _predicted(ax, predict_files: list[Path], options: dict, widths: list[int]):
+    """The predicted floor per layer: floor_kl (nats) on ax, else L* on a right-hand axis (returned, or None)."""
     right = None
     wanted = options.get("layer")
     for j, p in enumerate(predict_files):
@@ -63,17 +63,46 @@ def _predicted(ax, predict_files: list[Path], options: dict, widths: list[int]) 
                 ax.plot(w[keep][order], y, label=f"predicted, layer {layer} (calibrated)", **style)
             else:
                 right = right or ax.twinx()
-                right.plot(w[keep][order], y, label=f"predicted $L^*$, layer {layer}", **style)
+                right.plot(w[keep][order], y, label=f"predicted $L^*$, layer {layer} (right axis)", **style)
     if right is not None:
         right.set_ylabel("predicted $L^*$ (importance units)")
         right.set_ylim(bottom=0)
-        right.legend(loc="lower left", fontsize="small")
+    return right
+
+
+def _series(floor_files: list[Path], options: dict) -> tuple[list[dict], list[ablation.LossFloor]]:
+    """One line per (group of comparable runs, loss): label, widths, floors, bars."""
+    groups = ablation.group_tables(floor_files)
+    lines, every = [], []
+    for group in groups:
+        lf = ablation.loss_floors(ablation.pooled(group))
+        every += lf
+        losses = list(dict.fromkeys(f.loss for f in lf))
+        for loss in losses:
+            pts = [f for f in lf if f.loss == loss]
+            w = np.array([f.width for f in pts])
+            keep = _want_widths(options, w)
+            if len(groups) == 1:
+                label = loss if len(losses) > 1 else None
+            else:  # runs that do not pool: named by their folder
+                folder = group[0].parent.name or group[0].stem
+                label = folder + (f" ({loss})" if len(losses) > 1 or loss != "kl" else "")
+            lines.append(
+                {
+                    "label": label,
+                    "w": w[keep],
+                    "y": np.array([f.floor for f in pts])[keep],
+                    "err": np.array([f.spread if f.spread is not None else 0.0 for f in pts])[keep],
+                }
+            )
+    return lines, every
 
 
 def floors(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
     """Fig. 6b: per-token KL floor vs student width, one line per loss (per group of comparable runs),
     error bars = seed std or the floor window's eval-to-eval std; d* dotted per stats layer, the
-    teacher's width dashed, the predicted floor from a predict table."""
+    teacher's width dashed, the predicted floor from a predict table. Several lines: the legend goes
+    below the panel and the y axis fits the floors (the paper's single line keeps y from 0)."""
     files = _expand(inputs)
     floor_files = [p for p, k in files if k == FLOORS_KIND or (k is None and p.name.startswith("floors"))]
     stats_files = [p for p, k in files if k and k.startswith("kdtool.stats")]
@@ -83,38 +112,28 @@ def floors(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         raise BadInput(f"plot floors: {other[0]} is neither a floors table, a stats file nor a predict table")
     if not floor_files:
         raise BadInput("plot floors: give at least one floors.parquet (or a students/ folder)")
-    fig, axes = st.figure(style, 1, 1)
-    ax = axes[0][0]
-    groups = ablation.group_tables(floor_files)
-    all_w, every = [], []
-    n = 0
-    for group in groups:
-        lf = ablation.loss_floors(ablation.pooled(group))
-        every += lf
-        losses = list(dict.fromkeys(f.loss for f in lf))
-        for loss in losses:
-            pts = [f for f in lf if f.loss == loss]
-            w = np.array([f.width for f in pts])
-            keep = _want_widths(options, w)
-            y = np.array([f.floor for f in pts])[keep]
-            err = np.array([f.spread if f.spread is not None else 0.0 for f in pts])[keep]
-            folder = group[0].parent.name or group[0].stem
-            if len(groups) == 1:
-                label = loss if len(losses) > 1 else None
-            else:
-                label = folder + (f" ({loss})" if len(losses) > 1 or loss != "kl" else "")
-            s = st.layer_style(n)
-            n += 1
-            ax.errorbar(w[keep], y, yerr=err, color=s["color"], linestyle=s["linestyle"], marker=s["marker"],
-                        markersize=4, capsize=2, label=label)  # fmt: skip
-            if n == 1 and len(groups) == 1 and len(losses) == 1:
-                for wi, f in zip(w[keep], y, strict=True):
-                    ax.annotate(f"{f:.3f}", (wi, f), textcoords="offset points", xytext=(4, 4), fontsize="small")
-            all_w += w[keep].tolist()
+    lines, every = _series(floor_files, options)
+    marks = _d_stars(stats_files, options)
+    several = len(lines) > 1 or any(f.seeds > 1 for f in every)
+    if several:
+        n_legend = len(lines) + len(marks) + len({d for *_, d in marks if d}) + 2 + len(predict_files)
+        fig, (ax,), (leg_ax,) = st.figure_with_legend_row(style, 1, n_legend)
+    else:
+        fig, axes = st.figure(style, 1, 1)
+        ax, leg_ax = axes[0][0], None
+    all_w = []
+    for n, line in enumerate(lines):
+        s = st.layer_style(n)
+        ax.errorbar(line["w"], line["y"], yerr=line["err"], color=s["color"], linestyle=s["linestyle"],
+                    marker=s["marker"], markersize=4, capsize=2, label=line["label"])  # fmt: skip
+        if not several:
+            for wi, f in zip(line["w"], line["y"], strict=True):
+                ax.annotate(f"{f:.3f}", (wi, f), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        all_w += line["w"].tolist()
     ax.set_xscale("log", base=2)
-    _predicted(ax, predict_files, options, sorted(set(all_w)))
+    right = _predicted(ax, predict_files, options, sorted(set(all_w)))
     teacher_widths = set()
-    for j, (label, d_star, d_in) in enumerate(_d_stars(stats_files, options)):
+    for j, (label, d_star, d_in) in enumerate(marks):
         ax.axvline(d_star, color="0.3", linestyle=(0, (1, 1 + j)), linewidth=1.0, label=f"{label} = {d_star:,.0f}")
         if d_in:
             teacher_widths.add(d_in)
@@ -123,12 +142,18 @@ def floors(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     _width_ticks(ax, all_w)
     ax.set_xlabel("student width $d_S$")
     ax.set_ylabel("floor: per-token KL at T (nats)")
-    ax.set_ylim(bottom=0)
-    several = len({f.loss for f in every}) > 1 or len({f.seeds for f in every} - {1}) > 0
+    if not several:
+        ax.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    if right is not None:
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     if several:
-        ax.plot([], [], linestyle="none", label=_spread_note(every))  # says what the bars measure
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right")
+        handles.append(ax.plot([], [], linestyle="none")[0])
+        labels.append(_spread_note(every))  # says what the bars measure
+        st.legend_below(leg_ax, handles, labels)
+    elif handles:
+        ax.legend(handles, labels, loc="upper right")
     if options.get("title"):
         ax.set_title(options["title"])
     st.save(fig, output)
