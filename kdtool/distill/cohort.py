@@ -1,8 +1,8 @@
 """The students of one run: one per (width, loss), each with its AdamW, its schedule and its maps.
 
 Every student of a width starts from the same weights (seeded per (seed, width), whatever its loss),
-so the losses are compared from one initialisation; the maps of the hidden and features losses are
-seeded per (seed, width, layer). Each student has its own optimizer and schedule: several (width,
+so the losses are compared from one initialisation; the maps of the hidden and features losses start
+at zero (kdtool/distill/matching.py says why). Each student has its own optimizer and schedule: several (width,
 loss) students in one run follow exactly the trajectories they would follow alone.
 """
 
@@ -72,7 +72,7 @@ class Students:
         self.modules: dict[StudentKey, Student] = {}
         for key in cfg.students:
             lm = st.build_student(teacher_config, key.width, cfg.policy, seed=cfg.seed)
-            self.modules[key] = Student(lm, self.layers_of(key), d_teacher, cfg.seed).to(device)
+            self.modules[key] = Student(lm, self.layers_of(key), d_teacher).to(device)
         self.models = {k: m.lm for k, m in self.modules.items()}  # the LMs: evaluated and saved as HF folders
         self.optims = {
             k: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

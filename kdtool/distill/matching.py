@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from kdtool import formats
-from kdtool.distill.students import student_seed
 
 MAP_FILE = "residual_map.safetensors"
 MAP_KIND = "kdtool.distill.residual_map"
@@ -43,15 +42,19 @@ class Student(nn.Module):
     With no maps it runs exactly the plain LM forward (the kl students of today, bit for bit).
     """
 
-    def __init__(self, lm: nn.Module, layers: list[int], d_teacher: int, seed: int):
+    def __init__(self, lm: nn.Module, layers: list[int], d_teacher: int):
         super().__init__()
         self.lm = lm
         self.maps = nn.ModuleDict()
         width = int(lm.config.hidden_size)
-        for layer in layers:  # seeded per (seed, width, layer): the same init for hidden and features students
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(student_seed(seed, width) + 7919 * (int(layer) + 1))
-                self.maps[str(layer)] = nn.Linear(width, d_teacher, dtype=torch.float32)
+        for layer in layers:
+            # zero init: the mapped stream starts at 0, so each term starts at "predicting zero" (1 for hidden)
+            # and sends the student no gradient until the map has learnt something; a random map would
+            # first pull the student toward a random projection of the teacher (in the demo its features
+            # term started near 540, drowning the KL)
+            self.maps[str(layer)] = m = nn.Linear(width, d_teacher, dtype=torch.float32)
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask):
         if not self.maps:
