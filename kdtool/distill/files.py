@@ -236,7 +236,9 @@ def _save_student(final: Path, module, tokenizer, info: dict, provenance) -> Non
     shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
     module.lm.save_pretrained(tmp)
-    module.save_maps(tmp, provenance)
+    for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
+        formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
+    module.save_maps(tmp, provenance)  # after the stamp: the maps carry their own kind
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     formats.write_json(tmp / "kdtool.json", info)
@@ -302,6 +304,17 @@ def save_checkpoint(
             "rng": _rng_state(),
         },
         tmp / "state.pt",
+    )
+    formats.write_json(  # what the folder is, for `kdtool info` (the .pt files load only with weights_only=True)
+        tmp / "checkpoint.json",
+        {
+            "kind": "kdtool.distill.checkpoint",
+            "step": step,
+            "widths": sorted({key.width for key in modules}),
+            "students": [student_name(key) for key in modules],
+            "use": "kdtool distill --resume continues from here; delete the folder to reclaim its space",
+            "config": cfg.as_dict(),
+        },
     )
     old = out / ".checkpoint.old"
     shutil.rmtree(old, ignore_errors=True)
