@@ -260,6 +260,14 @@ def test_students_of_several_losses_in_one_run_equal_each_trained_alone(tmp_path
     info = formats.read_json(tmp_path / "all" / "width16-hidden" / "kdtool.json")
     assert info["objective"]["loss"] == "hidden" and info["objective"]["layers"] == [1]
     assert formats.read_table(tmp_path / "all" / "floors.parquet")["loss"].tolist() == together.floors["loss"]
+    from kdtool import info, kinds
+
+    run_floors = info.describe(tmp_path / "all")["summary"]["floors"]
+    assert set(run_floors) == {"8", "8/jsd:0.5", "8/hidden", "16", "16/jsd:0.5", "16/hidden"}
+    assert (
+        kinds.kind_of(tmp_path / "all" / "width16-hidden" / "residual_map.safetensors") == "kdtool.distill.residual_map"
+    )
+    assert kinds.kind_of(tmp_path / "all" / "width16-hidden" / "model.safetensors") == "kdtool.distill.student.weights"
 
 
 def test_the_hidden_and_features_terms_decrease(tmp_path):
