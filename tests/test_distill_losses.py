@@ -383,3 +383,20 @@ def test_calibrate_fits_one_loss_or_the_pooled_floors(cli, tmp_path):
     assert used == "pooled" and len(pts) == 8
     r = cli("calibrate", path, "--loss", "jsd:0.5")
     assert r.exit_code == 2 and "--loss jsd:0.5" in r.stderr and "kl, tvd only" in r.stderr
+
+
+def test_features_term_leaves_out_position_0_and_massive_norms():
+    """As cache-acts keeps positions for the SAEs: position 0 and norms above 50x the sequence median do not count."""
+    from kdtool.distill.features import kept_positions
+
+    h = torch.ones(2, 6, 4)
+    h[0, 3] *= 51  # a massive activation inside a sequence
+    h[1, 2] *= 49  # large, but under the ratio
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False  # padding never counts
+    assert kept_positions(h, mask).tolist() == [
+        [False, True, True, False, True, True],
+        [False, True, True, True, True, False],
+    ]
+    # per sequence: a row's mask does not depend on the other rows (micro-batches give the same mask)
+    assert kept_positions(h[1:], mask[1:]).tolist() == kept_positions(h, mask)[1:].tolist()

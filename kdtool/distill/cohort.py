@@ -17,7 +17,7 @@ import torch
 
 from kdtool.distill import students as st
 from kdtool.distill.config import DistillConfig
-from kdtool.distill.features import FeaturePlan, check_teacher
+from kdtool.distill.features import FeaturePlan, check_teacher, kept_positions
 from kdtool.distill.files import load_checkpoint, save_checkpoint
 from kdtool.distill.matching import Student
 from kdtool.distill.objectives import LossSpec, StudentKey
@@ -49,6 +49,7 @@ class AuxTargets:
 
     hidden: dict[int, torch.Tensor]  # {L: teacher hidden_states[L] [b, S, d_T]}
     latents: torch.Tensor | None  # [b, S, F_max] the chosen SAE latents (features loss), else None
+    kept: torch.Tensor | None  # [b, S] bool: the positions the features term counts, else None
 
 
 def hidden_layers(cfg: DistillConfig, n_layers: int) -> list[int]:
@@ -100,10 +101,12 @@ class Students:
         layers = set(self.hidden_layers) | ({self.plan.layer} if self.plan is not None else set())
         return sorted(layers)
 
-    def aux_targets(self, hidden: dict[int, torch.Tensor]) -> AuxTargets:
+    def aux_targets(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> AuxTargets:
         """The teacher's side of every matching term of one chunk (the SAE encodes once for all widths)."""
-        latents = self.plan.latents(hidden[self.plan.layer]) if self.plan is not None else None
-        return AuxTargets(hidden, latents)
+        if self.plan is None:
+            return AuxTargets(hidden, None, None)
+        h = hidden[self.plan.layer]
+        return AuxTargets(hidden, self.plan.latents(h), kept_positions(h, mask))
 
     def objective(self, key: StudentKey) -> dict:
         """What a student trained on, as its kdtool.json records it."""

@@ -23,6 +23,12 @@ predicting zero costs on average (E[z_i^2] = I_i), so 1 = "reproduces none of S"
 SAE's units. Note that Eq. 2 already charges a dropped feature I_i when every err_i counts
 equally (uniform); importance weighting leans further toward the top of S.
 
+Which positions count: as `cache-acts` keeps them by default (the activations SAEs are trained and
+measured on), not position 0 of a packed sequence and not a position whose teacher norm is above
+MAX_NORM_RATIO x its sequence's median ("massive activations": SmolLM2's first position has ~170x
+the median norm; through the SAE it gave the demo a term of 132,000 at that one position and a mean
+near 967 instead of 1.6). The median is per sequence, so micro-batching does not change the mask.
+
 Latents are in the stats file's units: when it folded the decoder norms (`decoder_norm: fold`,
 kdtool/sae/stats.py) and they are not 1, err_i and z_i are multiplied by ||W_dec[i]|| too.
 For TopK and groupmax SAEs the teacher's z comes from the full encoder (its own top k); for ReLU
@@ -44,6 +50,19 @@ from kdtool.errors import BadInput
 from kdtool.sae.layouts import LoadedSAE, load_sae
 from kdtool.theory import importance as imp
 from kdtool.theory import theorem
+
+#: positions whose teacher norm exceeds this x their sequence's median are left out (cache-acts' default)
+MAX_NORM_RATIO = 50.0
+
+
+def kept_positions(h_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, S] bool: the real positions the features term counts (not position 0, no massive norm)."""
+    norms = h_teacher.float().norm(dim=-1)  # [b, S]
+    real = mask.bool().clone()
+    real[:, 0] = False
+    masked = torch.where(real, norms, torch.full_like(norms, float("nan")))
+    median = masked.nanmedian(dim=1, keepdim=True).values  # [b, 1]; NaN for a row with no position left
+    return real & (norms <= MAX_NORM_RATIO * median)
 
 
 @dataclass

@@ -139,7 +139,7 @@ def train_step(step: int, students: Students, teach: Teacher, cursor: Cursor | N
         else:
             target, hidden = teach.compute(tok, m, layers=students.teacher_layers)
             pieces.append(target)
-        aux = students.aux_targets(hidden)
+        aux = students.aux_targets(hidden, m)
         sync = ci == len(chunks) - 1 or d.world == 1
         for key, module in students.train.items():
             with module.no_sync() if not sync else contextlib.nullcontext():

@@ -3,6 +3,7 @@
 Training (per student, spec = its --loss):
     loss = (1 - ce_weight) T^2 D / local tokens  [+ ce_weight CE / local CE positions]
            [+ hidden_weight x FitNets term / local tokens]  [+ feature_weight x features term / local tokens]
+(the features term sums over the positions kdtool/distill/features.py counts, the others over real tokens)
 where D is the sum over real tokens of the student's output divergence at T (kdtool/distill/losses.py).
 T^2 multiplies every divergence (Hinton et al.'s factor for KL), so --lr means the same for each.
 
@@ -69,11 +70,12 @@ def train_loss(
     if spec.matching is not None:
         if spec.matching == "hidden":
             term, weight = hidden_term(mapped, aux.hidden, students.hidden_layers), cfg.hidden_weight
+            counted = mask
         else:
             plan = students.plan
             term = plan.term(mapped[plan.layer], aux.latents, aux.hidden[plan.layer], key.width)
-            weight = cfg.feature_weight
-        aux_sum = (term * mask.float()).sum()  # [b, S] -> sum over real tokens
+            weight, counted = cfg.feature_weight, aux.kept
+        aux_sum = (term * counted.float()).sum()  # [b, S] -> sum over the positions that count
         loss = loss + weight * aux_sum / local_tokens
         sums.aux_sum = aux_sum.item()
     return loss, sums
