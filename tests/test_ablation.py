@@ -10,7 +10,7 @@ from kdtool import formats
 from kdtool.distill import ablation
 from kdtool.report.build import build_report
 
-CONFIG = {"temperature": 2.0, "steps": 100, "batch_size": 4, "seq_len": 16, "run_key": {"teacher": "t", "data": "d"}}
+CONFIG = {"temperature": 2.0, "steps": 100, "batch_size": 4, "seq_len": 16, "run_key": {"teacher": "t"}}
 
 
 def floors_table(path, seed, rows, *, n_evals=3, floor_std=0.001, **config):
@@ -27,7 +27,10 @@ def floors_table(path, seed, rows, *, n_evals=3, floor_std=0.001, **config):
             "seed": [seed] * len(rows),
         },
         kind="kdtool.distill.floors",
-        summary={"config": CONFIG | {"seed": seed} | config},
+        # as distill records it: the data's shuffle seed is the run's --seed
+        summary={
+            "config": CONFIG | {"seed": seed, "run_key": {"teacher": "t", "data": {"x": "d", "seed": seed}}} | config
+        },
     )
     return path
 

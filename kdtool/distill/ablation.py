@@ -89,9 +89,12 @@ class Verdict:
         """The verdict in words, for tables and logs."""
         if self.below is None:
             return f"undetermined: {self.best} is {self.gap:.4g} below {self.runner_up}, no spread (one evaluation)"
+        caveat = "" if self.spread_source == "seeds" else "; one seed: evaluation noise only"
         if self.below:
-            return f"yes: {self.best} is {self.gap:.4g} below {self.runner_up} (spread {self.threshold:.3g})"
-        return f"no: {self.best} is {self.gap:.4g} below {self.runner_up}, within the spread {self.threshold:.3g}"
+            return f"yes: {self.best} is {self.gap:.4g} below {self.runner_up} (spread {self.threshold:.3g}{caveat})"
+        return (
+            f"no: {self.best} is {self.gap:.4g} below {self.runner_up}, within the spread {self.threshold:.3g}{caveat}"
+        )
 
 
 def comparable_key(path: str | os.PathLike) -> str:
@@ -101,7 +104,9 @@ def comparable_key(path: str | os.PathLike) -> str:
     cfg = summary.get("config") if isinstance(summary, dict) else None
     if not isinstance(cfg, dict):
         return f"file:{Path(path).resolve()}"
-    run = cfg.get("run_key") or {}
+    run = dict(cfg.get("run_key") or {})
+    if isinstance(run.get("data"), dict):  # the data's shuffle seed is --seed: a seed repeat, not another run
+        run["data"] = {k: v for k, v in run["data"].items() if k != "seed"}
     key = {k: cfg.get(k) for k in COMPARABLE} | {k: run.get(k) for k in RUN_KEYS}
     return repr(sorted(key.items()))
 

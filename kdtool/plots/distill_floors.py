@@ -39,7 +39,9 @@ def _spread_note(floors: list[ablation.LossFloor]) -> str:
     seeds = max((f.seeds for f in floors), default=1)
     if sources == {"seeds"}:
         return f"bars: std over {seeds} seeds"
-    return "bars: std over the floor window's evaluations" + (" (1 seed)" if seeds == 1 else "")
+    if "seeds" in sources:
+        return "bars: std over seeds if repeated, else over the window"
+    return "bars: std over the floor window (1 seed)"
 
 
 def _predicted(ax, predict_files: list[Path], options: dict, widths: list[int]):
@@ -85,7 +87,7 @@ def _series(floor_files: list[Path], options: dict) -> tuple[list[dict], list[ab
             if len(groups) == 1:
                 label = loss if len(losses) > 1 else None
             else:  # runs that do not pool: named by their folder
-                folder = group[0].parent.name or group[0].stem
+                folder = min(p.parent.name or p.stem for p in group)  # seed repeats: the plainest name
                 label = folder + (f" ({loss})" if len(losses) > 1 or loss != "kl" else "")
             lines.append(
                 {
