@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kdtool import formats
 from kdtool import provenance as prov_mod
+from kdtool.distill import ablation
 from kdtool.errors import KdtoolError
 from kdtool.plots import registry
 from kdtool.report import trials as trials_mod
@@ -42,7 +43,7 @@ FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _C, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -64,6 +65,8 @@ FIGURES: tuple[FigureRule, ...] = (
                extra=(FLOORS,), extra_scope="folder"),
     FigureRule("floors",                 (FLOORS,),       "file", _D, "Distillation floor vs width (Fig. 6b)",
                extra=(STATS,)),
+    FigureRule("objective-ablation",     (FLOORS,),       "run",  _A, "Floor vs width per loss, seeds pooled",
+               extra=(PREDICT, STATS), when="several-losses"),
     FigureRule("calibration",            (CALIB,),        "file", _C, "Observed vs predicted floors (Fig. 7)"),
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
@@ -119,6 +122,14 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+def _several_losses(floors: list[Artifact]) -> bool:
+    """True when the floors tables hold more than one loss (an objective ablation to show)."""
+    try:
+        return ablation.several_losses([a.path for a in floors])
+    except KdtoolError:
+        return False
+
+
 def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Artifact], dict, str]]:
     """Per SAE trial of the stats files: (its files, {"trial": key}, its label); [] when they cannot be read."""
     by_path = {a.path: a for a in main}
@@ -160,6 +171,8 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
+        if rule.when == "several-losses" and not _several_losses(main):
+            continue
         if rule.per == "trial":
             groups_opts = _trial_groups(main, rule.min_layers)
         else:

@@ -16,7 +16,15 @@ from typing import Any, Literal
 KIND = "kdtool.report"
 
 #: Report sections in page order ("Inputs" comes after them).
-SECTIONS = ("SAE measurements", "Predicted floors", "Distillation", "Calibration", "Probing", "Toy model")
+SECTIONS = (
+    "SAE measurements",
+    "Predicted floors",
+    "Distillation",
+    "Objective ablation",
+    "Calibration",
+    "Probing",
+    "Toy model",
+)
 
 # Artifact kinds (docs/formats.md) the figures and tables read.
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
@@ -60,6 +68,8 @@ class FigureRule:
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
+    #: a condition on the main inputs beyond their kind: "several-losses" (floors of more than one loss)
+    when: str | None = None
     min_layers: int = 0  # per "trial": only trials with at least this many layers
 
 
@@ -91,8 +101,8 @@ class FigureResult:
 # --------------------------------------------------------------------------------------------- tables
 
 #: Cell formats: int (thousands separators), f1..f5 (fixed decimals), g3/g4 (significant digits),
-#: pct (fraction shown as %), pm (a (mean, std) pair), text.
-FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "text")
+#: pct (fraction shown as %), pm (a (mean, std) pair, 1 decimal), pm4 (the same, 4 decimals), text.
+FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "pm4", "text")
 
 
 @dataclass
@@ -140,11 +150,12 @@ def format_cell(v: Any, fmt: str) -> str:
         return str(v)
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if fmt == "pm":
+    if fmt in ("pm", "pm4"):
         mean, std = v
         if mean is None:
             return "–"
-        return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+        d = 4 if fmt == "pm4" else 1
+        return f"{mean:.{d}f} ± {std:.{d}f}" if std is not None else f"{mean:.{d}f}"
     if fmt == "int":
         return f"{int(round(v)):,}"
     if fmt == "pct":
