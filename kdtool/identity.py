@@ -81,6 +81,20 @@ def model_identity(model: str | None, revision: str | None = None) -> dict[str, 
     return _with_fingerprint({"source": "hub", "id": str(model), "revision": revision or "main"})
 
 
+def files_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """A file or folder (an SAE, a stats table) named by its files' contents: [[relative name, size, digest]].
+
+    Hidden files (a writer's .NAME.lock, temporary files) are left out; so is the path itself.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _with_fingerprint({"source": "files", "files": _files([p], p.parent)})
+    found = [
+        q for q in p.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts)
+    ]
+    return _with_fingerprint({"source": "files", "files": _files(found, p)})
+
+
 #: the DataSpec fields that say which text is read (how it is cut and shuffled is compared by its own keys)
 TEXT_KEYS = ("dataset", "split", "text_column", "txt_unit")
 

@@ -44,6 +44,12 @@ KINDS = {
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),
         Kind(
+            "kdtool.distill.residual_map",
+            "a student's learned map to the teacher's residual stream",
+            "students/width128-hidden/residual_map.safetensors",
+            "kdtool distill --loss hidden",
+        ),
+        Kind(
             "kdtool.distill.student.weights",
             "a student's weights",
             "students/width128/model.safetensors",
@@ -56,6 +62,8 @@ KINDS = {
         Kind("kdtool.probe", "a probe table", "probe.parquet", "kdtool probe run"),
         Kind("kdtool.toy", "a toy sweep table", "toy.parquet", "kdtool toy"),
         Kind("kdtool.toy.curves", "toy training curves", "toy.curves.parquet", "kdtool toy --log-curves"),
+        Kind("kdtool.toy.survival", "toy per-feature survival records", "toy.survival.parquet", "kdtool toy"),
+        Kind("kdtool.capacity", "a capacity model", "toy.capacity.json", "kdtool toy --fit-capacity"),
         Kind("kdtool.report", "a run report", "report/report.json", "kdtool plot report"),
         Kind("kdtool.reproduce.plan", "a reproduction plan", "plan.json", "scripts/reproduce-paper"),
         Kind("kdtool.reproduce.throughput", "measured throughputs", "throughput.json", "scripts/reproduce-paper"),
@@ -74,6 +82,7 @@ KINDS = {
         Kind("kdtool.stats.summary", "a stats summary", "(stdout of --json)", "kdtool --json stats"),
         Kind("kdtool.toy.summary", "a toy sweep summary", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.toy.convergence", "a toy convergence check", "(stdout of --json)", "kdtool --json toy"),
+        Kind("kdtool.demo.run", "the demo's record of a run", "demo-out/demo-run.json", "scripts/demo"),
         Kind("kdtool.reproduce.stage", "a reproduction stage record", "RUN/stages.jsonl", "scripts/reproduce-paper"),
         Kind(
             "kdtool.lock", "a lock on an output being written", "run/.acts.lock", "a writing command (kdtool/locks.py)"

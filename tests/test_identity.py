@@ -74,6 +74,27 @@ def _kill_cache_acts(cli, monkeypatch, args):
     assert r.exit_code == 130
 
 
+def test_an_sae_or_stats_file_is_known_by_its_content(tmp_path):
+    """The features loss's --sae and --stats (distill's run_key): contents, not paths or locks."""
+    import shutil
+
+    a = tmp_path / "a" / "layer3-x8"
+    a.mkdir(parents=True)
+    (a / "cfg.json").write_text("{}")
+    (a / "sae_weights.safetensors").write_bytes(b"w" * 100)
+    b = tmp_path / "b" / "moved"
+    shutil.copytree(a, b)
+    (b.parent / ".moved.lock").write_text("{}")
+    (b / ".sae_weights.safetensors.abcd1234.tmp").write_bytes(b"half")
+    ia, ib = identity.files_identity(a), identity.files_identity(b)
+    assert ia["fingerprint"] == ib["fingerprint"] and "moved" not in json.dumps(ib)
+    (b / "sae_weights.safetensors").write_bytes(b"v" * 100)
+    assert identity.files_identity(b)["fingerprint"] != ia["fingerprint"]
+    assert (
+        identity.files_identity(a / "cfg.json")["fingerprint"] == identity.files_identity(b / "cfg.json")["fingerprint"]
+    )
+
+
 def test_cache_acts_resume_refuses_another_model_and_accepts_another_spelling(cli, tmp_path, models, text, monkeypatch):
     tiny, other = models
     opts = ["--dataset", text, "--layers", "1", "--tokens", "800", "--seq-len", "16", "--shard-size", "200"]

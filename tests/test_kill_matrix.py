@@ -175,8 +175,9 @@ def same_saes(ref: Path, out: Path) -> None:
         pb["position"],
         True,
     )
-    for layer in pa["layers"]:
-        a, b = ref / f"layer{layer}", out / f"layer{layer}"
+    assert pa["saes"] == pb["saes"] and len(pa["saes"]) > len(pa["layers"])  # side-by-side SAEs (layer3-x1 ...)
+    for name in pa["saes"]:
+        a, b = ref / name, out / name
         _safetensors_equal(a / "sae_weights.safetensors", b / "sae_weights.safetensors")
         _tables_equal(a / "train_log.parquet", b / "train_log.parquet", skip=("elapsed_s",))
         ka, kb = (json.loads((f / "cfg.json").read_text())["kdtool"] for f in (a, b))
@@ -191,13 +192,17 @@ def same_saes(ref: Path, out: Path) -> None:
 def same_students(ref: Path, out: Path) -> None:
     _tables_equal(ref / "floors.parquet", out / "floors.parquet")
     _tables_equal(ref / "curves.parquet", out / "curves.parquet")
-    for w in formats.read_table(ref / "floors.parquet")["width"]:
-        _safetensors_equal(ref / f"width{w}" / "model.safetensors", out / f"width{w}" / "model.safetensors")
+    folders = sorted(p.name for p in ref.iterdir() if p.is_dir() and p.name.startswith("width"))
+    assert len(folders) == 4 and "width8-tvd" in folders  # every (width, loss) student: width{W}[-{loss}]
+    assert folders == sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("width"))
+    for name in folders:
+        _safetensors_equal(ref / name / "model.safetensors", out / name / "model.safetensors")
 
 
 def same_toy(ref: Path, out: Path) -> None:
     _tables_equal(ref, out)
     _tables_equal(ref.with_name("toy.curves.parquet"), out.with_name("toy.curves.parquet"))
+    _tables_equal(ref.with_name("toy.survival.parquet"), out.with_name("toy.survival.parquet"))
     assert not out.with_name(out.name + ".parts").exists()
 
 
@@ -258,7 +263,7 @@ def jobs(d: Path) -> dict[str, Job]:
                 "--acts",
                 d / "acts",
                 "--features",
-                "32",
+                "16,32",
                 "--l1",
                 "0.05",
                 "--lr",
@@ -286,6 +291,8 @@ def jobs(d: Path) -> dict[str, Job]:
                 *model,
                 "--widths",
                 "8,16",
+                "--loss",
+                "kl,tvd",
                 "--heads",
                 "head-dim:8",
                 "--steps",
@@ -362,7 +369,12 @@ def kill_and_resume(job: Job, ref: Path, where: Path, **kill) -> Outcome:
     resumed = run_here([*job.argv(out), "--resume"])
     assert resumed.returncode == 0, (killed.returncode, killed.stderr, resumed.stderr)
     job.same(ref, out)
-    companions = [out.with_name(out.name + ".parts"), out.with_name("toy.curves.parquet")] if job.name == "toy" else []
+    toy = [
+        out.with_name(out.name + ".parts"),
+        out.with_name("toy.curves.parquet"),
+        out.with_name("toy.survival.parquet"),
+    ]
+    companions = toy if job.name == "toy" else []
     assert not leftovers(out, *companions), leftovers(out, *companions)
     assert not locks.lock_path(out).exists()
     return killed
@@ -387,7 +399,8 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(name, inputs, references, t
     ref, _ = references[name]
     job = jobs(inputs)[name]
     out = tmp_path / job.output
-    for p in [ref, ref.with_name("toy.curves.parquet")] if name == "toy" else [ref]:
+    companions = [ref.with_name("toy.curves.parquet"), ref.with_name("toy.survival.parquet")]
+    for p in [ref, *companions] if name == "toy" else [ref]:
         (shutil.copy2 if p.is_file() else shutil.copytree)(p, out.with_name(p.name))
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}

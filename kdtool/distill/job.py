@@ -10,6 +10,7 @@ provenance and runs kdtool.distill.loop.run. Under torchrun the caller joins the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -23,12 +24,13 @@ from kdtool import locks
 from kdtool import provenance as _provenance
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import text_streams
+from kdtool.distill.features import FeaturePlan
 from kdtool.distill.files import finished_run
 from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist, barrier, world_size
 from kdtool.errors import BadInput
-from kdtool.identity import data_identity, describe, model_identity
+from kdtool.identity import data_identity, describe, files_identity, model_identity
 from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec, check_seq_len
 from kdtool.text.tokens import DataSpec
 
@@ -124,6 +126,11 @@ def distill_text(
 
 def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, provenance, callback) -> DistillResult:
     emit = callback or (lambda event: None)
+    features = None
+    if cfg.sae is not None:  # read and checked before the (slow) teacher load and the --resume check
+        features = FeaturePlan.load(cfg.sae, cfg.stats, cfg.widths, cfg.feature_budget, cfg.feature_weighting)
+        identity = {"sae": files_identity(cfg.sae), "stats": files_identity(cfg.stats)}  # by content
+        cfg = dataclasses.replace(cfg, run_key=cfg.run_key | {"features": identity})  # --resume checks them
     done = finished_run(out, cfg) if resume else None
     if done is not None:  # nothing to train: left as it is (the one rule for a finished run's --resume)
         emit({"event": "finished", "step": done["step"]})
@@ -172,4 +179,5 @@ def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, prov
         provenance=record,
         callback=callback,
         dist=d,
+        features=features,
     )
