@@ -35,6 +35,7 @@ COMMANDS = [
     ("info", "info"),
     ("predict", "predict"),
     ("calibrate", "calibrate"),
+    ("survival", "survival"),
     ("plot", "plot"),
     ("toy", "toy"),
     ("cache-acts", "cache_acts"),

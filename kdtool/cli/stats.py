@@ -124,7 +124,7 @@ def main(
     from kdtool.errors import BadInput
     from kdtool.parsing import parse_count, parse_int_list
     from kdtool.sae import stats as sae_stats
-    from kdtool.sae.layouts import find_saes, load_sae
+    from kdtool.sae.layouts import load_saes
 
     if not (0 <= alive_threshold < 1):
         raise BadInput(f"--alive-threshold must be in [0, 1), got {alive_threshold}")
@@ -138,23 +138,9 @@ def main(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    paths = [p for given in sae for p in find_saes(given)]
-    loaded = [load_sae(p) for p in paths]
-    if layer is not None:
-        override = common.parse_opt("--layer", lambda t: parse_int_list(t, minimum=0), layer)
-        if len(override) != len(loaded):
-            raise BadInput(
-                f"--layer: {len(override)} layer(s) for {len(loaded)} SAE(s) "
-                f"({', '.join(str(p) for p in paths)}); give one per SAE, in order"
-            )
-        for s, L in zip(loaded, override, strict=True):
-            s.layer, s.layer_source = L, "--layer"
-    unknown = [str(s.path) for s in loaded if s.layer is None]
-    if unknown:
-        raise BadInput(
-            f"--layer: cannot tell which layer {', '.join(unknown)} reads (no layer or known hook in its "
-            "config); give --layer"
-        )
+    override = common.parse_opt("--layer", lambda t: parse_int_list(t, minimum=0), layer) if layer is not None else None
+    loaded = load_saes(sae, override)
+    paths = [s.path for s in loaded]
     for s in loaded:
         common.log(f"sae {s.describe()} (layer from {s.layer_source})")
     layers = sorted({s.layer for s in loaded})

@@ -378,6 +378,31 @@ def load_sae(path: str | Path) -> LoadedSAE:
     raise UnknownFormat(f"--sae {p}: a folder of SAEs; give one of them")
 
 
+def load_saes(paths: list[str | Path], layers: list[int] | None = None) -> list[LoadedSAE]:
+    """Load every SAE that `paths` name (folders of SAEs expanded), each with its layer known.
+
+    `layers` (the --layer option) gives one layer per SAE in order and overrides their files; without
+    it an SAE whose files name no layer (or known hook) is a BadInput asking for --layer.
+    """
+    found = [p for given in paths for p in find_saes(given)]
+    loaded = [load_sae(p) for p in found]
+    if layers is not None:
+        if len(layers) != len(loaded):
+            raise BadInput(
+                f"--layer: {len(layers)} layer(s) for {len(loaded)} SAE(s) "
+                f"({', '.join(str(p) for p in found)}); give one per SAE, in order"
+            )
+        for sae, layer in zip(loaded, layers, strict=True):
+            sae.layer, sae.layer_source = int(layer), "--layer"
+    unknown = [str(s.path) for s in loaded if s.layer is None]
+    if unknown:
+        raise BadInput(
+            f"--layer: cannot tell which layer {', '.join(unknown)} reads (no layer or known hook in its "
+            "config); give --layer"
+        )
+    return loaded
+
+
 # ---- writing --------------------------------------------------------------------------------
 
 

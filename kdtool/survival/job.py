@@ -1,0 +1,262 @@
+"""`kdtool survival`'s job, callable from Python: which teacher features each student keeps.
+
+Two entry points, both driven by one `SurvivalConfig`:
+
+- `survival(teacher, students, saes, batches, cfg)` works on models in memory: each a
+  kdtool.survival.stream.ModelActs (any callable from token ids to layer activations), so a test
+  can plant a student, and issue 12 can score students trained with another loss without saving them;
+- `survival_files(inputs, cfg)` loads the teacher, the SAEs (any layout kdtool reads), the students
+  (a `kdtool distill` folder of width{W}/ models and/or model folders) and the held-out text, runs
+  `survival`, and writes survival.parquet (docs/formats.md) atomically.
+
+The pipeline: stream.measure (one pass: fit the maps, then measure), ranking (importance ranks and
+F_S from a stats file or from the same tokens), summary (per-feature rows and the per-width table).
+Definitions and caveats: docs/survival.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdtool import formats
+from kdtool import provenance as _provenance
+from kdtool.errors import BadInput
+from kdtool.models import ModelSpec, load_model
+from kdtool.sae.layouts import LoadedSAE, load_saes
+from kdtool.survival import ranking as rk
+from kdtool.survival import summary as sm
+from kdtool.survival.ridge import DEFAULT_RIDGE
+from kdtool.survival.stream import ModelActs, hf_acts, measure
+from kdtool.text.tokens import DataSpec, token_batches
+from kdtool.theory.theorem import Capacity
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SurvivalConfig:
+    """How survival is measured (every field is recorded in survival.parquet's provenance and summary)."""
+
+    tokens: int = 1_000_000  # --tokens: held-out tokens read in all (map fit + measurement)
+    fit_fraction: float = 0.5  # --fit-fraction: share of them the maps are fitted on; the rest measures
+    ridge: float = DEFAULT_RIDGE  # --ridge: relative ridge lambda of the maps (kdtool/survival/ridge.py)
+    threshold: float = sm.DEFAULT_THRESHOLD  # --threshold: a feature survives iff r2 >= this
+    min_fires: int = sm.DEFAULT_MIN_FIRES  # --min-fires: teacher firings needed for a feature to be measured
+    fire_threshold: float = 1e-3  # --fire-threshold: firing = latent > this x the teacher's RMS residual norm
+    capacity: Capacity = "paper"  # --capacity: g(alpha) of Eq. 1 (paper) or 1 (naive) for F_S
+    batch_size: int = 8  # --batch-size: sequences per forward
+    chunk_tokens: int = 2048  # --chunk-tokens: rows encoded at once (memory: chunk x d_sae floats per model)
+    drop_first: bool = True  # --drop-first: skip position 0 of each sequence
+    max_norm_ratio: float = 50.0  # --max-norm-ratio: skip positions whose teacher norm is above this x the median
+
+    def __post_init__(self) -> None:
+        if self.tokens < 4:
+            raise BadInput(f"--tokens must be at least 4, got {self.tokens}")
+        if not 0 < self.fit_fraction < 1:
+            raise BadInput(f"--fit-fraction must be in (0, 1), got {self.fit_fraction}")
+        if not 0 < self.fit_tokens < self.tokens:
+            raise BadInput(f"--fit-fraction {self.fit_fraction} of --tokens {self.tokens} leaves one side empty")
+        if not self.ridge >= 0:
+            raise BadInput(f"--ridge must be >= 0, got {self.ridge}")
+        if not -1 <= self.threshold <= 1:
+            raise BadInput(f"--threshold is an r2 threshold in [-1, 1], got {self.threshold}")
+        if self.min_fires < 1:
+            raise BadInput(f"--min-fires must be >= 1, got {self.min_fires}")
+        if not self.fire_threshold >= 0:
+            raise BadInput(f"--fire-threshold must be >= 0, got {self.fire_threshold}")
+        if self.capacity not in ("paper", "naive"):
+            raise BadInput(f"--capacity must be paper or naive, got {self.capacity!r}")
+        if self.batch_size < 1 or self.chunk_tokens < 1:
+            raise BadInput("--batch-size and --chunk-tokens must be >= 1")
+
+    @property
+    def fit_tokens(self) -> int:
+        return int(round(self.tokens * self.fit_fraction))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SurvivalResult:
+    columns: dict  # survival.parquet's columns (summary.COLUMNS)
+    summary: dict  # its summary metadata: rows (per layer and model), layers, tokens, config, notes
+    provenance: dict | None = None
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.summary["rows"]
+
+
+def survival(
+    teacher: ModelActs,
+    students: list[ModelActs],
+    saes: list[LoadedSAE],
+    batches: Iterable,
+    cfg: SurvivalConfig,
+    *,
+    stats: str | Path | None = None,
+    device="cpu",
+    on_progress: Callable[[int], None] | None = None,
+) -> SurvivalResult:
+    """Survival of every SAE feature in every student (and the teacher, identity map) on `batches` of token ids.
+
+    saes: one per layer, each with its `layer` set. stats: a `kdtool stats` file for the importance
+    ranks and alpha; without it they are measured on the measurement tokens.
+    """
+    if not students:
+        raise BadInput("--students: no student to measure (give a `kdtool distill` folder or model folders)")
+    by_layer = {}
+    for sae in saes:
+        if sae.layer in by_layer:
+            raise BadInput(f"--sae: two SAEs for layer {sae.layer}; survival reads one SAE per layer")
+        if sae.d_in != teacher.width:
+            raise BadInput(f"{sae.path}: SAE expects d_in={sae.d_in} but the teacher has d_model={teacher.width}")
+        by_layer[sae.layer] = sae.to(device)
+    m = measure(
+        teacher,
+        students,
+        by_layer,
+        batches,
+        tokens=cfg.tokens,
+        fit_tokens=cfg.fit_tokens,
+        ridge=cfg.ridge,
+        fire_threshold=cfg.fire_threshold,
+        chunk_tokens=cfg.chunk_tokens,
+        drop_first=cfg.drop_first,
+        max_norm_ratio=cfg.max_norm_ratio,
+        device=device,
+        on_progress=on_progress,
+    )
+    notes, parts, rows, layers = list(m.notes), [], [], {}
+    models = [teacher, *sorted(students, key=lambda s: (s.width, s.name))]
+    for L, sae in sorted(by_layer.items()):
+        if stats is not None:
+            ranking = rk.from_stats(stats, L, sae.d_sae)
+        else:
+            ranking = rk.measured(L, m.teacher[L].importance(), m.tokens_measured)
+        g_value, why = ranking.capacity(cfg.capacity)
+        notes += why
+        fires = m.teacher[L].fires.cpu().numpy()
+        layers[str(L)] = {"sae": str(sae.path), "d_sae": sae.d_sae, "F": ranking.n_alive, "alpha": ranking.alpha}
+        layers[str(L)] |= {"g": g_value, "importance_source": ranking.source, "fire_at": m.fire_at[L]}
+        for model in models:
+            match = m.matches[(model.name, L)].result(m.teacher[L])
+            cols, row = sm.model_rows(
+                ranking,
+                fires,
+                match,
+                model=model.name,
+                role=model.role,
+                width=model.width,
+                g_value=g_value,
+                threshold=cfg.threshold,
+                min_fires=cfg.min_fires,
+            )
+            amap = m.maps[(model.name, L)]
+            row |= {"model_layer": model.layers.get(L, L), "ridge_penalty": amap.penalty}
+            parts.append(cols)
+            rows.append(row)
+    summary = {
+        "rows": rows,
+        "layers": layers,
+        "tokens": {"fit": m.tokens_fit, "measured": m.tokens_measured},
+        "importance_source": "stats" if stats is not None else "measured",
+        "config": cfg.as_dict(),
+        "notes": notes,
+    }
+    return SurvivalResult(sm.concat(parts), summary)
+
+
+@dataclass(frozen=True)
+class SurvivalInputs:
+    """What `kdtool survival` reads: the teacher, its SAEs, the students, the held-out text."""
+
+    saes: tuple[Path, ...]  # --sae: SAE folders (any layout) or folders of them; one SAE per layer
+    students: tuple[Path, ...]  # --students: `kdtool distill` output folders and/or model folders
+    teacher: ModelSpec = field(default_factory=ModelSpec)  # the shared --model/--dtype/--device/... flags
+    data: DataSpec = field(default_factory=DataSpec)  # the shared --dataset/... flags; only its eval hold-out is read
+    stats: Path | None = None  # --stats: importance ranks and alpha; None: measured on the same tokens
+    layers: tuple[int, ...] | None = None  # --layer: one per SAE, overriding their files
+    output: Path = Path("survival.parquet")  # -o
+
+
+def find_students(path: str | Path) -> list[Path]:
+    """A model folder as itself; a `kdtool distill` folder as its width{W}/ students, narrowest first."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return [p]
+    if p.is_dir():
+        subs = [s for s in p.iterdir() if re.fullmatch(r"width\d+", s.name) and (s / "config.json").is_file()]
+        if subs:
+            return sorted(subs, key=lambda s: int(s.name[5:]))
+        raise BadInput(f"--students {p}: no width{{W}}/ student folders and no config.json (a model folder)")
+    raise BadInput(f"--students {p}: no such folder")
+
+
+def _load_students(paths: list[Path], spec: ModelSpec, teacher, layers: list[int], notify: Notify) -> list[ModelActs]:
+    """Each student folder as a ModelActs at the teacher's layers (same device and dtype as the teacher)."""
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):  # two distill runs both have width64/: name them by path
+        names = [str(p) for p in paths]
+    out = []
+    for path, name in zip(paths, names, strict=True):
+        student = load_model(dataclasses.replace(spec, model=str(path)), notify=notify)
+        if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+            raise BadInput(f"--students {path}: its tokenizer is not the teacher's (a student of another teacher?)")
+        notify(f"student {name}: width {student.d_model}, {student.n_layers} blocks")
+        out.append(hf_acts(student.model, name, "student", layers, teacher.n_layers, student.d_model))
+    return out
+
+
+def survival_files(
+    inputs: SurvivalInputs,
+    cfg: SurvivalConfig,
+    *,
+    load_teacher: Callable[[ModelSpec], object] | None = None,
+    provenance: Callable[..., dict] = _provenance.make,
+    notify: Notify | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> SurvivalResult:
+    """Load everything `inputs` names, measure survival, write inputs.output (Parquet, kind kdtool.survival)."""
+    say = notify or (lambda _msg: None)
+    if not formats.is_parquet(inputs.output):
+        raise BadInput(f"--output {inputs.output}: survival is written as Parquet (.parquet)")
+    if inputs.stats is not None and not Path(inputs.stats).is_file():
+        raise BadInput(f"--stats {inputs.stats}: no such file")
+    saes = load_saes(list(inputs.saes), None if inputs.layers is None else list(inputs.layers))
+    student_paths = [p for given in inputs.students for p in find_students(given)]
+    if not student_paths:
+        raise BadInput("--students: give a `kdtool distill` folder or model folders")
+    loaded = (load_teacher or (lambda spec: load_model(spec, notify=say)))(inputs.teacher)
+    layers = sorted({s.layer for s in saes})
+    bad = [L for L in layers if not 0 <= L <= loaded.n_layers]
+    if bad:
+        raise BadInput(
+            f"--sae/--layer: layer(s) {bad} out of range: the teacher has hidden_states[0..{loaded.n_layers}]"
+        )
+    teacher_spec = dataclasses.replace(inputs.teacher, device=str(loaded.device))
+    students = _load_students(student_paths, teacher_spec, loaded, layers, say)
+    teacher = hf_acts(loaded.model, "teacher", "teacher", layers, loaded.n_layers, loaded.d_model)
+    data = dataclasses.replace(inputs.data, holdout="eval")  # never measure on the students' training text
+    batches = token_batches(data, loaded.tokenizer, cfg.batch_size)
+    result = survival(
+        teacher, students, saes, batches, cfg, stats=inputs.stats, device=loaded.device, on_progress=on_progress
+    )
+    result.summary["teacher"] = loaded.describe()
+    result.summary["data"] = data.describe()
+    result.summary["students"] = {s.name: str(p) for s, p in zip(students, student_paths, strict=True)}
+    files = [*(s.path for s in saes), *student_paths, *data.local_inputs()]
+    result.provenance = provenance(
+        inputs=files + ([Path(inputs.stats)] if inputs.stats is not None else []),
+        seed=data.seed,
+        config={"survival": cfg.as_dict(), "data": data.describe(), "teacher": loaded.describe()},
+    )
+    formats.write_parquet(
+        inputs.output, result.columns, kind=sm.KIND, provenance=result.provenance, summary=result.summary
+    )
+    return result
