@@ -100,9 +100,14 @@ def planted(seed=0):
     teacher = ModelActs("teacher", "teacher", D, lambda ids: {LAYER: table[ids]})
     student = ModelActs("projected", "student", len(INSIDE), lambda ids: {LAYER: table[ids] @ basis})
     sae = LoadedSAE(
-        path="planted", layout="kdtool", W_enc=q.clone(), b_enc=torch.zeros(D), W_dec=q.T.clone(),
-        b_dec=torch.zeros(D), layer=LAYER,
-    )  # fmt: skip
+        path="planted",
+        layout="kdtool",
+        W_enc=q.clone(),
+        b_enc=torch.full((D,), -1e-4),
+        W_dec=q.T.clone(),
+        b_dec=torch.zeros(D),
+        layer=LAYER,
+    )  # fmt: skip  (the small negative bias keeps float rounding of exact zeros from firing, as a real SAE's does)
     batches = [torch.randint(0, VOCAB, (8, 33), generator=g) for _ in range(40)]
     return teacher, student, sae, batches
 
@@ -279,3 +284,47 @@ def test_cli_errors_are_one_line(cli, tmp_path, tiny):
             tmp_path / "s.parquet")  # fmt: skip
     assert r.exit_code == 2 and "--fit-fraction" in r.output
     assert not (tmp_path / "s.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------------ figure and report
+
+
+@pytest.fixture
+def planted_file(tmp_path):
+    teacher, student, sae, batches = planted(seed=5)
+    cfg = job.SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, capacity="naive")  # F_S = d_S = 4
+    result = job.survival(teacher, [student], [sae], batches, cfg)
+    path = tmp_path / "run" / "survival.parquet"
+    formats.write_parquet(path, result.columns, kind="kdtool.survival", provenance={}, summary=result.summary)
+    return path, result
+
+
+def test_figure_marks_f_s_and_puts_counts_against_width(planted_file, monkeypatch):
+    from kdtool.plots import registry
+    from kdtool.plots import style as st
+
+    figures = []
+    monkeypatch.setattr(st, "save", lambda fig, output, **kw: figures.append(fig))
+    path, result = planted_file
+    registry.draw("survival", [path], path.with_suffix(".png"))
+    feature_ax, count_ax = figures[0].axes
+    F_S = next(r["F_S"] for r in result.rows if r["role"] == "student")
+    assert 0 < F_S < D and any(list(line.get_xdata()) == [F_S, F_S] for line in feature_ax.get_lines())
+    assert feature_ax.get_xscale() == "log"
+    points = {tuple(p) for line in count_ax.get_lines() if line.get_marker() in ("o", "s") for p in line.get_xydata()}
+    assert points == {(len(INSIDE), len(INSIDE)), (D, D)}  # (width, survived): the student and the teacher
+    import matplotlib.pyplot as plt
+
+    plt.close(figures[0])
+
+
+def test_report_draws_the_figure_and_tabulates_the_summary(cli, planted_file):
+    path, result = planted_file
+    r = cli("--quiet", "plot", "report", path.parent)
+    assert r.exit_code == 0, r.output
+    rep = formats.read_json(path.parent / "report" / "report.json")
+    fig = next(f for f in rep["figures"] if f["figure"] == "survival")
+    assert fig["file"] and fig["section"] == "Feature survival"
+    table = next(t for t in rep["tables"] if t["key"] == "survival")
+    got = {row[table["columns"].index("model")]: row[table["columns"].index("survived")] for row in table["rows"]}
+    assert got == {"teacher": D, "projected": len(INSIDE)}

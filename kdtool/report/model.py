@@ -16,12 +16,21 @@ from typing import Any, Literal
 KIND = "kdtool.report"
 
 #: Report sections in page order ("Inputs" comes after them).
-SECTIONS = ("SAE measurements", "Predicted floors", "Distillation", "Calibration", "Probing", "Toy model")
+SECTIONS = (
+    "SAE measurements",
+    "Predicted floors",
+    "Distillation",
+    "Calibration",
+    "Feature survival",
+    "Probing",
+    "Toy model",
+)
 
 # Artifact kinds (docs/formats.md) the figures and tables read.
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
+SURVIVAL = "kdtool.survival"
 
 
 @dataclass

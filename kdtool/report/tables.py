@@ -13,6 +13,7 @@ and the other tables go on.
 | distill_floors | `students/floors.parquet`              | Table 3  | tables_floors.py    |
 | calibration    | calib.json fits                        | Table 4  | tables_floors.py    |
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
+| survival       | survival.parquet summary rows          | §8       | tables_survival.py  |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
 | toy            | toy.parquet, per sparsity              | Fig. 3   | tables_toy.py       |
 | inputs         | every artifact's provenance            |          | here                |
@@ -29,6 +30,7 @@ from kdtool.report.model import Artifact, Table
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
 from kdtool.report.tables_sae import sae_layers, sae_training
+from kdtool.report.tables_survival import survival
 from kdtool.report.tables_toy import toy
 
 
@@ -48,7 +50,16 @@ def inputs(arts: list[Artifact]) -> list[Table]:
     return [t]
 
 
-BUILDERS: tuple[Callable, ...] = (sae_layers, sae_training, predicted, distill_floors, calibration, probe, toy)
+BUILDERS: tuple[Callable, ...] = (
+    sae_layers,
+    sae_training,
+    predicted,
+    distill_floors,
+    calibration,
+    survival,
+    probe,
+    toy,
+)
 
 
 def build_tables(arts: list[Artifact]) -> tuple[list[Table], list[str]]:

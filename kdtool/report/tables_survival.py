@@ -1,0 +1,57 @@
+"""The feature-survival table of a run report: per layer and model, measured survival against F_S.
+
+Read from survival.parquet's summary rows (kdtool/survival/summary.py defines each number); see
+kdtool/report/tables.py for the other tables.
+"""
+
+from __future__ import annotations
+
+from kdtool.errors import BadInput
+from kdtool.report.model import SURVIVAL, Artifact, Table, of_kind
+
+
+def survival(arts: list[Artifact]) -> list[Table]:
+    """One table per survival file: d_S, F_S, survived, staircase agreement, Spearman, mass kept, map r2."""
+    files = of_kind(arts, SURVIVAL)
+    out = []
+    for art in files:
+        summary = art.summary if isinstance(art.summary, dict) else {}
+        rows = summary.get("rows")
+        if not rows:
+            raise BadInput(f"{art.rel}: no summary rows")
+        threshold = (summary.get("config") or {}).get("threshold")
+        title = "Which features survive: measured vs Theorem 1's F_S" + (f": {art.rel}" if len(files) > 1 else "")
+        t = Table(
+            "survival",
+            "Feature survival",
+            title,
+            [
+                "layer",
+                "model",
+                "d_S",
+                "F_S",
+                "survived",
+                "measured",
+                "kept ok",
+                "lost ok",
+                "Spearman",
+                "mass kept",
+                "mass kept (pred.)",
+                "map R²",
+            ],  # fmt: skip
+            ["int", "text", "int", "int", "int", "int", "pct", "pct", "f3", "pct", "pct", "f3"],
+            sources=[art.rel],
+        )
+        keys = ("F_S", "survived", "measured", "kept_agree", "lost_agree", "spearman", "mass_kept", "mass_kept_pred")
+        for r in rows:
+            t.add(r["layer"], r["model"], r["width"], *(r.get(k) for k in keys), r.get("map_r2"))
+        tokens = summary.get("tokens") or {}
+        t.note = (
+            f"A feature survives when the teacher SAE's code of the student's activation, mapped to the teacher's "
+            f"space by ridge regression, has r2 >= {threshold} against the teacher's own code, on "
+            f"{tokens.get('measured', 0):,} held-out tokens (map fitted on {tokens.get('fit', 0):,} others). "
+            "kept ok: share of the F_S most important features that survive; lost ok: share of the others that "
+            f"do not; importance {summary.get('importance_source', '?')}. The teacher row is the reference (1.0)."
+        )
+        out.append(t)
+    return out
