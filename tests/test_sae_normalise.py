@@ -13,9 +13,12 @@ from synthetic_acts import write_random
 
 from kdtool import formats
 from kdtool.acts import store as activations
+from kdtool.sae.config import TrainConfig
 from kdtool.sae.layouts import load_sae
 from kdtool.sae.model import SparseAutoencoder
-from kdtool.sae.training import NORM_TOKENS, CacheSource, TrainConfig, Trainer, fold_scale
+from kdtool.sae.normalise import NORM_TOKENS, fold_scale
+from kdtool.sae.sources import CacheSource
+from kdtool.sae.training import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

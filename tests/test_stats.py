@@ -11,7 +11,10 @@ from tiny_models import make_model_dir
 
 from kdtool import formats
 from kdtool.acts import store as activations
-from kdtool.sae.layouts import saelens_cfg, save_kdtool
+from kdtool.errors import BadInput
+from kdtool.sae import stats as sae_stats
+from kdtool.sae.sources import TeacherStream
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 
 D = 8
 
@@ -122,6 +125,48 @@ def test_layer_override_and_few_tokens_warning(cli, tmp_path, acts):
     assert list(np.unique(formats.read_table(tmp_path / "s.parquet")["layer"])) == [5]
 
 
+# ---- the stats job's library functions, called directly -----------------------------------------------
+
+
+def test_stats_job_from_python_matches_the_command(cli, tmp_path, acts):
+    make_sae(tmp_path / "saes" / "layer3", layer=3, dead=5)
+    make_sae(tmp_path / "saes" / "layer5", layer=5, seed=1)
+    paths, saes = sae_stats.load_saes([tmp_path / "saes"])
+    assert [p.name for p in paths] == ["layer3", "layer5"] and [s.layer for s in saes] == [3, 5]
+    cfg = sae_stats.StatsConfig(max_tokens=4000)
+    source = sae_stats.open_activations([3, 5], acts, None, max_tokens=cfg.max_tokens)
+    assert source.total == 4000 and source.d_model == D and source.info["source"] == "cache"
+    seen = []
+    result = sae_stats.measure(cfg, saes, source, on_progress=seen.append)
+    assert seen[-1] == 4000 and result.tokens == 4000 and len(result.columns["feature"]) == 64
+    assert result.summary["decoder_norm"] == "fold" and "notes" not in result.summary["layers"]["3"]
+    assert any("cannot resolve --alive-threshold" in n for n in result.notes)  # 4000 tokens < 1 / 1e-5
+    table = result.table()
+    assert table["layer"] == [3, 5] and table["dead"][0] == 5 and table["tokens"] == [4000, 4000]
+    r = cli("--json", "stats", "--sae", tmp_path / "saes", "--acts", acts, "--tokens", "4000", "-o", tmp_path / "s.pq")
+    assert r.exit_code == 0, r.output
+    assert [row["F"] for row in json.loads(r.stdout)["rows"]] == table["F"]
+
+
+def test_stats_job_refuses_what_it_cannot_measure(tmp_path, acts):
+    make_sae(tmp_path / "a", layer=3)
+    with pytest.raises(BadInput, match=r"2 layer\(s\) for 1 SAE\(s\)"):
+        sae_stats.load_saes([tmp_path / "a"], [3, 5])
+    _, saes = sae_stats.load_saes([tmp_path / "a"], [7])
+    assert saes[0].layer == 7 and saes[0].layer_source == "--layer"
+    with pytest.raises(BadInput, match=r"layer\(s\) \[7\] not cached"):
+        sae_stats.open_activations([7], acts, None, max_tokens=None)
+    never = TeacherStream(model=None, data=None, load=lambda spec: pytest.fail("loaded the teacher"))
+    with pytest.raises(BadInput, match="needs a token budget"):
+        sae_stats.open_activations([3], None, never, max_tokens=None)
+    with pytest.raises(BadInput, match="--alive-threshold"):
+        sae_stats.StatsConfig(alive_threshold=1.5)
+    make_sae(tmp_path / "narrow", d=6, layer=3)
+    _, narrow = sae_stats.load_saes([tmp_path / "narrow"])
+    with pytest.raises(BadInput, match="SAE expects d_in=6"):
+        sae_stats.measure(sae_stats.StatsConfig(), narrow, sae_stats.open_activations([3], acts, None, max_tokens=None))
+
+
 # ---- streaming from a teacher ---------------------------------------------------------------------
 
 
@@ -153,7 +198,9 @@ def test_streamed_stats_equal_cached_stats(cli, tmp_path, teacher):
 
 def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, teacher):
     from kdtool.models import ModelSpec, load_model
-    from kdtool.sae.training import ModelSource, TrainConfig, Trainer
+    from kdtool.sae.config import TrainConfig
+    from kdtool.sae.sources import ModelSource
+    from kdtool.sae.training import Trainer
     from kdtool.text.tokens import DataSpec
 
     model, corpus = teacher

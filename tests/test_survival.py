@@ -17,7 +17,8 @@ from tiny_models import make_model_dir
 
 from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.sae.layouts import LoadedSAE, saelens_cfg, save_kdtool
+from kdtool.sae.layouts import LoadedSAE
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 from kdtool.survival import job
 from kdtool.survival.ridge import RidgeFit
 from kdtool.survival.stream import ModelActs

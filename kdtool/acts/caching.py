@@ -2,8 +2,8 @@
 
 One forward per batch gives every requested layer (`models.residual_stream`, which stops after
 the deepest block needed); rows are converted to the storage dtype on the model's device and
-handed to a writer thread that fills `activations.ShardWriter` (one shard per layer in memory
-at most, so memory stays flat in the number of tokens).
+handed to a writer thread (kdtool/acts/writer.py) that fills kdtool.acts.store's `ShardWriter` (one
+shard per layer in memory at most, so memory stays flat in the number of tokens).
 
 Which positions are kept: all but position 0 of each packed sequence (`drop_first`), and not
 the rare "massive activation" positions whose residual norm exceeds `max_norm_ratio` x the
@@ -11,23 +11,27 @@ batch median at any cached layer (attention sinks; see `outlier_mask`).
 
 Resume: the manifest lists complete shards only, plus `resume_from` = the batch and row where
 the first row not yet in a complete shard came from. A resumed run skips to that batch
-(data.token_batches(skip_batches=...)), recomputes it with the same composition and discards
+(kdtool.text.tokens.token_batches(skip_batches=...)), recomputes it with the same composition and discards
 the rows already written: on CPU the continued cache is bit-for-bit the cache an uninterrupted
 run writes. That needs the same --batch-size, which --resume checks with the other settings.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdtool.acts import store as activations
+import torch
+
+from kdtool.acts.shuffle import TMP, clean_leftovers
+from kdtool.acts.store import MANIFEST, read_manifest
+from kdtool.acts.writer import BackgroundWriter, TrackedWriter
 from kdtool.errors import BadInput
 from kdtool.models import LoadedModel, check_layers, residual_stream
+from kdtool.parsing import parse_int_list
 from kdtool.text.tokens import DataSpec, token_batches
 
 ACTS_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -74,8 +78,6 @@ def default_layers(n_layers: int) -> list[int]:
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
     """'8,12,16', '4:20:4', 'all' (0..n_layers), 'middle' (n_layers // 2) or 'default' (see default_layers)."""
-    from kdtool.parsing import parse_int_list
-
     key = str(text).strip().lower()
     if key == "all":
         return list(range(n_layers + 1))
@@ -139,6 +141,8 @@ class CacheResult:
     exhausted: bool  # the data ran out before --tokens
     dtype: str
     dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
+    model: str | None = None  # the teacher's name
+    d_model: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -158,14 +162,14 @@ class CacheResult:
             "dropped_outliers": self.dropped_outliers,
         }
 
+    def record(self) -> dict:
+        """The run as `kdtool --json cache-acts` prints it (kind kdtool.acts.run)."""
+        return {"kind": "kdtool.acts.run", **self.as_dict(), "model": self.model, "d_model": self.d_model}
+
 
 def _remove_cache(root: Path) -> None:
     """Delete the files a cache consists of (and nothing else)."""
-    import shutil
-
-    from kdtool.acts.shuffle import TMP
-
-    manifest = root / activations.MANIFEST
+    manifest = root / MANIFEST
     shutil.rmtree(root / TMP, ignore_errors=True)  # a killed shuffle's buckets and new shards
     for layer_dir in root.glob("layer*"):
         if layer_dir.is_dir():
@@ -178,7 +182,7 @@ def _remove_cache(root: Path) -> None:
 
 
 def _check_resume(root: Path, info: dict, cfg: CacheConfig, layers: list[int], dtype: str) -> None:
-    old = activations.read_manifest(root)
+    old = read_manifest(root)
     for key in _RESUME_KEYS:
         if old.get(key) != info.get(key):
             raise BadInput(
@@ -195,72 +199,62 @@ def _check_resume(root: Path, info: dict, cfg: CacheConfig, layers: list[int], d
         )
 
 
-class _TrackedWriter(activations.ShardWriter):
-    """A ShardWriter whose manifest also says where the next shard starts in the batch stream.
+def _manifest_info(teacher: LoadedModel, data: DataSpec, cfg: CacheConfig) -> dict:
+    """What the manifest records about the run (the keys in _RESUME_KEYS must match on --resume)."""
+    described = data.describe()
+    return {
+        "model": teacher.name,
+        "revision": teacher.revision,
+        "dataset": described["dataset"],
+        "split": data.split,
+        "text_column": data.text_column,
+        "seq_len": data.seq_len,
+        "seed": data.seed,
+        "holdout": data.holdout,
+        "holdout_fraction": data.holdout_fraction,
+        "shuffle_buffer": data.shuffle_buffer,
+        "txt_unit": data.txt_unit,
+        "drop_first": cfg.drop_first,
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "model_dtype": str(teacher.dtype).removeprefix("torch."),
+        "batch_size": cfg.batch_size,
+        "target_tokens": cfg.tokens,
+        "complete": False,  # true once the run has finished (all target_tokens, or the data ran out)
+        "layer_convention": LAYER_CONVENTION,
+        "teacher": teacher.describe(),
+        "data": described,
+    }
 
-    Rows are added batch by batch; `spans` keeps, per batch, its index and the absolute cache
-    row its kept rows start at (counting rows a resume discards). Every manifest write stores
-    `resume_from` = {"batch": b, "row": r}: the first row not in a complete shard is row r of
-    batch b. Resume skips b batches and discards r rows, whatever the outlier filter kept.
+
+def prepare_output(root: Path, info: dict, cfg: CacheConfig, layers: list[int], dtype: str) -> dict:
+    """Decide what happens to a cache already in `root`; returns where the run starts ({"batch", "row"}).
+
+    No cache: start at the beginning. A cache and --resume: check that it is the same run and
+    continue after its last complete shard. A cache and --overwrite: delete it and start over.
+    A cache and neither: refuse.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.spans: list[tuple[int, int, int]] = []  # (batch index, first absolute row, end absolute row)
-        self.next_batch = 0
-
-    def add_batch(self, batch_index: int, start_row: int, kept_rows: int, acts: dict) -> None:
-        self.spans.append((batch_index, start_row, start_row + kept_rows))
-        self.next_batch = batch_index + 1
-        self.add(acts)
-
-    def write_manifest(self) -> None:
-        done = self.tokens
-        where = {"batch": self.next_batch, "row": 0}
-        for batch, lo, hi in self.spans:
-            if lo <= done < hi:
-                where = {"batch": batch, "row": done - lo}
-                break
-        self.spans = [s for s in self.spans if s[2] > done]  # older spans can never be needed again
-        self.info["resume_from"] = where
-        super().write_manifest()
-
-
-class _BackgroundWriter:
-    """Runs the writer on a thread so the next forward overlaps the shard writes (bounded queue)."""
-
-    def __init__(self, writer: _TrackedWriter, depth: int = 2):
-        self.writer = writer
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kdtool-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.writer.add_batch(*item)
-                except BaseException as exc:
-                    self.error = exc
-
-    def add(self, batch_index: int, start_row: int, kept_rows: int, acts: dict) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((batch_index, start_row, kept_rows, acts))
-
-    def finish(self, close: bool) -> None:
-        """Drain the queue; write the final partial shard if close."""
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if close:  # every row is in; the last (partial) shard and the manifest that says so
-            self.writer.info["complete"] = True
-            self.writer.close()
+    start = {"batch": 0, "row": 0}
+    if not (root / MANIFEST).exists():
+        return start
+    if cfg.overwrite:
+        _remove_cache(root)
+        return start
+    if not cfg.resume:
+        raise BadInput(
+            f"--output {root}: already holds an activation cache; use --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    _check_resume(root, info, cfg, layers, dtype)
+    old = read_manifest(root)
+    if old["shards"] and "resume_from" not in old:
+        raise BadInput(f"{root}: this cache has no resume point (written by an older kdtool); use --overwrite")
+    if old.get("shuffle") and int(old.get("tokens") or 0) < cfg.tokens:
+        raise BadInput(
+            f"{root}: this cache is shuffled; it cannot grow (new rows would stay in document order): "
+            "use --overwrite or another --output"
+        )
+    clean_leftovers(root)  # a killed shuffle's temp folder and unlisted shards
+    return old.get("resume_from", start)
 
 
 def outlier_mask(hidden: dict, first: int, ratio: float):
@@ -287,8 +281,6 @@ def cache_activations(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> CacheResult:
     """Cache hidden_states[L] for cfg.layers over `data` into cfg.output; returns what was done."""
-    import torch
-
     layers = check_layers(cfg.layers or default_layers(teacher.n_layers), teacher.n_layers)
     first = 1 if cfg.drop_first else 0
     if data.seq_len - first < 1:
@@ -297,54 +289,9 @@ def cache_activations(
     root = cfg.output
     if root.exists() and not root.is_dir():
         raise BadInput(f"--output {root}: exists and is not a folder")
-    described = data.describe()
-    info = {
-        "model": teacher.name,
-        "revision": teacher.revision,
-        "dataset": described["dataset"],
-        "split": data.split,
-        "text_column": data.text_column,
-        "seq_len": data.seq_len,
-        "seed": data.seed,
-        "holdout": data.holdout,
-        "holdout_fraction": data.holdout_fraction,
-        "shuffle_buffer": data.shuffle_buffer,
-        "txt_unit": data.txt_unit,
-        "drop_first": cfg.drop_first,
-        "max_norm_ratio": cfg.max_norm_ratio,
-        "model_dtype": str(teacher.dtype).removeprefix("torch."),
-        "batch_size": cfg.batch_size,
-        "target_tokens": cfg.tokens,
-        "complete": False,  # true once the run has finished (all target_tokens, or the data ran out)
-        "layer_convention": LAYER_CONVENTION,
-        "teacher": teacher.describe(),
-        "data": described,
-    }
-    has_cache = (root / activations.MANIFEST).exists()
-    if has_cache and cfg.resume:
-        _check_resume(root, info, cfg, layers, dtype)
-    elif has_cache and cfg.overwrite:
-        _remove_cache(root)
-    elif has_cache:
-        raise BadInput(
-            f"--output {root}: already holds an activation cache; use --resume to continue it or "
-            "--overwrite to replace it"
-        )
-    resume_from = {"batch": 0, "row": 0}
-    if has_cache and cfg.resume:
-        old = activations.read_manifest(root)
-        if old["shards"] and "resume_from" not in old:
-            raise BadInput(f"{root}: this cache has no resume point (written by an older kdtool); use --overwrite")
-        resume_from = old.get("resume_from", resume_from)
-        if old.get("shuffle") and int(old.get("tokens") or 0) < cfg.tokens:
-            raise BadInput(
-                f"{root}: this cache is shuffled; it cannot grow (new rows would stay in document order): "
-                "use --overwrite or another --output"
-            )
-        from kdtool.acts.shuffle import clean_leftovers
-
-        clean_leftovers(root)  # a killed shuffle's temp folder and unlisted shards
-    writer = _TrackedWriter(
+    info = _manifest_info(teacher, data, cfg)
+    resume_from = prepare_output(root, info, cfg, layers, dtype)
+    writer = TrackedWriter(
         root,
         layers=layers,
         d_model=teacher.d_model,
@@ -357,14 +304,16 @@ def cache_activations(
     start_tokens = done = writer.tokens
     started = time.perf_counter()
     if done >= cfg.tokens:
-        return CacheResult(root, layers, done, 0, len(writer.shards), 0.0, False, dtype, 0)
+        return CacheResult(
+            root, layers, done, 0, len(writer.shards), 0.0, False, dtype, 0, teacher.name, teacher.d_model
+        )
     # Restart at the batch holding the first row not in a complete shard; recomputing that whole
     # batch keeps its composition (and so every float and the outlier medians) as in the first run.
     batch_index, discard = int(resume_from["batch"]), int(resume_from["row"])
     writer.next_batch = batch_index
     start_row = done - discard  # absolute row of this batch's first kept row
     torch_dtype = getattr(torch, dtype)
-    bg = _BackgroundWriter(writer)
+    bg = BackgroundWriter(writer)
     exhausted, ok, dropped = True, False, 0
     try:
         with torch.inference_mode():
@@ -405,4 +354,6 @@ def cache_activations(
         exhausted,
         dtype,
         dropped,
+        model=teacher.name,
+        d_model=teacher.d_model,
     )

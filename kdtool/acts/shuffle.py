@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from kdtool import formats
-from kdtool.acts import store as activations
+from kdtool.acts import store
 from kdtool.errors import BadInput, RuntimeFailure
 
 TMP = ".shuffle-tmp"
@@ -103,22 +105,19 @@ def clean_leftovers(root: str | Path) -> None:
     """Remove what a killed shuffle leaves: the temp folder and shard files the manifest does not list."""
     root = Path(root)
     shutil.rmtree(root / TMP, ignore_errors=True)
-    if not (root / activations.MANIFEST).exists():
+    if not (root / store.MANIFEST).exists():
         return
-    manifest = activations.read_manifest(root)
+    manifest = store.read_manifest(root)
     listed = {s["file"] for s in manifest.get("shards", [])}
     for layer in manifest.get("layers", []):
-        for f in activations.layer_dir(root, layer).glob("shard-*.safetensors"):
+        for f in store.layer_dir(root, layer).glob("shard-*.safetensors"):
             if f.name not in listed:
                 f.unlink()
 
 
 def _load_raw(root: Path, layer: int, shard: dict, dtype: str, d_model: int) -> np.ndarray:
     """A shard's rows as raw bytes [n, d_model * itemsize] (any dtype, bf16 included)."""
-    import torch
-    from safetensors.torch import load_file
-
-    path = activations.layer_dir(root, layer) / shard["file"]
+    path = store.layer_dir(root, layer) / shard["file"]
     if not path.exists():
         raise BadInput(f"{path}: shard listed in the manifest is missing")
     x = load_file(str(path))["acts"]
@@ -131,8 +130,6 @@ def _load_raw(root: Path, layer: int, shard: dict, dtype: str, d_model: int) -> 
 
 
 def _save_rows(path: Path, raw: np.ndarray, dtype: str, layer: int, index: int, seed: int) -> None:
-    import torch
-
     acts = torch.from_numpy(np.ascontiguousarray(raw)).view(getattr(torch, dtype))
     formats.save_safetensors(
         path,
@@ -147,7 +144,7 @@ def check_shufflable(root: str | Path, seed: int) -> dict:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise BadInput(f"--output {root}: not a folder (an activation cache is a folder)")
-    manifest = activations.read_manifest(root)
+    manifest = store.read_manifest(root)
     if not manifest.get("shards"):
         raise BadInput(f"{root}: the activation cache has no complete shard; nothing to shuffle")
     if not is_complete(manifest):
@@ -158,7 +155,7 @@ def check_shufflable(root: str | Path, seed: int) -> dict:
         )
     for layer in manifest.get("layers", []):
         for shard in manifest["shards"]:
-            path = activations.layer_dir(root, layer) / shard["file"]
+            path = store.layer_dir(root, layer) / shard["file"]
             if not path.is_file():
                 raise BadInput(f"{path}: shard listed in the manifest is missing")
     done = manifest.get("shuffle")
@@ -194,7 +191,7 @@ def shuffle_cache(
     dtype, d_model = manifest["dtype"], int(manifest["d_model"])
     shard_tokens = int(manifest.get("shard_tokens") or max(int(s["tokens"]) for s in shards))
     n_buckets = max(1, math.ceil(n / bucket_tokens))
-    cache_bytes = sum((activations.layer_dir(root, L) / s["file"]).stat().st_size for L in layers for s in shards)
+    cache_bytes = sum((store.layer_dir(root, L) / s["file"]).stat().st_size for L in layers for s in shards)
     free = shutil.disk_usage(root).free
     if free < cache_bytes * 1.02:
         raise RuntimeFailure(
@@ -279,7 +276,7 @@ def shuffle_cache(
     # Commit: move the new shards beside the old ones, then swap the manifest atomically.
     for L in layers:
         for s in new_shards:
-            (tmp / f"layer{L}" / s["file"]).replace(activations.layer_dir(root, L) / s["file"])
+            (tmp / f"layer{L}" / s["file"]).replace(store.layer_dir(root, L) / s["file"])
     seconds = time.perf_counter() - started
     record = {
         "seed": int(seed),
@@ -292,6 +289,6 @@ def shuffle_cache(
     }
     if provenance is not None:
         record["provenance"] = provenance
-    formats.write_json(root / activations.MANIFEST, {**manifest, "shards": new_shards, "shuffle": record})
+    formats.write_json(root / store.MANIFEST, {**manifest, "shards": new_shards, "shuffle": record})
     clean_leftovers(root)
     return ShuffleResult(root, n, layers, n_buckets, int(counts.max()), held.peak, len(new_shards), seconds)

@@ -18,6 +18,9 @@ loading only the buffer that batch lives in.
 A cache shuffled on disk (`kdtool.acts.shuffle`, manifest key `shuffle`) is read the same way: its rows
 are already in a global random order, and the window shuffle still gives every epoch different
 batches at no extra cost.
+
+torch and safetensors are imported inside the methods that read or write tensors: kdtool/info.py
+describes a cache through read_manifest/manifest_summary and must not load torch.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class ShardWriter:
         return sum(s["tokens"] for s in self.shards)
 
     def add(self, acts: dict) -> None:
-        import torch
+        import torch  # lazy: see the module docstring
 
         n = None
         for layer in self.layers:
@@ -100,7 +103,7 @@ class ShardWriter:
             self._flush(self.shard_tokens)
 
     def _flush(self, n: int) -> None:
-        import torch
+        import torch  # lazy: see the module docstring
 
         index = len(self.shards)
         for layer in self.layers:
@@ -179,7 +182,7 @@ class ActivationStore:
 
     def load_shard(self, layer: int, index: int):
         """One shard as float32 [n, d_model]."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: see the module docstring
 
         path = layer_dir(self.root, layer) / self.shards[index]["file"]
         if not path.exists():
@@ -207,7 +210,7 @@ class ActivationStore:
         Batches never straddle buffers (a buffer's last rows that do not fill a batch are
         dropped), so positions stay simple and exact. epochs=None loops forever.
         """
-        import torch
+        import torch  # lazy: see the module docstring
 
         self.check_layers(layers)
         pos = start or Position()

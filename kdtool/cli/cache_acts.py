@@ -1,32 +1,24 @@
 """kdtool cache-acts: run a teacher over text and cache its residual stream as safetensors shards.
 
-Thin: parse options, load the teacher (kdtool.models) and text (kdtool.data), run
-kdtool.acts.caching.cache_activations, report. The paper's run on a GPU:
+Thin: parse options, load the teacher (kdtool.models) and text (kdtool.text.tokens), run
+kdtool.acts.caching.cache_activations (and kdtool.acts.shuffle.shuffle_cache), report. The paper's run on a GPU:
     kdtool cache-acts --model EleutherAI/pythia-410m --dataset monology/pile-uncopyrighted --tokens 300M
 """
 
 from __future__ import annotations
 
-from enum import Enum
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kdtool.cli import common
-from kdtool.cli.options import (
-    TeacherFlags,
-    with_teacher_flags,
-)
+from kdtool.cli.options import TeacherFlags, choices, parse_tokens, with_teacher_flags
 
 PANEL = "Cache"
 
-
-class ActsDtype(str, Enum):
-    auto = "auto"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
+ActsDtype = choices("ActsDtype", "auto", "float16", "bfloat16", "float32")
 
 
 @with_teacher_flags
@@ -154,7 +146,7 @@ def main(
     if shuffle_only:
         _shuffle(output, shuffle_seed, bucket_tokens, cached=None)
         return
-    n_tokens = common.parse_opt("--tokens", parse_count, tokens)
+    n_tokens = parse_tokens(tokens)
     shard_tokens = common.parse_opt("--shard-size", parse_count, shard_size)
     mspec = flags.model_spec()
     dspec = flags.data_spec()
@@ -185,41 +177,43 @@ def main(
     )
     with common.progress() as bar:
         task = bar.add_task("cache-acts", total=n_tokens, rate="")
-        state = {"t0": None, "start": 0, "logged": 0.0}
-        plain = not common.show_progress()  # no bar (a pipe, nohup, --quiet): a log line a minute instead
-
-        def on_progress(done: int, total: int) -> None:
-            import time
-
-            now = time.perf_counter()
-            if state["t0"] is None:  # rates start after the first batch (model warm-up excluded)
-                state["t0"], state["start"], state["logged"] = now, done, now
-                bar.update(task, completed=done)
-                return
-            elapsed = now - state["t0"]
-            rate = (done - state["start"]) / elapsed if elapsed > 0 else 0.0
-            bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s")
-            if plain and now - state["logged"] >= 60:
-                state["logged"] = now
-                eta = (total - done) / rate if rate > 0 else float("inf")
-                common.log(f"cache-acts: {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
-
+        on_progress = _progress_reporter(bar, task)
         result = caching.cache_activations(teacher, dspec, cfg, provenance=provenance, on_progress=on_progress)
-    summary = result.as_dict()
     if result.exhausted:
         common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
-    run = {"kind": "kdtool.acts.run", **summary, "model": teacher.name, "d_model": teacher.d_model}
     if not common.STATE.json:
         common.log(
-            f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({summary['dtype']}) in "
+            f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({result.dtype}) in "
             f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
             f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
             f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
         )
     if shuffle:
-        _shuffle(output, shuffle_seed, bucket_tokens, cached=run)
+        _shuffle(output, shuffle_seed, bucket_tokens, cached=result.record())
     elif common.STATE.json:
-        common.emit_json(run)
+        common.emit_json(result.record())
+
+
+def _progress_reporter(bar, task):
+    """on_progress for the caching job: the bar's rate; without a bar (a pipe, nohup, --quiet), a log line a minute."""
+    state = {"t0": None, "start": 0, "logged": 0.0}
+    plain = not common.show_progress()
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if state["t0"] is None:  # rates start after the first batch (model warm-up excluded)
+            state["t0"], state["start"], state["logged"] = now, done, now
+            bar.update(task, completed=done)
+            return
+        elapsed = now - state["t0"]
+        rate = (done - state["start"]) / elapsed if elapsed > 0 else 0.0
+        bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s")
+        if plain and now - state["logged"] >= 60:
+            state["logged"] = now
+            eta = (total - done) / rate if rate > 0 else float("inf")
+            common.log(f"cache-acts: {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
+
+    return on_progress
 
 
 def _shuffle(output: Path, seed: int, bucket_tokens: int, cached: dict | None) -> None:

@@ -59,11 +59,110 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not STATE.json and not STATE.quiet
 
 
-def progress(transient: bool = False, counts: bool = True):
-    """A rich progress bar on stderr, disabled when stderr is not a TTY, or with --json/--quiet.
+#: Seconds between the plain progress lines written when stderr is not a terminal.
+LOG_EVERY_S = 10.0
 
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class PlainProgress:
+    """What a bar says, as a plain stderr line every LOG_EVERY_S seconds: for logs, pipes, nohup and CI.
+
+    Mirrors the part of rich.progress.Progress the commands use (add_task, update, advance, as a
+    context manager); each task logs `name: done/total (pct), rate, elapsed, ETA`, and once more at the end.
+    """
+
+    def __init__(self, every: float = LOG_EVERY_S, clock=None):
+        import time
+
+        self.every, self.now = every, clock or time.monotonic
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            for task in self.tasks.values():
+                if task["logged_at"] != task["changed_at"]:
+                    self._log(task)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        now = self.now()
+        task_id = len(self.tasks)
+        self.tasks[task_id] = dict(
+            description=description,
+            total=total,
+            completed=completed,
+            fields=fields,
+            start=now,
+            start_done=completed,
+            last=now,
+            logged_at=None,
+            changed_at=now,
+        )
+        return task_id
+
+    def update(self, task_id: int, *, completed=None, total=None, advance=None, description=None, **fields) -> None:
+        task = self.tasks[task_id]
+        if completed is not None:
+            task["completed"] = completed
+        if advance is not None:
+            task["completed"] += advance
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        task["fields"].update(fields)
+        now = self.now()
+        task["changed_at"] = now
+        if now - task["last"] >= self.every:
+            self._log(task)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def reset(self, task_id: int, *, total=None, completed: float = 0, description=None, **fields) -> None:
+        """Start the task over (a new phase): its clock, counts and line."""
+        task = self.tasks[task_id]
+        now = self.now()
+        task.update(start=now, start_done=completed, completed=completed, last=now, changed_at=now, logged_at=None)
+        task["total"] = total
+        if description is not None:
+            task["description"] = description
+        task["fields"].update(fields)
+
+    def line(self, task: dict) -> str:
+        """`name: done/total (pct), rate, elapsed m:ss, ETA m:ss` from what the task knows."""
+        done, total = task["completed"], task["total"]
+        elapsed = self.now() - task["start"]
+        parts = [f"{done:,.0f}/{total:,.0f} ({100 * done / total:.0f}%)" if total else f"{done:,.0f}"]
+        rate = task["fields"].get("rate")
+        if rate:
+            parts.append(str(rate))
+        parts.append(f"elapsed {_clock(elapsed)}")
+        speed = (done - task["start_done"]) / elapsed if elapsed > 0 else 0
+        if total and speed > 0 and done < total:
+            parts.append(f"ETA {_clock((total - done) / speed)}")
+        return f"{task['description']}: " + ", ".join(parts)
+
+    def _log(self, task: dict) -> None:
+        task["last"] = task["logged_at"] = task["changed_at"]
+        log(self.line(task))
+
+
+def progress(transient: bool = False, counts: bool = True):
+    """Progress on stderr: a rich bar on a terminal; off a terminal, a plain line every LOG_EVERY_S seconds.
+
+    Nothing with --quiet; with --json the plain lines (stderr) are kept, stdout stays clean.
     counts=False drops the "done/total" column, for bars whose units are work estimates, not items.
     """
+    if not show_progress():
+        return PlainProgress()  # log() is silent under --quiet
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -81,7 +180,6 @@ def progress(transient: bool = False, counts: bool = True):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console(),
-        disable=not show_progress(),
         transient=transient,
     )
 
@@ -137,13 +235,18 @@ FormatOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (everything kdtool does is seeded).")]
 
 
+def to_stdout(output: Path | str | None) -> bool:
+    """No -o, or `-o -`: the data goes to stdout."""
+    return output is None or str(output) == "-"
+
+
 def choose_format(fmt: TableFormat | None, output: Path | None) -> TableFormat:
     """--format wins; then --json; then the output's suffix; then table on a TTY, csv in a pipe."""
     if fmt is not None:
         return fmt
     if STATE.json:
         return TableFormat.json
-    if output is not None:
+    if not to_stdout(output):
         suffix = output.suffix.lower()
         by_suffix = {
             ".csv": TableFormat.csv,
@@ -158,9 +261,51 @@ def choose_format(fmt: TableFormat | None, output: Path | None) -> TableFormat:
 
 
 def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def fitted_table(
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    title: str | None = None,
+    left: tuple[str, ...] = (),
+    width: int | None = None,
+):
+    """A rich table of text cells that never cuts a cell: as columns when it fits, else one block per row.
+
+    Rich shrinks a too-wide table by cutting cells with '…' (or wrapping numbers mid-digit); the
+    numbers are what the user came for, so a table wider than the terminal is shown vertically
+    instead: each row as `header  value` lines. `width` defaults to the stdout console's.
+    """
+    from rich import box
+    from rich.console import Console, Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for h in headers:
+        table.add_column(h, justify="left" if h in left else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*r)
+    width = width or out_console().width
+    probe = Console(width=10_000)
+    if probe.measure(table).maximum <= width:
+        return table
+    blocks: list = [Text(title, style="italic")] if title else []
+    key_width = max(len(h) for h in headers)
+    for i, r in enumerate(rows):
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim", width=key_width)
+        grid.add_column(overflow="fold")
+        for h, cell in zip(headers, r, strict=True):
+            grid.add_row(h, cell)
+        blocks += [grid] if i == 0 else [Text(""), grid]
+    return Group(*blocks)
 
 
 def emit_table(
@@ -178,21 +323,21 @@ def emit_table(
     from kdtool.provenance import jsonable
 
     chosen = choose_format(fmt, output)
+    if to_stdout(output):
+        output = None
     if chosen == TableFormat.parquet:
         if output is None:
-            raise BadInput("parquet output needs -o FILE (it is binary)")
-        formats.write_parquet(output, columns, kind=kind, provenance=provenance, summary=summary)
+            _parquet_to_stdout(columns, kind=kind, provenance=provenance, summary=summary)
+        else:
+            formats.write_parquet(output, columns, kind=kind, provenance=provenance, summary=summary)
         return
     if chosen in (TableFormat.json, TableFormat.csv):
         text = formats.table_text(columns, chosen.value, kind=kind, provenance=provenance, summary=summary)
     else:
-        from rich.table import Table
+        from rich.markup import escape
 
-        table = Table(title=title)
-        for name in columns:
-            table.add_column(name, justify="right")
-        for row in zip(*columns.values(), strict=True):
-            table.add_row(*[_cell(jsonable(v)) for v in row])
+        rows = [[escape(_cell(jsonable(v))) for v in row] for row in zip(*columns.values(), strict=True)]
+        table = fitted_table(list(columns), rows, title=title)
         if output is None:
             out_console().print(table)
             return
@@ -207,12 +352,28 @@ def emit_table(
         formats.write_text(output, text)
 
 
+def _parquet_to_stdout(columns: dict, **meta) -> None:
+    """`-o - --format parquet`: the bytes to a pipe (never to a terminal, where they would be garbage)."""
+    import tempfile
+
+    from kdtool import formats
+
+    if sys.stdout.isatty():
+        raise BadInput("-o -: Parquet is binary; redirect stdout to a file or a pipe, or give -o FILE.parquet")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.parquet"
+        formats.write_parquet(path, columns, **meta)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(path.read_bytes())
+        sys.stdout.buffer.flush()
+
+
 def emit_json(obj: dict, output: Path | None = None) -> None:
-    """Machine output: JSON to stdout, or to -o FILE atomically."""
+    """Machine output: JSON to stdout (no -o, or -o -), or to -o FILE atomically."""
     from kdtool import formats
     from kdtool.provenance import jsonable
 
-    if output is not None:
+    if not to_stdout(output):
         formats.write_json(output, obj)
     else:
         sys.stdout.write(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")

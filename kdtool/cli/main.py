@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -19,9 +20,24 @@ import typer
 
 from kdtool import __version__
 from kdtool.cli.common import STATE
+from kdtool.cli.help_format import plain_metavars, tidy
 from kdtool.errors import KdtoolError
 
+
+class KdtoolGroup(typer.core.TyperGroup):
+    """The root command: lists subcommands in pipeline order and gives every option table plain metavars."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        plain_metavars(self)
+
+    def list_commands(self, ctx):
+        order = [name for name, _ in COMMANDS]
+        return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
+
+
 app = typer.Typer(
+    cls=KdtoolGroup,
     name="kdtool",
     help="Predict how small a knowledge-distillation student can get, from SAE measurements.",
     no_args_is_help=True,
@@ -30,21 +46,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-#: (command name, module under kdtool.cli). Order = order in --help.
+#: (command name, module under kdtool.cli), in pipeline order: the order of --help and of TAB completion.
 COMMANDS = [
-    ("info", "info"),
-    ("predict", "predict"),
-    ("calibrate", "calibrate"),
-    ("survival", "survival"),
-    ("plot", "plot"),
-    ("toy", "toy"),
     ("cache-acts", "cache_acts"),
     ("train-sae", "train_sae"),
     ("stats", "stats"),
+    ("predict", "predict"),
     ("distill", "distill"),
+    ("calibrate", "calibrate"),
+    ("survival", "survival"),
     ("probe", "probe"),
+    ("plot", "plot"),
+    ("toy", "toy"),
+    ("info", "info"),
     ("completion", "completion"),
 ]
+
+#: The global flags, also accepted after the subcommand (`kdtool calibrate FILE --json`): name -> STATE field.
+GLOBAL_FLAGS = {"json": ("--json",), "quiet": ("--quiet", "-q"), "debug": ("--debug",)}
 
 
 def _version(value: bool) -> None:
@@ -82,11 +101,33 @@ def _fail(name: str, message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _with_global_flags(fn, wrapper):
+    """Give `wrapper` fn's signature plus hidden --json/--quiet/--debug, so they work after the subcommand too."""
+    own = list(inspect.signature(fn, eval_str=True).parameters.values())
+    taken = {p.name for p in own}
+    extra = [
+        inspect.Parameter(
+            f"global_{name}",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[bool, typer.Option(*flags, hidden=True)],
+            default=False,
+        )
+        for name, flags in GLOBAL_FLAGS.items()
+        if f"global_{name}" not in taken
+    ]
+    wrapper.__signature__ = inspect.Signature(own + extra, return_annotation=None)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra} | {"return": None}
+    return wrapper
+
+
 def guarded(name: str, fn):
-    """Wrap a command: record its options for provenance; turn errors into one line + exit code."""
+    """Wrap a command: accept the global flags after it; record its options for provenance; errors -> one line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for flag in GLOBAL_FLAGS:  # given after the subcommand: the same as before it
+            if kwargs.pop(f"global_{flag}", False):
+                setattr(STATE, flag, True)
         STATE.command = f"kdtool {name}"
         STATE.params = dict(kwargs)
         try:
@@ -106,7 +147,7 @@ def guarded(name: str, fn):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             _fail(name, f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
 
-    return wrapper
+    return _with_global_flags(fn, wrapper)
 
 
 def _register() -> None:
@@ -114,10 +155,12 @@ def _register() -> None:
         module = importlib.import_module(f"kdtool.cli.{module_name}")
         if hasattr(module, "app"):
             for cmd in module.app.registered_commands:
+                cmd.help = tidy(cmd.help or cmd.callback.__doc__)
                 cmd.callback = guarded(f"{name} {cmd.name or cmd.callback.__name__}", cmd.callback)
+            module.app.info.help = tidy(module.app.info.help)
             app.add_typer(module.app, name=name)
         else:
-            app.command(name, help=module.main.__doc__)(guarded(name, module.main))
+            app.command(name, help=tidy(module.main.__doc__))(guarded(name, module.main))
 
 
 _register()

@@ -84,7 +84,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option(
         "--model",
-        help="Teacher: a hub id (EleutherAI/pythia-410m), a local save_pretrained folder or a .gguf file. "
+        help="Teacher: a hub id (e.g. EleutherAI/pythia-410m), a local save_pretrained folder or a .gguf file. "
         "Default: the embedded SmolLM2-135M (converted once into $KDTOOL_HOME).",
         rich_help_panel=MODEL_PANEL,
         show_default=False,
@@ -126,8 +126,8 @@ DatasetOpt = Annotated[
     Optional[str],
     typer.Option(
         "--dataset",
-        help="Text: a datasets hub name (NAME or NAME:CONFIG), a local .txt/.jsonl/.json/.parquet file (.gz ok) "
-        "or folder of them, or a save_to_disk folder. Default: the embedded corpus (scripts/fetch-corpus).",
+        help="Text: a datasets hub name (NAME or NAME:CONFIG), a local file (.txt, .jsonl, .json or .parquet; .gz ok) "
+        "or folder of them, or a save_to_disk folder. Default: the embedded corpus (see scripts/fetch-corpus).",
         rich_help_panel=DATA_PANEL,
         show_default=False,
     ),

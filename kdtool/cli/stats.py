@@ -2,32 +2,30 @@
 
 Thin: load each --sae (kdtool, SAELens, sparsify or dictionary_learning layout, auto-detected by
 kdtool.sae.layouts), stream the cached activations (or a teacher) through them
-(kdtool.sae.stats), write stats.parquet and print one summary row per layer.
+(kdtool.sae.stats: load_saes, open_activations, measure), write stats.parquet and print one
+summary row per layer.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from kdtool.cli import common
-from kdtool.cli.options import (
-    StreamBatchSizeOpt,
-    StreamDropFirstOpt,
-    StreamOpt,
-    TeacherFlags,
-    with_teacher_flags,
-)
+from kdtool.cli import common, options
+from kdtool.cli.options import StreamBatchSizeOpt, StreamDropFirstOpt, StreamOpt, TeacherFlags, with_teacher_flags
 
 PANEL = "Stats"
 
+DecoderNorm = options.choices("DecoderNorm", "fold", "raw")
 
-class DecoderNorm(str, Enum):
-    fold = "fold"
-    raw = "raw"
+ActsOpt = options.acts_option(PANEL)
+LayerOpt = options.layers_option(
+    "Layer of each SAE, in --sae order (12 or 8,12,16), when its files do not say (or to override them).", PANEL
+)
+TokensOpt = options.tokens_option("Measure on at most this many tokens (default: all cached).", PANEL)
 
 
 @with_teacher_flags
@@ -43,35 +41,9 @@ def main(
             show_default=False,
         ),
     ],
-    acts: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--acts",
-            help="Activation cache from `kdtool cache-acts` [default: acts].",
-            file_okay=False,
-            rich_help_panel=PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    layer: Annotated[
-        Optional[str],
-        typer.Option(
-            "--layer",
-            "-l",
-            help="Layer of each SAE, in --sae order (12 or 8,12,16), when its files do not say (or to override them).",
-            rich_help_panel=PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    tokens: Annotated[
-        Optional[str],
-        typer.Option(
-            "--tokens",
-            help="Measure on at most this many tokens (default: all cached).",
-            rich_help_panel=PANEL,
-            show_default=False,
-        ),
-    ] = None,
+    acts: ActsOpt = None,
+    layer: LayerOpt = None,
+    tokens: TokensOpt = None,
     alive_threshold: Annotated[
         float,
         typer.Option(
@@ -118,113 +90,52 @@ def main(
 
     Example: kdtool stats --sae saes/layer12 -o stats.parquet
     """
-    import torch
-
     from kdtool import formats
     from kdtool.errors import BadInput
-    from kdtool.parsing import parse_count, parse_int_list
+    from kdtool.models import resolve_device
+    from kdtool.sae import sources
     from kdtool.sae import stats as sae_stats
-    from kdtool.sae.layouts import load_saes
 
-    if not (0 <= alive_threshold < 1):
-        raise BadInput(f"--alive-threshold must be in [0, 1), got {alive_threshold}")
-    if output.suffix.lower() not in (".parquet", ".pq"):
+    cfg = sae_stats.StatsConfig(
+        alive_threshold=alive_threshold,
+        decoder_norm=decoder_norm.value,
+        max_tokens=options.parse_tokens(tokens),
+        chunk_tokens=chunk_tokens,
+        device=str(resolve_device(flags.device)),
+    )
+    if not formats.is_parquet(output):
         raise BadInput(f"--output {output}: stats are written as Parquet (.parquet)")
-    max_tokens = common.parse_opt("--tokens", parse_count, tokens) if tokens is not None else None
-    stream = stream or flags.model is not None or flags.dataset is not None
-    if stream and acts is not None:
-        raise BadInput("--acts and --stream/--model/--dataset are two activation sources: give one")
-    device = flags.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    override = common.parse_opt("--layer", lambda t: parse_int_list(t, minimum=0), layer) if layer is not None else None
-    loaded = load_saes(sae, override)
-    paths = [s.path for s in loaded]
-    for s in loaded:
+    teacher = None
+    if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
+        mspec = replace(flags.model_spec(), device=cfg.device)
+        teacher = sources.TeacherStream(mspec, flags.data_spec(), options.load_teacher, batch_size, drop_first)
+    paths, saes = sae_stats.load_saes(sae, options.parse_layers(layer))
+    for s in saes:
         common.log(f"sae {s.describe()} (layer from {s.layer_source})")
-    layers = sorted({s.layer for s in loaded})
-
-    if stream:
-        from kdtool.cli.options import load_teacher
-        from kdtool.models import check_layers
-        from kdtool.sae.training import ModelSource
-
-        if max_tokens is None:
-            raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 1M)")
-        mspec = flags.model_spec()
-        dspec = flags.data_spec()
-        teacher = load_teacher(mspec)
-        check_layers(layers, teacher.n_layers, "--layer")
-        src = ModelSource(teacher, dspec, batch_size=batch_size, drop_first=drop_first)
-        batches = src.model_rows(layers)
-        d_model, inputs, source_info = teacher.d_model, src.inputs, src.info
-        total = max_tokens
-    else:
-        from kdtool.acts.store import ActivationStore
-
-        root = acts if acts is not None else Path("acts")
-        store = ActivationStore(root)
-        missing = [L for L in layers if L not in store.layers]
-        if missing:
-            raise BadInput(
-                f"--acts {root}: layer(s) {missing} not cached (cached: {store.layers}); "
-                "cache them with `kdtool cache-acts --layers ...` or give --layer"
-            )
-        batches = store.iter_shards(layers)
-        d_model, inputs = store.d_model, [root / "manifest.json"]
-        source_info = {k: store.manifest.get(k) for k in ("model", "revision", "dataset", "seq_len")} | {
-            "acts": str(root),
-            "source": "cache",
-        }
-        total = min(store.n_tokens, max_tokens) if max_tokens else store.n_tokens
-    for s in loaded:
-        if s.d_in != d_model:
-            raise BadInput(
-                f"{s.path}: SAE expects d_in={s.d_in} but the activations have d_model={d_model} "
-                "(an SAE for another model?)"
-            )
-
+    source = sae_stats.open_activations(sorted({s.layer for s in saes}), acts, teacher, max_tokens=cfg.max_tokens)
     with common.progress() as bar:
-        task = bar.add_task("stats", total=total, rate="")
-        accs = sae_stats.collect(
-            [(s.layer, s) for s in loaded],
-            batches,
-            chunk_tokens=chunk_tokens,
-            max_tokens=max_tokens,
-            fold_decoder_norm=decoder_norm == DecoderNorm.fold,
-            device=device,
-            on_progress=lambda n: bar.update(task, completed=n),
-        )
-    columns, summary = sae_stats.tables(accs, alive_threshold)
-    summary["source"] = source_info
-    summary["decoder_norm"] = decoder_norm.value
-    for info in summary["layers"].values():
-        for note in info.pop("notes", []):
-            common.warn(note)
+        task = bar.add_task("stats", total=source.total, rate="")
+        result = sae_stats.measure(cfg, saes, source, on_progress=lambda n: bar.update(task, completed=n))
+    for note in result.notes:
+        common.warn(note)
     provenance = common.make_provenance(
-        inputs=[*inputs, *paths],
+        inputs=[*source.inputs, *paths],
         seed=flags.seed,
-        config={"alive_threshold": alive_threshold, "source": source_info, "decoder_norm": decoder_norm.value},
+        config={"alive_threshold": cfg.alive_threshold, "source": source.info, "decoder_norm": cfg.decoder_norm},
     )
-    formats.write_parquet(output, columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=summary)
+    formats.write_parquet(
+        output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
+    )
     common.log(
-        f"wrote {output} ({len(columns['feature']):,} features, {len(summary['layers'])} layer(s), "
-        f"{accs[0][1].tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"
+        f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['layers'])} layer(s), "
+        f"{result.tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"
     )
-    keys = ("F", "L0", "alpha", "g", "d_star", "dead", "d_sae", "mse", "explained_variance", "tokens")
-    rows: dict[str, list] = {"layer": []} | {k: [] for k in keys}
-    for L, info in sorted(summary["layers"].items(), key=lambda kv: int(kv[0])):
-        rows["layer"].append(int(L))
-        for k in keys:
-            v = info.get(k)
-            rows[k].append(formats.finite_or_none(v) if isinstance(v, float) else v)
     common.emit_table(
-        rows,
+        result.table(),
         fmt=fmt,
         output=None,
         kind="kdtool.stats.summary",
         provenance=provenance,
         title=f"SAE statistics ({output})",
-        summary=summary,
+        summary=result.summary,
     )

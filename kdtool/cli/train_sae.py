@@ -1,16 +1,17 @@
 """kdtool train-sae: train the paper's sparse autoencoders, one per layer, on cached or streamed activations.
 
-Thin: parse options into kdtool.sae.training.TrainConfig, pick the activation source (the cache
-written by cache-acts, or a teacher streamed through a shuffle buffer), run the trainer with a
-progress bar, report one summary row per layer. The paper's run on a GPU:
+Thin: parse options into kdtool.sae.config.TrainConfig, open the activation source
+(kdtool.sae.sources: the cache written by cache-acts, or a teacher streamed through a shuffle
+buffer), run kdtool.sae.training.train with a progress bar, report one summary row per layer.
+The paper's run on a GPU:
     kdtool train-sae --layer 8,12,16 --expansion 32 --batch-tokens 32768 --tokens 300M --checkpoint-every 50M
 Several GPUs: torchrun --nproc_per_node 4 -m kdtool train-sae ... (same result as one process; rank 0 writes)
 """
 
 from __future__ import annotations
 
-import os
-from enum import Enum
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +23,12 @@ from kdtool.cli.options import (
     StreamBatchSizeOpt,
     StreamDropFirstOpt,
     TeacherFlags,
+    acts_option,
+    choices,
+    layers_option,
+    parse_layers,
+    parse_tokens,
+    tokens_option,
     with_teacher_flags,
 )
 
@@ -29,46 +36,24 @@ SAE_PANEL = "SAE"
 SPARSITY_PANEL = "Sparsity (lambda)"
 RUN_PANEL = "Run"
 
+Precision = choices("Precision", "fp32", "bf16")
+NormalizeChoice = choices("NormalizeChoice", "none", "expected-norm")
+KernelChoice = choices("KernelChoice", "auto", "dense", "sparse")
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class NormalizeChoice(str, Enum):
-    none = "none"
-    expected_norm = "expected-norm"
-
-
-class KernelChoice(str, Enum):
-    auto = "auto"
-    dense = "dense"
-    sparse = "sparse"
+LayerOpt = layers_option(
+    "Layer(s) to train, one SAE each: 12 or 8,12,16 (hidden_states index). Default: every layer in the cache.",
+    SAE_PANEL,
+)
+ActsOpt = acts_option(SAE_PANEL)
+TokensOpt = tokens_option(
+    "Tokens to train on (300M; more than cached loops the cache). Default: one pass over the cache.", RUN_PANEL
+)
 
 
 @with_teacher_flags
 def main(
-    layer: Annotated[
-        Optional[str],
-        typer.Option(
-            "--layer",
-            "-l",
-            help="Layer(s) to train, one SAE each: 12 or 8,12,16 (hidden_states index). "
-            "Default: every layer in the cache.",
-            rich_help_panel=SAE_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    acts: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--acts",
-            help="Activation cache from `kdtool cache-acts` [default: acts].",
-            file_okay=False,
-            rich_help_panel=SAE_PANEL,
-            show_default=False,
-        ),
-    ] = None,
+    layer: LayerOpt = None,
+    acts: ActsOpt = None,
     expansion: Annotated[
         float,
         typer.Option(
@@ -122,15 +107,7 @@ def main(
     batch_tokens: Annotated[
         str, typer.Option("--batch-tokens", help="Tokens per step (paper: 32768).", rich_help_panel=RUN_PANEL)
     ] = "4096",
-    tokens: Annotated[
-        Optional[str],
-        typer.Option(
-            "--tokens",
-            help="Tokens to train on (300M; more than cached loops the cache). Default: one pass over the cache.",
-            rich_help_panel=RUN_PANEL,
-            show_default=False,
-        ),
-    ] = None,
+    tokens: TokensOpt = None,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.", rich_help_panel=RUN_PANEL)] = 3e-4,
     grad_clip: Annotated[
         float, typer.Option("--grad-clip", help="Max gradient norm per SAE.", rich_help_panel=RUN_PANEL)
@@ -224,66 +201,32 @@ def main(
 
     --normalize expected-norm trains on x / s (s per layer) and folds s into the saved weights.
 
-    Example: kdtool train-sae --layer 12 --l1 8e-5
+    Example: kdtool train-sae --layer 12 --normalize expected-norm --l1 1 --expansion 4 --batch-tokens 512 --lr 1e-3
     """
-    import torch
-
     from kdtool import distributed as dist
-    from kdtool.errors import BadInput
-    from kdtool.parsing import parse_count, parse_int_list
-    from kdtool.sae import training as sae_train
+    from kdtool.cli.options import load_teacher
+    from kdtool.models import resolve_device, torchrun_local_rank
+    from kdtool.parsing import parse_count
+    from kdtool.sae import sources
+    from kdtool.sae.config import TrainConfig, check_processes, sae_width
 
     n_batch = common.parse_opt("--batch-tokens", parse_count, batch_tokens)
-    n_tokens = common.parse_opt("--tokens", parse_count, tokens) if tokens is not None else None
     every = common.parse_opt("--checkpoint-every", parse_count, checkpoint_every) if checkpoint_every else 0
     window = common.parse_opt("--alive-window", parse_count, alive_window)
     buffer_tokens = common.parse_opt("--shuffle-buffer", parse_count, shuffle_buffer)
-    stream = stream or flags.model is not None or flags.dataset is not None
-    if stream and acts is not None:
-        raise BadInput("--acts and --stream/--model/--dataset are two activation sources: give one")
-    device = flags.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dist.world_size() > 1 and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
-
-    # --- the activation source
-    if stream:
-        from kdtool.cli.options import load_teacher
-
-        if n_tokens is None:
-            raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 2M)")
-        mspec = flags.model_spec()
-        dspec = flags.data_spec()
-        teacher = load_teacher(mspec)
-        source = sae_train.ModelSource(
-            teacher, dspec, buffer_tokens=buffer_tokens, batch_size=batch_size, drop_first=drop_first
-        )
-        available = list(range(teacher.n_layers + 1))
-        default_layers = None
-    else:
-        root = acts if acts is not None else Path("acts")
-        source = sae_train.CacheSource(root, buffer_shards=shuffle_shards)
-        available = source.store.layers
-        default_layers = available
-    if layer is not None:
-        layers = common.parse_opt("--layer", lambda t: parse_int_list(t, minimum=0), layer)
-    elif default_layers is not None:
-        layers = list(default_layers)
-    else:
-        raise BadInput("--layer: say which layer(s) to train when streaming (e.g. --layer 12)")
-    missing = [L for L in layers if L not in available]
-    if missing:
-        where = "the cache" if not stream else "the model"
-        hint = f" (cached: {','.join(map(str, available))}; run `kdtool cache-acts --layers ...`)" if not stream else ""
-        raise BadInput(f"--layer: layer(s) {missing} not in {where}{hint}")
-    d_sae = features if features is not None else int(round(expansion * source.d_in))
-    if features is None and not expansion > 0:
-        raise BadInput(f"--expansion must be > 0, got {expansion}")
-    cfg = sae_train.TrainConfig(
-        layers=layers,
+    n_tokens, requested = parse_tokens(tokens), parse_layers(layer)
+    device = str(resolve_device(flags.device, local_rank=torchrun_local_rank()))
+    teacher = None
+    if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
+        mspec = replace(flags.model_spec(), device=device)  # the teacher on this process's device too
+        teacher = sources.TeacherStream(mspec, flags.data_spec(), load_teacher, batch_size, drop_first)
+    source = sources.open_source(
+        acts, teacher, tokens=n_tokens, buffer_tokens=buffer_tokens, shuffle_shards=shuffle_shards
+    )
+    cfg = TrainConfig(
+        layers=source.select_layers(requested),
         d_in=source.d_in,
-        d_sae=d_sae,
+        d_sae=sae_width(source.d_in, features=features, expansion=expansion),
         l1=l1,
         target_l0=target_l0,
         l1_rate=l1_rate,
@@ -301,8 +244,7 @@ def main(
         alive_window=window,
         normalize=normalize.value,
     )
-    if n_batch % dist.world_size():
-        raise BadInput(f"--batch-tokens {n_batch} must be divisible by the {dist.world_size()} processes")
+    check_processes(cfg.batch_tokens, dist.world_size())
     provenance = common.make_provenance(
         inputs=source.inputs,
         seed=flags.seed,
@@ -318,13 +260,40 @@ def main(
 
 
 def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool) -> None:
-    from kdtool.formats import finite_or_none
-    from kdtool.sae import training as sae_train
+    """Run kdtool.sae.training.train with a progress bar; rank 0 prints the summary table."""
+    from kdtool.sae.training import train
 
-    layers, n_tokens = cfg.layers, cfg.tokens
-    l1, target_l0, device = cfg.l1, cfg.target_l0, cfg.device
-    total = n_tokens if n_tokens is not None else source.approx_tokens()
-    cached = source.approx_tokens()
+    total = _announce(cfg, source, d)
+    with common.progress() as bar:
+        task = bar.add_task("train-sae", total=total, rate="")
+        trainer = train(
+            cfg,
+            source,
+            output,
+            resume=resume,
+            force=force,
+            provenance=provenance,
+            on_step=_step_reporter(bar, task),
+            on_message=common.log,
+            dist=d,
+        )
+    if not d.main:
+        return
+    at = trainer.at
+    common.log(
+        f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
+        f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
+    )
+    summary = trainer.summary()
+    common.emit_table(
+        summary, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"
+    )
+
+
+def _announce(cfg, source, d) -> int | None:
+    """Log what the run will do; returns the tokens the progress bar counts to (None: unknown)."""
+    n_tokens, cached = cfg.tokens, source.approx_tokens()
+    total = n_tokens if n_tokens is not None else cached
     if n_tokens is not None and cached and n_tokens > cached:
         common.log(
             f"--tokens {n_tokens:,} is more than the {cached:,} cached: the cache is read about "
@@ -332,62 +301,30 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
         )
     what = f"{total:,} tokens" if total else "the data"
     common.log(
-        f"train-sae: layers {','.join(map(str, layers))}, d_in {cfg.d_in} -> d_sae {cfg.d_sae:,}, "
+        f"train-sae: layers {','.join(map(str, cfg.layers))}, d_in {cfg.d_in} -> d_sae {cfg.d_sae:,}, "
         f"batch {cfg.batch_tokens:,}, {what}, lambda "
-        + (f"-> L0 {target_l0:g} (start {l1:g})" if target_l0 else f"{l1:g}")
+        + (f"-> L0 {cfg.target_l0:g} (start {cfg.l1:g})" if cfg.target_l0 else f"{cfg.l1:g}")
         + (f" on x / s ({cfg.normalize})" if cfg.normalize != "none" else "")
-        + f", on {device}"
+        + f", on {cfg.device}"
         + (f" x {d.world} processes" if d.world > 1 else "")
     )
+    return total
 
-    with common.progress() as bar:
-        task = bar.add_task("train-sae", total=total, rate="")
-        clock = {"t0": None, "tok0": 0, "logged": 0.0}
-        plain = not common.show_progress()
 
-        def on_step(done: int, step: int, row: dict) -> None:
-            import time
+def _step_reporter(bar, task):
+    """on_step for the trainer: the bar's rate, L0 and EV; without a bar, a log line a minute."""
+    clock = {"t0": None, "tok0": 0, "logged": 0.0}
+    plain = not common.show_progress()
 
-            now = time.perf_counter()
-            if clock["t0"] is None:
-                clock.update(t0=now, tok0=done, logged=now)
-            rate = (done - clock["tok0"]) / (now - clock["t0"]) if now > clock["t0"] else 0.0
-            extra = f" L0 {row['l0']:.1f} EV {row['explained_variance']:.3f}" if row else ""
-            bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s{extra}")
-            if plain and now - clock["logged"] >= 60:
-                clock["logged"] = now
-                common.log(f"train-sae: {done:,} tokens, step {step}, {rate:,.0f} tok/s{extra}")
+    def on_step(done: int, step: int, row: dict) -> None:
+        now = time.perf_counter()
+        if clock["t0"] is None:
+            clock.update(t0=now, tok0=done, logged=now)
+        rate = (done - clock["tok0"]) / (now - clock["t0"]) if now > clock["t0"] else 0.0
+        extra = f" L0 {row['l0']:.1f} EV {row['explained_variance']:.3f}" if row else ""
+        bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s{extra}")
+        if plain and now - clock["logged"] >= 60:
+            clock["logged"] = now
+            common.log(f"train-sae: {done:,} tokens, step {step}, {rate:,.0f} tok/s{extra}")
 
-        trainer = sae_train.train(
-            cfg,
-            source,
-            output,
-            resume=resume,
-            force=force,
-            provenance=provenance,
-            on_step=on_step,
-            on_message=common.log,
-            dist=d,
-        )
-    if not d.main:
-        return
-
-    rows = {
-        k: []
-        for k in ("layer", "tokens", "steps", "mse", "explained_variance", "l0", "alive_fraction", "lambda", "sae")
-    }
-    for L, run in trainer.runs.items():
-        last = run.last
-        rows["layer"].append(L)
-        rows["tokens"].append(trainer.tokens)
-        rows["steps"].append(trainer.step)
-        for k in ("mse", "explained_variance", "l0", "alive_fraction", "lambda"):
-            rows[k].append(finite_or_none(last.get(k)))
-        rows["sae"].append(str(output / f"layer{L}"))
-    common.log(
-        f"trained {len(trainer.runs)} SAE(s) on {trainer.tokens:,} tokens in {trainer.elapsed:.1f} s "
-        f"({trainer.tokens / max(trainer.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
-    )
-    common.emit_table(
-        rows, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"
-    )
+    return on_step

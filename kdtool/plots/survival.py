@@ -16,6 +16,7 @@ import numpy as np
 
 from kdtool import formats
 from kdtool.errors import BadInput
+from kdtool.kinds import expect
 from kdtool.plots import style as st
 
 REQUIRED = ("layer", "model", "role", "width", "rank", "r2", "measured", "survived")
@@ -23,9 +24,8 @@ R2_FLOOR = -0.2  # r2 below this is drawn at the bottom edge (it can be very neg
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    meta = formats.parquet_metadata(path) if formats.is_parquet(path) else {}
-    if meta.get("kind") not in (None, "kdtool.survival"):
-        raise BadInput(f"plot survival: {path} is a {meta.get('kind')} file, not survival.parquet")
+    expect(path, "kdtool.survival", "plot survival", allow_unmarked=False)
+    meta = formats.parquet_metadata(path)
     cols = formats.read_table(path, required=REQUIRED)
     summary = meta.get("summary") or {}
     if not summary.get("rows"):

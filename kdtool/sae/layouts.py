@@ -1,4 +1,4 @@
-"""SAE folders in the layouts people already have: read (auto-detected) and write.
+"""SAE folders in the layouts people already have, read into one LoadedSAE (layout auto-detected).
 
     layout               files                                   tensors
     kdtool               cfg.json (with a "kdtool" section)      SAELens names (below)
@@ -23,6 +23,8 @@ Layers follow kdtool's convention: layer L is hidden_states[L], the output of bl
 blocks.{i}.hook_resid_post -> i+1, blocks.{i}.hook_resid_pre -> i; a sparsify hookpoint
 "...layers.{i}" (a block's output) -> i+1; a dictionary_learning config's trainer.layer i (the
 block's output) -> i+1. When the mapping is unknown, `stats --layer` gives it.
+
+The writers of these layouts (kdtool's own is train-sae's output): kdtool/sae/writers.py.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput, UnknownFormat
@@ -44,8 +49,6 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 DL_WEIGHTS = "ae.pt"
 DL_CONFIG = "config.json"
-KIND = "kdtool.sae"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -83,8 +86,6 @@ class LoadedSAE:
 
     def encode(self, x):
         """x [n, d_in] -> z [n, d_sae] (dense)."""
-        import torch
-
         xin = x - self.b_dec if self.apply_b_dec_to_input else x
         pre = torch.addmm(self.b_enc, xin, self.W_enc)  # [n, F]
         if self.activation == "relu":
@@ -103,8 +104,6 @@ class LoadedSAE:
 
     def decode(self, z):
         """z [n, d_sae] -> x_hat [n, d_in]."""
-        import torch
-
         return torch.addmm(self.b_dec, z, self.W_dec)
 
     def describe(self) -> str:
@@ -163,8 +162,6 @@ def _read_cfg(path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -313,8 +310,6 @@ def _load_sparsify(p: Path) -> LoadedSAE:
 
 
 def _torch_load_weights_only(path: Path) -> dict:
-    import torch
-
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -376,156 +371,3 @@ def load_sae(path: str | Path) -> LoadedSAE:
         return _load_dictionary_learning(p)
     find_saes(p)  # raises the explanatory UnknownFormat
     raise UnknownFormat(f"--sae {p}: a folder of SAEs; give one of them")
-
-
-def load_saes(paths: list[str | Path], layers: list[int] | None = None) -> list[LoadedSAE]:
-    """Load every SAE that `paths` name (folders of SAEs expanded), each with its layer known.
-
-    `layers` (the --layer option) gives one layer per SAE in order and overrides their files; without
-    it an SAE whose files name no layer (or known hook) is a BadInput asking for --layer.
-    """
-    found = [p for given in paths for p in find_saes(given)]
-    loaded = [load_sae(p) for p in found]
-    if layers is not None:
-        if len(layers) != len(loaded):
-            raise BadInput(
-                f"--layer: {len(layers)} layer(s) for {len(loaded)} SAE(s) "
-                f"({', '.join(str(p) for p in found)}); give one per SAE, in order"
-            )
-        for sae, layer in zip(loaded, layers, strict=True):
-            sae.layer, sae.layer_source = int(layer), "--layer"
-    unknown = [str(s.path) for s in loaded if s.layer is None]
-    if unknown:
-        raise BadInput(
-            f"--layer: cannot tell which layer {', '.join(unknown)} reads (no layer or known hook in its "
-            "config); give --layer"
-        )
-    return loaded
-
-
-# ---- writing --------------------------------------------------------------------------------
-
-
-def saelens_cfg(
-    d_in: int,
-    d_sae: int,
-    *,
-    layer: int | None,
-    model_name: str | None = None,
-    context_size: int | None = None,
-    dataset_path: str | None = None,
-) -> dict:
-    """The SAELens part of cfg.json (standard ReLU architecture, b_dec subtracted from the input).
-
-    The hook fields are written both in "metadata" (SAELens >= 6) and at the top level: a cfg
-    without a sae_lens_version is read by SAELens's pre-6.0 path, which takes them from there
-    (checked with sae-lens 6.54: it loads the folder as a StandardSAE with the same encode).
-    """
-    meta = {
-        "model_name": model_name,
-        "hook_name": layer_to_hook(layer) if layer is not None else None,
-        "hook_layer": (layer - 1 if layer else 0) if layer is not None else None,
-        "context_size": context_size,
-        "dataset_path": dataset_path,
-    }
-    return {
-        "architecture": "standard",
-        "d_in": int(d_in),
-        "d_sae": int(d_sae),
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        **meta,
-        "metadata": meta,
-    }
-
-
-def save_kdtool(folder: str | Path, tensors: dict, *, cfg: dict, kdtool: dict, provenance: dict | None) -> Path:
-    """kdtool's layout = SAELens's, plus a "kdtool" section in cfg.json and provenance.
-
-    The weights are written first and cfg.json last, both atomically, so a folder with a cfg.json
-    always has its weights.
-    """
-    folder = Path(folder)
-    extra = {"layer": str(kdtool.get("layer"))}
-    norm = kdtool.get("normalize") or {}
-    if norm.get("method", "none") != "none":  # train-sae --normalize: the scale already folded into b_enc, b_dec
-        extra |= {"normalize": str(norm["method"]), "activation_scale": repr(float(norm["scale"]))}
-    formats.save_safetensors(
-        folder / SAELENS_WEIGHTS,
-        {k: tensors[k].float().contiguous() for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
-        kind=KIND,
-        provenance=provenance,
-        extra=extra,
-    )
-    formats.write_json(folder / CFG, {**cfg, "kdtool": {"format": FORMAT_VERSION, **kdtool}, "provenance": provenance})
-    return folder
-
-
-def save_saelens(folder: str | Path, tensors: dict, *, cfg: dict) -> Path:
-    """Plain SAELens layout (no kdtool section)."""
-    folder = Path(folder)
-    formats.save_safetensors(
-        folder / SAELENS_WEIGHTS,
-        {k: tensors[k].float().contiguous() for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
-        kind=KIND,
-    )
-    formats.write_json(folder / CFG, cfg)
-    return folder
-
-
-def save_sparsify(folder: str | Path, tensors: dict) -> Path:
-    """sparsify layout. A ReLU SAE is sparsify's TopK with k = d_sae (the top-k of all latents is all of them)."""
-    folder = Path(folder)
-    d_in, d_sae = tensors["W_enc"].shape
-    formats.save_safetensors(
-        folder / SPARSIFY_WEIGHTS,
-        {
-            "encoder.weight": tensors["W_enc"].t().contiguous(),
-            "encoder.bias": tensors["b_enc"],
-            "W_dec": tensors["W_dec"].contiguous(),
-            "b_dec": tensors["b_dec"],
-        },
-        kind=KIND,
-    )
-    formats.write_json(
-        folder / CFG,
-        {
-            "activation": "topk",
-            "expansion_factor": max(1, d_sae // d_in),
-            "normalize_decoder": True,
-            "num_latents": int(d_sae),
-            "k": int(d_sae),
-            "multi_topk": False,
-            "skip_connection": False,
-            "transcode": False,
-            "d_in": int(d_in),
-        },
-    )
-    return folder
-
-
-def save_dictionary_learning(folder: str | Path, tensors: dict, *, layer: int | None = None) -> Path:
-    """dictionary_learning AutoEncoder layout: ae.pt (a plain state dict) + config.json."""
-    import torch
-
-    folder = Path(folder)
-    d_in, d_sae = tensors["W_enc"].shape
-    state = {
-        "bias": tensors["b_dec"].contiguous(),
-        "encoder.weight": tensors["W_enc"].t().contiguous(),
-        "encoder.bias": tensors["b_enc"].contiguous(),
-        "decoder.weight": tensors["W_dec"].t().contiguous(),
-    }
-    with formats.atomic_path(folder / DL_WEIGHTS) as tmp:
-        torch.save(state, str(tmp))
-    trainer = {"dict_class": "AutoEncoder", "activation_dim": int(d_in), "dict_size": int(d_sae)}
-    if layer is not None:
-        trainer["layer"] = int(layer) - 1  # dictionary_learning counts the block whose output it reads
-    formats.write_json(folder / DL_CONFIG, {"trainer": trainer})
-    return folder
-
-
-EXPORTERS = {"saelens": save_saelens, "sparsify": save_sparsify, "dictionary_learning": save_dictionary_learning}

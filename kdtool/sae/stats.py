@@ -17,22 +17,53 @@ squared contribution of feature i to the reconstruction whatever the SAE's conve
 kdtool's own SAEs the norms are 1 and nothing changes.
 
 Memory is flat in the number of tokens: one [chunk, d_sae] block at a time, float64 sums.
+
+The whole job (`kdtool stats`): `load_saes` (each --sae with its layer), `open_activations` (the
+cache or a streamed teacher), `measure` (-> stats.parquet's columns and summary, the table).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from kdtool.acts.store import ActivationStore
 from kdtool.errors import BadInput
-from kdtool.sae.layouts import LoadedSAE
+from kdtool.formats import finite_or_none
+from kdtool.models import check_layers
+from kdtool.sae.layouts import LoadedSAE, find_saes, load_sae
+from kdtool.sae.sources import DEFAULT_ACTS, ModelSource, TeacherStream
 from kdtool.theory import theorem as theory
 
 ALIVE_THRESHOLD = 1e-5
 STATS_KIND = "kdtool.stats"
+DECODER_NORMS = ("fold", "raw")
+#: the columns of stats' printed table (one row per layer), after "layer"
+TABLE_KEYS = ("F", "L0", "alpha", "g", "d_star", "dead", "d_sae", "mse", "explained_variance", "tokens")
+
+
+@dataclass
+class StatsConfig:
+    """How `kdtool stats` measures (its options, parsed)."""
+
+    alive_threshold: float = ALIVE_THRESHOLD  # a feature is alive iff its firing frequency is above this
+    decoder_norm: str = "fold"  # fold: measure z_i * ||W_dec[i]|| (residual-stream units); raw: z as output
+    max_tokens: int | None = None  # measure on at most this many tokens (None: all)
+    chunk_tokens: int = 4096  # tokens encoded at once (memory: chunk x d_sae floats)
+    device: str = "cpu"  # where the SAEs run
+
+    def __post_init__(self):
+        if not (0 <= self.alive_threshold < 1):
+            raise BadInput(f"--alive-threshold must be in [0, 1), got {self.alive_threshold}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise BadInput(f"--decoder-norm must be one of {', '.join(DECODER_NORMS)}, got {self.decoder_norm!r}")
 
 
 @dataclass
@@ -53,8 +84,6 @@ class FeatureStats:
     warnings: list = field(default_factory=list)
 
     def __post_init__(self):
-        import torch
-
         F, dev = self.sae.d_sae, self.sae.W_enc.device
         self.fires = torch.zeros(F, dtype=torch.int64, device=dev)
         self.sum_z = torch.zeros(F, dtype=torch.float64, device=dev)
@@ -67,8 +96,6 @@ class FeatureStats:
 
     def update(self, x) -> None:
         """x: [n, d_in] float32 on the SAE's device."""
-        import torch
-
         if x.shape[1] != self.sae.d_in:
             raise BadInput(f"{self.sae.path}: SAE expects d_in={self.sae.d_in}, activations have d={x.shape[1]}")
         z = self.sae.encode(x)  # [n, F]
@@ -86,8 +113,6 @@ class FeatureStats:
 
     def result(self, layer: int, alive_threshold: float = ALIVE_THRESHOLD) -> tuple[dict, dict]:
         """(columns of stats.parquet for this layer, the layer's summary)."""
-        import numpy as np
-
         if self.tokens == 0:
             raise BadInput(f"{self.sae.path}: no tokens seen")
         n = self.tokens
@@ -169,8 +194,6 @@ def collect(
     Stops after max_tokens tokens (None: all). Work is done in chunks of chunk_tokens rows so
     memory stays bounded by chunk_tokens x d_sae whatever the shard size.
     """
-    import torch
-
     accs = [(layer, FeatureStats(sae.to(device), fold_decoder_norm=fold_decoder_norm)) for layer, sae in saes]
     seen = 0
     with torch.no_grad():
@@ -196,8 +219,6 @@ def collect(
 
 def tables(accs: list[tuple[int, FeatureStats]], alive_threshold: float = ALIVE_THRESHOLD) -> tuple[dict, dict]:
     """Concatenate the layers into stats.parquet columns + the file's summary {"layers": {...}}."""
-    import numpy as np
-
     layers = [layer for layer, _ in accs]
     if len(set(layers)) != len(layers):
         dup = sorted({L for L in layers if layers.count(L) > 1})
@@ -212,3 +233,115 @@ def tables(accs: list[tuple[int, FeatureStats]], alive_threshold: float = ALIVE_
         summary[str(layer)] = s
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return columns, {"layers": summary}
+
+
+# ---- the stats job ----------------------------------------------------------------------------
+
+
+def load_saes(given: list[Path], layers: list[int] | None = None) -> tuple[list[Path], list[LoadedSAE]]:
+    """Each --sae (a folder of SAE folders means all of them), loaded, with the layer it reads.
+
+    `layers` (--layer) gives one layer per SAE, in order, over what their files say; an SAE whose
+    layer is still unknown is refused.
+    """
+    paths = [p for g in given for p in find_saes(g)]
+    loaded = [load_sae(p) for p in paths]
+    if layers is not None:
+        if len(layers) != len(loaded):
+            raise BadInput(
+                f"--layer: {len(layers)} layer(s) for {len(loaded)} SAE(s) "
+                f"({', '.join(str(p) for p in paths)}); give one per SAE, in order"
+            )
+        for s, L in zip(loaded, layers, strict=True):
+            s.layer, s.layer_source = L, "--layer"
+    unknown = [str(s.path) for s in loaded if s.layer is None]
+    if unknown:
+        raise BadInput(
+            f"--layer: cannot tell which layer {', '.join(unknown)} reads (no layer or known hook in its "
+            "config); give --layer"
+        )
+    return paths, loaded
+
+
+@dataclass
+class Activations:
+    """What `stats` streams its SAEs over: {layer: [n, d]} batches, and what to record about them."""
+
+    batches: Iterator[dict]
+    d_model: int
+    inputs: list  # files for provenance
+    info: dict  # the summary's "source"
+    total: int | None  # tokens the progress bar counts to
+
+
+def open_activations(
+    layers: list[int], acts: Path | None, teacher: TeacherStream | None, *, max_tokens: int | None
+) -> Activations:
+    """The activations of `layers`: from a teacher if one is given (it needs --tokens), else from the cache."""
+    if teacher is not None:
+        if max_tokens is None:
+            raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 1M)")
+        model = teacher.load(teacher.model)
+        check_layers(layers, model.n_layers, "--layer")
+        src = ModelSource(model, teacher.data, batch_size=teacher.batch_size, drop_first=teacher.drop_first)
+        return Activations(src.model_rows(layers), model.d_model, src.inputs, src.info, max_tokens)
+    root = acts if acts is not None else DEFAULT_ACTS
+    store = ActivationStore(root)
+    missing = [L for L in layers if L not in store.layers]
+    if missing:
+        raise BadInput(
+            f"--acts {root}: layer(s) {missing} not cached (cached: {store.layers}); "
+            "cache them with `kdtool cache-acts --layers ...` or give --layer"
+        )
+    info = {k: store.manifest.get(k) for k in ("model", "revision", "dataset", "seq_len")} | {
+        "acts": str(root),
+        "source": "cache",
+    }
+    total = min(store.n_tokens, max_tokens) if max_tokens else store.n_tokens
+    return Activations(store.iter_shards(layers), store.d_model, [root / "manifest.json"], info, total)
+
+
+@dataclass
+class StatsResult:
+    """stats.parquet's columns and summary, the notes to show, and the tokens measured."""
+
+    columns: dict
+    summary: dict
+    notes: list[str]
+    tokens: int
+
+    def table(self) -> dict[str, list]:
+        """One row per layer: F, L0, alpha, g, d*, dead, d_sae, MSE, explained variance, tokens."""
+        rows: dict[str, list] = {"layer": []} | {k: [] for k in TABLE_KEYS}
+        for L, info in sorted(self.summary["layers"].items(), key=lambda kv: int(kv[0])):
+            rows["layer"].append(int(L))
+            for k in TABLE_KEYS:
+                v = info.get(k)
+                rows[k].append(finite_or_none(v) if isinstance(v, float) else v)
+        return rows
+
+
+def measure(
+    cfg: StatsConfig, saes: list[LoadedSAE], acts: Activations, *, on_progress: Callable[[int], None] | None = None
+) -> StatsResult:
+    """Stream `acts` through every SAE (each at its layer) and build stats.parquet's columns and summary."""
+    for s in saes:
+        if s.d_in != acts.d_model:
+            raise BadInput(
+                f"{s.path}: SAE expects d_in={s.d_in} but the activations have d_model={acts.d_model} "
+                "(an SAE for another model?)"
+            )
+    accs = collect(
+        [(s.layer, s) for s in saes],
+        acts.batches,
+        chunk_tokens=cfg.chunk_tokens,
+        max_tokens=cfg.max_tokens,
+        fold_decoder_norm=cfg.decoder_norm == "fold",
+        device=cfg.device,
+        on_progress=on_progress,
+    )
+    columns, summary = tables(accs, cfg.alive_threshold)
+    summary["source"] = acts.info
+    summary["decoder_norm"] = cfg.decoder_norm
+    notes = [note for info in summary["layers"].values() for note in info.pop("notes", [])]
+    return StatsResult(columns, summary, notes, accs[0][1].tokens)

@@ -25,8 +25,10 @@ from pathlib import Path
 from kdtool import formats
 from kdtool import provenance as _provenance
 from kdtool.errors import BadInput
+from kdtool.kinds import expect
 from kdtool.models import ModelSpec, load_model
-from kdtool.sae.layouts import LoadedSAE, load_saes
+from kdtool.sae.layouts import LoadedSAE
+from kdtool.sae.stats import load_saes
 from kdtool.survival import ranking as rk
 from kdtool.survival import summary as sm
 from kdtool.survival.ridge import DEFAULT_RIDGE
@@ -226,9 +228,13 @@ def survival_files(
     say = notify or (lambda _msg: None)
     if not formats.is_parquet(inputs.output):
         raise BadInput(f"--output {inputs.output}: survival is written as Parquet (.parquet)")
-    if inputs.stats is not None and not Path(inputs.stats).is_file():
-        raise BadInput(f"--stats {inputs.stats}: no such file")
-    saes = load_saes(list(inputs.saes), None if inputs.layers is None else list(inputs.layers))
+    if inputs.stats is not None:
+        if not Path(inputs.stats).is_file():
+            raise BadInput(f"--stats {inputs.stats}: no such file")
+        expect(inputs.stats, "kdtool.stats", "--stats")
+    for given in inputs.students:
+        expect(given, ("kdtool.distill.student",), "--students")  # a folder of students records no kind: passes
+    _, saes = load_saes(list(inputs.saes), None if inputs.layers is None else list(inputs.layers))
     student_paths = [p for given in inputs.students for p in find_students(given)]
     if not student_paths:
         raise BadInput("--students: give a `kdtool distill` folder or model folders")

@@ -21,13 +21,19 @@ from __future__ import annotations
 import ast
 import gzip
 import heapq
+import json
 import os
+import platform
 import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from kdtool.embedded import kdtool_home
 from kdtool.errors import BadInput
+from kdtool.formats import atomic_path
+from kdtool.text.debian import sources_dir
+from kdtool.text.rdata import read_lazyload
 
 #: The Debian packages scripts/fetch-corpus downloads (python3.X-doc: the version apt offers).
 PACKAGES = ("r-cran-janeaustenr", "python3.11-doc", "debian-reference-en", "manpages")
@@ -35,8 +41,6 @@ PACKAGES = ("r-cran-janeaustenr", "python3.11-doc", "debian-reference-en", "manp
 
 def corpus_home() -> Path:
     """Where scripts/fetch-corpus unpacks the Debian packages: $KDTOOL_HOME/sources (shared with probe concepts)."""
-    from kdtool.text.debian import sources_dir
-
     return sources_dir()
 
 
@@ -48,8 +52,6 @@ _CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+[0-9IVXLC]+\.?\s*$")
 
 
 def _austen(root: Path) -> Iterator[str]:
-    from kdtool.text.rdata import read_lazyload
-
     rdx = next(iter(sorted(root.glob("usr/lib/R/site-library/janeaustenr/data/Rdata.rdx"))), None)
     if rdx is None:
         return
@@ -166,7 +168,7 @@ def _manpages(root: Path) -> Iterator[str]:
 
 
 def _stdlib_topics() -> Iterator[str]:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # lazy: 750 KB of help texts, read only by this fallback
 
     for key in sorted(topics):
         text = topics[key].strip()
@@ -184,11 +186,6 @@ def _stdlib_docstrings() -> Iterator[str]:
     Parsing the whole standard library takes seconds, so the documents are kept (gzip'ed JSON
     Lines) in $KDTOOL_HOME/cache/, keyed by the Python version; an unwritable home just skips it.
     """
-    import json
-    import platform
-
-    from kdtool.models import kdtool_home
-
     cache = kdtool_home() / "cache" / f"stdlib-docstrings-{platform.python_version()}.jsonl.gz"
     if cache.is_file():
         with gzip.open(cache, "rt", encoding="utf-8") as fh:
@@ -200,8 +197,6 @@ def _stdlib_docstrings() -> Iterator[str]:
         docs.append(doc)
         yield doc
     try:  # reached only when the consumer read every module
-        from kdtool.formats import atomic_path
-
         with atomic_path(cache) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as fh:
             fh.writelines(json.dumps(d) + "\n" for d in docs)
     except OSError:

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
+from kdtool.embedded import kdtool_home
 from kdtool.errors import BadInput, RuntimeFailure
 
 #: The packages the default probe concepts are built from (see docs/probe.md for licences); the
 #: Python docs package is versioned (python3.11-doc on Debian 12): see newest_python_doc().
 CONCEPT_PACKAGES = ("r-cran-janeaustenr", "manpages", "manpages-fr", "python3.11-doc", "wordnet-base")
-
-
-def kdtool_home() -> Path:
-    """$KDTOOL_HOME, or ~/.cache/kdtool."""
-    env = os.environ.get("KDTOOL_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kdtool"
 
 
 def sources_dir(root: str | os.PathLike | None = None) -> Path:
@@ -89,8 +85,6 @@ def extract_deb(deb: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 def newest_python_doc() -> str:
     """The newest python3.X-doc package apt knows about (python3.11-doc on Debian 12)."""
-    import re
-
     try:
         r = subprocess.run(["apt-cache", "pkgnames", "python3."], capture_output=True, text=True, timeout=60)
         names = [n for n in r.stdout.split() if re.fullmatch(r"python3\.\d+-doc", n)]

@@ -26,12 +26,12 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pyarrow.parquet as pq
+import torch
 
 from kdtool.errors import BadInput
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from kdtool.text import corpus
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -77,9 +77,7 @@ class DataSpec:
         """JSON-able summary for manifests and provenance (the embedded corpus lists its sources)."""
         out = asdict(self)
         if self.dataset is None:
-            from kdtool.text.corpus import source_names
-
-            out["dataset"] = "embedded:" + "+".join(source_names())
+            out["dataset"] = "embedded:" + "+".join(corpus.source_names())
         return out
 
     def local_inputs(self) -> list[Path]:
@@ -105,7 +103,7 @@ def _open_text(path: Path) -> io.TextIOBase:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
     if name.endswith(".zst"):
         try:
-            import zstandard
+            import zstandard  # lazy: optional, not a kdtool dependency
         except ImportError:
             raise BadInput(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
         reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
@@ -188,8 +186,6 @@ def _json_documents(path: Path, column: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, column: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:
@@ -221,7 +217,7 @@ def _is_data_file(path: Path) -> bool:
 
 
 def _disk_documents(folder: Path, spec: DataSpec) -> Iterator[str]:
-    import datasets
+    import datasets  # lazy: a second or more to import, only for save_to_disk folders and hub datasets
 
     try:
         ds = datasets.load_from_disk(str(folder))
@@ -240,7 +236,7 @@ def _disk_documents(folder: Path, spec: DataSpec) -> Iterator[str]:
 
 
 def _hub_documents(spec: DataSpec) -> Iterator[str]:
-    import datasets
+    import datasets  # lazy: see _disk_documents
 
     name, _, config = str(spec.dataset).partition(":")
     try:
@@ -264,9 +260,7 @@ def _hub_documents(spec: DataSpec) -> Iterator[str]:
 def iter_documents(spec: DataSpec) -> Iterator[str]:
     """Every document of the source in its own order, before the hold-out split and shuffle."""
     if spec.dataset is None:
-        from kdtool.text.corpus import embedded_corpus
-
-        return (text for _, text in embedded_corpus())
+        return (text for _, text in corpus.embedded_corpus())
     path = Path(str(spec.dataset)).expanduser()
     if path.is_file():
         return _file_documents(path, spec)
@@ -362,8 +356,6 @@ def token_batches(
     skip_batches drops that many whole batches first without building tensors (resume: the
     tokenizer still runs, but it is far cheaper than the model).
     """
-    import torch
-
     if batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {batch_size}")
     to_skip = skip_batches * batch_size
@@ -378,10 +370,3 @@ def token_batches(
             rows = []
     if rows and not drop_last:
         yield torch.tensor(rows, dtype=torch.long)
-
-
-def embedded_corpus() -> Iterator[tuple[str, str]]:
-    """(source, text) documents of the embedded default corpus (see kdtool/text/corpus.py)."""
-    from kdtool.text import corpus
-
-    return corpus.embedded_corpus()

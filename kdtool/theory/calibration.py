@@ -28,6 +28,7 @@ import numpy as np
 
 from kdtool.errors import BadInput
 from kdtool.formats import numeric_column, read_table
+from kdtool.kinds import expect
 from kdtool.theory.calibrated import KIND
 from kdtool.theory.fits import GAMMA_BOUNDS, models
 from kdtool.theory.resampling import fit_one
@@ -282,6 +283,9 @@ def calibrate_files(
     A skipped affine_fixed is only a warning when a baseline was asked for; a power law whose
     gamma sits on GAMMA_BOUNDS is flagged.
     """
+    expect(observed, "kdtool.distill.floors", "OBSERVED")
+    if predicted is not None:
+        expect(predicted, "kdtool.predict", "--predicted")
     points = load_points(observed, predicted=predicted, column=column, layer=layer)
     result = calibrate(points, cfg)
     warnings = []

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from kdtool.errors import BadInput
+from kdtool.kinds import expect
 from kdtool.theory import calibrated as calib_mod
 from kdtool.theory import importance as imp
 from kdtool.theory import theorem as theory
@@ -89,6 +90,7 @@ class Prediction:
 def importance_source(cfg: PredictionConfig) -> list[imp.LayerImportance]:
     """The per-layer loss weights the config names: a stats file's layers, or one parametric layer."""
     if cfg.stats is not None:
+        expect(cfg.stats, "kdtool.stats", "STATS")
         layers = imp.from_stats(cfg.stats, layers=list(cfg.layers) if cfg.layers else None)
         if cfg.alpha is None:
             return layers
@@ -116,6 +118,7 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
     layers = importance_source(cfg)
     cal = calib = None
     if cfg.calibration is not None:
+        expect(cfg.calibration, "kdtool.calibration", "--calibration")
         calib = calib_mod.load(cfg.calibration)
         cal = calib_mod.fit_params(calib, cfg.fit, cfg.calibration)
         if cal["C_samples"].size == 0:

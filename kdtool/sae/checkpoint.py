@@ -1,0 +1,322 @@
+"""A train-sae run's state (one LayerRun per layer) and its files: saving, resuming, refusing to overwrite.
+
+Output folder (default saes/):
+    saes/checkpoint.json                              the latest complete checkpoint (written last)
+    saes/layer{L}/cfg.json + sae_weights.safetensors  the final SAE (kdtool = SAELens layout + "kdtool")
+    saes/layer{L}/train_log.parquet                   step, tokens, mse, l1_term, loss, l0, ...
+    saes/layer{L}/checkpoints/tokens-{N:012d}/        an SAE folder at each token milestone, plus
+        optimizer.safetensors + state.json            (Adam moments, controller, counters: latest only)
+
+Resume is exact on CPU: the checkpoint holds the weights, Adam's moments and step, the L1
+controller, the alive counters, the partial log interval and the reader's position, and the
+reader's shuffles depend only on (seed, position). Nothing else is random after initialisation.
+Saved SAE folders have the activation scale folded in (kdtool/sae/normalise.py); the unfolded
+biases a normalised run continues from are in the optimizer file. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from kdtool import formats
+from kdtool.errors import BadInput
+from kdtool.sae.config import TrainConfig
+from kdtool.sae.layouts import SAELENS_WEIGHTS
+from kdtool.sae.model import L1Controller, SparseAutoencoder
+from kdtool.sae.normalise import fold_scale
+from kdtool.sae.writers import saelens_cfg, save_kdtool
+
+LOG_KIND = "kdtool.sae.train_log"  # checkpoint copies: LOG_KIND + ".checkpoint" (not picked up as a run's log)
+LOG_FILE = "train_log.parquet"
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_KIND = "kdtool.sae.checkpoint"
+STATE = "state.json"
+OPTIMIZER = "optimizer.safetensors"
+#: config fields that may change between a run and its --resume
+RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
+#: config fields added after the first checkpoints were written: their value for an older checkpoint
+LEGACY_CONFIG = {"normalize": "none"}
+
+
+@dataclass
+class Counters:
+    """Where the run stands: what checkpoint.json and each state.json record besides the layers."""
+
+    step: int = 0
+    tokens: int = 0
+    position: dict | None = None  # the source's position after the latest batch
+    elapsed: float = 0.0  # seconds of training, over all resumes
+    scale_tokens: int = 0  # tokens s was estimated on (0 without normalisation)
+
+
+@dataclass
+class Interval:
+    """Sums over the steps since the last log row, in raw-activation units (s^2 x the normalised sums)."""
+
+    steps: int = 0
+    tokens: int = 0
+    sse: float = 0.0
+    sst: float = 0.0
+    l1_term: float = 0.0  # sum over tokens of s^2 * lambda * sum_j z_j (= lambda * s * sum_j of raw latents)
+    nnz: int = 0
+    lam: float = 0.0  # lambda applied at the latest step
+
+
+@dataclass
+class LayerRun:
+    """One layer's SAE, optimizer, controller, counters and log."""
+
+    layer: int
+    sae: SparseAutoencoder
+    opt: Any
+    controller: L1Controller
+    last_fired: Any  # [F] int64: tokens seen when each feature last fired
+    rows: list = field(default_factory=list)
+    interval: Interval = field(default_factory=Interval)
+    last: dict = field(default_factory=dict)  # the latest log row
+    scale: float = 1.0  # s: the SAE trains on x / s (1.0 without normalisation)
+
+
+def adam(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+class RunFiles:
+    """The files of one run in `out`; `logs` hand in each layer's train_log columns (the loop owns their schema)."""
+
+    def __init__(self, out: str | Path, cfg: TrainConfig, source_info: dict, provenance: dict | None):
+        self.out, self.cfg, self.source_info, self.provenance = Path(out), cfg, source_info, provenance
+
+    def checkpoint_dir(self, layer: int, tokens: int) -> Path:
+        return self.out / f"layer{layer}" / "checkpoints" / f"tokens-{tokens:012d}"
+
+    def read_pointer(self) -> dict | None:
+        path = self.out / CHECKPOINT
+        return formats.read_json(path) if path.exists() else None
+
+    # ---- writing ----------------------------------------------------------------------------
+    def save_checkpoint(self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict]) -> None:
+        """Per layer: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last)."""
+        previous = self.read_pointer()
+        for r in runs.values():
+            ck = self.checkpoint_dir(r.layer, at.tokens)
+            cfg, kd = self._cfg_json(r, at, checkpoint=True)
+            trained = r.sae.tensors()
+            save_kdtool(ck, fold_scale(trained, r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
+            opt_tensors = {"last_fired": r.last_fired.cpu()}
+            if r.scale != 1.0:  # the unfolded biases the run continues from (s * b / s need not give b back)
+                opt_tensors |= {"train.b_enc": trained["b_enc"], "train.b_dec": trained["b_dec"]}
+            adam_steps = {}
+            for name, p in r.sae.named_parameters():
+                s = r.opt.state.get(p, {})
+                if s:
+                    opt_tensors[f"{name}.exp_avg"] = s["exp_avg"].detach().cpu()
+                    opt_tensors[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu()
+                    adam_steps[name] = float(s["step"])
+            formats.save_safetensors(
+                ck / OPTIMIZER, opt_tensors, kind="kdtool.sae.optimizer", provenance=self.provenance
+            )
+            self._write_log(r, at, logs[r.layer], ck / LOG_FILE, kind=LOG_KIND + ".checkpoint")
+            formats.write_json(
+                ck / STATE,
+                {
+                    "kind": "kdtool.sae.train_state",
+                    "layer": r.layer,
+                    "step": at.step,
+                    "tokens": at.tokens,
+                    "adam_steps": adam_steps,
+                    "controller": r.controller.state(),
+                    "interval": asdict(r.interval),
+                    "log_rows": len(r.rows),
+                    "activation_scale": r.scale,
+                    "scale_tokens": at.scale_tokens,
+                },
+            )
+        formats.write_json(
+            self.out / CHECKPOINT,
+            {
+                "kind": CHECKPOINT_KIND,
+                "step": at.step,
+                "tokens": at.tokens,
+                "position": at.position,
+                "elapsed_s": at.elapsed,
+                "layers": self.cfg.layers,
+                "dir": f"tokens-{at.tokens:012d}",
+                "config": self.cfg.as_dict(),
+                "source": self.source_info,
+                "provenance": self.provenance,
+            },
+        )
+        # only the latest checkpoint keeps its optimizer state (3x the weights); older ones keep the SAE
+        if previous and previous.get("tokens") != at.tokens:
+            for L in previous.get("layers", []):
+                old = self.checkpoint_dir(L, previous["tokens"]) / OPTIMIZER
+                if old.exists():
+                    old.unlink()
+
+    def save_final(self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict]) -> None:
+        """saes/layer{L}/: the SAE (scale folded in) and its train_log."""
+        for r in runs.values():
+            folder = self.out / f"layer{r.layer}"
+            cfg, kd = self._cfg_json(r, at, checkpoint=False)
+            self._write_log(r, at, logs[r.layer], folder / LOG_FILE)
+            save_kdtool(folder, fold_scale(r.sae.tensors(), r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
+
+    def _cfg_json(self, r: LayerRun, at: Counters, *, checkpoint: bool) -> tuple[dict, dict]:
+        info = self.source_info
+        cfg = saelens_cfg(
+            self.cfg.d_in,
+            self.cfg.d_sae,
+            layer=r.layer,
+            model_name=info.get("model"),
+            context_size=info.get("seq_len"),
+            dataset_path=info.get("dataset"),
+        )
+        kd = {
+            "layer": r.layer,
+            "hidden_states_index": r.layer,
+            "tokens": at.tokens,
+            "steps": at.step,
+            "l1": self.cfg.l1,
+            "l1_final": r.controller.l1,
+            "controller": {
+                "target_l0": self.cfg.target_l0,
+                "rate": self.cfg.l1_rate,
+                "warmup_steps": self.cfg.l1_warmup,
+                "l0_running": r.controller.l0_running,
+            },
+            "loss": "mean_b ||x - x_hat||^2 + lambda * sum_j z_j (sum over features, mean over batch)",
+            "decoder": "unit-norm rows of W_dec; b_dec is the pre-encoder bias (subtracted before encoding)",
+            "normalize": self._normalize_info(r, at),
+            "checkpoint": checkpoint,
+            "last_log": r.last,
+            "source": info,
+            "config": self.cfg.as_dict(),
+        }
+        return cfg, kd
+
+    def _normalize_info(self, r: LayerRun, at: Counters) -> dict:
+        """cfg.json's record of the activation scaling (the saved weights already have it folded in)."""
+        info = {"method": self.cfg.normalize, "scale": r.scale}
+        if self.cfg.normalize != "none":
+            info |= {
+                "definition": "s = mean ||x|| / sqrt(d_in); trained on x / s",
+                "estimated_on_tokens": at.scale_tokens,
+                "folded": "saved b_enc, b_dec = s x the trained ones: the SAE reads raw activations, latents = s z",
+                "l1_raw_equivalent": r.controller.l1 * r.scale,
+                "log_units": "mse, l1_term, loss in raw-activation units (s^2 x the normalised objective)",
+            }
+        return info
+
+    def _write_log(self, r: LayerRun, at: Counters, columns: dict, path: Path, *, kind: str = LOG_KIND) -> None:
+        formats.write_parquet(
+            path,
+            columns,
+            kind=kind,
+            provenance=self.provenance,
+            summary={
+                "layer": r.layer,
+                "tokens": at.tokens,
+                "steps": at.step,
+                "config": self.cfg.as_dict(),
+                "normalize": self.cfg.normalize,
+                "activation_scale": r.scale,
+            },
+        )
+
+    # ---- reading ----------------------------------------------------------------------------
+    def load(self, device: torch.device) -> tuple[Counters, dict[int, LayerRun]]:
+        """The latest checkpoint; refuse if the config changed in a way that changes the result."""
+        pointer = self.read_pointer()
+        if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
+            raise BadInput(f"--resume: no checkpoint in {self.out} (no {CHECKPOINT}); run without --resume first")
+        old = {**LEGACY_CONFIG, **pointer["config"]}
+        changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise BadInput(
+                f"--resume: options differ from the checkpointed run ({diffs}); "
+                "use the same options, or --force to start over"
+            )
+        at = Counters(
+            step=int(pointer["step"]),
+            tokens=int(pointer["tokens"]),
+            position=pointer["position"],
+            elapsed=float(pointer.get("elapsed_s", 0.0)),
+        )
+        runs = {}
+        for L in self.cfg.layers:
+            runs[L], at.scale_tokens = self._load_layer(self.checkpoint_dir(L, at.tokens), L, device)
+        return at, runs
+
+    def _load_layer(self, ck: Path, layer: int, device: torch.device) -> tuple[LayerRun, int]:
+        try:
+            state = formats.read_json(ck / STATE)
+            weights = load_file(str(ck / SAELENS_WEIGHTS))
+            opt_t = load_file(str(ck / OPTIMIZER))
+        except (OSError, BadInput) as exc:
+            raise BadInput(f"--resume: checkpoint {ck} is incomplete ({exc})") from None
+        scale = float(state.get("activation_scale", 1.0))
+        if "train.b_enc" in opt_t:  # the SAE folder's biases have s folded in
+            weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
+        elif scale != 1.0:
+            raise BadInput(f"--resume: checkpoint {ck} has no unfolded biases ({OPTIMIZER} train.b_enc)")
+        sae = SparseAutoencoder(self.cfg.d_in, self.cfg.d_sae, device=device)
+        sae.load_tensors({k: v.to(device) for k, v in weights.items()})
+        opt = adam(sae, self.cfg)
+        sd = opt.state_dict()
+        sd["state"] = {}
+        for i, (name, _) in enumerate(sae.named_parameters()):
+            if name in state["adam_steps"]:
+                sd["state"][i] = {
+                    "step": torch.tensor(state["adam_steps"][name]),
+                    "exp_avg": opt_t[f"{name}.exp_avg"].to(device),
+                    "exp_avg_sq": opt_t[f"{name}.exp_avg_sq"].to(device),
+                }
+        opt.load_state_dict(sd)
+        rows = []
+        if (ck / LOG_FILE).exists() and state["log_rows"]:
+            cols = formats.read_table(ck / LOG_FILE)
+            rows = [{c: _py(v[i]) for c, v in cols.items()} for i in range(state["log_rows"])]
+        run = LayerRun(
+            layer=layer,
+            sae=sae,
+            opt=opt,
+            controller=L1Controller.from_state(state["controller"]),
+            last_fired=opt_t["last_fired"].to(device),
+            rows=rows,
+            interval=Interval(**state["interval"]),
+            last=rows[-1] if rows else {},
+            scale=scale,
+        )
+        return run, int(state.get("scale_tokens", 0))
+
+
+def _py(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool, remove: bool = True) -> None:
+    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these layers.
+
+    remove=False (ranks other than 0) only checks.
+    """
+    out = Path(out)
+    existing = [out / f"layer{L}" for L in layers if (out / f"layer{L}").exists()]
+    pointer = out / CHECKPOINT
+    if resume:
+        return
+    if (existing or pointer.exists()) and not force:
+        what = ", ".join(str(p) for p in existing) or str(pointer)
+        raise BadInput(f"{what} already exists: use --resume to continue that run or --force to replace it")
+    if force and remove:
+        for folder in existing:
+            shutil.rmtree(folder)
+        if pointer.exists():
+            pointer.unlink()
