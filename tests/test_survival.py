@@ -20,8 +20,10 @@ from kdtool.errors import BadInput
 from kdtool.sae.layouts import LoadedSAE
 from kdtool.sae.writers import saelens_cfg, save_kdtool
 from kdtool.survival import job
+from kdtool.survival.config import SurvivalConfig
 from kdtool.survival.ridge import RidgeFit
 from kdtool.survival.stream import ModelActs
+from kdtool.survival.summary import COLUMNS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +77,7 @@ def test_ridge_refuses_too_few_rows_and_a_negative_ridge():
     fit = RidgeFit(2, 2)
     fit.add(torch.ones(1, 2), torch.ones(1, 2))
     with pytest.raises(BadInput, match="1 token"):
-        fit.solve()
+        fit.solve(1e-3)
     fit.add(torch.zeros(1, 2), torch.zeros(1, 2))
     with pytest.raises(BadInput, match="--ridge"):
         fit.solve(-1.0)
@@ -121,7 +123,7 @@ def by_model(result, name):
 
 def test_planted_student_keeps_exactly_the_features_in_its_subspace():
     teacher, student, sae, batches = planted()
-    cfg = job.SurvivalConfig(tokens=8000, fit_fraction=0.5, ridge=1e-6, max_norm_ratio=0)
+    cfg = SurvivalConfig(tokens=8000, fit_fraction=0.5, ridge=1e-6, max_norm_ratio=0)
     result = job.survival(teacher, [student], [sae], batches, cfg)
     s = by_model(result, "projected")
     assert list(np.flatnonzero(s["survived"])) == INSIDE
@@ -139,7 +141,7 @@ def test_planted_student_keeps_exactly_the_features_in_its_subspace():
 
 def test_teacher_against_itself_scores_one_everywhere():
     teacher, student, sae, batches = planted(seed=1)
-    result = job.survival(teacher, [student], [sae], batches, job.SurvivalConfig(tokens=4000, max_norm_ratio=0))
+    result = job.survival(teacher, [student], [sae], batches, SurvivalConfig(tokens=4000, max_norm_ratio=0))
     t = by_model(result, "teacher")
     assert np.all(t["r2"] == 1.0) and np.all(t["fire_recall"] == 1.0) and np.all(t["fire_precision"] == 1.0)
     assert t["survived"].all() and set(t["role"]) == {"teacher"} and set(t["width"]) == {D}
@@ -150,14 +152,14 @@ def test_teacher_against_itself_scores_one_everywhere():
 def test_teacher_as_its_own_student_through_a_fitted_map_scores_one():
     teacher, _, sae, batches = planted(seed=2)
     twin = ModelActs("twin", "student", D, teacher.forward)
-    result = job.survival(teacher, [twin], [sae], batches, job.SurvivalConfig(tokens=4000, ridge=0, max_norm_ratio=0))
+    result = job.survival(teacher, [twin], [sae], batches, SurvivalConfig(tokens=4000, ridge=0, max_norm_ratio=0))
     s = by_model(result, "twin")
     assert np.all(s["r2"] > 1 - 1e-5) and s["survived"].all()
 
 
 def test_staircase_summary_counts_follow_the_definitions():
     teacher, student, sae, batches = planted(seed=3)
-    cfg = job.SurvivalConfig(tokens=6000, ridge=1e-6, max_norm_ratio=0, capacity="naive")  # F_S = d_S = 4
+    cfg = SurvivalConfig(tokens=6000, ridge=1e-6, max_norm_ratio=0, capacity="naive")  # F_S = d_S = 4
     result = job.survival(teacher, [student], [sae], batches, cfg)
     s = by_model(result, "projected")
     row = next(r for r in result.rows if r["model"] == "projected")
@@ -173,7 +175,7 @@ def test_staircase_summary_counts_follow_the_definitions():
 
 def test_unmeasured_features_never_survive():
     teacher, student, sae, batches = planted(seed=4)
-    cfg = job.SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, min_fires=10**6)
+    cfg = SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, min_fires=10**6)
     s = by_model(job.survival(teacher, [student], [sae], batches, cfg), "projected")
     assert not s["measured"].any() and not s["survived"].any()
 
@@ -190,13 +192,13 @@ def test_unmeasured_features_never_survive():
 )
 def test_config_errors_name_the_option(kw, message):
     with pytest.raises(BadInput, match=message):
-        job.SurvivalConfig(**kw)
+        SurvivalConfig(**kw)
 
 
 def test_too_little_text_is_a_bad_input():
     teacher, student, sae, batches = planted()
     with pytest.raises(BadInput, match="--tokens"):
-        job.survival(teacher, [student], [sae], batches[:1], job.SurvivalConfig(tokens=10_000, max_norm_ratio=0))
+        job.survival(teacher, [student], [sae], batches[:1], SurvivalConfig(tokens=10_000, max_norm_ratio=0))
 
 
 # ------------------------------------------------------------------------------------------ the CLI, tiny model
@@ -233,7 +235,7 @@ def test_cli_teacher_as_student_survives_and_file_describes_itself(cli, tmp_path
     assert summary["data"]["holdout"] == "eval" and summary["tokens"] == {"fit": 1000, "measured": 1000}
     assert summary["importance_source"] == "measured" and summary["config"]["ridge"] == 1e-3
     cols = formats.read_table(out)
-    assert set(cols) == set(job.sm.COLUMNS) and len(cols["feature"]) == 2 * 64
+    assert set(cols) == set(COLUMNS) and len(cols["feature"]) == 2 * 64
     printed = json.loads(r.stdout)
     rows = {row["model"]: row for row in printed["rows"]}
     assert set(rows) == {"teacher", "model"} and rows["teacher"]["width"] == 32
@@ -293,7 +295,7 @@ def test_cli_errors_are_one_line(cli, tmp_path, tiny):
 @pytest.fixture
 def planted_file(tmp_path):
     teacher, student, sae, batches = planted(seed=5)
-    cfg = job.SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, capacity="naive")  # F_S = d_S = 4
+    cfg = SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, capacity="naive")  # F_S = d_S = 4
     result = job.survival(teacher, [student], [sae], batches, cfg)
     path = tmp_path / "run" / "survival.parquet"
     formats.write_parquet(path, result.columns, kind="kdtool.survival", provenance={}, summary=result.summary)

@@ -6,6 +6,7 @@ Thin: parse options into kdtool.survival.job.SurvivalConfig and SurvivalInputs, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -76,20 +77,13 @@ def main(
     """
     from kdtool.cli.options import load_teacher
     from kdtool.survival import job, summary
+    from kdtool.survival.config import SurvivalConfig
 
-    cfg = job.SurvivalConfig(
-        **({"tokens": options.parse_tokens(tokens)} if tokens is not None else {}),
-        fit_fraction=fit_fraction,
-        ridge=ridge,
-        threshold=threshold,
-        min_fires=min_fires,
-        fire_threshold=fire_threshold,
-        capacity=capacity.value,
-        batch_size=batch_size,
-        chunk_tokens=chunk_tokens,
-        drop_first=drop_first,
-        max_norm_ratio=max_norm_ratio,
-    )
+    # the options are named after SurvivalConfig's fields; --tokens and --capacity need parsing first
+    opts = locals()
+    given = {f.name: opts[f.name] for f in dataclasses.fields(SurvivalConfig) if f.name in opts}
+    n_tokens = SurvivalConfig.tokens if tokens is None else options.parse_tokens(tokens)
+    cfg = SurvivalConfig(**given | {"tokens": n_tokens, "capacity": capacity.value})
     layers = options.parse_layers(layer)
     inputs = job.SurvivalInputs(
         saes=tuple(sae),
@@ -114,12 +108,6 @@ def main(
         common.warn(note)
     t = result.summary["tokens"]
     common.log(f"wrote {output} (maps fitted on {t['fit']:,} tokens, survival measured on {t['measured']:,})")
-    common.emit_table(
-        summary.table(result.rows),
-        fmt=fmt,
-        output=None,
-        kind=summary.SUMMARY_KIND,
-        provenance=result.provenance,
-        title=f"feature survival (r2 >= {cfg.threshold:g}; importance {result.summary['importance_source']})",
-        summary=result.summary,
-    )
+    title = f"feature survival (r2 >= {cfg.threshold:g}; importance {result.summary['importance_source']})"
+    described = {"kind": summary.SUMMARY_KIND, "provenance": result.provenance, "summary": result.summary}
+    common.emit_table(summary.table(result.rows), fmt=fmt, output=None, title=title, **described)

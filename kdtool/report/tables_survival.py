@@ -9,6 +9,22 @@ from __future__ import annotations
 from kdtool.errors import BadInput
 from kdtool.report.model import SURVIVAL, Artifact, Table, of_kind
 
+#: (header, cell format, summary-row key) of each column
+COLUMNS = (
+    ("layer", "int", "layer"),
+    ("model", "text", "model"),
+    ("d_S", "int", "width"),
+    ("F_S", "int", "F_S"),
+    ("survived", "int", "survived"),
+    ("measured", "int", "measured"),
+    ("kept ok", "pct", "kept_agree"),
+    ("lost ok", "pct", "lost_agree"),
+    ("Spearman", "f3", "spearman"),
+    ("mass kept", "pct", "mass_kept"),
+    ("mass kept (pred.)", "pct", "mass_kept_pred"),
+    ("map R²", "f3", "map_r2"),
+)
+
 
 def survival(arts: list[Artifact]) -> list[Table]:
     """One table per survival file: d_S, F_S, survived, staircase agreement, Spearman, mass kept, map r2."""
@@ -21,30 +37,10 @@ def survival(arts: list[Artifact]) -> list[Table]:
             raise BadInput(f"{art.rel}: no summary rows")
         threshold = (summary.get("config") or {}).get("threshold")
         title = "Which features survive: measured vs Theorem 1's F_S" + (f": {art.rel}" if len(files) > 1 else "")
-        t = Table(
-            "survival",
-            "Feature survival",
-            title,
-            [
-                "layer",
-                "model",
-                "d_S",
-                "F_S",
-                "survived",
-                "measured",
-                "kept ok",
-                "lost ok",
-                "Spearman",
-                "mass kept",
-                "mass kept (pred.)",
-                "map R²",
-            ],  # fmt: skip
-            ["int", "text", "int", "int", "int", "int", "pct", "pct", "f3", "pct", "pct", "f3"],
-            sources=[art.rel],
-        )
-        keys = ("F_S", "survived", "measured", "kept_agree", "lost_agree", "spearman", "mass_kept", "mass_kept_pred")
+        headers, formats, keys = (list(c) for c in zip(*COLUMNS, strict=True))
+        t = Table("survival", "Feature survival", title, headers, formats, sources=[art.rel])
         for r in rows:
-            t.add(r["layer"], r["model"], r["width"], *(r.get(k) for k in keys), r.get("map_r2"))
+            t.add(*(r.get(k) for k in keys))
         tokens = summary.get("tokens") or {}
         t.note = (
             f"A feature survives when the teacher SAE's code of the student's activation, mapped to the teacher's "

@@ -31,56 +31,11 @@ from kdtool.sae.layouts import LoadedSAE
 from kdtool.sae.stats import load_saes
 from kdtool.survival import ranking as rk
 from kdtool.survival import summary as sm
-from kdtool.survival.ridge import DEFAULT_RIDGE
+from kdtool.survival.config import SurvivalConfig
 from kdtool.survival.stream import ModelActs, hf_acts, measure
 from kdtool.text.tokens import DataSpec, token_batches
-from kdtool.theory.theorem import Capacity
 
 Notify = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class SurvivalConfig:
-    """How survival is measured (every field is recorded in survival.parquet's provenance and summary)."""
-
-    tokens: int = 1_000_000  # --tokens: held-out tokens read in all (map fit + measurement)
-    fit_fraction: float = 0.5  # --fit-fraction: share of them the maps are fitted on; the rest measures
-    ridge: float = DEFAULT_RIDGE  # --ridge: relative ridge lambda of the maps (kdtool/survival/ridge.py)
-    threshold: float = sm.DEFAULT_THRESHOLD  # --threshold: a feature survives iff r2 >= this
-    min_fires: int = sm.DEFAULT_MIN_FIRES  # --min-fires: teacher firings needed for a feature to be measured
-    fire_threshold: float = 1e-3  # --fire-threshold: firing = latent > this x the teacher's RMS residual norm
-    capacity: Capacity = "paper"  # --capacity: g(alpha) of Eq. 1 (paper) or 1 (naive) for F_S
-    batch_size: int = 8  # --batch-size: sequences per forward
-    chunk_tokens: int = 2048  # --chunk-tokens: rows encoded at once (memory: chunk x d_sae floats per model)
-    drop_first: bool = True  # --drop-first: skip position 0 of each sequence
-    max_norm_ratio: float = 50.0  # --max-norm-ratio: skip positions whose teacher norm is above this x the median
-
-    def __post_init__(self) -> None:
-        if self.tokens < 4:
-            raise BadInput(f"--tokens must be at least 4, got {self.tokens}")
-        if not 0 < self.fit_fraction < 1:
-            raise BadInput(f"--fit-fraction must be in (0, 1), got {self.fit_fraction}")
-        if not 0 < self.fit_tokens < self.tokens:
-            raise BadInput(f"--fit-fraction {self.fit_fraction} of --tokens {self.tokens} leaves one side empty")
-        if not self.ridge >= 0:
-            raise BadInput(f"--ridge must be >= 0, got {self.ridge}")
-        if not -1 <= self.threshold <= 1:
-            raise BadInput(f"--threshold is an r2 threshold in [-1, 1], got {self.threshold}")
-        if self.min_fires < 1:
-            raise BadInput(f"--min-fires must be >= 1, got {self.min_fires}")
-        if not self.fire_threshold >= 0:
-            raise BadInput(f"--fire-threshold must be >= 0, got {self.fire_threshold}")
-        if self.capacity not in ("paper", "naive"):
-            raise BadInput(f"--capacity must be paper or naive, got {self.capacity!r}")
-        if self.batch_size < 1 or self.chunk_tokens < 1:
-            raise BadInput("--batch-size and --chunk-tokens must be >= 1")
-
-    @property
-    def fit_tokens(self) -> int:
-        return int(round(self.tokens * self.fit_fraction))
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -119,21 +74,7 @@ def survival(
         if sae.d_in != teacher.width:
             raise BadInput(f"{sae.path}: SAE expects d_in={sae.d_in} but the teacher has d_model={teacher.width}")
         by_layer[sae.layer] = sae.to(device)
-    m = measure(
-        teacher,
-        students,
-        by_layer,
-        batches,
-        tokens=cfg.tokens,
-        fit_tokens=cfg.fit_tokens,
-        ridge=cfg.ridge,
-        fire_threshold=cfg.fire_threshold,
-        chunk_tokens=cfg.chunk_tokens,
-        drop_first=cfg.drop_first,
-        max_norm_ratio=cfg.max_norm_ratio,
-        device=device,
-        on_progress=on_progress,
-    )
+    m = measure(teacher, students, by_layer, batches, cfg, device=device, on_progress=on_progress)
     notes, parts, rows, layers = list(m.notes), [], [], {}
     models = [teacher, *sorted(students, key=lambda s: (s.width, s.name))]
     for L, sae in sorted(by_layer.items()):
@@ -148,19 +89,8 @@ def survival(
         layers[str(L)] |= {"g": g_value, "importance_source": ranking.source, "fire_at": m.fire_at[L]}
         for model in models:
             match = m.matches[(model.name, L)].result(m.teacher[L])
-            cols, row = sm.model_rows(
-                ranking,
-                fires,
-                match,
-                model=model.name,
-                role=model.role,
-                width=model.width,
-                g_value=g_value,
-                threshold=cfg.threshold,
-                min_fires=cfg.min_fires,
-            )
-            amap = m.maps[(model.name, L)]
-            row |= {"model_layer": model.layers.get(L, L), "ridge_penalty": amap.penalty}
+            cols, row = sm.model_rows(ranking, fires, match, model, g_value, cfg)
+            row["ridge_penalty"] = m.maps[(model.name, L)].penalty
             parts.append(cols)
             rows.append(row)
     summary = {

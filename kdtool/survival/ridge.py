@@ -31,11 +31,6 @@ import torch
 
 from kdtool.errors import BadInput
 
-#: Default relative ridge: the penalty is 1e-3 of the mean per-dimension scatter of the student. It makes the
-#: solve well posed when a student dimension is (nearly) constant and shrinks well-conditioned directions by
-#: about 0.1%; docs/survival.md shows how little the survival counts move between 1e-5 and 1e-1.
-DEFAULT_RIDGE = 1e-3
-
 
 @dataclass
 class AffineMap:
@@ -79,7 +74,7 @@ class RidgeFit:
         self.xx += x64.T @ x64
         self.xy += x64.T @ y64
 
-    def solve(self, ridge: float = DEFAULT_RIDGE) -> AffineMap:
+    def solve(self, ridge: float) -> AffineMap:
         """The ridge solution above (BadInput with fewer than two rows or a negative ridge)."""
         if ridge < 0:
             raise BadInput(f"--ridge must be >= 0, got {ridge}")

@@ -32,6 +32,7 @@ from kdtool.acts.caching import outlier_mask
 from kdtool.errors import BadInput
 from kdtool.models import decoder_layers, residual_stream, student_layer
 from kdtool.sae.layouts import LoadedSAE
+from kdtool.survival.config import SurvivalConfig
 from kdtool.survival.measure import FeatureMatch, TeacherFeatures
 from kdtool.survival.ridge import AffineMap, RidgeFit
 
@@ -91,28 +92,22 @@ def measure(
     students: list[ModelActs],
     saes: dict[int, LoadedSAE],
     batches: Iterable[torch.Tensor],
+    cfg: SurvivalConfig,
     *,
-    tokens: int,
-    fit_tokens: int,
-    ridge: float,
-    fire_threshold: float = 1e-3,
-    chunk_tokens: int = 2048,
-    drop_first: bool = True,
-    max_norm_ratio: float = 50.0,
     device="cpu",
     on_progress: Callable[[int], None] | None = None,
 ) -> Measurement:
-    """Read `tokens` kept positions from `batches`; fit on the first `fit_tokens`, measure on the rest.
+    """Read cfg.tokens kept positions from `batches`; fit the maps on the first cfg.fit_tokens, measure on the rest.
 
-    fire_threshold: relative to the teacher's RMS residual norm on the fit tokens (kdtool/survival/measure.py).
+    The firing threshold is cfg.fire_threshold x the teacher's RMS residual norm on the fit tokens
+    (kdtool/survival/measure.py).
     """
-    if not 0 < fit_tokens < tokens:
-        raise BadInput(f"survival: the fit share ({fit_tokens} of {tokens} tokens) must leave tokens on both sides")
+    tokens, fit_tokens = cfg.tokens, cfg.fit_tokens
     names = [teacher.name, *(s.name for s in students)]
     if len(set(names)) != len(names):
         raise BadInput(f"--students: two models share a name ({', '.join(names)}); give distinct folders")
     layers = sorted(saes)
-    first = 1 if drop_first else 0
+    first = 1 if cfg.drop_first else 0
     scales = {}
     for L, sae in saes.items():
         norms = sae.W_dec.norm(dim=1)
@@ -133,8 +128,8 @@ def measure(
             ids = ids.to(device)
             t_acts = teacher.forward(ids)
             keep = (
-                outlier_mask(t_acts, first, max_norm_ratio)
-                if max_norm_ratio > 0
+                outlier_mask(t_acts, first, cfg.max_norm_ratio)
+                if cfg.max_norm_ratio > 0
                 else torch.ones(ids.shape[0], ids.shape[1] - first, dtype=torch.bool, device=ids.device)
             )  # [B, S - first]
             y = _rows(t_acts, first, keep)  # {L: [n, d_T]}
@@ -148,10 +143,10 @@ def measure(
                 sq_norm[L] += float(y[L][:a].square().sum(dtype=torch.float64))
             seen += n
             if a and seen >= fit_tokens:
-                maps.update({key: fit.solve(ridge) for key, fit in fits.items()})
-                fire_at = {L: fire_threshold * (sq_norm[L] / fit_tokens) ** 0.5 for L in layers}
-            for start in range(a, n, chunk_tokens):
-                stop = min(n, start + chunk_tokens)
+                maps.update({key: fit.solve(cfg.ridge) for key, fit in fits.items()})
+                fire_at = {L: cfg.fire_threshold * (sq_norm[L] / fit_tokens) ** 0.5 for L in layers}
+            for start in range(a, n, cfg.chunk_tokens):
+                stop = min(n, start + cfg.chunk_tokens)
                 for L in layers:
                     yc = y[L][start:stop]  # [c, d_T]
                     z = _latents(saes[L], yc, scales[L])  # [c, F]

@@ -27,7 +27,9 @@ import warnings
 import numpy as np
 from scipy import stats as sps
 
+from kdtool.survival.config import SurvivalConfig
 from kdtool.survival.ranking import LayerRanking
+from kdtool.survival.stream import ModelActs
 
 KIND = "kdtool.survival"
 SUMMARY_KIND = "kdtool.survival.summary"
@@ -47,12 +49,8 @@ COLUMNS = (
     "survived",
     "predicted_kept",
 )
-#: Default survival threshold on r2: a feature survives when the student reproduces at least half its variance.
-DEFAULT_THRESHOLD = 0.5
 #: Other thresholds whose survived counts every summary row records (docs/survival.md shows the spread).
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
-#: Default minimum teacher firings on the measurement tokens for a feature's r2 to count.
-DEFAULT_MIN_FIRES = 10
 #: Columns of the printed per-width table (all summary keys are in the Parquet summary and --json).
 TABLE = (
     "layer",
@@ -90,30 +88,25 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def model_rows(
-    ranking: LayerRanking,
-    fires: np.ndarray,
-    match: dict,
-    *,
-    model: str,
-    role: str,
-    width: int,
-    g_value: float | None,
-    threshold: float,
-    min_fires: int,
+    ranking: LayerRanking, fires: np.ndarray, match: dict, model: ModelActs, g_value: float | None, cfg: SurvivalConfig
 ) -> tuple[dict, dict]:
-    """(survival.parquet columns for one model at one layer, its summary row)."""
+    """(survival.parquet columns for one model at one layer, its summary row).
+
+    fires: [F] the teacher's firings on the measurement tokens; match: FeatureMatch.result().
+    """
     d_sae = ranking.importance.size
     ranks = ranking.ranks()
+    width = model.width
     F_S = ranking.features_kept(width, g_value)
     r2 = match["r2"]
-    measured = fires >= min_fires
+    measured = fires >= cfg.min_fires
     r2_ok = np.nan_to_num(r2, nan=-np.inf)
-    survived = measured & (r2_ok >= threshold)
+    survived = measured & (r2_ok >= cfg.threshold)
     predicted = ranks < F_S if F_S is not None else np.zeros(d_sae, dtype=bool)
     columns = {
         "layer": np.full(d_sae, ranking.layer, dtype=np.int32),
-        "model": [model] * d_sae,
-        "role": [role] * d_sae,
+        "model": [model.name] * d_sae,
+        "role": [model.role] * d_sae,
         "width": np.full(d_sae, width, dtype=np.int32),
         "feature": np.arange(d_sae, dtype=np.int32),
         "rank": ranks.astype(np.int32),
@@ -129,8 +122,8 @@ def model_rows(
     n_surv = int(survived.sum())
     row = {
         "layer": ranking.layer,
-        "model": model,
-        "role": role,
+        "model": model.name,
+        "role": model.role,
         "width": width,
         "F": ranking.n_alive,
         "F_S": F_S,
@@ -144,6 +137,7 @@ def model_rows(
         "mass_kept": _share(ranking.importance, survived, measured),
         "mass_kept_pred": _share(ranking.importance, predicted, measured),
         "map_r2": match["map_r2"],
+        "model_layer": model.layers.get(ranking.layer, ranking.layer),
         "mean_r2": float(np.mean(r2[measured])) if measured.any() else None,
         "survived_at": {f"{t:g}": int((measured & (r2_ok >= t)).sum()) for t in THRESHOLDS},
     }
