@@ -21,7 +21,7 @@ from kdtool.sae.layouts import LoadedSAE
 from kdtool.sae.writers import saelens_cfg, save_kdtool
 from kdtool.survival import job
 from kdtool.survival.config import SurvivalConfig
-from kdtool.survival.ridge import RidgeFit
+from kdtool.survival.ridge import RIDGE_GRID, RidgeFit
 from kdtool.survival.stream import ModelActs
 from kdtool.survival.summary import COLUMNS
 
@@ -73,6 +73,27 @@ def test_ridge_penalty_is_relative_and_leaves_the_bias_alone():
     np.testing.assert_allclose(pred(big, 100 * x), pred(amap, x), rtol=1e-3, atol=1e-3)
 
 
+def test_validation_r2_from_sums_and_auto_ridge_choice():
+    g = np.random.default_rng(2)
+    x = g.normal(size=(400, 30))
+    y_clean = x @ g.normal(size=(30, 4))
+    for y, want_large in ((y_clean, False), (g.normal(size=(400, 4)) + 0.05 * y_clean, True)):
+        fit = RidgeFit(30, 4)
+        fit.add(torch.from_numpy(x[:300]).float(), torch.from_numpy(y[:300]).float(), 0)
+        fit.add(torch.from_numpy(x[300:]).float(), torch.from_numpy(y[300:]).float(), 1)
+        amap = fit.solve(None)
+        assert set(amap.validation) == set(RIDGE_GRID)
+        # the validation r2 computed from fold 1's sums equals the direct one, for the ridge fitted on fold 0
+        W, b, _ = fit.folds[0].solve(1e-2)
+        pred = x[300:].astype(np.float32).astype(np.float64) @ W.numpy() + b.numpy()
+        yv = y[300:].astype(np.float32).astype(np.float64)
+        direct = 1 - ((pred - yv) ** 2).sum() / ((yv - yv.mean(0)) ** 2).sum()
+        assert amap.validation[1e-2] == pytest.approx(direct, rel=1e-6, abs=1e-9)
+        # noiseless: the least shrinkage wins; mostly noise: a large ridge wins (and beats the small ones)
+        assert (amap.ridge >= 0.1) == want_large
+        assert amap.validation[amap.ridge] == max(amap.validation.values())
+
+
 def test_ridge_refuses_too_few_rows_and_a_negative_ridge():
     fit = RidgeFit(2, 2)
     fit.add(torch.ones(1, 2), torch.ones(1, 2))
@@ -81,6 +102,8 @@ def test_ridge_refuses_too_few_rows_and_a_negative_ridge():
     fit.add(torch.zeros(1, 2), torch.zeros(1, 2))
     with pytest.raises(BadInput, match="--ridge"):
         fit.solve(-1.0)
+    with pytest.raises(BadInput, match="validation"):  # auto needs rows in both folds
+        fit.solve(None)
 
 
 # ------------------------------------------------------------------------------------------ planted student
@@ -233,7 +256,7 @@ def test_cli_teacher_as_student_survives_and_file_describes_itself(cli, tmp_path
     assert meta["kind"] == "kdtool.survival" and meta["provenance"]["params"]["command"] == "kdtool survival"
     summary = meta["summary"]
     assert summary["data"]["holdout"] == "eval" and summary["tokens"] == {"fit": 1000, "measured": 1000}
-    assert summary["importance_source"] == "measured" and summary["config"]["ridge"] == 1e-3
+    assert summary["importance_source"] == "measured" and summary["config"]["ridge"] is None  # auto
     cols = formats.read_table(out)
     assert set(cols) == set(COLUMNS) and len(cols["feature"]) == 2 * 64
     printed = json.loads(r.stdout)

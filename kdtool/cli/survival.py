@@ -44,7 +44,9 @@ def main(
     layer: options.layers_option("Layer of each SAE, in --sae order, when its files do not say.", PANEL) = None,
     tokens: options.tokens_option("Held-out tokens read in all: map fit + measurement (default 1M).", PANEL) = None,
     fit_fraction: Annotated[float, _opt("--fit-fraction", help="Share of the tokens the maps are fitted on.")] = 0.5,
-    ridge: Annotated[float, _opt("--ridge", help="Ridge lambda of the maps, relative to the mean variance.")] = 1e-3,
+    ridge: Annotated[
+        str, _opt("--ridge", help="Maps' ridge lambda, relative to the mean variance; auto: best on held-out rows.")
+    ] = "auto",
     threshold: Annotated[float, _opt("--threshold", help="A feature survives iff its r2 is >= this.")] = 0.5,
     min_fires: Annotated[int, _opt("--min-fires", help="Teacher firings a feature needs to be measured.")] = 10,
     fire_threshold: Annotated[
@@ -76,14 +78,19 @@ def main(
     Example: kdtool survival --sae saes/layer12 --students students --stats stats.parquet --tokens 200K
     """
     from kdtool.cli.options import load_teacher
+    from kdtool.errors import BadInput
     from kdtool.survival import job, summary
     from kdtool.survival.config import SurvivalConfig
 
-    # the options are named after SurvivalConfig's fields; --tokens and --capacity need parsing first
+    # the options are named after SurvivalConfig's fields; --tokens, --capacity and --ridge need parsing first
     opts = locals()
     given = {f.name: opts[f.name] for f in dataclasses.fields(SurvivalConfig) if f.name in opts}
     n_tokens = SurvivalConfig.tokens if tokens is None else options.parse_tokens(tokens)
-    cfg = SurvivalConfig(**given | {"tokens": n_tokens, "capacity": capacity.value})
+    try:
+        lam = None if ridge == "auto" else float(ridge)
+    except ValueError:
+        raise BadInput(f"--ridge must be a number or auto, got {ridge!r}") from None
+    cfg = SurvivalConfig(**given | {"tokens": n_tokens, "capacity": capacity.value, "ridge": lam})
     layers = options.parse_layers(layer)
     inputs = job.SurvivalInputs(
         saes=tuple(sae),

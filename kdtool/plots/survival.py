@@ -63,7 +63,7 @@ def _feature_panel(ax, cols: dict, sel: np.ndarray, row: dict, threshold: float)
                 label="Theorem 1 staircase")  # fmt: skip
         if 0 < F_S < top:
             ax.axvline(F_S, color=st.PALETTE[3], lw=0.8, ls=":")
-            ax.annotate(rf"$F_S$={st.math_int(F_S)}", (F_S, 0.5), xytext=(3, 0), textcoords="offset points",
+            ax.annotate(rf"$F_S={st.math_int(F_S)}$", (F_S, 0.5), xytext=(3, 0), textcoords="offset points",
                         fontsize="x-small", color=st.PALETTE[3])  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlim(0.8, top * 1.25)

@@ -11,10 +11,6 @@ from dataclasses import dataclass
 from kdtool.errors import BadInput
 from kdtool.theory.theorem import Capacity
 
-#: Default relative ridge: the penalty is 1e-3 of the mean per-dimension scatter of the student. It makes the
-#: solve well posed when a student dimension is (nearly) constant and shrinks well-conditioned directions by
-#: about 0.1%; docs/survival.md shows how little the survival counts move over a wide range.
-DEFAULT_RIDGE = 1e-3
 #: Default survival threshold on r2: a feature survives when the student reproduces at least half its variance.
 DEFAULT_THRESHOLD = 0.5
 #: Default minimum teacher firings on the measurement tokens for a feature's r2 to count.
@@ -27,7 +23,7 @@ class SurvivalConfig:
 
     tokens: int = 1_000_000  # --tokens: held-out tokens read in all (map fit + measurement)
     fit_fraction: float = 0.5  # --fit-fraction: share of them the maps are fitted on; the rest measures
-    ridge: float = DEFAULT_RIDGE  # --ridge: relative ridge lambda of the maps (kdtool/survival/ridge.py)
+    ridge: float | None = None  # --ridge: relative ridge lambda of the maps; None (auto): chosen on held-out rows
     threshold: float = DEFAULT_THRESHOLD  # --threshold: a feature survives iff r2 >= this
     min_fires: int = DEFAULT_MIN_FIRES  # --min-fires: teacher firings needed for a feature to be measured
     fire_threshold: float = 1e-3  # --fire-threshold: firing = latent > this x the teacher's RMS residual norm
@@ -44,8 +40,8 @@ class SurvivalConfig:
             raise BadInput(f"--fit-fraction must be in (0, 1), got {self.fit_fraction}")
         if not 0 < self.fit_tokens < self.tokens:
             raise BadInput(f"--fit-fraction {self.fit_fraction} of --tokens {self.tokens} leaves one side empty")
-        if not self.ridge >= 0:
-            raise BadInput(f"--ridge must be >= 0, got {self.ridge}")
+        if self.ridge is not None and not self.ridge >= 0:
+            raise BadInput(f"--ridge must be >= 0 or auto, got {self.ridge}")
         if not -1 <= self.threshold <= 1:
             raise BadInput(f"--threshold is an r2 threshold in [-1, 1], got {self.threshold}")
         if self.min_fires < 1:

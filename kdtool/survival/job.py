@@ -90,7 +90,9 @@ def survival(
         for model in models:
             match = m.matches[(model.name, L)].result(m.teacher[L])
             cols, row = sm.model_rows(ranking, fires, match, model, g_value, cfg)
-            row["ridge_penalty"] = m.maps[(model.name, L)].penalty
+            amap = m.maps[(model.name, L)]
+            row |= {"ridge": amap.ridge, "ridge_penalty": amap.penalty}
+            row["ridge_validation"] = {f"{r:g}": v for r, v in amap.validation.items()}
             parts.append(cols)
             rows.append(row)
     summary = {

@@ -37,6 +37,8 @@ from kdtool.survival.measure import FeatureMatch, TeacherFeatures
 from kdtool.survival.ridge import AffineMap, RidgeFit
 
 Forward = Callable[[torch.Tensor], dict[int, torch.Tensor]]
+#: Every VALIDATE_EVERY-th sequence of the fit split is held out to choose the ridge (--ridge auto, ridge.py).
+VALIDATE_EVERY = 5
 
 
 @dataclass
@@ -120,7 +122,7 @@ def measure(
     }
     sq_norm = dict.fromkeys(layers, 0.0)  # sum of ||y||^2 over the fit rows, for the firing threshold
     fire_at: dict[int, float] = {}
-    seen = 0
+    seen = seen_seqs = 0
     with torch.no_grad():
         for ids in batches:
             if seen >= tokens:
@@ -136,9 +138,13 @@ def measure(
             xs = {s.name: _rows(s.forward(ids), first, keep) for s in students}  # {name: {L: [n, d_S]}}
             n = min(int(keep.sum()), tokens - seen)
             a = min(max(fit_tokens - seen, 0), n)  # rows of this batch that go to the fit
-            for (name, L), fit in fits.items():
-                if a:
-                    fit.add(xs[name][L][:a], y[L][:a])
+            if a:  # fold 1 (the ridge's validation rows): every VALIDATE_EVERY-th sequence of the fit split
+                seq = seen_seqs + keep.nonzero(as_tuple=True)[0][:a]  # [a] the sequence of each fit row
+                held = (seq % VALIDATE_EVERY) == VALIDATE_EVERY - 1
+                for (name, L), fit in fits.items():
+                    fit.add(xs[name][L][:a][~held], y[L][:a][~held], 0)
+                    fit.add(xs[name][L][:a][held], y[L][:a][held], 1)
+            seen_seqs += ids.shape[0]
             for L in layers:
                 sq_norm[L] += float(y[L][:a].square().sum(dtype=torch.float64))
             seen += n
