@@ -41,6 +41,8 @@ import torch
 
 from kdtool.errors import BadInput
 
+#: Every VALIDATE_EVERY-th sequence of the fit split is held out to choose the ridge (--ridge auto; stream.py).
+VALIDATE_EVERY = 5
 #: Relative ridges tried by --ridge auto, each scored on the validation fold.
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -148,7 +150,8 @@ class RidgeFit:
             fit, held = self.folds
             if fit.n < 2 or held.n < 2:
                 raise BadInput(
-                    f"--ridge auto: {fit.n} fit and {held.n} validation token(s); give more --tokens or a --ridge value"
+                    f"--ridge auto: {fit.n} fit and {held.n} validation token(s) (every {VALIDATE_EVERY}th fit "
+                    "sequence is held out to choose the ridge); give more --tokens or a --ridge value"
                 )
             for r in RIDGE_GRID:
                 W, b, _ = fit.solve(r)

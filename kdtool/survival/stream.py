@@ -34,11 +34,9 @@ from kdtool.models import decoder_layers, residual_stream, student_layer
 from kdtool.sae.layouts import LoadedSAE
 from kdtool.survival.config import SurvivalConfig
 from kdtool.survival.measure import FeatureMatch, TeacherFeatures
-from kdtool.survival.ridge import AffineMap, RidgeFit
+from kdtool.survival.ridge import VALIDATE_EVERY, AffineMap, RidgeFit
 
 Forward = Callable[[torch.Tensor], dict[int, torch.Tensor]]
-#: Every VALIDATE_EVERY-th sequence of the fit split is held out to choose the ridge (--ridge auto, ridge.py).
-VALIDATE_EVERY = 5
 
 
 @dataclass
