@@ -43,6 +43,19 @@ KINDS = {
         Kind("kdtool.distill.floors", "a distillation floors table", "students/floors.parquet", "kdtool distill"),
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),
+        Kind(
+            "kdtool.distill.residual_map",
+            "a student's learned map to the teacher's residual stream",
+            "students/width128-hidden/residual_map.safetensors",
+            "kdtool distill --loss hidden",
+        ),
+        Kind(
+            "kdtool.distill.student.weights",
+            "a student's weights",
+            "students/width128/model.safetensors",
+            "kdtool distill",
+        ),
+        Kind("kdtool.distill.checkpoint", "a distillation checkpoint", "students/checkpoint/", "kdtool distill"),
         Kind("kdtool.teacher_cache", "a teacher top-k cache", "teacher-cache/", "kdtool distill --teacher-cache"),
         Kind("kdtool.calibration", "a calibration", "calib.json", "kdtool calibrate"),
         Kind("kdtool.survival", "a feature-survival table", "survival.parquet", "kdtool survival"),
@@ -50,6 +63,8 @@ KINDS = {
         Kind("kdtool.probe", "a probe table", "probe.parquet", "kdtool probe run"),
         Kind("kdtool.toy", "a toy sweep table", "toy.parquet", "kdtool toy"),
         Kind("kdtool.toy.curves", "toy training curves", "toy.curves.parquet", "kdtool toy --log-curves"),
+        Kind("kdtool.toy.survival", "toy per-feature survival records", "toy.survival.parquet", "kdtool toy"),
+        Kind("kdtool.capacity", "a capacity model", "toy.capacity.json", "kdtool toy --fit-capacity"),
         Kind("kdtool.report", "a run report", "report/report.json", "kdtool plot report"),
         Kind("kdtool.reproduce.plan", "a reproduction plan", "plan.json", "scripts/reproduce-paper"),
         Kind("kdtool.reproduce.throughput", "measured throughputs", "throughput.json", "scripts/reproduce-paper"),
@@ -69,12 +84,21 @@ KINDS = {
         Kind("kdtool.survival.summary", "a survival summary", "(stdout of --json)", "kdtool --json survival"),
         Kind("kdtool.toy.summary", "a toy sweep summary", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.toy.convergence", "a toy convergence check", "(stdout of --json)", "kdtool --json toy"),
+        Kind("kdtool.demo.run", "the demo's record of a run", "demo-out/demo-run.json", "scripts/demo"),
         Kind("kdtool.reproduce.stage", "a reproduction stage record", "RUN/stages.jsonl", "scripts/reproduce-paper"),
     )
 }
 
 #: Files inside a folder that say what the folder is, in the order they are tried.
-_FOLDER_MARKERS = ("manifest.json", "kdtool.json", "cfg.json", "checkpoint.json")
+_FOLDER_MARKERS = ("manifest.json", "kdtool.json", "cfg.json", "checkpoint.json", "report.json")
+
+
+def folder_marker(folder: str | os.PathLike) -> Path | None:
+    """The file that says what a kdtool folder is (its manifest, kdtool.json, cfg.json...), if any."""
+    for marker in _FOLDER_MARKERS:
+        if (Path(folder) / marker).is_file() and _json_kind(Path(folder) / marker):
+            return Path(folder) / marker
+    return None
 
 
 def _json_kind(path: Path) -> str | None:
@@ -94,10 +118,10 @@ def kind_of(path: str | os.PathLike) -> str | None:
     """The kind a file or folder records, read from its metadata only (cheap); None if it records none."""
     p = Path(path)
     if p.is_dir():
-        for marker in _FOLDER_MARKERS:
-            if (p / marker).is_file() and (kind := _json_kind(p / marker)):
-                return kind
-        return None
+        marker = folder_marker(p)
+        if marker is None and (p / "floors.parquet").is_file():  # a distill run folder is known by its floors
+            return kind_of(p / "floors.parquet")
+        return _json_kind(marker) if marker else None
     if not p.is_file():
         return None
     try:

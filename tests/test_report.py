@@ -38,6 +38,8 @@ ALLOWED = {
     "sae-curves",
     "l0-mse",
     "sae-layers",
+    "sae-headline",
+    "layer-capacity",  # layer-correlation needs >= 3 layers: this run has 2
     "importance",
     "capacity",
     "floor",
@@ -152,6 +154,9 @@ def write_students(folder: Path) -> dict:
                 "eval_ce": 3 + v,
                 "lr": 3e-4,
                 "grad_norm": 1.0,
+                "loss": "kl",
+                "train_loss": 1.05 * v,
+                "train_aux": float("nan"),
             }
             for c in distill.CURVE_COLUMNS:
                 curves[c].append(row[c])

@@ -274,10 +274,14 @@ def test_cli_reads_a_distill_folder_and_a_stats_file(cli, tmp_path, tiny):
 
     tok = AutoTokenizer.from_pretrained(tiny / "model")
     config = AutoConfig.from_pretrained(tiny / "model")
-    for w in (8, 16):  # a distill-shaped folder: width{W}/ with config.json and the teacher's tokenizer
-        folder = tmp_path / "students" / f"width{w}"
+    # a distill-shaped folder of two losses: width{W}/ (kl) and width{W}-tvd/, each with config.json, the
+    # teacher's tokenizer and the kdtool.json distill writes (its floors row names the loss and the seed)
+    for w, loss in ((16, "kl"), (8, "tvd"), (8, "kl")):
+        folder = tmp_path / "students" / (f"width{w}" + ("" if loss == "kl" else f"-{loss}"))
         build_student(config, w, StudentPolicy(heads="head-dim:4")).save_pretrained(folder)
         tok.save_pretrained(folder)
+        info = {"kind": "kdtool.distill.student", "floor": {"width": w, "loss": loss, "seed": 3}}
+        formats.write_json(folder / "kdtool.json", info)
     (tmp_path / "students" / "notes").mkdir()  # not a student: ignored
     stats = tmp_path / "stats.parquet"
     common = ["--model", tiny / "model", "--device", "cpu", "--dataset", tiny / "text.txt", "--seq-len", "32"]
@@ -288,7 +292,8 @@ def test_cli_reads_a_distill_folder_and_a_stats_file(cli, tmp_path, tiny):
             "--stats", stats, "--tokens", "2K", "-o", out)  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)["rows"]
-    assert [(row["model"], row["width"]) for row in rows] == [("teacher", 32), ("width8", 8), ("width16", 16)]
+    got = [(row["model"], row["width"], row["loss"]) for row in rows]  # narrowest first, kl first at a width
+    assert got == [("teacher", 32, None), ("width8", 8, "kl"), ("width8-tvd", 8, "tvd"), ("width16", 16, "kl")]
     summary = formats.parquet_metadata(out)["summary"]
     assert summary["importance_source"] == "stats" and summary["layers"]["2"]["importance_source"] == f"stats {stats}"
     st = formats.read_table(stats)
@@ -298,6 +303,10 @@ def test_cli_reads_a_distill_folder_and_a_stats_file(cli, tmp_path, tiny):
     for row in rows:  # F_S = floor(d_S g(alpha)) with the stats file's alpha, capped at F
         layer = summary["layers"]["2"]
         assert row["F_S"] == min(int(np.floor(row["width"] * layer["g"] + 1e-9)), layer["F"])
+    assert [(r["loss"], r["seed"]) for r in summary["rows"]] == [(None, None), ("kl", 3), ("tvd", 3), ("kl", 3)]
+    tvd = np.asarray([m == "width8-tvd" for m in cols["model"]])
+    assert set(np.asarray(cols["loss"])[tvd]) == {"tvd"} and set(np.asarray(cols["seed"])[tvd]) == {3}
+    assert set(np.asarray(cols["loss"])[teacher]) == {None}
 
 
 def test_cli_errors_are_one_line(cli, tmp_path, tiny):
@@ -354,3 +363,40 @@ def test_report_draws_the_figure_and_tabulates_the_summary(cli, planted_file):
     table = next(t for t in rep["tables"] if t["key"] == "survival")
     got = {row[table["columns"].index("model")]: row[table["columns"].index("survived")] for row in table["rows"]}
     assert got == {"teacher": D, "projected": len(INSIDE)}
+
+
+def test_students_of_two_losses_are_never_pooled(tmp_path, cli, monkeypatch):
+    """The same subspace under two loss labels: ordered kl first, one count series per loss, a loss column."""
+    import dataclasses
+
+    from kdtool.plots import registry
+    from kdtool.plots import style as st
+
+    teacher, student, sae, batches = planted(seed=5)
+    kl = dataclasses.replace(student, name="width4", loss="kl", seed=0)
+    tvd = dataclasses.replace(student, name="width4-tvd", loss="tvd", seed=0)
+    cfg = SurvivalConfig(tokens=4000, ridge=1e-6, max_norm_ratio=0, capacity="naive")
+    result = job.survival(teacher, [tvd, kl], [sae], batches, cfg)
+    got = [(r["model"], r["loss"]) for r in result.rows]
+    assert got == [("teacher", None), ("width4", "kl"), ("width4-tvd", "tvd")]
+    path = tmp_path / "run" / "survival.parquet"
+    formats.write_parquet(path, result.columns, kind="kdtool.survival", provenance={}, summary=result.summary)
+    assert list(formats.read_table(path)["loss"]).count("tvd") == D
+
+    figures = []
+    monkeypatch.setattr(st, "save", lambda fig, output, **kw: figures.append(fig))
+    registry.draw("survival", [path], path.with_suffix(".png"))
+    *feature_axes, count_ax = figures[0].axes
+    assert ["tvd" in ax.get_title() for ax in feature_axes] == [False, True]
+    labels = [line.get_label() for line in count_ax.get_lines() if line.get_marker() == "o"]
+    assert labels == ["kl students: survived", "tvd students: survived"]
+    import matplotlib.pyplot as plt
+
+    plt.close(figures[0])
+
+    r = cli("--quiet", "plot", "report", path.parent)
+    assert r.exit_code == 0, r.output
+    tables = formats.read_json(path.parent / "report" / "report.json")["tables"]
+    table = next(t for t in tables if t["key"] == "survival")
+    assert table["columns"][:4] == ["layer", "model", "d_S", "loss"] and "seed" not in table["columns"]
+    assert [row[3] for row in table["rows"]] == [None, "kl", "tvd"] and "not pooled" in table["note"]

@@ -19,13 +19,22 @@ DecompFit = options.choices("DecompFit", "auto", "affine", "affine_fixed")
 
 def main(
     observed: Annotated[
-        Path,
+        Optional[Path],
         typer.Argument(
             help="Observed floors: CSV/Parquet/JSON with columns width and floor (e.g. students/floors.parquet); "
-            "an optional predicted column is used when --predicted is not given.",
+            "an optional predicted column is used when --predicted is not given. Or --example.",
             show_default=False,
         ),
-    ],
+    ] = None,
+    example: Annotated[
+        Optional[str],
+        typer.Option(
+            "--example",
+            help="Use a data set shipped with kdtool instead of OBSERVED: `paper` = the paper's Pythia-410M "
+            "floors and predictions (Tables 2-3).",
+            show_default=False,
+        ),
+    ] = None,
     predicted: Annotated[
         Optional[Path],
         typer.Option("--predicted", "-p", help="Output of `kdtool predict` (csv/parquet/json), joined by width."),
@@ -34,6 +43,15 @@ def main(
         Optional[int], typer.Option("--layer", "-l", help="Layer of a multi-layer --predicted table to use.")
     ] = None,
     column: Annotated[str, typer.Option("--column", help="Column of OBSERVED holding the observed floor.")] = "floor",
+    loss: Annotated[
+        Optional[str],
+        typer.Option(
+            "--loss",
+            help="Which loss's floors to fit when OBSERVED has several (`distill --loss`): a loss name (one "
+            "calibration per loss), or pooled (one fit over all). Default: kl when present, else the only one.",
+            show_default=False,
+        ),
+    ] = None,
     baseline: Annotated[
         Optional[float], typer.Option("--baseline", help="Fix B for the affine_fixed fit (nats).")
     ] = None,
@@ -70,10 +88,11 @@ def main(
     intervals; the decomposition splits each floor into geometric C*predicted and baseline B.
     Writes calib.json with -o (read by `predict --calibration`); --json prints it.
 
-    Example: kdtool calibrate kdtool/data/paper_pythia410m.csv --baseline-width 1024 -o calib.json
+    Example: kdtool calibrate --example paper --baseline-width 1024 -o calib.json
     """
     from kdtool.theory import calibration as cal
 
+    observed = cal.observed_input(observed, example)
     cfg = cal.CalibrationConfig(
         baseline=baseline,
         baseline_width=baseline_width,
@@ -82,7 +101,7 @@ def main(
         method=method.value,
         decomposition_fit=decomposition_fit.value,
     )
-    run = cal.calibrate_files(observed, cfg, predicted=predicted, column=column, layer=layer)
+    run = cal.calibrate_files(observed, cfg, predicted=predicted, column=column, layer=layer, loss=loss)
     for message in run.warnings:
         common.warn(message)
     obj = run.document(

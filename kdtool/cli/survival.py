@@ -30,7 +30,10 @@ def main(
     ],
     students: Annotated[
         list[Path],
-        _opt("--students", help="A `kdtool distill` folder (its width{W}/ students) or a model folder; repeatable."),
+        _opt(
+            "--students",
+            help="A `kdtool distill` folder (all its width{W}[-{loss}]/ students) or a model folder; repeatable.",
+        ),
     ],
     stats: Annotated[
         Optional[Path],
@@ -73,7 +76,8 @@ def main(
     per feature compares with the teacher's own latents on the remaining tokens: r2, fire recall and
     precision, survived (r2 >= --threshold), predicted_kept (importance rank < F_S = floor(d_S g)).
     The teacher against itself is the reference (1.0). Writes OUTPUT (survival.parquet) and prints per
-    width: survived vs F_S, staircase agreement, Spearman(r2, importance), importance mass kept.
+    student (width and distill loss): survived vs F_S, staircase agreement, Spearman(r2, importance),
+    importance mass kept. Students of different losses are never pooled.
 
     Example: kdtool survival --sae saes/layer12 --students students --stats stats.parquet --tokens 200K
     """

@@ -67,9 +67,15 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "Fig. 6a/16a: held-out KL vs step per width, floors dashed; training KL (input: students/)",
     ),
     "floors": (
-        "kdtool.plots.distill",
+        "kdtool.plots.distill_floors",
         "floors",
-        "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])",
+        "Fig. 6b: KL floor vs student width, one line per loss, seeds pooled; d* marked with a stats file, "
+        "the predicted floor with a predict table (input: floors.parquet... [stats] [predict])",
+    ),
+    "objective-ablation": (
+        "kdtool.plots.distill_floors",
+        "floors",
+        "same as `floors`, for floors tables of several losses and seeds (the name kdtool plot report uses)",
     ),
     "decomposition": (
         "kdtool.plots.distill",
@@ -88,6 +94,22 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "Table 1 card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, shaded per column (input: stats files)",
     ),
     "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
+    "layer-capacity": (
+        "kdtool.plots.sae_trials",
+        "capacity_by_layer",
+        "alpha, g(alpha) and d* side by side against the layer, one series per SAE trial (input: stats files)",
+    ),
+    "layer-correlation": (
+        "kdtool.plots.sae_trials",
+        "correlation",
+        "Pearson r across layers between SAE metrics (L0, alpha, g, d*, F, dead, MSE, expl. var.), one heatmap "
+        "per SAE trial (input: stats files, >= 3 layers)",
+    ),
+    "sae-headline": (
+        "kdtool.plots.sae_trials",
+        "headline",
+        "mean alpha, mean L0, total dead and mean d* of each SAE trial, as number tiles (input: stats files)",
+    ),
     "l0-mse": (
         "kdtool.plots.sae",
         "l0_mse",
@@ -121,6 +143,18 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "curves",
         "Fig. 14: toy student training curves per width, Eq. 2 floors dashed "
         "(input: toy.curves.parquet from kdtool toy --log-curves)",
+    ),
+    "toy-survival": (
+        "kdtool.plots.toy_survival",
+        "staircase",
+        "Toy survival staircase: fraction of seeds keeping each feature vs importance rank, a line per d_S, "
+        "Eq. 2's F_S marked; rows alpha, columns n (input: toy.survival.parquet or toy.parquet)",
+    ),
+    "toy-kept": (
+        "kdtool.plots.toy_survival",
+        "kept_counts",
+        "Toy kept features vs d_S per alpha against Eq. 2's floor(d_S g(alpha)) and d_S g_meas "
+        "(input: toy.survival.parquet or toy.parquet)",
     ),
     # Not a figure: a run folder in, a report folder out. build_report(run_dir, out_dir, ...) has its own
     # signature; kdtool/cli/plot.py hands this kind to kdtool/cli/plot_report.py.

@@ -5,7 +5,9 @@ first) r2 of every measured feature against its importance rank (log x), survivo
 median, the --threshold line, F_S = floor(d_S g(alpha)) marked and Theorem 1's staircase (1 up to F_S, 0
 beyond) drawn; the last panel puts each model's survived count against its width beside d_S g(alpha)
 (capped at F, the alive count), the count the theorem predicts. The teacher's own row set (r2 = 1 by
-construction) is only a point in that last panel. Options read: layer, title.
+construction) is only a point in that last panel. Students distilled with different losses (`kdtool distill
+--loss`) are never pooled: each (width, loss) has its own panel, titled with its loss when the file holds
+several, and the count panel draws one series per loss. Options read: layer, title.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _running_median(x: np.ndarray, y: np.ndarray, bins: int = 24) -> tuple[np.nd
     return np.asarray(mx), np.asarray(my)
 
 
-def _feature_panel(ax, cols: dict, sel: np.ndarray, row: dict, threshold: float) -> None:
+def _feature_panel(ax, cols: dict, sel: np.ndarray, row: dict, threshold: float, several_losses: bool) -> None:
     rank = cols["rank"][sel].astype(float) + 1  # 1 = most important
     r2 = np.clip(np.nan_to_num(cols["r2"][sel].astype(float), nan=R2_FLOOR), R2_FLOOR, 1.0)
     surv = cols["survived"][sel].astype(bool)
@@ -70,16 +72,33 @@ def _feature_panel(ax, cols: dict, sel: np.ndarray, row: dict, threshold: float)
     ax.set_ylim(R2_FLOOR - 0.03, 1.05)
     ax.set_xlabel("importance rank (1 = most important)")
     ax.set_ylabel(r"survival $R^2$ of the feature")
-    title = f"{row['model']} ($d_S$={row['width']}): {row['survived']} of {row['measured']} survive"
+    loss = f", {row['loss']}" if several_losses and row.get("loss") else ""
+    title = f"{row['model']} ($d_S$={row['width']}{loss}): {row['survived']} of {row['measured']} survive"
     ax.set_title(title, fontsize="small")
+
+
+def _losses(rows: list[dict]) -> list:
+    """The students' losses in order of first appearance (None: a model folder of unknown loss)."""
+    out: list = []
+    for r in rows:
+        if r["role"] != "teacher" and r.get("loss") not in out:
+            out.append(r.get("loss"))
+    return out
 
 
 def _count_panel(ax, rows: list[dict], layer_info: dict) -> None:
     widths = np.array([r["width"] for r in rows], dtype=float)
     counts = np.array([r["survived"] for r in rows], dtype=float)
-    teacher = np.array([r["role"] == "teacher" for r in rows])
-    ax.plot(widths[~teacher], counts[~teacher], "o", color=st.PALETTE[0], label="students: survived")
-    ax.plot(widths[teacher], counts[teacher], "s", color=st.PALETTE[2], label="teacher (reference)")
+    losses = _losses(rows)
+    colours = [c for i, c in enumerate(st.PALETTE) if i not in (2, 3)]  # 2: the teacher, 3: the prediction
+    for i, loss in enumerate(losses):  # one series per loss: students of different objectives are not pooled
+        mine = [r for r in rows if r["role"] != "teacher" and r.get("loss") == loss]
+        label = "students: survived" if len(losses) == 1 else f"{loss or 'other'} students: survived"
+        ax.plot([r["width"] for r in mine], [r["survived"] for r in mine], "o-" if len(losses) > 1 else "o",
+                color=colours[i % len(colours)], lw=0.8, label=label)  # fmt: skip
+    teacher = [r for r in rows if r["role"] == "teacher"]
+    ax.plot([r["width"] for r in teacher], [r["survived"] for r in teacher], "s", color=st.PALETTE[2],
+            label="teacher (reference)")  # fmt: skip
     g, F = layer_info.get("g"), layer_info.get("F")
     grid = np.linspace(0, widths.max() * 1.05, 200)
     if g:
@@ -109,6 +128,7 @@ def survival(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
             raise BadInput(f"--layer: {inputs[0]} has no layer {missing[0]} (layers: {', '.join(map(str, layers))})")
         layers = wanted
     threshold = float((summary.get("config") or {}).get("threshold", 0.5))
+    several_losses = len(_losses(summary["rows"])) > 1
     n_students = max(sum(1 for r in summary["rows"] if r["layer"] == L and r["role"] != "teacher") for L in layers)
     fig, axes = st.figure(style, len(layers), n_students + 1)
     for i, L in enumerate(layers):
@@ -116,7 +136,7 @@ def survival(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
         students = [r for r in rows if r["role"] != "teacher"]
         for j, row in enumerate(students):
             sel = (cols["layer"] == L) & (cols["model"] == row["model"]) & cols["measured"].astype(bool)
-            _feature_panel(axes[i][j], cols, sel, row, threshold)
+            _feature_panel(axes[i][j], cols, sel, row, threshold, several_losses)
         for j in range(len(students), n_students):
             axes[i][j].axis("off")
         axes[i][0].legend(loc="lower left", fontsize="x-small", markerscale=3)
@@ -124,5 +144,6 @@ def survival(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
         if len(layers) > 1:
             axes[i][0].annotate(f"layer {L}", (0, 1.08), xycoords="axes fraction", fontweight="bold")
     source = summary.get("importance_source", "?")
-    st.title(fig, options, f"{inputs[0].name}: importance {source}; measured features only")
+    per_loss = "; one series per loss" if several_losses else ""
+    st.title(fig, options, f"{inputs[0].name}: importance {source}; measured features only{per_loss}")
     st.save(fig, output)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from kdtool import formats
 from kdtool import provenance as prov_mod
+from kdtool.distill import ablation
 from kdtool.errors import KdtoolError
 from kdtool.plots import registry
+from kdtool.report import trials as trials_mod
 from kdtool.report.discover import one_line
 from kdtool.report.model import (
     CALIB,
@@ -30,6 +32,7 @@ from kdtool.report.model import (
     SURVIVAL,
     TOY,
     TOY_CURVES,
+    TOY_SURVIVAL,
     Artifact,
     FigureJob,
     FigureResult,
@@ -41,7 +44,7 @@ FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _C, _SV, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _SV, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -50,7 +53,11 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("sae-curves",             (SAE_LOG,),      "sae-run", _S, "SAE training curves (Fig. 4, 15)"),
     FigureRule("l0-mse",                 (SAE_LOG, STATS), "sae-run", _S, "Sparsity vs reconstruction (L0 vs MSE)",
                extra=(STATS,)),
-    FigureRule("sae-layers",             (STATS,),        "run",  _S, "Per-layer SAE measurements (Table 1)"),
+    FigureRule("sae-headline",           (STATS,),        "trial", _S, "SAE trial at a glance"),
+    FigureRule("sae-layers",             (STATS,),        "trial", _S, "Per-layer SAE measurements (Table 1)"),
+    FigureRule("layer-capacity",         (STATS,),        "trial", _S, "alpha, g(alpha) and d* per layer"),
+    FigureRule("layer-correlation",      (STATS,),        "trial", _S, "SAE metrics correlated across layers",
+               min_layers=3),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
     FigureRule("floor",                  (STATS, PREDICT), "file", _P, "Predicted floor vs width (Fig. 5b)",
@@ -59,6 +66,8 @@ FIGURES: tuple[FigureRule, ...] = (
                extra=(FLOORS,), extra_scope="folder"),
     FigureRule("floors",                 (FLOORS,),       "file", _D, "Distillation floor vs width (Fig. 6b)",
                extra=(STATS,)),
+    FigureRule("objective-ablation",     (FLOORS,),       "run",  _A, "Floor vs width per loss, seeds pooled",
+               extra=(PREDICT, STATS), when="several-losses"),
     FigureRule("calibration",            (CALIB,),        "file", _C, "Observed vs predicted floors (Fig. 7)"),
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
@@ -70,12 +79,15 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("toy-accuracy",           (TOY,),          "file", _T, "Prediction accuracy (Fig. 10, 11)"),
     FigureRule("toy-scaling",            (TOY,),          "file", _T, "Floor vs d_S / d* (Fig. 13)"),
     FigureRule("toy-curves",             (TOY_CURVES,),   "file", _T, "Toy training curves (Fig. 14)"),
+    FigureRule("toy-survival",           (TOY_SURVIVAL,), "file", _T, "Which features survive, by importance rank"),
+    FigureRule("toy-kept",               (TOY_SURVIVAL,), "file", _T, "Features kept vs width against Eq. 2"),
 )
 # fmt: on
 
 
-def _slug(rel: str) -> str:
-    stem = rel.rsplit(".", 1)[0] if "/" not in rel.rsplit(".", 1)[-1] else rel
+def _slug(rel: str, *, path: bool = True) -> str:
+    """A file-name-safe form of a path (its suffix dropped) or, path=False, of a label."""
+    stem = rel.rsplit(".", 1)[0] if path and "/" not in rel.rsplit(".", 1)[-1] else rel
     out = "".join(ch if ch.isalnum() else "-" for ch in stem).strip("-").lower()
     while "--" in out:
         out = out.replace("--", "-")
@@ -112,6 +124,24 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+def _several_losses(floors: list[Artifact]) -> bool:
+    """True when the floors tables hold more than one loss (an objective ablation to show)."""
+    try:
+        return ablation.several_losses([a.path for a in floors])
+    except KdtoolError:
+        return False
+
+
+def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Artifact], dict, str]]:
+    """Per SAE trial of the stats files: (its files, {"trial": key}, its label); [] when they cannot be read."""
+    by_path = {a.path: a for a in main}
+    try:
+        found = trials_mod.trials(list(by_path))
+    except KdtoolError:  # an unreadable stats file: its own figures and tables say so
+        return []
+    return [([by_path[p] for p in t.paths], {"trial": t.key}, t.label) for t in found if len(t.layers) >= min_layers]
+
+
 def _groups(main: list[Artifact], per: str) -> list[list[Artifact]]:
     if per == "run" or len(main) == 1:
         return [main]
@@ -143,26 +173,39 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
-        groups = _groups(main, rule.per)
-        for group in groups:
+        if rule.when == "several-losses" and not _several_losses(main):
+            continue
+        if rule.per == "trial":
+            groups_opts = _trial_groups(main, rule.min_layers)
+        else:
+            groups_opts = [(g, {}, g[0].rel) for g in _groups(main, rule.per)]
+        groups = [g for g, _, _ in groups_opts]
+        for group, group_opts, label in groups_opts:
             extra = [a for a in artifacts if a.kind in rule.extra]
             if rule.extra_scope == "folder":
                 extra = [a for a in extra if a.path.parent == group[0].path.parent]
-            opts = dict(base)
+            opts = dict(base) | group_opts
             if "widths" in rule.hints and widths:
                 opts["widths"] = widths
             if "d_star" in rule.hints:
                 d_star = _d_star_for(group[0], artifacts)
                 if d_star is not None:
                     opts["d_star"] = d_star
-            label = group[0].rel  # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes)
+            # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes); trial: its label
             if rule.per == "sae-run" and group[0].kind == SAE_LOG and label.count("/") >= 2:
                 label = label.rsplit("/", 2)[0]
-            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label)}"
+            trial = rule.per == "trial"
+            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label, path=not trial)}"
             while any(j.file == f"figures/{name}{FIGURE_SUFFIX}" for j in jobs):
                 name += "-2"
             jobs.append(
-                FigureJob(rule, group + [a for a in extra if a not in group], f"figures/{name}{FIGURE_SUFFIX}", opts)
+                FigureJob(
+                    rule,
+                    group + [a for a in extra if a not in group],
+                    f"figures/{name}{FIGURE_SUFFIX}",
+                    opts,
+                    f"{rule.title}: {label}" if trial and len(groups) > 1 else None,
+                )
             )
     return jobs, unavailable
 
@@ -179,7 +222,8 @@ def render_figure(
 ) -> FigureResult:
     """Draw one figure with its registered function; any failure becomes the result's note."""
     module_name, function_name, caption = registry.entry(job.rule.figure, registered)
-    result = FigureResult(job.rule.figure, job.rule.section, job.rule.title, caption, None, [a.rel for a in job.inputs])
+    title = job.title or job.rule.title
+    result = FigureResult(job.rule.figure, job.rule.section, title, caption, None, [a.rel for a in job.inputs])
     output = out_dir / job.file
     paths = [a.path for a in job.inputs]
     prov = None

@@ -20,6 +20,7 @@ SECTIONS = (
     "SAE measurements",
     "Predicted floors",
     "Distillation",
+    "Objective ablation",
     "Calibration",
     "Feature survival",
     "Probing",
@@ -31,6 +32,7 @@ STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_lo
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
 SURVIVAL = "kdtool.survival"
+TOY_SURVIVAL = "kdtool.toy.survival"
 
 
 @dataclass
@@ -59,14 +61,18 @@ class FigureRule:
 
     figure: str  # figure kind in kdtool.plots.registry.KINDS
     inputs: tuple[str, ...]  # artifact kinds it reads; the first kind present in the run is used
-    #: one figure from all those files ("run"), one per file ("file"), or one per SAE run folder ("sae-run":
-    #: train logs grouped by the folder above their layer{L}/, so two train-sae runs do not share a figure)
-    per: Literal["run", "file", "sae-run"]
+    #: one figure from all those files ("run"), one per file ("file"), one per SAE run folder ("sae-run":
+    #: train logs grouped by the folder above their layer{L}/, so two train-sae runs do not share a figure),
+    #: or one per SAE trial ("trial": stats layers grouped by how their SAEs were trained, kdtool/report/trials.py)
+    per: Literal["run", "file", "sae-run", "trial"]
     section: str  # report section the figure goes to
     title: str
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
+    #: a condition on the main inputs beyond their kind: "several-losses" (floors of more than one loss)
+    when: str | None = None
+    min_layers: int = 0  # per "trial": only trials with at least this many layers
 
 
 @dataclass
@@ -77,6 +83,7 @@ class FigureJob:
     inputs: list[Artifact]
     file: str  # path relative to the report folder, e.g. figures/floor.png
     options: dict
+    title: str | None = None  # the rule's title with what tells this figure apart (an SAE trial); None: the rule's
 
 
 @dataclass
@@ -96,8 +103,8 @@ class FigureResult:
 # --------------------------------------------------------------------------------------------- tables
 
 #: Cell formats: int (thousands separators), f1..f5 (fixed decimals), g3/g4 (significant digits),
-#: pct (fraction shown as %), pm (a (mean, std) pair), text.
-FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "text")
+#: pct (fraction shown as %), pm (a (mean, std) pair, 1 decimal), pm4 (the same, 4 decimals), text.
+FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "pm4", "text")
 
 
 @dataclass
@@ -145,11 +152,12 @@ def format_cell(v: Any, fmt: str) -> str:
         return str(v)
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if fmt == "pm":
+    if fmt in ("pm", "pm4"):
         mean, std = v
         if mean is None:
             return "–"
-        return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+        d = 4 if fmt == "pm4" else 1
+        return f"{mean:.{d}f} ± {std:.{d}f}" if std is not None else f"{mean:.{d}f}"
     if fmt == "int":
         return f"{int(round(v)):,}"
     if fmt == "pct":

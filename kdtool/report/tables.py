@@ -8,14 +8,17 @@ and the other tables go on.
 | table          | from                                   | paper    | module              |
 |----------------|----------------------------------------|----------|---------------------|
 | sae_layers     | stats summary (`kdtool.stats`)         | Table 1  | tables_sae.py       |
+| sae_trials     | stats summaries, grouped by SAE trial  | project  | tables_sae.py       |
 | sae_training   | last row of each `train_log.parquet`   | Fig. 15  | tables_sae.py       |
 | predicted      | predict tables (`kdtool.predict`)      | Table 2  | tables_floors.py    |
 | distill_floors | `students/floors.parquet`              | Table 3  | tables_floors.py    |
+| objective_ablation | floors of several losses, pooled   |          | tables_ablation.py  |
 | calibration    | calib.json fits                        | Table 4  | tables_floors.py    |
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
 | survival       | survival.parquet summary rows          | §8       | tables_survival.py  |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
 | toy            | toy.parquet, per sparsity              | Fig. 3   | tables_toy.py       |
+| toy_survival   | toy.survival.parquet, per sparsity     |          | tables_toy.py       |
 | inputs         | every artifact's provenance            |          | here                |
 
 The Table class and cell formats are kdtool/report/model.py.
@@ -27,11 +30,12 @@ from collections.abc import Callable
 
 from kdtool.errors import KdtoolError
 from kdtool.report.model import Artifact, Table
+from kdtool.report.tables_ablation import objective_ablation
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
-from kdtool.report.tables_sae import sae_layers, sae_training
+from kdtool.report.tables_sae import sae_layers, sae_training, sae_trials
 from kdtool.report.tables_survival import survival
-from kdtool.report.tables_toy import toy
+from kdtool.report.tables_toy import toy, toy_survival
 
 
 def inputs(arts: list[Artifact]) -> list[Table]:
@@ -52,13 +56,16 @@ def inputs(arts: list[Artifact]) -> list[Table]:
 
 BUILDERS: tuple[Callable, ...] = (
     sae_layers,
+    sae_trials,
     sae_training,
     predicted,
     distill_floors,
+    objective_ablation,
     calibration,
     survival,
     probe,
     toy,
+    toy_survival,
 )
 
 

@@ -26,8 +26,19 @@ COLUMNS = (
 )
 
 
+def _columns(rows: list[dict]) -> tuple:
+    """COLUMNS, with the loss after d_S when a student trained on anything but kl and the seed when runs differ."""
+    students = [r for r in rows if r.get("role") != "teacher"]
+    extra = []
+    if any(r.get("loss") not in (None, "kl") for r in students):
+        extra.append(("loss", "text", "loss"))
+    if len({r.get("seed") for r in students}) > 1:
+        extra.append(("seed", "int", "seed"))
+    return COLUMNS[:3] + tuple(extra) + COLUMNS[3:]
+
+
 def survival(arts: list[Artifact]) -> list[Table]:
-    """One table per survival file: d_S, F_S, survived, staircase agreement, Spearman, mass kept, map r2."""
+    """One table per survival file: d_S (loss, seed), F_S, survived, staircase agreement, Spearman, mass kept."""
     files = of_kind(arts, SURVIVAL)
     out = []
     for art in files:
@@ -37,7 +48,7 @@ def survival(arts: list[Artifact]) -> list[Table]:
             raise BadInput(f"{art.rel}: no summary rows")
         threshold = (summary.get("config") or {}).get("threshold")
         title = "Which features survive: measured vs Theorem 1's F_S" + (f": {art.rel}" if len(files) > 1 else "")
-        headers, formats, keys = (list(c) for c in zip(*COLUMNS, strict=True))
+        headers, formats, keys = (list(c) for c in zip(*_columns(rows), strict=True))
         t = Table("survival", "Feature survival", title, headers, formats, sources=[art.rel])
         for r in rows:
             t.add(*(r.get(k) for k in keys))
@@ -49,5 +60,7 @@ def survival(arts: list[Artifact]) -> list[Table]:
             "kept ok: share of the F_S most important features that survive; lost ok: share of the others that "
             f"do not; importance {summary.get('importance_source', '?')}. The teacher row is the reference (1.0)."
         )
+        if "loss" in keys:
+            t.note += " One row per (width, loss): students distilled with different losses are not pooled."
         out.append(t)
     return out

@@ -39,6 +39,7 @@ from kdtool.errors import BadInput
 from kdtool.formats import finite_or_none
 from kdtool.models import check_layers
 from kdtool.sae.layouts import LoadedSAE, find_saes, load_sae
+from kdtool.sae.record import training_record
 from kdtool.sae.sources import DEFAULT_ACTS, ModelSource, TeacherStream
 from kdtool.theory import theorem as theory
 
@@ -151,6 +152,7 @@ class FeatureStats:
             "layout": self.sae.layout,
             "activation": self.sae.activation,
             "layer_source": self.sae.layer_source,
+            "trained": training_record(self.sae.cfg),  # how a kdtool SAE was trained (its trial), else None
         }
         notes = []
         if n * alive_threshold < 1:

@@ -6,7 +6,7 @@ Two entry points, both driven by one `SurvivalConfig`:
   kdtool.survival.stream.ModelActs (any callable from token ids to layer activations), so a test
   can plant a student, and issue 12 can score students trained with another loss without saving them;
 - `survival_files(inputs, cfg)` loads the teacher, the SAEs (any layout kdtool reads), the students
-  (a `kdtool distill` folder of width{W}/ models and/or model folders) and the held-out text, runs
+  (a `kdtool distill` folder of width{W}/ and width{W}-{loss}/ models and/or model folders) and the held-out text, runs
   `survival`, and writes survival.parquet (docs/formats.md) atomically.
 
 The pipeline: stream.measure (one pass: fit the maps, then measure), ranking (importance ranks and
@@ -24,6 +24,8 @@ from pathlib import Path
 
 from kdtool import formats
 from kdtool import provenance as _provenance
+from kdtool.distill.objectives import DEFAULT as DEFAULT_LOSS
+from kdtool.distill.objectives import NAMES
 from kdtool.errors import BadInput
 from kdtool.kinds import expect
 from kdtool.models import ModelSpec, load_model
@@ -76,7 +78,7 @@ def survival(
         by_layer[sae.layer] = sae.to(device)
     m = measure(teacher, students, by_layer, batches, cfg, device=device, on_progress=on_progress)
     notes, parts, rows, layers = list(m.notes), [], [], {}
-    models = [teacher, *sorted(students, key=lambda s: (s.width, s.name))]
+    models = [teacher, *sorted(students, key=lambda s: student_order(s.width, s.loss, s.seed, s.name))]
     for L, sae in sorted(by_layer.items()):
         if stats is not None:
             ranking = rk.from_stats(stats, L, sae.d_sae)
@@ -119,17 +121,58 @@ class SurvivalInputs:
     output: Path = Path("survival.parquet")  # -o
 
 
+#: a `kdtool distill` student folder: width{W} (kl) or width{W}-{loss slug} (kdtool/distill/objectives.py)
+STUDENT_FOLDER = re.compile(r"width(\d+)(?:-([a-z0-9.-]+))?")
+
+
+def _loss_rank(loss: str | None) -> int:
+    """--help order of the loss names (kl first); a student of unknown loss after every known one."""
+    base = (loss or "").partition(":")[0]
+    return NAMES.index(base) if base in NAMES else len(NAMES)
+
+
+def student_order(width: int, loss: str | None, seed: int | None, name: str) -> tuple:
+    """Students narrowest first; at one width kl first, then the other losses in --help order, then by seed."""
+    return (width, _loss_rank(loss), -1 if seed is None else seed, name)
+
+
 def find_students(path: str | Path) -> list[Path]:
-    """A model folder as itself; a `kdtool distill` folder as its width{W}/ students, narrowest first."""
+    """A model folder as itself; a `kdtool distill` folder as every student it wrote (width{W}/ for kl,
+    width{W}-{loss}/ for the others), narrowest first, kl first at each width."""
     p = Path(path)
     if (p / "config.json").is_file():
         return [p]
     if p.is_dir():
-        subs = [s for s in p.iterdir() if re.fullmatch(r"width\d+", s.name) and (s / "config.json").is_file()]
+        subs = [s for s in p.iterdir() if STUDENT_FOLDER.fullmatch(s.name) and (s / "config.json").is_file()]
         if subs:
-            return sorted(subs, key=lambda s: int(s.name[5:]))
-        raise BadInput(f"--students {p}: no width{{W}}/ student folders and no config.json (a model folder)")
-    raise BadInput(f"--students {p}: no such folder")
+            return sorted(subs, key=_folder_order)
+        raise BadInput(f"--students {p}: no width{{W}}[-{{loss}}]/ student folders and no config.json (a model folder)")
+    why = "not a folder (give the distill run's folder)" if p.exists() else "no such folder"
+    raise BadInput(f"--students {p}: {why}")
+
+
+def _folder_order(folder: Path) -> tuple:
+    return student_order(int(STUDENT_FOLDER.fullmatch(folder.name)[1]), *student_identity(folder), folder.name)
+
+
+def student_identity(path: Path) -> tuple[str | None, int | None]:
+    """(loss label, seed) of a student folder from its kdtool.json (`kdtool distill` writes the loss and the
+    seed in its floors row); a distill student from before --loss existed trained on kl; a model folder
+    without kdtool.json is (None, None)."""
+    info_path = Path(path) / "kdtool.json"
+    if not info_path.is_file():
+        return None, None
+    try:
+        info = formats.read_json(info_path)
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(info, dict) or info.get("kind") != "kdtool.distill.student":
+        return None, None
+    floor = info.get("floor") if isinstance(info.get("floor"), dict) else {}
+    objective = info.get("objective") if isinstance(info.get("objective"), dict) else {}
+    loss = objective.get("loss") or floor.get("loss") or DEFAULT_LOSS
+    seed = floor.get("seed", (info.get("provenance") or {}).get("seed"))
+    return str(loss), None if seed is None else int(seed)
 
 
 def _load_students(paths: list[Path], spec: ModelSpec, teacher, layers: list[int], notify: Notify) -> list[ModelActs]:
@@ -142,8 +185,12 @@ def _load_students(paths: list[Path], spec: ModelSpec, teacher, layers: list[int
         student = load_model(dataclasses.replace(spec, model=str(path)), notify=notify)
         if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
             raise BadInput(f"--students {path}: its tokenizer is not the teacher's (a student of another teacher?)")
-        notify(f"student {name}: width {student.d_model}, {student.n_layers} blocks")
-        out.append(hf_acts(student.model, name, "student", layers, teacher.n_layers, student.d_model))
+        loss, seed = student_identity(path)
+        trained = "" if loss is None else f", loss {loss}" + ("" if seed is None else f", seed {seed}")
+        notify(f"student {name}: width {student.d_model}, {student.n_layers} blocks{trained}")
+        out.append(
+            hf_acts(student.model, name, "student", layers, teacher.n_layers, student.d_model, loss=loss, seed=seed)
+        )
     return out
 
 
@@ -165,7 +212,8 @@ def survival_files(
             raise BadInput(f"--stats {inputs.stats}: no such file")
         expect(inputs.stats, "kdtool.stats", "--stats")
     for given in inputs.students:
-        expect(given, ("kdtool.distill.student",), "--students")  # a folder of students records no kind: passes
+        # a student folder, or a distill run's folder (known by its floors table); a model folder records no kind
+        expect(given, ("kdtool.distill.student", "kdtool.distill.floors"), "--students")
     _, saes = load_saes(list(inputs.saes), None if inputs.layers is None else list(inputs.layers))
     student_paths = [p for given in inputs.students for p in find_students(given)]
     if not student_paths:

@@ -48,9 +48,13 @@ class ModelActs:
     width: int  # d: its residual-stream width
     forward: Forward  # ids [B, S] -> {teacher layer L: [B, S, width]} for every layer survival asks for
     layers: dict[int, int] = field(default_factory=dict)  # teacher layer -> the model's own hidden_states index
+    loss: str | None = None  # what a distilled student trained on (kdtool.json's loss label); None: not known
+    seed: int | None = None  # its distill run's --seed, when kdtool.json records one
 
 
-def hf_acts(model, name: str, role: str, layers: list[int], teacher_depth: int, width: int) -> ModelActs:
+def hf_acts(
+    model, name: str, role: str, layers: list[int], teacher_depth: int, width: int, *, loss=None, seed=None
+) -> ModelActs:
     """A transformers model as a ModelActs: hidden_states at the same depth (kdtool.models.student_layer)."""
     depth = len(decoder_layers(model))
     own = {L: student_layer(L, teacher_depth, depth) for L in layers}
@@ -60,7 +64,7 @@ def hf_acts(model, name: str, role: str, layers: list[int], teacher_depth: int, 
         hidden = residual_stream(model, ids, None, wanted)
         return {L: hidden[m] for L, m in own.items()}
 
-    return ModelActs(name, role, width, forward, own)
+    return ModelActs(name, role, width, forward, own, loss=loss, seed=seed)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """survival.parquet's rows and its per-width summary: measured survival against Theorem 1's staircase.
 
-Per feature (one row per layer x model x SAE feature): rank, importance, the teacher's fires on the
-measurement tokens, r2, fire_recall, fire_precision (kdtool/survival/measure.py), and
+Per feature (one row per layer x model x SAE feature; a student is labelled by its width, the loss it was
+distilled with and its run's seed, both null for the teacher and a model folder kdtool did not write): rank,
+importance, the teacher's fires on the measurement tokens, r2, fire_recall, fire_precision
+(kdtool/survival/measure.py), and
 
     measured        fires >= min_fires: enough firings for r2 to mean something
     survived        measured and r2 >= threshold
@@ -38,6 +40,8 @@ COLUMNS = (
     "model",
     "role",
     "width",
+    "loss",
+    "seed",
     "feature",
     "rank",
     "importance",
@@ -56,6 +60,7 @@ TABLE = (
     "layer",
     "model",
     "width",
+    "loss",
     "F_S",
     "survived",
     "measured",
@@ -108,6 +113,8 @@ def model_rows(
         "model": [model.name] * d_sae,
         "role": [model.role] * d_sae,
         "width": np.full(d_sae, width, dtype=np.int32),
+        "loss": [model.loss] * d_sae,
+        "seed": [model.seed] * d_sae,
         "feature": np.arange(d_sae, dtype=np.int32),
         "rank": ranks.astype(np.int32),
         "importance": ranking.importance.astype(np.float64),
@@ -125,6 +132,8 @@ def model_rows(
         "model": model.name,
         "role": model.role,
         "width": width,
+        "loss": model.loss,
+        "seed": model.seed,
         "F": ranking.n_alive,
         "F_S": F_S,
         "survived": n_surv,
@@ -150,7 +159,14 @@ def concat(parts: list[dict]) -> dict:
     for name in COLUMNS:
         values = [p[name] for p in parts]
         out[name] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
-    return out
+    return typed(out)
+
+
+def typed(columns: dict) -> dict:
+    """loss and seed as typed Arrow arrays, so they keep their types when all null (a teacher and model folders)."""
+    import pyarrow as pa
+
+    return columns | {"loss": pa.array(columns["loss"], pa.string()), "seed": pa.array(columns["seed"], pa.int64())}
 
 
 def table(rows: list[dict]) -> dict[str, list]:

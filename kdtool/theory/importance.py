@@ -41,6 +41,7 @@ class LayerImportance:
     alpha: float | None  # sparsity 1 - L0/F; None when only an explicit g is known
     l0: float | None  # mean number of active features per token, when known
     source: str  # where the weights came from (file path or the parametric spec)
+    features: np.ndarray | None = None  # [F] the SAE latent index of each weight (stats files only)
 
     @property
     def n_features(self) -> int:
@@ -149,6 +150,7 @@ def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> l
     else:
         alive = importance > 0
     summary = _summary_layers(p)
+    ids = numeric_column(cols, "feature", p).astype(np.int64) if "feature" in cols else None
 
     present = sorted(int(v) for v in np.unique(layer_col))
     chosen = present if not layers else list(dict.fromkeys(layers))
@@ -160,7 +162,9 @@ def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> l
     out = []
     for layer in chosen:
         rows = layer_col == layer
-        weights = np.sort(importance[rows & alive])[::-1]
+        kept = np.flatnonzero(rows & alive)
+        order = kept[np.argsort(-importance[kept], kind="stable")]  # descending; ties keep the file's order
+        weights = importance[order]
         if weights.size == 0:
             raise BadInput(f"{p}: layer {layer} has no alive features")
         info = summary.get(layer, {})
@@ -177,7 +181,12 @@ def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> l
             raise BadInput(f"{p}: layer {layer} has alpha={alpha}, outside [0, 1)")
         out.append(
             LayerImportance(
-                layer=layer, weights=weights, alpha=alpha, l0=None if l0 is None else float(l0), source=str(p)
+                layer=layer,
+                weights=weights,
+                alpha=alpha,
+                l0=None if l0 is None else float(l0),
+                source=str(p),
+                features=(ids if ids is not None else np.cumsum(rows) - 1)[order],  # else: row within the layer
             )
         )
     return out
