@@ -34,6 +34,7 @@ from kdtool.report.model import (
     FigureResult,
     FigureRule,
 )
+from kdtool.sae.summary import entries
 
 #: Figure format of the report (embedded in HTML and Markdown).
 FIGURE_SUFFIX = ".png"
@@ -52,6 +53,8 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("sae-layers",             (STATS,),        "run",  _S, "Per-layer SAE measurements (Table 1)"),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
+    FigureRule("sensitivity",            (STATS,),        "run",  _S, "Sensitivity of F, α, d* and floors to the SAE",
+               hints=("widths",), when=lambda arts: several_saes_per_layer(arts)),
     FigureRule("floor",                  (STATS, PREDICT), "file", _P, "Predicted floor vs width (Fig. 5b)",
                hints=("widths",)),
     FigureRule("distill-curves",         (CURVES,),       "file", _D, "Distillation curves (Fig. 6a)",
@@ -70,6 +73,12 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("toy-curves",             (TOY_CURVES,),   "file", _T, "Toy training curves (Fig. 14)"),
 )
 # fmt: on
+
+
+def several_saes_per_layer(arts: list[Artifact]) -> bool:
+    """Whether the stats files among `arts` hold, together, more than one SAE of some layer."""
+    layers = [e.layer for a in arts if a.kind == STATS for e in entries(a.summary)]
+    return len(set(layers)) != len(layers)
 
 
 def _slug(rel: str) -> str:
@@ -101,10 +110,10 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     layer = ((calib.summary or {}).get("inputs") or {}).get("layer") if isinstance(calib.summary, dict) else None
     found: dict[str, float] = {}
     for art in artifacts:
-        if art.kind == STATS and isinstance(art.summary, dict):
-            for key, info in (art.summary.get("layers") or {}).items():
-                if isinstance(info, dict) and isinstance(info.get("d_star"), (int, float)):
-                    found.setdefault(str(key), float(info["d_star"]))
+        if art.kind == STATS:
+            for e in entries(art.summary):  # the first SAE of a layer (a calibration names a layer, not an SAE)
+                if isinstance(e.info.get("d_star"), (int, float)):
+                    found.setdefault(str(e.layer), float(e.info["d_star"]))
     if layer is not None:
         return found.get(str(layer))
     return next(iter(found.values())) if len(found) == 1 else None
@@ -141,7 +150,7 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
-        groups = _groups(main, rule.per)
+        groups = [g for g in _groups(main, rule.per) if rule.when is None or rule.when(g)]
         for group in groups:
             extra = [a for a in artifacts if a.kind in rule.extra]
             if rule.extra_scope == "folder":

@@ -8,6 +8,7 @@ planning (kdtool/report/figures.py), the table builders (kdtool/report/tables*.p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,8 @@ class FigureRule:
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
+    #: drawn only when this says the group's artifacts allow it (None: always), e.g. "several SAEs of a layer"
+    when: Callable[[list[Artifact]], bool] | None = None
 
 
 @dataclass

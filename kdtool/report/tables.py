@@ -8,6 +8,7 @@ and the other tables go on.
 | table          | from                                   | paper    | module              |
 |----------------|----------------------------------------|----------|---------------------|
 | sae_layers     | stats summary (`kdtool.stats`)         | Table 1  | tables_sae.py       |
+| sae_fidelity   | stats summary, `stats --fidelity`      |          | tables_sae.py       |
 | sae_training   | last row of each `train_log.parquet`   | Fig. 15  | tables_sae.py       |
 | predicted      | predict tables (`kdtool.predict`)      | Table 2  | tables_floors.py    |
 | distill_floors | `students/floors.parquet`              | Table 3  | tables_floors.py    |
@@ -28,7 +29,7 @@ from kdtool.errors import KdtoolError
 from kdtool.report.model import Artifact, Table
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
-from kdtool.report.tables_sae import sae_layers, sae_training
+from kdtool.report.tables_sae import sae_fidelity, sae_layers, sae_training
 from kdtool.report.tables_toy import toy
 
 
@@ -48,7 +49,16 @@ def inputs(arts: list[Artifact]) -> list[Table]:
     return [t]
 
 
-BUILDERS: tuple[Callable, ...] = (sae_layers, sae_training, predicted, distill_floors, calibration, probe, toy)
+BUILDERS: tuple[Callable, ...] = (
+    sae_layers,
+    sae_fidelity,
+    sae_training,
+    predicted,
+    distill_floors,
+    calibration,
+    probe,
+    toy,
+)
 
 
 def build_tables(arts: list[Artifact]) -> tuple[list[Table], list[str]]:

@@ -59,6 +59,25 @@ def entries(summary: dict | None) -> list[Entry]:
     return sorted(out, key=lambda e: e.layer)
 
 
+#: per SAE of a stats file, the numbers `kdtool info` shows first (fidelity ones: "fidelity.<name>")
+OVERVIEW = ("layer", "F", "L0", "alpha", "d_star", "F_robust", "alpha_robust", "d_star_robust", "tokens",
+            "fidelity.ce_loss_score", "fidelity.kl_div_score", "fidelity.kl", "fidelity.tokens")  # fmt: skip
+
+
+def overview(summary: dict | None) -> list[dict]:
+    """One row per SAE of a stats summary: its key and the OVERVIEW numbers it has (`kdtool info`)."""
+    rows = []
+    for e in entries(summary):
+        row: dict = {"sae": e.key or f"layer{e.layer}"}
+        for name in OVERVIEW:
+            part, _, sub = name.partition(".")
+            value = (e.info.get(part) or {}).get(sub) if sub else e.info.get(name)
+            if value is not None:
+                row[name] = value
+        rows.append(row)
+    return rows
+
+
 def several_per_layer(items: list[Entry]) -> bool:
     """Whether some layer has more than one SAE among `items`."""
     layers = [e.layer for e in items]
