@@ -1,4 +1,4 @@
-"""Several SAEs of one layer: stats keeps a row set per SAE, predict reports each and their spread, the figure, the report."""
+"""Several SAEs of one layer: a row set per SAE in stats, predict reports each and their spread; figure, report."""
 
 from __future__ import annotations
 
