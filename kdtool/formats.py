@@ -265,6 +265,25 @@ def save_safetensors(
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
+def stamp_safetensors(path: str | os.PathLike, *, kind: str, provenance: dict | None) -> None:
+    """Add kdtool's kind and provenance to a safetensors file another library wrote (keeps its own metadata).
+
+    Hugging Face's save_pretrained records only {"format": "pt"}; a student's weights should say how
+    they were made like every other kdtool file. Rewrites the file atomically (tensors unchanged).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    meta["kdtool.kind"] = kind
+    if provenance is not None:
+        meta["kdtool"] = _prov.dumps(provenance)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
 def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a safetensors header without loading tensors: {'tensors': {name: {dtype, shape}}, 'metadata': {...}}."""
     p = Path(path)

@@ -33,7 +33,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from kdtool import formats
+from kdtool import formats, kinds
 from kdtool.acts.store import manifest_summary
 from kdtool.errors import BadInput, UnknownFormat
 from kdtool.plots.style import read_figure_metadata
@@ -48,12 +48,34 @@ _SAE_WEIGHTS = ("sae_weights.safetensors", "sae.safetensors")
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What `path` is. Raises BadInput/UnknownFormat (exit 2) for missing, unknown or corrupt files."""
+    """What `path` is. Raises BadInput/UnknownFormat (exit 2) for missing, unknown or corrupt files.
+
+    A file that records no kind of its own but lies in a kdtool folder (a student's config.json, an
+    SAE's weights) says which folder it is part of, and carries that folder's provenance.
+    """
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{p}: no such file or folder")
-    if p.is_dir():
-        return _describe_folder(p)
+    try:
+        out = _describe_folder(p) if p.is_dir() else _describe_file(p)
+    except UnknownFormat:
+        if kinds.kind_of(p.parent) is None:
+            raise
+        # a page, a text file or a sub-folder (acts/layer12/) of a kdtool folder: described by its container below
+        out = _base(p, "folder" if p.is_dir() else p.suffix.lstrip(".").lower() or "file")
+    if out["kind"] is None:
+        out["kind"] = kinds.kind_of(p)
+    if out["kind"] is None or not out["provenance"]:  # a file inside a kdtool folder: the folder's record
+        for folder in list(p.parents)[:3]:  # the nearest kdtool folder; provenance from the nearest that has it
+            if (folder_kind := kinds.kind_of(folder)) is not None:
+                out.setdefault("part_of", {"folder": str(folder), "kind": folder_kind})
+                out["provenance"] = out["provenance"] or _describe_folder(folder).get("provenance")
+                if out["provenance"]:
+                    break
+    return out
+
+
+def _describe_file(p: Path) -> dict[str, Any]:
     suffix = p.suffix.lower()
     try:
         head = _head(p, 8)
@@ -73,7 +95,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         return _describe_pt(p)
     raise UnknownFormat(
         f"{p}: unknown file type {suffix or '(no suffix)'!r} (kdtool info reads Parquet, CSV/TSV, JSON/JSONL, "
-        "safetensors, .pt, figures and activation-cache/SAE folders)"
+        "safetensors, .pt, figures and kdtool folders)"
     )
 
 
@@ -415,6 +437,11 @@ def _describe_folder(p: Path) -> dict[str, Any]:
     layout = _sae_layout(p)
     if layout is not None:
         return _describe_sae(p, layout)
+    if (p / "kdtool.json").is_file():  # a distilled student: a Hugging Face folder + kdtool's record of it
+        return _describe_student(p)
+    floors = p / "floors.parquet"
+    if floors.is_file() and kinds.kind_of(floors) == "kdtool.distill.floors":
+        return _describe_distill_run(p, floors)
     subs = sorted(s for s in p.iterdir() if s.is_dir() and _sae_layout(s) is not None)
     if subs:
         out = _base(p, "folder of SAEs")
@@ -432,6 +459,56 @@ def _describe_folder(p: Path) -> dict[str, Any]:
         ]
         out["provenance"] = next((m["provenance"] for m in members if m["provenance"]), None)
         return out
+    marker = kinds.folder_marker(p)  # any other kdtool folder: a report, train-sae's checkpoints only, ...
+    if marker is not None:
+        return _describe_json_folder(p, marker, "folder")
     raise UnknownFormat(
-        f"{p}: a folder that is neither an activation cache, an SAE folder nor a kdtool folder with a manifest.json"
+        f"{p}: a folder kdtool did not write (not an activation cache, SAE, student, distillation run "
+        "or a folder with a kdtool manifest.json)"
     )
+
+
+def _describe_json_folder(p: Path, marker: Path, fmt: str) -> dict[str, Any]:
+    obj = formats.read_json(marker)
+    out = _base(p, fmt)
+    out["kind"], out["provenance"] = obj.get("kind"), obj.get("provenance")
+    out["summary"] = _overview({k: v for k, v in obj.items() if k not in ("kind", "provenance")})
+    out["shape"] = {"files": sum(1 for f in p.rglob("*") if f.is_file())}
+    return out
+
+
+def _describe_student(p: Path) -> dict[str, Any]:
+    """A student folder: kdtool.json (kind, its floor row, provenance) beside the Hugging Face files."""
+    out = _describe_json_folder(p, p / "kdtool.json", "distilled student (Hugging Face folder)")
+    config = p / "config.json"
+    if config.is_file():
+        cfg = formats.read_json(config)
+        student = cfg.get("kdtool_student") or {}
+        out["summary"] = {
+            "model_type": cfg.get("model_type"),
+            "hidden_size": cfg.get("hidden_size"),
+            "layers": cfg.get("num_hidden_layers"),
+            "heads": cfg.get("num_attention_heads"),
+            **({"policy": _overview(student)} if student else {}),
+            **(out["summary"] or {}),
+        }
+    return out
+
+
+def _describe_distill_run(p: Path, floors: Path) -> dict[str, Any]:
+    """A `kdtool distill` output folder: the floors table's rows, the students, the curves, the checkpoint."""
+    meta = formats.parquet_metadata(floors)
+    table = pq.read_table(floors)
+    out = _base(p, "distillation run folder")
+    out["kind"], out["provenance"] = meta["kind"], meta["provenance"]
+    students = sorted(s.name for s in p.iterdir() if s.is_dir() and (s / "kdtool.json").is_file())
+    out["shape"] = {"students": len(students), "floors": table.num_rows}
+    out["schema"] = _table_schema(table)
+    out["summary"] = {
+        "students": ", ".join(students),
+        "checkpoint": "checkpoint/ (for --resume; delete it to reclaim the space)"
+        if (p / "checkpoint").is_dir()
+        else None,
+        "floors": {str(r.get("width")): r.get("floor") for r in table.to_pylist()},
+    }
+    return out

@@ -43,6 +43,13 @@ KINDS = {
         Kind("kdtool.distill.floors", "a distillation floors table", "students/floors.parquet", "kdtool distill"),
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),
+        Kind(
+            "kdtool.distill.student.weights",
+            "a student's weights",
+            "students/width128/model.safetensors",
+            "kdtool distill",
+        ),
+        Kind("kdtool.distill.checkpoint", "a distillation checkpoint", "students/checkpoint/", "kdtool distill"),
         Kind("kdtool.teacher_cache", "a teacher top-k cache", "teacher-cache/", "kdtool distill --teacher-cache"),
         Kind("kdtool.calibration", "a calibration", "calib.json", "kdtool calibrate"),
         Kind("kdtool.concepts", "a concepts table", "concepts.parquet", "kdtool probe build-concepts"),
@@ -72,7 +79,15 @@ KINDS = {
 }
 
 #: Files inside a folder that say what the folder is, in the order they are tried.
-_FOLDER_MARKERS = ("manifest.json", "kdtool.json", "cfg.json", "checkpoint.json")
+_FOLDER_MARKERS = ("manifest.json", "kdtool.json", "cfg.json", "checkpoint.json", "report.json")
+
+
+def folder_marker(folder: str | os.PathLike) -> Path | None:
+    """The file that says what a kdtool folder is (its manifest, kdtool.json, cfg.json...), if any."""
+    for marker in _FOLDER_MARKERS:
+        if (Path(folder) / marker).is_file() and _json_kind(Path(folder) / marker):
+            return Path(folder) / marker
+    return None
 
 
 def _json_kind(path: Path) -> str | None:
@@ -92,10 +107,10 @@ def kind_of(path: str | os.PathLike) -> str | None:
     """The kind a file or folder records, read from its metadata only (cheap); None if it records none."""
     p = Path(path)
     if p.is_dir():
-        for marker in _FOLDER_MARKERS:
-            if (p / marker).is_file() and (kind := _json_kind(p / marker)):
-                return kind
-        return None
+        marker = folder_marker(p)
+        if marker is None and (p / "floors.parquet").is_file():  # a distill run folder is known by its floors
+            return kind_of(p / "floors.parquet")
+        return _json_kind(marker) if marker else None
     if not p.is_file():
         return None
     try:

@@ -135,3 +135,24 @@ def test_plain_progress_logs_every_period_with_rate_and_eta(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("train-sae: 400/1,000 (40%), 33 tok/s, elapsed 0:12, ETA 0:18"), lines
     assert len(lines) == 3 and lines[-1].startswith("train-sae: 1,000/1,000 (100%)"), lines  # at 12 s, 24 s and the end
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--features", "28665", "--l0", "218.3", "--widths", "128,256,512,768,1024"],
+        ["calibrate", "--example", "paper", "--baseline-width", "1024", "-o", "calib.json"],
+        ["completion", "zsh"],
+    ],
+)
+def test_readme_examples_run_outside_the_checkout(kdtool_proc, tmp_path, argv):
+    r = kdtool_proc(*argv, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_readme_names_no_repo_paths_in_kdtool_commands():
+    from conftest import REPO
+
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("kdtool "):
+            assert "kdtool/data" not in line, line

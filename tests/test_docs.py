@@ -100,3 +100,10 @@ def test_plot_and_info_help_import_nothing_heavy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_examples_need_no_checkout():
+    """Help examples run from any directory: they name no path inside the repository (kdtool/..., scripts/...)."""
+    for entry in ENTRIES:
+        for example in reference.examples(entry.doc):
+            assert "kdtool/data" not in example and "scripts/" not in example, f"{entry.name}: {example}"

@@ -214,3 +214,17 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     assert got == pytest.approx(observed)
     html = (out / "report" / "index.html").read_text()
     assert "figures/floors.png" in html and "figures/probe.png" in html
+
+    # -- every file and folder kdtool wrote says what it is and how it was made (kdtool info)
+    paths = [out / "acts", out / "saes", out / "students", out / "report"]
+    paths += [p for p in out.rglob("*") if not any(part.startswith(".") for part in p.relative_to(out).parts)]
+    assert any("checkpoint" in p.parts for p in paths) and any("figures" in p.parts for p in paths)
+    r = cli("--json", "info", *map(str, paths))
+    assert r.exit_code == 0, r.output
+    described = json.loads(r.stdout)["files"]
+    unexplained = [d["path"] for d in described if not (d["kind"] or d.get("part_of"))]
+    assert not unexplained, f"kdtool info cannot say what these are: {unexplained}"
+    no_provenance = [d["path"] for d in described if not d["provenance"]]
+    assert not no_provenance, f"no provenance: {no_provenance}"
+    weights = formats.safetensors_header(out / "students" / "width8" / "model.safetensors")["metadata"]
+    assert weights["kdtool.kind"] == "kdtool.distill.student.weights" and "command" in json.loads(weights["kdtool"])

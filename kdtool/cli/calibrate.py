@@ -19,13 +19,22 @@ DecompFit = options.choices("DecompFit", "auto", "affine", "affine_fixed")
 
 def main(
     observed: Annotated[
-        Path,
+        Optional[Path],
         typer.Argument(
             help="Observed floors: CSV/Parquet/JSON with columns width and floor (e.g. students/floors.parquet); "
-            "an optional predicted column is used when --predicted is not given.",
+            "an optional predicted column is used when --predicted is not given. Or --example.",
             show_default=False,
         ),
-    ],
+    ] = None,
+    example: Annotated[
+        Optional[str],
+        typer.Option(
+            "--example",
+            help="Use a data set shipped with kdtool instead of OBSERVED: `paper` = the paper's Pythia-410M "
+            "floors and predictions (Tables 2-3).",
+            show_default=False,
+        ),
+    ] = None,
     predicted: Annotated[
         Optional[Path],
         typer.Option("--predicted", "-p", help="Output of `kdtool predict` (csv/parquet/json), joined by width."),
@@ -70,10 +79,11 @@ def main(
     intervals; the decomposition splits each floor into geometric C*predicted and baseline B.
     Writes calib.json with -o (read by `predict --calibration`); --json prints it.
 
-    Example: kdtool calibrate kdtool/data/paper_pythia410m.csv --baseline-width 1024 -o calib.json
+    Example: kdtool calibrate --example paper --baseline-width 1024 -o calib.json
     """
     from kdtool.theory import calibration as cal
 
+    observed = cal.observed_input(observed, example)
     cfg = cal.CalibrationConfig(
         baseline=baseline,
         baseline_width=baseline_width,

@@ -43,10 +43,13 @@ def main(
         common.emit_json({"files": descriptions})
         return
     console = common.out_console()
-    for i, d in enumerate(descriptions):
-        if i:
-            console.print()
-        _render(console, d)
+    with console.capture() as captured:
+        for i, d in enumerate(descriptions):
+            if i:
+                console.print()
+            _render(console, d)
+    # rich pads every cell of a grid to its column's width: no trailing blanks in a pipe or a file
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -90,6 +93,8 @@ def _render(console, d: dict) -> None:
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column()
     grid.add_row("kind", escape(d["kind"] or "(none: not written by kdtool)"))
+    if d.get("part_of"):
+        grid.add_row("part of", escape(f"{d['part_of']['folder']} ({d['part_of']['kind']})"))
     shape = ", ".join(f"{_fmt_num(v)} {k.replace('_', ' ')}" for k, v in d["shape"].items() if v is not None)
     grid.add_row(
         "format", escape(f"{d['format']}, {_fmt_bytes(d.get('size_bytes'))}" + (f"; {shape}" if shape else ""))

@@ -189,7 +189,7 @@ def build_concepts(
     fetch: Annotated[
         bool,
         typer.Option(
-            "--fetch", help="First download missing packages with apt-get (like scripts/fetch-concept-sources)."
+            "--fetch", help="First download missing packages with apt-get download (no root; nothing is installed)."
         ),
     ] = False,
     seed: common.SeedOpt = 0,
@@ -198,7 +198,7 @@ def build_concepts(
 
     question (Austen), french (manpages-fr vs manpages), code (Python docs), sports/legal/medical
     (WordNet topic domains). Concepts whose package is missing are skipped with the reason.
-    Example: scripts/fetch-concept-sources && kdtool probe build-concepts -o concepts.parquet --per-class 500
+    Example: kdtool probe build-concepts --fetch -o concepts.parquet --per-class 500
     """
     from kdtool.probe import concepts as cs
     from kdtool.probe import job

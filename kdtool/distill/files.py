@@ -202,6 +202,8 @@ def _save_student(final: Path, model, tokenizer, info: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
     model.save_pretrained(tmp)
+    for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
+        formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     formats.write_json(tmp / "kdtool.json", info)
@@ -267,6 +269,16 @@ def save_checkpoint(
             "rng": _rng_state(),
         },
         tmp / "state.pt",
+    )
+    formats.write_json(  # what the folder is, for `kdtool info` (the .pt files load only with weights_only=True)
+        tmp / "checkpoint.json",
+        {
+            "kind": "kdtool.distill.checkpoint",
+            "step": step,
+            "widths": list(models),
+            "use": "kdtool distill --resume continues from here; delete the folder to reclaim its space",
+            "config": cfg.as_dict(),
+        },
     )
     old = out / ".checkpoint.old"
     shutil.rmtree(old, ignore_errors=True)

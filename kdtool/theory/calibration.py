@@ -270,6 +270,27 @@ class Calibration:
         return {"kind": KIND, "inputs": self.inputs, **self.result, "provenance": provenance}
 
 
+#: Data sets shipped with kdtool (`calibrate --example NAME`): the paper's own numbers, reachable from anywhere.
+EXAMPLES = {"paper": "paper_pythia410m.csv"}
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+def example_path(name: str) -> Path:
+    """The shipped file behind `--example NAME` (BadInput naming the known ones otherwise)."""
+    if name not in EXAMPLES:
+        raise BadInput(f"--example {name!r}: no such data set (known: {', '.join(EXAMPLES)})")
+    return DATA_DIR / EXAMPLES[name]
+
+
+def observed_input(observed: str | os.PathLike | None, example: str | None) -> Path:
+    """OBSERVED or --example: exactly one of them names the observed floors."""
+    if observed is None and example is None:
+        raise BadInput("no observed floors: give OBSERVED (e.g. students/floors.parquet) or --example paper")
+    if observed is not None and example is not None:
+        raise BadInput(f"give OBSERVED ({observed}) or --example {example}, not both")
+    return Path(observed) if example is None else example_path(example)
+
+
 def calibrate_files(
     observed: str | os.PathLike,
     cfg: CalibrationConfig,
