@@ -64,7 +64,7 @@ def main(
     chunk_tokens: ChunkOpt = 4096,
     robust_cosine: CosineOpt = 0.9,
     robust_mass: MassOpt = 0.99,
-    robust_theta: ThetaOpt = 0.1,
+    robust_theta: ThetaOpt = 0.2,
     fidelity: FidelityOpt = False,
     fidelity_tokens: FidTokensOpt = "64K",
     fidelity_batch_size: FidBatchOpt = 2,

@@ -61,7 +61,7 @@ def sae_layers(arts: list[Artifact]) -> list[Table]:
     if robust:
         t.note += (
             " Robust: de-duplicated features (decoder cosine ≥ 0.9) carrying 99% of the importance, active above"
-            " 0.1 of their typical size (docs/sae.md); unlike F it does not grow with the SAE's width."
+            " 0.2 of their typical size (docs/sae.md); unlike F it does not grow with the SAE's width."
         )
     if notes:
         t.note += " " + " ".join(notes)
