@@ -1,9 +1,9 @@
 """The robust feature count (kdtool/sae/robust.py) on planted activations, where the true K is known.
 
 Default suite: the estimator's parts by hand, and SAEs built the way wide trained SAEs look (split
-copies, near-dead latents) at widths 1.25x, 4x and 16x K. Slow (`scripts/test --slow` or
-`.venv/bin/python -m pytest -m slow tests/test_robust_count.py`, about 15 min on 2 shared cores): SAEs trained by train-sae on
-planted activations over the same widths, for two K and both firing-rate profiles.
+copies, near-dead latents) at widths 1.25x, 4x and 16x K. Slow (`scripts/test --slow`, or
+`.venv/bin/python -m pytest -m slow tests/test_robust_count.py`, about 15 min on 2 shared cores):
+SAEs trained by train-sae on planted activations at 1.25x-16x K, for two K and both firing-rate profiles.
 """
 
 from __future__ import annotations
