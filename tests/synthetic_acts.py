@@ -43,8 +43,13 @@ def oracle_sae(spec, width: int, *, seed: int = 0, bias: float = 0.45, near_dead
     n_split, n_dead = extra // 2, extra - extra // 2
     owner = torch.cat([torch.arange(k), torch.randperm(k, generator=g).repeat(n_split // k + 1)[:n_split]])
     share = 1.0 / torch.bincount(owner, minlength=k).float()[owner]  # [K + n_split] 1/n of the feature each
-    dec = u[owner] + (torch.arange(owner.numel()) >= k).float()[:, None] * 0.2 * torch.randn(owner.numel(), d,
-                                                                                              generator=g) / d**0.5
+    dec = (
+        u[owner]
+        + (torch.arange(owner.numel()) >= k).float()[:, None]
+        * 0.2
+        * torch.randn(owner.numel(), d, generator=g)
+        / d**0.5
+    )
     dec /= dec.norm(dim=1, keepdim=True)
     enc, b = u[owner] * share[:, None], -bias * share
     r = torch.randn(n_dead, d, generator=g)

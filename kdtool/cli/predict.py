@@ -139,7 +139,7 @@ def main(
         spread_mod.table(result.summary["spread"]) if spread else result.columns,
         fmt=fmt,
         output=output,
-        kind=prediction.KIND + (".spread" if spread else ""),
+        kind=spread_mod.SPREAD_KIND if spread else prediction.KIND,
         provenance=common.make_provenance(inputs=[p for p in (stats, calibration) if p is not None]),
         title=f"predicted floors ({'spread over SAEs, ' if spread else ''}capacity {result.summary['capacity']}, "
         f"estimator {result.summary['estimator']})",

@@ -53,7 +53,7 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("sae-layers",             (STATS,),        "run",  _S, "Per-layer SAE measurements (Table 1)"),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
-    FigureRule("sensitivity",            (STATS,),        "run",  _S, "Sensitivity of F, α, d* and floors to the SAE",
+    FigureRule("sensitivity",            (STATS,),        "file", _S, "Sensitivity of F, α, d* and floors to the SAE",
                hints=("widths",), when=lambda arts: several_saes_per_layer(arts)),
     FigureRule("floor",                  (STATS, PREDICT), "file", _P, "Predicted floor vs width (Fig. 5b)",
                hints=("widths",)),
@@ -76,7 +76,8 @@ FIGURES: tuple[FigureRule, ...] = (
 
 
 def several_saes_per_layer(arts: list[Artifact]) -> bool:
-    """Whether the stats files among `arts` hold, together, more than one SAE of some layer."""
+    """Whether the stats files among `arts` (one file: the sensitivity rule draws per file) hold several SAEs of
+    a layer: widths, lambdas, seeds or token checkpoints of one layer measured together."""
     layers = [e.layer for a in arts if a.kind == STATS for e in entries(a.summary)]
     return len(set(layers)) != len(layers)
 

@@ -283,9 +283,13 @@ def run(
     for s in saes:
         (on_sae or (lambda s: None))(s)
     source = open_activations(sorted({s.layer for s in saes}), acts, stream, max_tokens=cfg.max_tokens)
-    fidelity = None
+    fidelity, notes = None, []
     if cfg.fidelity is not None:
         spec, data = fidelity_teacher(source, base_spec or ModelSpec(), stream)
+        was, now = (source.manifest or {}).get("dataset"), data.describe()["dataset"]
+        if was is not None and data.dataset is None and was != now:
+            notes.append(f"--fidelity: the cache was made from {was}, the embedded corpus is now {now}; "
+                         "its held-out side is scored")  # fmt: skip
         if source.teacher is not None:
             fidelity = (source.teacher, data)
         else:
@@ -304,4 +308,5 @@ def run(
         on_fidelity_progress=lambda n: report_fid(want, n),
     )
     result.inputs = [*source.inputs, *paths]
+    result.notes += notes
     return result

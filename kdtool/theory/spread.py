@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+SPREAD_KIND = "kdtool.predict.spread"
 STATS = ("min", "median", "max")
 SPREAD_COLUMNS = ("layer", "width", "saes", "floor_min", "floor_median", "floor_max", "features_kept_min",
                   "features_kept_median", "features_kept_max", "d_star_min", "d_star_median", "d_star_max")  # fmt: skip
