@@ -59,9 +59,11 @@ def sae_layers(arts: list[Artifact]) -> list[Table]:
         notes += [str(n) for n in s.get("notes") or []]
     t.note = "F = features firing on more than the alive threshold of tokens; α = 1 − L0/F; d* = F / g(α)."
     if robust:
+        cfg = next((a.summary["robust"] for a, _ in pairs if isinstance((a.summary or {}).get("robust"), dict)), {})
         t.note += (
-            " Robust: de-duplicated features (decoder cosine ≥ 0.9) carrying 99% of the importance, active above"
-            " 0.2 of their typical size (docs/sae.md); unlike F it does not grow with the SAE's width."
+            f" Robust: de-duplicated features (decoder cosine ≥ {cfg.get('cosine', '?')}) carrying"
+            f" {100 * cfg.get('mass', float('nan')):g}% of the importance, active above {cfg.get('theta', '?')} of"
+            " their typical size (docs/sae.md); unlike F it does not grow with the SAE's width."
         )
     if notes:
         t.note += " " + " ".join(notes)
