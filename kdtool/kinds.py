@@ -75,6 +75,7 @@ KINDS = {
         Kind("kdtool.stats.summary", "a stats summary", "(stdout of --json)", "kdtool --json stats"),
         Kind("kdtool.toy.summary", "a toy sweep summary", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.toy.convergence", "a toy convergence check", "(stdout of --json)", "kdtool --json toy"),
+        Kind("kdtool.demo.run", "the demo's record of a run", "demo-out/demo-run.json", "scripts/demo"),
         Kind("kdtool.reproduce.stage", "a reproduction stage record", "RUN/stages.jsonl", "scripts/reproduce-paper"),
     )
 }

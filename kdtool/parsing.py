@@ -1,9 +1,11 @@
-"""Parsers for the compact notations users type: widths lists, ranges and token counts."""
+"""Parsers for the compact notations users type: widths lists, ranges and token counts (and `short_float`, a
+number written back compactly for names and labels)."""
 
 from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 from kdtool.errors import BadInput
 
@@ -62,3 +64,11 @@ def parse_float_list(text: str) -> list[float]:
     if not out or not all(math.isfinite(v) for v in out):
         raise BadInput(f"not a list of finite numbers: {text!r}")
     return out
+
+
+def short_float(x: float) -> str:
+    """3e-4 -> '3e-4', 2.5e-5 -> '2.5e-5', 0.05 -> '0.05', 1.0 -> '1': repr's shortest digits, scientific below 1e-3."""
+    d = Decimal(repr(float(x)))
+    if d != 0 and abs(d) < Decimal("1e-3"):
+        return format(d.normalize(), "e")
+    return format(d.normalize(), "f")

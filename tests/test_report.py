@@ -38,6 +38,8 @@ ALLOWED = {
     "sae-curves",
     "l0-mse",
     "sae-layers",
+    "sae-headline",
+    "layer-capacity",  # layer-correlation needs >= 3 layers: this run has 2
     "importance",
     "capacity",
     "floor",

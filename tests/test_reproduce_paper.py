@@ -95,13 +95,16 @@ def test_paper_plan_parses_and_carries_the_paper_settings(script, capsys, tmp_pa
         p = params[f"train-sae-{t}"]
         assert p["model"] == "EleutherAI/pythia-410m" and p["dataset"] == "monology/pile-uncopyrighted"
         assert p["acts"] is None and p["seq_len"] == 1024  # streamed, 32 x 1024 batches
-        assert p["layer"] == "8,12,16" and p["expansion"] == 32 and p["batch_tokens"] == "32768"
+        assert p["layer"] == "8,12,16" and float(p["expansion"]) == 32 and p["batch_tokens"] == "32768"
         assert parse_count(p["tokens"]) == 300_000_000 and parse_count(p["checkpoint_every"]) == 50_000_000
         assert p["output"] == out / f"saes-{t}"
         assert parse_count(params[f"stats-{t}"]["tokens"]) == 10_000_000
-    assert params["train-sae-A"]["l1"] == 8e-4 and params["train-sae-A"]["target_l0"] is None
-    assert params["train-sae-B"]["l1"] == 2.5e-5  # 8e-4 / 32, the authors' effective lambda
+    # the authors' three trials (field notes): A dense 3e-4, B paper-exact 8e-5, C adaptive from 5e-4 to L0 150
+    assert float(params["train-sae-A"]["l1"]) == 3e-4 and params["train-sae-A"]["target_l0"] is None
+    assert float(params["train-sae-B"]["l1"]) == 8e-5 and params["train-sae-B"]["target_l0"] is None
     assert params["train-sae-C"]["target_l0"] == 150 and params["train-sae-C"]["l1_rate"] == 0.01
+    assert float(params["train-sae-C"]["l1"]) == 5e-4
+    assert "(dense)" in stages(plan)["train-sae-A"]["title"] and "(adaptive)" in stages(plan)["train-sae-C"]["title"]
 
     d = params["distill"]
     assert d["widths"] == "128,256,512,768,1024" and d["heads"] == "paper" and d["temperature"] == 2
@@ -168,6 +171,38 @@ def test_disk_arithmetic(script, capsys, tmp_path):
     assert "time    unknown for cache-acts, train-sae-A" in text
 
 
+def test_all_layers_and_the_extra_trials(script, capsys, tmp_path):
+    """--all-layers: every block's output (24 for Pythia-410M), each trial one train-sae run of 24 SAEs;
+    the disk, cache and device-memory arithmetic scale with the layers."""
+    out = tmp_path / "run"
+    plan = dry(script, capsys, "--out", out, "--all-layers")
+    st = stages(plan)
+    assert [s["name"] for s in plan["stages"]] == PAPER_STAGES
+    for t in TRIALS:
+        p = parse(st[f"train-sae-{t}"]["argv"])
+        assert p["layer"] == ",".join(map(str, range(1, 25)))
+        assert parse_count(p["checkpoint_every"]) == 50_000_000  # 50/100/.../300M: 24 x 6 = 144 per trial
+        assert st[f"train-sae-{t}"]["tokens"]["sae_train_per_layer"] == 9155 * 32768
+        assert st[f"train-sae-{t}"]["disk_bytes"] == 24 * 7 * SAE + 24 * ADAM
+        assert st[f"train-sae-{t}"]["peak_extra_bytes"] == 24 * ADAM
+        assert st[f"stats-{t}"]["disk_bytes"] == 24 * 32768 * sizes.STATS_ROW_BYTES
+    assert parse(st["calibrate-A"]["argv"])["layer"] == 12 and parse(st["probe"]["argv"])["layer"] == 12
+    three = dry(script, capsys, "--out", out)
+    extra = 3 * (21 * 7 * SAE + 21 * ADAM + 21 * 32768 * sizes.STATS_ROW_BYTES)  # 24 - 3 more layers, 3 trials
+    assert plan["totals"]["disk_bytes"] - three["totals"]["disk_bytes"] == extra
+    assert any("14.7 TB (300,000,000 tokens x 24 layers x 1024 x 2 bytes)" in n for n in plan["notes"])
+    assert any("hidden_states 1..24" in n for n in plan["notes"])
+    held, scratch = 24 * (4 * SAE + 8 * 32768), 3 * 4 * 32768 * 32768
+    assert sizes.sae_training_memory(1024, 32768, 24, 32768) == (held, scratch)
+    assert any(f"{sizes.fmt_bytes(held)} for 24 SAEs" in n for n in plan["notes"])
+
+    plan = dry(script, capsys, "--out", out, "--trials", "stated,code,B")
+    params = {s["name"]: parse(s["argv"]) for s in plan["stages"] if s["family"] == "train-sae"}
+    assert list(params) == ["train-sae-stated", "train-sae-code", "train-sae-B"]
+    assert float(params["train-sae-stated"]["l1"]) == 8e-4 and float(params["train-sae-code"]["l1"]) == 2.5e-5
+    assert params["train-sae-code"]["output"] == out / "saes-code"
+
+
 def test_scaled_down_plan(script, capsys, tmp_path):
     plan = dry(
         script,
@@ -221,7 +256,8 @@ def test_torchrun_and_bad_options(script, capsys, tmp_path):
 
     for args, message in (
         (["--torchrun", "3"], "--torchrun 3: --batch-size 32 must be divisible by it"),
-        (["--trials", "A,Z"], "--trials: unknown trial(s) Z; known: A, B, C"),
+        (["--trials", "A,Z"], "--trials: unknown trial(s) Z; known: A, B, C, stated, code"),
+        (["--all-layers", "--layers", "8"], "--all-layers and --layers: give one"),
         (["--steps", "500", "--warmup", "600"], "--warmup 600 must be below --steps 500"),
         (["--layers", "8,30"], "--layers 30: EleutherAI/pythia-410m has hidden_states 0..24"),
         (["--skip", "everything"], "--skip: unknown stage(s) everything"),
@@ -239,7 +275,7 @@ def test_cli_entry_point_help_and_error():
         [sys.executable, str(SCRIPT), "--dry-run", "--trials", "Q"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == "reproduce-paper: error: --trials: unknown trial(s) Q; known: A, B, C"
+    assert r.stderr.strip() == "reproduce-paper: error: --trials: unknown trial(s) Q; known: A, B, C, stated, code"
 
 
 def test_time_follows_the_rates(script, capsys, tmp_path):

@@ -108,13 +108,13 @@ def test_decoder_rows_are_unit_norm_after_every_step_and_grads_orthogonal(tmp_pa
     trainer = None
 
     def on_step(tokens, step, row):
-        W = trainer.runs[3].sae.W_dec.detach()
+        W = trainer.runs["layer3"].sae.W_dec.detach()
         seen.append(float((W.norm(dim=1) - 1).abs().max()))
 
     trainer = Trainer(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes", on_step=on_step)
     trainer.run()
     assert len(seen) == 39 and max(seen) < 1e-5
-    sae = trainer.runs[3].sae
+    sae = trainer.runs["layer3"].sae
     forward_backward(sae, torch.randn(64, 16), 0.05)
     sae.project_decoder_grad()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
@@ -387,9 +387,9 @@ def test_bf16_matmuls_on_gpu_track_fp32(tmp_path):
                           precision=precision)  # fmt: skip
         trainer = Trainer(cfg, CacheSource(tmp_path / "acts"), tmp_path / precision)
         trainer.run()
-        W = trainer.runs[3].sae.W_dec
+        W = trainer.runs["layer3"].sae.W_dec
         assert W.dtype == torch.float32 and float((W.norm(dim=1) - 1).abs().max()) < 1e-5
-        logs[precision] = trainer.runs[3].rows[-1]
+        logs[precision] = trainer.runs["layer3"].rows[-1]
     assert logs["bf16"]["mse"] == pytest.approx(logs["fp32"]["mse"], rel=0.1)
     assert logs["bf16"]["l0"] == pytest.approx(logs["fp32"]["l0"], rel=0.1)
 
@@ -429,11 +429,12 @@ def test_train_returns_the_summary_table(tmp_path):
     trainer = train(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes")
     table = trainer.summary()
     assert list(table) == ["layer", "tokens", "steps", "mse", "explained_variance", "l0", "alive_fraction",
-                           "lambda", "sae"]  # fmt: skip
+                           "lambda", "d_sae", "l1", "init_seed", "sae"]  # fmt: skip
+    assert (table["d_sae"], table["l1"], table["init_seed"]) == ([32], [cfg.l1], [cfg.seed])
     at = trainer.at
     assert at.step > 0 and at.tokens == at.step * 512
     assert table["layer"] == [3] and table["tokens"] == [at.tokens] and table["steps"] == [at.step]
     assert table["sae"] == [str(tmp_path / "saes" / "layer3")]
-    assert table["mse"] == [trainer.runs[3].rows[-1]["mse"]] and table["lambda"] == [cfg.l1]
+    assert table["mse"] == [trainer.runs["layer3"].rows[-1]["mse"]] and table["lambda"] == [cfg.l1]
     with pytest.raises(BadInput, match="already exists"):  # prepare_output guards the folder
         train(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes")

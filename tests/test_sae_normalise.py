@@ -87,21 +87,21 @@ def test_scale_is_the_mean_norm_and_a_planted_factor_100_leaves_training_unchang
         trainer.run()
         runs[name] = trainer
         want, tokens = _first_batches_scale(acts, 3, cfg)
-        assert trainer.runs[3].scale == pytest.approx(want, rel=1e-6) and tokens == NORM_TOKENS
+        assert trainer.runs["layer3"].scale == pytest.approx(want, rel=1e-6) and tokens == NORM_TOKENS
         kd = json.loads((tmp_path / f"saes-{name}" / "layer3" / "cfg.json").read_text())["kdtool"]
-        assert kd["normalize"]["method"] == "expected-norm" and kd["normalize"]["scale"] == trainer.runs[3].scale
+        assert kd["normalize"]["method"] == "expected-norm" and kd["normalize"]["scale"] == trainer.runs["layer3"].scale
         assert kd["normalize"]["estimated_on_tokens"] == NORM_TOKENS
-    sa, sb = runs["a"].runs[3].scale, runs["b"].runs[3].scale
+    sa, sb = runs["a"].runs["layer3"].scale, runs["b"].runs["layer3"].scale
     assert sb / sa == pytest.approx(100, rel=1e-6)
     # the normalised inputs are the same up to float rounding, so the trained SAEs are too
-    ta, tb = runs["a"].runs[3].sae.tensors(), runs["b"].runs[3].sae.tensors()
+    ta, tb = runs["a"].runs["layer3"].sae.tensors(), runs["b"].runs["layer3"].sae.tensors()
     for name in ta:
         torch.testing.assert_close(ta[name], tb[name], rtol=1e-3, atol=1e-4)
     # ... and the saved ones differ by the scale in the biases only
     wa, wb = (load_file(str(tmp_path / f"saes-{n}" / "layer3" / "sae_weights.safetensors")) for n in "ab")
     torch.testing.assert_close(wb["W_dec"], wa["W_dec"], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(wb["b_dec"], 100 * wa["b_dec"], rtol=1e-3, atol=1e-2)
-    la, lb = runs["a"].runs[3].rows, runs["b"].runs[3].rows
+    la, lb = runs["a"].runs["layer3"].rows, runs["b"].runs["layer3"].rows
     assert [r["l0"] for r in la] == pytest.approx([r["l0"] for r in lb], rel=1e-3)
     assert [r["explained_variance"] for r in la] == pytest.approx([r["explained_variance"] for r in lb], rel=1e-4)
     # the log is in raw units: 100x the activations is 10^4 x the squared error and the loss
@@ -214,7 +214,7 @@ def test_a_fixed_lambda_sparsifies_large_norm_activations_only_when_normalised(t
                           log_every=10, seed=0, normalize=norm)  # fmt: skip
         trainer = Trainer(cfg, CacheSource(acts), tmp_path / norm)
         trainer.run()
-        last[norm] = trainer.runs[3].rows[-1]
+        last[norm] = trainer.runs["layer3"].rows[-1]
         assert last[norm]["explained_variance"] > 0.8, (norm, last[norm])
-    assert trainer.runs[3].scale > 10
+    assert trainer.runs["layer3"].scale > 10
     assert last["expected-norm"]["l0"] < 0.4 * last["none"]["l0"], last

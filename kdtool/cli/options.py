@@ -59,6 +59,14 @@ def layers_option(help: str, panel: str | None = None, short: bool = True):
     return Annotated[Optional[str], typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)]
 
 
+def values_option(name: str, help: str, panel: str | None = None, *, optional: bool = False):
+    """An option taking one value or a comma list (train-sae's --expansion 4,8,16: one SAE per value), as text
+    for the command to parse. optional: no default (None), and none shown in --help."""
+    if optional:
+        return Annotated[Optional[str], typer.Option(name, help=help, rich_help_panel=panel, show_default=False)]
+    return Annotated[str, typer.Option(name, help=help, rich_help_panel=panel)]
+
+
 def tokens_option(help: str, panel: str | None = None):
     """--tokens: a token count in the compact notation (300M, 2.5B, 50K), parsed by `parse_tokens`."""
     return Annotated[Optional[str], typer.Option("--tokens", help=help, rich_help_panel=panel, show_default=False)]

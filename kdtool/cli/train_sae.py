@@ -1,5 +1,8 @@
 """kdtool train-sae: train the paper's sparse autoencoders, one per layer, on cached or streamed activations.
 
+Several SAEs per layer train side by side on the same batches (one read of the data):
+    kdtool train-sae --layer 12 --expansion 4,8,16      -> saes/layer12-x4/, layer12-x8/, layer12-x16/
+
 Thin: parse options into kdtool.sae.config.TrainConfig, open the activation source
 (kdtool.sae.sources: the cache written by cache-acts, or a teacher streamed through a shuffle
 buffer), run kdtool.sae.training.train with a progress bar, report one summary row per layer.
@@ -29,6 +32,7 @@ from kdtool.cli.options import (
     parse_layers,
     parse_tokens,
     tokens_option,
+    values_option,
     with_teacher_flags,
 )
 
@@ -41,10 +45,38 @@ NormalizeChoice = choices("NormalizeChoice", "none", "expected-norm")
 KernelChoice = choices("KernelChoice", "auto", "dense", "sparse")
 
 LayerOpt = layers_option(
-    "Layer(s) to train, one SAE each: 12 or 8,12,16 (hidden_states index). Default: every layer in the cache.",
+    "Layer(s) to train: 12 or 8,12,16 (hidden_states index), one SAE each (one per combination with several "
+    "--expansion/--l1/--init-seed). Default: every layer in the cache.",
     SAE_PANEL,
 )
 ActsOpt = acts_option(SAE_PANEL)
+# one value, or several: one SAE per combination of the values, per layer, trained side by side
+ExpansionOpt = values_option(
+    "--expansion",
+    "Latents per SAE = expansion x d_model (paper: 32). Several (4,8,16): one SAE per value, trained side by "
+    "side on the same batches.",
+    SAE_PANEL,
+)
+FeaturesOpt = values_option(
+    "--features",
+    "Latents per SAE (overrides --expansion); several (1024,4096): one SAE per value.",
+    SAE_PANEL,
+    optional=True,
+)
+InitSeedOpt = values_option(
+    "--init-seed",
+    "SAE initialisation seed(s) (default: --seed); several (0,1,2): one SAE per seed. --seed alone sets the "
+    "data order, shared by all.",
+    SAE_PANEL,
+    optional=True,
+)
+L1Opt = values_option(
+    "--l1",
+    "lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). Its effect scales with "
+    "the activations: prefer --target-l0 or --normalize expected-norm. The controller's start with --target-l0. "
+    "Several (3e-4,8e-5): one SAE per value.",
+    SPARSITY_PANEL,
+)
 TokensOpt = tokens_option(
     "Tokens to train on (300M; more than cached loops the cache). Default: one pass over the cache.", RUN_PANEL
 )
@@ -54,26 +86,10 @@ TokensOpt = tokens_option(
 def main(
     layer: LayerOpt = None,
     acts: ActsOpt = None,
-    expansion: Annotated[
-        float,
-        typer.Option(
-            "--expansion", help="Latents per SAE = expansion x d_model (paper: 32).", rich_help_panel=SAE_PANEL
-        ),
-    ] = 32.0,
-    features: Annotated[
-        Optional[int],
-        typer.Option("--features", min=1, help="Latents per SAE (overrides --expansion).", rich_help_panel=SAE_PANEL),
-    ] = None,
-    l1: Annotated[
-        float,
-        typer.Option(
-            "--l1",
-            help="lambda of the L1 term (summed over features, averaged over tokens; the paper's 8e-4). "
-            "Its effect scales with the activations: prefer --target-l0 or --normalize expected-norm. "
-            "The controller's start with --target-l0.",
-            rich_help_panel=SPARSITY_PANEL,
-        ),
-    ] = 8e-4,
+    expansion: ExpansionOpt = "32",
+    features: FeaturesOpt = None,
+    init_seed: InitSeedOpt = None,
+    l1: L1Opt = "8e-4",
     target_l0: Annotated[
         Optional[float],
         typer.Option(
@@ -197,7 +213,11 @@ def main(
     Adam (lr 3e-4, betas 0.9/0.999), gradient clipping 1.0, fp32 master weights. Writes
     OUTPUT/layer{L}/cfg.json + sae_weights.safetensors (SAELens layout plus kdtool's fields) and
     train_log.parquet, checkpoints under OUTPUT/layer{L}/checkpoints/, and OUTPUT/checkpoint.json
-    for --resume. Prints one summary row per layer.
+    for --resume. Prints one summary row per SAE.
+
+    Several --expansion, --features, --l1 or --init-seed values train one SAE per combination and
+    layer side by side on the same batches, each equal to the SAE a run of it alone trains, into
+    OUTPUT/layer{L}-x8/, OUTPUT/layer{L}-lambda3e-4/, ... (named by what differs).
 
     --normalize expected-norm trains on x / s (s per layer) and folds s into the saved weights.
 
@@ -206,15 +226,19 @@ def main(
     from kdtool import distributed as dist
     from kdtool.cli.options import load_teacher
     from kdtool.models import resolve_device, torchrun_local_rank
-    from kdtool.parsing import parse_count
+    from kdtool.parsing import parse_count, parse_float_list, parse_int_list
     from kdtool.sae import sources
-    from kdtool.sae.config import TrainConfig, check_processes, sae_width
+    from kdtool.sae.config import TrainConfig, check_processes, sae_widths
 
     n_batch = common.parse_opt("--batch-tokens", parse_count, batch_tokens)
     every = common.parse_opt("--checkpoint-every", parse_count, checkpoint_every) if checkpoint_every else 0
     window = common.parse_opt("--alive-window", parse_count, alive_window)
     buffer_tokens = common.parse_opt("--shuffle-buffer", parse_count, shuffle_buffer)
     n_tokens, requested = parse_tokens(tokens), parse_layers(layer)
+    expansions = common.parse_opt("--expansion", parse_float_list, expansion)
+    widths = common.parse_opt("--features", parse_int_list, features) if features is not None else None
+    l1s = common.parse_opt("--l1", parse_float_list, l1)
+    seeds = common.parse_opt("--init-seed", lambda t: parse_int_list(t, minimum=0), init_seed) if init_seed else None
     device = str(resolve_device(flags.device, local_rank=torchrun_local_rank()))
     teacher = None
     if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
@@ -226,8 +250,8 @@ def main(
     cfg = TrainConfig(
         layers=source.select_layers(requested),
         d_in=source.d_in,
-        d_sae=sae_width(source.d_in, features=features, expansion=expansion),
-        l1=l1,
+        d_sae=sae_widths(source.d_in, features=widths, expansion=expansions),
+        l1=l1s,
         target_l0=target_l0,
         l1_rate=l1_rate,
         l1_warmup=l1_warmup,
@@ -243,6 +267,7 @@ def main(
         kernel=kernel.value,
         alive_window=window,
         normalize=normalize.value,
+        init_seed=seeds,
     )
     check_processes(cfg.batch_tokens, dist.world_size())
     provenance = common.make_provenance(
@@ -300,15 +325,25 @@ def _announce(cfg, source, d) -> int | None:
             f"{n_tokens / cached:.1f} times, reshuffled on each pass"
         )
     what = f"{total:,} tokens" if total else "the data"
+    d_sae, lam = _listed(cfg.d_sae, "{:,}"), _listed(cfg.l1, "{:g}")
     common.log(
-        f"train-sae: layers {','.join(map(str, cfg.layers))}, d_in {cfg.d_in} -> d_sae {cfg.d_sae:,}, "
+        f"train-sae: layers {','.join(map(str, cfg.layers))}, d_in {cfg.d_in} -> d_sae {d_sae}, "
         f"batch {cfg.batch_tokens:,}, {what}, lambda "
-        + (f"-> L0 {cfg.target_l0:g} (start {cfg.l1:g})" if cfg.target_l0 else f"{cfg.l1:g}")
+        + (f"-> L0 {cfg.target_l0:g} (start {lam})" if cfg.target_l0 else lam)
+        + (f", init seeds {_listed(cfg.init_seed, '{}')}" if isinstance(cfg.init_seed, list) else "")
         + (f" on x / s ({cfg.normalize})" if cfg.normalize != "none" else "")
         + f", on {cfg.device}"
         + (f" x {d.world} processes" if d.world > 1 else "")
     )
+    per_layer = len(cfg.specs())
+    if per_layer > 1:
+        common.log(f"train-sae: {per_layer} SAEs per layer side by side on the same batches")
     return total
+
+
+def _listed(value, fmt: str) -> str:
+    """A config value that is one number or a list of them, for the log line."""
+    return "/".join(fmt.format(v) for v in value) if isinstance(value, list) else fmt.format(value)
 
 
 def _step_reporter(bar, task):

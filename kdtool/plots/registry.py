@@ -83,6 +83,22 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "when measured), shaded per column (input: stats files)",
     ),
     "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
+    "layer-capacity": (
+        "kdtool.plots.sae_trials",
+        "capacity_by_layer",
+        "alpha, g(alpha) and d* side by side against the layer, one series per SAE trial (input: stats files)",
+    ),
+    "layer-correlation": (
+        "kdtool.plots.sae_trials",
+        "correlation",
+        "Pearson r across layers between SAE metrics (L0, alpha, g, d*, F, dead, MSE, expl. var.), one heatmap "
+        "per SAE trial (input: stats files, >= 3 layers)",
+    ),
+    "sae-headline": (
+        "kdtool.plots.sae_trials",
+        "headline",
+        "mean alpha, mean L0, total dead and mean d* of each SAE trial, as number tiles (input: stats files)",
+    ),
     "l0-mse": (
         "kdtool.plots.sae",
         "l0_mse",

@@ -8,6 +8,7 @@ Options read: layer (only these layers), title, and via --set: x=tokens|step (sa
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from matplotlib.colors import LinearSegmentedColormap
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
-from kdtool.sae.summary import entries, several_per_layer
+from kdtool.report import trials
 
 LOG_KIND = "kdtool.sae.train_log"
 STATS_KIND = "kdtool.stats"
@@ -40,7 +41,7 @@ def _expand(inputs: list[Path]) -> list[Path]:
             found = (
                 [p / "train_log.parquet"]
                 if (p / "train_log.parquet").exists()
-                else sorted(p.glob("layer*/train_log.parquet"), key=lambda f: _layer_number(f.parent.name))
+                else sorted(p.glob("layer*/train_log.parquet"), key=lambda f: _folder_key(f.parent.name))
             )
             if not found:
                 raise BadInput(f"{p}: no train_log.parquet here or in layer*/ (a `kdtool train-sae` output?)")
@@ -52,9 +53,15 @@ def _expand(inputs: list[Path]) -> list[Path]:
     return out
 
 
+def _folder_key(name: str) -> tuple:
+    """Sort key of SAE folders: by layer, then naturally (layer12-x4 before layer12-x16)."""
+    return _layer_number(name), [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _layer_number(name: str) -> int:
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if digits else 0
+    """layer12 -> 12, layer12-x8 -> 12 (an SAE trained beside others: the layer, not the other digits)."""
+    m = re.match(r"layer(\d+)", name)
+    return int(m.group(1)) if m else 0
 
 
 def _wanted(options: dict) -> set[int] | None:
@@ -75,9 +82,13 @@ def read_log(path: Path) -> tuple[int, dict]:
 
 
 def _run_name(path: Path) -> str:
-    """saes_a/layer12/train_log.parquet -> saes_a (the run a log belongs to)."""
+    """saes_a/layer12/train_log.parquet -> saes_a (the run a log belongs to); saes/layer12-x8/... -> saes x8
+    (an SAE trained beside others of its layer: what sets it apart)."""
     parent = path.parent
-    return parent.parent.name if parent.name.startswith("layer") else parent.name
+    if not parent.name.startswith("layer"):
+        return parent.name
+    apart = re.sub(r"^layer\d+-?", "", parent.name)
+    return f"{parent.parent.name} {apart}" if apart else parent.parent.name
 
 
 def read_logs(inputs: list[Path], options: dict) -> list[tuple[int, dict, Path]]:
@@ -96,26 +107,24 @@ def read_logs(inputs: list[Path], options: dict) -> list[tuple[int, dict, Path]]
 
 
 def read_summaries(inputs: list[Path], options: dict) -> list[tuple[str, dict, Path]]:
-    """(row label, per-SAE summary, file) from stats.parquet files' metadata: one row per SAE."""
+    """(row label, per-layer summary, file) from stats files' metadata, trial by trial (kdtool/report/trials.py).
+
+    Option trial: only that trial's layers (a Trial.key, as kdtool plot report sets it). Rows of
+    several trials are labelled with the trial ("L12 A (dense)"), told apart by how the SAEs were
+    trained, not by the file names.
+    """
     wanted = _wanted(options)
-    rows = []
     for path in inputs:
-        path = Path(path)
-        meta = formats.parquet_metadata(path) if path.exists() else None
-        if meta is None:
+        if not Path(path).exists():
             raise BadInput(f"{path}: no such file")
-        if meta.get("kind") != STATS_KIND:
-            raise BadInput(f"{path}: not a `kdtool stats` file (kind {meta.get('kind')!r})")
-        found = entries(meta.get("summary"))
-        several = several_per_layer(found)
-        for e in found:
-            if wanted is None or e.layer in wanted:
-                rows.append((e.label(several), e.info, path))
+    found = trials.select([Path(p) for p in inputs], options.get("trial"))
+    rows = []
+    for t in found:
+        for tl in t.layers:
+            if wanted is None or tl.layer in wanted:
+                rows.append((f"L{tl.layer}" + (f" {t.label}" if len(found) > 1 else ""), tl.summary, tl.path))
     if not rows:
         raise BadInput("no layer to show (check --layer)")
-    labels = [r[0] for r in rows]
-    if len(set(labels)) != len(labels):  # the same layer from several files: name the files too
-        rows = [(f"{lab} {p.stem}", s, p) for lab, s, p in rows]
     return rows
 
 
@@ -213,7 +222,9 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(options.get("title") or "SAE measurements per layer\n(shade: low to high within each column)",
+    found = trials.select([Path(p) for p in inputs], options.get("trial"))
+    what = f": {found[0].label}" if len(found) == 1 else ""
+    ax.set_title(options.get("title") or f"SAE measurements per layer{what}\n(shade: low to high within each column)",
                  pad=14, fontsize="medium")  # fmt: skip
     st.save(fig, output)
 

@@ -12,7 +12,7 @@ splitting; a d* still moving at the last token checkpoint has not converged.
 Options: `--set x=width|l1|seed|tokens` (default: the setting with the most distinct values),
 `--widths` (floors at these student widths; default 1/2, 1 and 2 x the median robust d*),
 `--layer`, `--title`. The settings come from each SAE's cfg.json, as `stats` recorded them
-(summary `train`: d_sae, l1, seed, tokens).
+(each SAE's `trained` record in the stats summary, kdtool/sae/record.py; the width from `d_sae`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from kdtool.sae.summary import entries
 from kdtool.theory import importance as imp
 from kdtool.theory import theorem as theory
 
-#: x axis name -> (key of the summary's "train" record, axis label, log scale)
+#: x axis name -> (key of the SAE's training record, axis label, log scale)
 AXES = {
     "width": ("d_sae", "SAE width (latents)", True),
-    "l1": ("l1", "L1 coefficient lambda", True),
-    "seed": ("seed", "seed", False),
+    "l1": ("l1", "L1 coefficient lambda (start)", True),
+    "seed": ("init_seed", "initialisation seed", False),
     "tokens": ("tokens", "SAE training tokens", True),
 }
 STATS_KIND = "kdtool.stats"
@@ -55,7 +55,8 @@ def _points(inputs: list[Path], options: dict) -> list[dict]:
             if wanted is not None and paper.layer not in wanted:
                 continue
             s = info.get((paper.sae, paper.layer)) or {}
-            rec = {"layer": paper.layer, "key": paper.sae or path.stem, "train": s.get("train") or {}, "file": path}
+            train = (s.get("trained") or {}) | {"d_sae": s.get("d_sae")}  # the record (kdtool SAEs) and the width
+            rec = {"layer": paper.layer, "key": paper.sae or path.stem, "train": train, "file": path}
             for est, found in by_est.items():
                 li = found[i]
                 g = float(theory.g(li.alpha)) if li.alpha and li.alpha > 0 else math.nan

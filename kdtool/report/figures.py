@@ -17,6 +17,7 @@ from kdtool import formats
 from kdtool import provenance as prov_mod
 from kdtool.errors import KdtoolError
 from kdtool.plots import registry
+from kdtool.report import trials as trials_mod
 from kdtool.report.discover import one_line
 from kdtool.report.model import (
     CALIB,
@@ -50,7 +51,11 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("sae-curves",             (SAE_LOG,),      "sae-run", _S, "SAE training curves (Fig. 4, 15)"),
     FigureRule("l0-mse",                 (SAE_LOG, STATS), "sae-run", _S, "Sparsity vs reconstruction (L0 vs MSE)",
                extra=(STATS,)),
-    FigureRule("sae-layers",             (STATS,),        "run",  _S, "Per-layer SAE measurements (Table 1)"),
+    FigureRule("sae-headline",           (STATS,),        "trial", _S, "SAE trial at a glance"),
+    FigureRule("sae-layers",             (STATS,),        "trial", _S, "Per-layer SAE measurements (Table 1)"),
+    FigureRule("layer-capacity",         (STATS,),        "trial", _S, "alpha, g(alpha) and d* per layer"),
+    FigureRule("layer-correlation",      (STATS,),        "trial", _S, "SAE metrics correlated across layers",
+               min_layers=3),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
     FigureRule("sensitivity",            (STATS,),        "file", _S, "Sensitivity of F, α, d* and floors to the SAE",
@@ -82,8 +87,9 @@ def several_saes_per_layer(arts: list[Artifact]) -> bool:
     return len(set(layers)) != len(layers)
 
 
-def _slug(rel: str) -> str:
-    stem = rel.rsplit(".", 1)[0] if "/" not in rel.rsplit(".", 1)[-1] else rel
+def _slug(rel: str, *, path: bool = True) -> str:
+    """A file-name-safe form of a path (its suffix dropped) or, path=False, of a label."""
+    stem = rel.rsplit(".", 1)[0] if path and "/" not in rel.rsplit(".", 1)[-1] else rel
     out = "".join(ch if ch.isalnum() else "-" for ch in stem).strip("-").lower()
     while "--" in out:
         out = out.replace("--", "-")
@@ -120,6 +126,16 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Artifact], dict, str]]:
+    """Per SAE trial of the stats files: (its files, {"trial": key}, its label); [] when they cannot be read."""
+    by_path = {a.path: a for a in main}
+    try:
+        found = trials_mod.trials(list(by_path))
+    except KdtoolError:  # an unreadable stats file: its own figures and tables say so
+        return []
+    return [([by_path[p] for p in t.paths], {"trial": t.key}, t.label) for t in found if len(t.layers) >= min_layers]
+
+
 def _groups(main: list[Artifact], per: str) -> list[list[Artifact]]:
     if per == "run" or len(main) == 1:
         return [main]
@@ -151,26 +167,38 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
-        groups = [g for g in _groups(main, rule.per) if rule.when is None or rule.when(g)]
-        for group in groups:
+        if rule.per == "trial":
+            groups_opts = _trial_groups(main, rule.min_layers)
+        else:
+            groups_opts = [(g, {}, g[0].rel) for g in _groups(main, rule.per)]
+        groups_opts = [(g, o, lab) for g, o, lab in groups_opts if rule.when is None or rule.when(g)]
+        groups = [g for g, _, _ in groups_opts]
+        for group, group_opts, label in groups_opts:
             extra = [a for a in artifacts if a.kind in rule.extra]
             if rule.extra_scope == "folder":
                 extra = [a for a in extra if a.path.parent == group[0].path.parent]
-            opts = dict(base)
+            opts = dict(base) | group_opts
             if "widths" in rule.hints and widths:
                 opts["widths"] = widths
             if "d_star" in rule.hints:
                 d_star = _d_star_for(group[0], artifacts)
                 if d_star is not None:
                     opts["d_star"] = d_star
-            label = group[0].rel  # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes)
+            # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes); trial: its label
             if rule.per == "sae-run" and group[0].kind == SAE_LOG and label.count("/") >= 2:
                 label = label.rsplit("/", 2)[0]
-            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label)}"
+            trial = rule.per == "trial"
+            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label, path=not trial)}"
             while any(j.file == f"figures/{name}{FIGURE_SUFFIX}" for j in jobs):
                 name += "-2"
             jobs.append(
-                FigureJob(rule, group + [a for a in extra if a not in group], f"figures/{name}{FIGURE_SUFFIX}", opts)
+                FigureJob(
+                    rule,
+                    group + [a for a in extra if a not in group],
+                    f"figures/{name}{FIGURE_SUFFIX}",
+                    opts,
+                    f"{rule.title}: {label}" if trial and len(groups) > 1 else None,
+                )
             )
     return jobs, unavailable
 
@@ -187,7 +215,8 @@ def render_figure(
 ) -> FigureResult:
     """Draw one figure with its registered function; any failure becomes the result's note."""
     module_name, function_name, caption = registry.entry(job.rule.figure, registered)
-    result = FigureResult(job.rule.figure, job.rule.section, job.rule.title, caption, None, [a.rel for a in job.inputs])
+    title = job.title or job.rule.title
+    result = FigureResult(job.rule.figure, job.rule.section, title, caption, None, [a.rel for a in job.inputs])
     output = out_dir / job.file
     paths = [a.path for a in job.inputs]
     prov = None

@@ -51,9 +51,10 @@ class FigureRule:
 
     figure: str  # figure kind in kdtool.plots.registry.KINDS
     inputs: tuple[str, ...]  # artifact kinds it reads; the first kind present in the run is used
-    #: one figure from all those files ("run"), one per file ("file"), or one per SAE run folder ("sae-run":
-    #: train logs grouped by the folder above their layer{L}/, so two train-sae runs do not share a figure)
-    per: Literal["run", "file", "sae-run"]
+    #: one figure from all those files ("run"), one per file ("file"), one per SAE run folder ("sae-run":
+    #: train logs grouped by the folder above their layer{L}/, so two train-sae runs do not share a figure),
+    #: or one per SAE trial ("trial": stats layers grouped by how their SAEs were trained, kdtool/report/trials.py)
+    per: Literal["run", "file", "sae-run", "trial"]
     section: str  # report section the figure goes to
     title: str
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
@@ -61,6 +62,7 @@ class FigureRule:
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
     #: drawn only when this says the group's artifacts allow it (None: always), e.g. "several SAEs of a layer"
     when: Callable[[list[Artifact]], bool] | None = None
+    min_layers: int = 0  # per "trial": only trials with at least this many layers
 
 
 @dataclass
@@ -71,6 +73,7 @@ class FigureJob:
     inputs: list[Artifact]
     file: str  # path relative to the report folder, e.g. figures/floor.png
     options: dict
+    title: str | None = None  # the rule's title with what tells this figure apart (an SAE trial); None: the rule's
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The SAE tables of a run report: per-SAE measurements (Table 1), fidelity in the model, the last training step.
+"""The SAE tables of a run report: per-SAE measurements (Table 1), fidelity in the model, each SAE trial's
+headline, and the last step of each training log.
 
 Builders take the run's artifacts and return kdtool.report.model.Tables (see kdtool/report/tables.py).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdtool import formats
+from kdtool.report import trials
 from kdtool.report.model import SAE_LOG, STATS, Artifact, Table, number, of_kind
 from kdtool.sae.summary import Entry, entries, several_per_layer
 from kdtool.theory import importance
@@ -96,6 +98,53 @@ def sae_fidelity(arts: list[Artifact]) -> list[Table]:
         "activation; CE score = (CE_zero − CE_spliced)/(CE_zero − CE_clean), KL score = (KL_zero − KL_spliced)/KL_zero "
         "(SAELens evals.py); 1 = the model is unchanged."
     )
+
+
+def sae_trials(arts: list[Artifact]) -> list[Table]:
+    """The headline of each SAE trial (the project page's card): layers, mean alpha, L0, d*, total dead.
+
+    Trials are told apart by how their SAEs were trained (kdtool/report/trials.py), not by file names.
+    """
+    stats = of_kind(arts, STATS)
+    if not stats:
+        return []
+    by_path = {a.path: a for a in stats}
+    found = trials.trials(list(by_path))
+    t = Table(
+        "sae_trials",
+        "SAE measurements",
+        "SAE trials at a glance",
+        ["trial", "layers", "mean α", "mean L0", "mean g(α)", "mean d*", "dead", "of latents", "dead %",
+         "λ (start)", "target L0", "d_sae", "training tokens", "files"],
+        ["text", "int", "f4", "f1", "g4", "f1", "int", "int", "pct", "g3", "f1", "int", "int", "text"],
+    )  # fmt: skip
+    for trial in found:
+        h, rec = trial.headline(), trial.record or {}
+        t.add(
+            trial.label,
+            h["layers"],
+            h["mean_alpha"],
+            h["mean_l0"],
+            h["mean_g"],
+            h["mean_d_star"],
+            h["total_dead"],
+            h["total_latents"],
+            h["dead_fraction"],
+            rec.get("l1"),
+            rec.get("target_l0"),
+            rec.get("d_sae"),
+            rec.get("tokens"),
+            ", ".join(by_path[p].rel for p in trial.paths),
+        )
+        t.sources += [by_path[p].rel for p in trial.paths if by_path[p].rel not in t.sources]
+    t.note = (
+        "A trial is one set of SAE training settings (lambda or the L0 controller, width, seeds, tokens), read from "
+        "each layer's training record in the stats file; A, B, C = the authors' trials (paper-sae-trials.toml). "
+        "Means are over the trial's layers; dead = latents firing on no more than the alive threshold."
+    )
+    notes = [n for trial in found for n in trial.notes]
+    if notes:
+        t.note += " " + " ".join(notes)
     return [t]
 
 

@@ -24,6 +24,9 @@ from kdtool.reproduce.sizes import (
 )
 from kdtool.reproduce.stage import Stage, arg, cmd, compact
 
+#: keys of a trial in paper-sae-trials.toml that describe it rather than being train-sae options
+TRIAL_TEXT = ("label", "name")
+
 
 def teacher_opts(p: Protocol) -> dict[str, Any]:
     """The teacher flags every teacher-reading command of the plan gets."""
@@ -88,7 +91,7 @@ def sae_stages(p: Protocol, t: Teacher, source: dict, seed: int | None) -> list[
             Stage(
                 f"train-sae-{name}",
                 "train-sae",
-                f"SAE trial {name}: {trial.get('label', '')}",
+                f"SAE trial {name} ({trial.get('name', name)}): {trial.get('label', '')}",
                 cmd(
                     "kdtool",
                     "train-sae",
@@ -99,7 +102,7 @@ def sae_stages(p: Protocol, t: Teacher, source: dict, seed: int | None) -> list[
                     tokens=compact(p.sae_tokens),
                     checkpoint_every=compact(every),
                     shuffle_buffer=compact(p.shuffle_buffer) if streamed else None,
-                    **{k: v for k, v in trial.items() if k != "label"},
+                    **{k: v for k, v in trial.items() if k not in TRIAL_TEXT},
                     seed=seed,
                     o=out,
                 ),

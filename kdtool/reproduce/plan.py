@@ -25,7 +25,7 @@ from kdtool.reproduce.commands import (
     teacher_opts,
 )
 from kdtool.reproduce.protocol import Protocol, Teacher, teacher_shape
-from kdtool.reproduce.sizes import acts_bytes, fmt_bytes
+from kdtool.reproduce.sizes import acts_bytes, fmt_bytes, sae_training_memory
 from kdtool.reproduce.stage import Stage
 
 PLAN_KIND = "kdtool.reproduce.plan"
@@ -88,6 +88,14 @@ def build_plan(p: Protocol, teacher: Teacher | None = None) -> Plan:
             f"SAE input: streaming (the teacher runs inside train-sae and stats, nothing is cached). A cache "
             f"(--sae-input cache) would need {fmt_bytes(cache)} ({p.sae_tokens:,} tokens x {len(p.layers)} layers "
             f"x {t.d_model} x 2 bytes) and run the teacher once instead of {len(p.trials)} times."
+        )
+    if "train-sae" not in p.skip:
+        F = int(round(p.expansion * t.d_model))
+        held, scratch = sae_training_memory(t.d_model, F, len(p.layers), p.sae_batch_tokens)
+        notes.append(
+            f"train-sae memory on the device: {fmt_bytes(held)} for {len(p.layers)} SAEs (weights, gradients, "
+            f"Adam moments, fp32) + {fmt_bytes(scratch)} of step blocks ({p.sae_batch_tokens:,} x {F:,} fp32 x 3)"
+            + (" + the teacher" if p.sae_input == "stream" else "")
         )
     stages = [
         *sae_stages(p, t, source, seed),

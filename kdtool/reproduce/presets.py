@@ -1,7 +1,7 @@
 """Preset files for the paper's named experiments: small TOML files that can be read, diffed and cited.
 
 - ``paper-protocol.toml``: teacher, text, layers, SAE run size, stats, calibration and probe settings;
-- ``paper-sae-trials.toml``: the three L1 trials A, B, C (train-sae options);
+- ``paper-sae-trials.toml``: the SAE trials: the authors' A, B, C and two extra ones (train-sae options);
 - ``paper-distill.toml``: the five widths and the distillation schedule (distill options).
 
 They are data, never executed (unlike nanoGPT's exec-based configurator). ``scripts/reproduce-paper``

@@ -50,7 +50,7 @@ class Protocol:
     split: str
     text_column: str
     layers: list[int]  # SAE layers (hidden_states index)
-    trials: dict[str, dict[str, Any]]  # name -> {"label": ..., train-sae option: value}
+    trials: dict[str, dict[str, Any]]  # name -> {"label": ..., "name": ..., train-sae option: value}
     sae_tokens: int  # tokens per SAE trial
     sae_batch_tokens: int
     sae_seq_len: int
@@ -86,27 +86,26 @@ class Protocol:
 def load_protocol(overrides: dict[str, Any] | None = None) -> Protocol:
     """The paper's protocol from the presets, with `overrides` (None values are ignored) applied.
 
-    Keys: out, model, revision, dataset, split, text_column, layers, trials (names), tokens,
+    Keys: out, model, revision, dataset, split, text_column, layers, all_layers, trials (names), tokens,
     stats_tokens, batch_tokens, expansion, sae_input, teacher_batch, shuffle_buffer, steps, widths,
     batch_size, seq_len, heads, warmup, eval_every, teacher_cache, topk, torchrun, concepts,
     per_class, device, offline, seed, skip.
     """
     o = {k: v for k, v in (overrides or {}).items() if v is not None}
     proto = presets.load("paper-protocol")
-    trials_p = presets.load("paper-sae-trials")["trials"]
+    trials_p = presets.load("paper-sae-trials")
     dist_p = presets.load("paper-distill")
     notes: list[str] = []
 
     model = str(o.get("model", proto["teacher"]["model"]))
     teacher_config = proto["teacher"].get("config") if model == proto["teacher"]["model"] else None
 
-    trials = copy.deepcopy(trials_p)
-    if "trials" in o:
-        want = [t.strip() for t in str(o["trials"]).split(",") if t.strip()]
-        unknown = [t for t in want if t not in trials]
-        if unknown or not want:
-            raise BadInput(f"--trials: unknown trial(s) {', '.join(unknown) or '(none)'}; known: {', '.join(trials)}")
-        trials = {t: trials[t] for t in want}
+    trials = copy.deepcopy(trials_p["trials"])
+    want = [t.strip() for t in str(o["trials"]).split(",") if t.strip()] if "trials" in o else trials_p["default"]
+    unknown = [t for t in want if t not in trials]
+    if unknown or not want:
+        raise BadInput(f"--trials: unknown trial(s) {', '.join(unknown) or '(none)'}; known: {', '.join(trials)}")
+    trials = {t: trials[t] for t in want}
 
     sae = proto["sae"]
     sae_tokens = _count(o.get("tokens", sae["tokens"]), "--tokens")
@@ -116,7 +115,19 @@ def load_protocol(overrides: dict[str, Any] | None = None) -> Protocol:
     sae_input = str(o.get("sae_input", sae["input"]))
     if sae_input not in ("stream", "cache"):
         raise BadInput(f"--sae-input must be stream or cache, got {sae_input!r}")
-    layers = [int(x) for x in o.get("layers", sae["layers"])]
+    if o.get("all_layers") and "layers" in o:
+        raise BadInput("--all-layers and --layers: give one")
+    if o.get("all_layers"):
+        # hidden_states 1..n: the residual stream after every block (n: after the final norm, kdtool's convention)
+        n_blocks = int((teacher_config or {}).get("num_hidden_layers") or _read_config(model, o).num_hidden_layers)
+        layers = list(range(1, n_blocks + 1))
+        notes.append(
+            f"--all-layers: SAEs at hidden_states 1..{n_blocks} (the output of every block, as the authors' "
+            f"trials; hidden_states {n_blocks} is after the final norm); the paper's tables use "
+            + ",".join(map(str, sae["layers"]))
+        )
+    else:
+        layers = [int(x) for x in o.get("layers", sae["layers"])]
 
     dist = dict(dist_p["distill"])
     ref_steps = int(dist_p["scaling"]["reference_steps"])
@@ -238,6 +249,22 @@ class Teacher:
     source: str  # where the config came from
 
 
+def _read_config(model: str, o: dict) -> Any:
+    """A teacher's transformers config (o: the overrides' revision and offline); BadInput when unreadable."""
+    from transformers import AutoConfig  # seconds to import: only when a config is read
+
+    if o.get("offline"):
+        set_offline()
+    try:
+        return AutoConfig.from_pretrained(model, revision=o.get("revision"), local_files_only=bool(o.get("offline")))
+    except Exception as e:  # any failure means the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(
+            f"--model {model}: cannot read its config ({first}); the plan needs its width and depth: "
+            "give a local save_pretrained folder or run where the hub is reachable"
+        ) from None
+
+
 def teacher_shape(p: Protocol) -> Teacher:
     """Read the teacher's config (preset for the default model, else AutoConfig) and count the
     students' parameters on the meta device (no memory, exact counts)."""
@@ -251,16 +278,7 @@ def teacher_shape(p: Protocol) -> Teacher:
         config = AutoConfig.for_model(cfg_d.pop("model_type"), **cfg_d)
         source = "kdtool/data/presets/paper-protocol.toml"
     else:
-        if p.offline:
-            set_offline()
-        try:
-            config = AutoConfig.from_pretrained(p.model, revision=p.revision, local_files_only=p.offline)
-        except Exception as e:  # any failure means the same to the user
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInput(
-                f"--model {p.model}: cannot read its config ({first}); the plan needs its width and depth: "
-                "give a local save_pretrained folder or run where the hub is reachable"
-            ) from None
+        config = _read_config(p.model, {"revision": p.revision, "offline": p.offline})
         source = f"{p.model} config.json"
     d = int(config.hidden_size)
     n_layers = int(config.num_hidden_layers)

@@ -28,6 +28,13 @@ def sae_optimizer_bytes(d: int, n_features: int) -> int:
     return 2 * sae_bytes(d, n_features) + 8 * n_features
 
 
+def sae_training_memory(d: int, n_features: int, n_saes: int, batch: int) -> tuple[int, int]:
+    """Device memory of one train-sae run: (the SAEs' weights + gradients + Adam moments, fp32: 4 x an SAE
+    each, plus last_fired; the step's scratch blocks: pre/z, dL/dz and the active mask, [batch, F] fp32 each,
+    shared by every SAE: kdtool/sae/model.py)."""
+    return n_saes * (4 * sae_bytes(d, n_features) + 8 * n_features), 3 * 4 * batch * n_features
+
+
 def acts_bytes(tokens: int, n_layers: int, d: int, dtype_bytes: int = 2) -> int:
     """An activation cache: tokens x layers x d_model x bytes (float16/bfloat16: 2)."""
     return tokens * n_layers * d * dtype_bytes

@@ -34,6 +34,7 @@ import torch
 
 from kdtool.errors import BadInput
 from kdtool.sae.layouts import LoadedSAE
+from kdtool.sae.record import training_record
 from kdtool.sae.robust import GroupStats, RobustConfig, dedup_groups
 from kdtool.theory import theorem as theory
 
@@ -136,6 +137,7 @@ class FeatureStats:
             "layout": self.sae.layout,
             "activation": self.sae.activation,
             "layer_source": self.sae.layer_source,
+            "trained": training_record(self.sae.cfg),  # how a kdtool SAE was trained (its trial), else None
         }
         notes = []
         if n * alive_threshold < 1:

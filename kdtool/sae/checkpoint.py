@@ -1,11 +1,14 @@
-"""A train-sae run's state (one LayerRun per layer) and its files: saving, resuming, refusing to overwrite.
+"""A train-sae run's state (one LayerRun per SAE) and its files: saving, resuming, refusing to overwrite.
 
-Output folder (default saes/):
+Output folder (default saes/), one folder per SAE:
     saes/checkpoint.json                              the latest complete checkpoint (written last)
     saes/layer{L}/cfg.json + sae_weights.safetensors  the final SAE (kdtool = SAELens layout + "kdtool")
     saes/layer{L}/train_log.parquet                   step, tokens, mse, l1_term, loss, l0, ...
     saes/layer{L}/checkpoints/tokens-{N:012d}/        an SAE folder at each token milestone, plus
         optimizer.safetensors + state.json            (Adam moments, controller, counters: latest only)
+With several SAEs per layer (trained side by side) each has such a folder, named by what sets it
+apart: saes/layer{L}-x8/, saes/layer{L}-lambda3e-4/, ... (kdtool/sae/config.py run_name); cfg.json
+records its width, lambda and seed.
 
 Resume is exact on CPU: the checkpoint holds the weights, Adam's moments and step, the L1
 controller, the alive counters, the partial log interval and the reader's position, and the
@@ -26,7 +29,7 @@ from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.sae.config import TrainConfig
+from kdtool.sae.config import SAESpec, TrainConfig
 from kdtool.sae.layouts import SAELENS_WEIGHTS
 from kdtool.sae.model import L1Controller, SparseAutoencoder
 from kdtool.sae.normalise import fold_scale
@@ -41,7 +44,7 @@ OPTIMIZER = "optimizer.safetensors"
 #: config fields that may change between a run and its --resume
 RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
 #: config fields added after the first checkpoints were written: their value for an older checkpoint
-LEGACY_CONFIG = {"normalize": "none"}
+LEGACY_CONFIG = {"normalize": "none", "init_seed": None}
 
 
 @dataclass
@@ -70,9 +73,11 @@ class Interval:
 
 @dataclass
 class LayerRun:
-    """One layer's SAE, optimizer, controller, counters and log."""
+    """One SAE's run: the SAE, its optimizer, controller, counters and log (several per layer side by side)."""
 
+    name: str  # its folder in the output: layer{L}, or layer{L}-x8 etc. beside siblings
     layer: int
+    spec: SAESpec  # width, lambda, initialisation seed
     sae: SparseAutoencoder
     opt: Any
     controller: L1Controller
@@ -88,24 +93,24 @@ def adam(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
 
 
 class RunFiles:
-    """The files of one run in `out`; `logs` hand in each layer's train_log columns (the loop owns their schema)."""
+    """The files of one run in `out`; `logs` hand in each SAE's train_log columns (the loop owns their schema)."""
 
     def __init__(self, out: str | Path, cfg: TrainConfig, source_info: dict, provenance: dict | None):
         self.out, self.cfg, self.source_info, self.provenance = Path(out), cfg, source_info, provenance
 
-    def checkpoint_dir(self, layer: int, tokens: int) -> Path:
-        return self.out / f"layer{layer}" / "checkpoints" / f"tokens-{tokens:012d}"
+    def checkpoint_dir(self, name: str, tokens: int) -> Path:
+        return self.out / name / "checkpoints" / f"tokens-{tokens:012d}"
 
     def read_pointer(self) -> dict | None:
         path = self.out / CHECKPOINT
         return formats.read_json(path) if path.exists() else None
 
     # ---- writing ----------------------------------------------------------------------------
-    def save_checkpoint(self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict]) -> None:
-        """Per layer: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last)."""
+    def save_checkpoint(self, runs: dict[str, LayerRun], at: Counters, logs: dict[str, dict]) -> None:
+        """Per SAE: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last)."""
         previous = self.read_pointer()
         for r in runs.values():
-            ck = self.checkpoint_dir(r.layer, at.tokens)
+            ck = self.checkpoint_dir(r.name, at.tokens)
             cfg, kd = self._cfg_json(r, at, checkpoint=True)
             trained = r.sae.tensors()
             save_kdtool(ck, fold_scale(trained, r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
@@ -113,21 +118,23 @@ class RunFiles:
             if r.scale != 1.0:  # the unfolded biases the run continues from (s * b / s need not give b back)
                 opt_tensors |= {"train.b_enc": trained["b_enc"], "train.b_dec": trained["b_dec"]}
             adam_steps = {}
-            for name, p in r.sae.named_parameters():
+            for pname, p in r.sae.named_parameters():
                 s = r.opt.state.get(p, {})
                 if s:
-                    opt_tensors[f"{name}.exp_avg"] = s["exp_avg"].detach().cpu()
-                    opt_tensors[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu()
-                    adam_steps[name] = float(s["step"])
+                    opt_tensors[f"{pname}.exp_avg"] = s["exp_avg"].detach().cpu()
+                    opt_tensors[f"{pname}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu()
+                    adam_steps[pname] = float(s["step"])
             formats.save_safetensors(
                 ck / OPTIMIZER, opt_tensors, kind="kdtool.sae.optimizer", provenance=self.provenance
             )
-            self._write_log(r, at, logs[r.layer], ck / LOG_FILE, kind=LOG_KIND + ".checkpoint")
+            self._write_log(r, at, logs[r.name], ck / LOG_FILE, kind=LOG_KIND + ".checkpoint")
             formats.write_json(
                 ck / STATE,
                 {
                     "kind": "kdtool.sae.train_state",
                     "layer": r.layer,
+                    "name": r.name,
+                    "sae": r.spec.as_dict(),
                     "step": at.step,
                     "tokens": at.tokens,
                     "adam_steps": adam_steps,
@@ -147,6 +154,7 @@ class RunFiles:
                 "position": at.position,
                 "elapsed_s": at.elapsed,
                 "layers": self.cfg.layers,
+                "saes": list(runs),
                 "dir": f"tokens-{at.tokens:012d}",
                 "config": self.cfg.as_dict(),
                 "source": self.source_info,
@@ -155,24 +163,24 @@ class RunFiles:
         )
         # only the latest checkpoint keeps its optimizer state (3x the weights); older ones keep the SAE
         if previous and previous.get("tokens") != at.tokens:
-            for L in previous.get("layers", []):
-                old = self.checkpoint_dir(L, previous["tokens"]) / OPTIMIZER
+            for name in _pointer_saes(previous):
+                old = self.checkpoint_dir(name, previous["tokens"]) / OPTIMIZER
                 if old.exists():
                     old.unlink()
 
-    def save_final(self, runs: dict[int, LayerRun], at: Counters, logs: dict[int, dict]) -> None:
-        """saes/layer{L}/: the SAE (scale folded in) and its train_log."""
+    def save_final(self, runs: dict[str, LayerRun], at: Counters, logs: dict[str, dict]) -> None:
+        """saes/{name}/: each SAE (scale folded in) and its train_log."""
         for r in runs.values():
-            folder = self.out / f"layer{r.layer}"
+            folder = self.out / r.name
             cfg, kd = self._cfg_json(r, at, checkpoint=False)
-            self._write_log(r, at, logs[r.layer], folder / LOG_FILE)
+            self._write_log(r, at, logs[r.name], folder / LOG_FILE)
             save_kdtool(folder, fold_scale(r.sae.tensors(), r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
 
     def _cfg_json(self, r: LayerRun, at: Counters, *, checkpoint: bool) -> tuple[dict, dict]:
         info = self.source_info
         cfg = saelens_cfg(
             self.cfg.d_in,
-            self.cfg.d_sae,
+            r.spec.d_sae,
             layer=r.layer,
             model_name=info.get("model"),
             context_size=info.get("seq_len"),
@@ -183,8 +191,9 @@ class RunFiles:
             "hidden_states_index": r.layer,
             "tokens": at.tokens,
             "steps": at.step,
-            "l1": self.cfg.l1,
+            "l1": r.spec.l1,
             "l1_final": r.controller.l1,
+            "sae": self._sae_info(r),
             "controller": {
                 "target_l0": self.cfg.target_l0,
                 "rate": self.cfg.l1_rate,
@@ -200,6 +209,20 @@ class RunFiles:
             "config": self.cfg.as_dict(),
         }
         return cfg, kd
+
+    def _sae_info(self, r: LayerRun) -> dict:
+        """What sets this SAE apart from the others the run trained beside it on the same batches."""
+        siblings = [name for name, L, _ in self.cfg.runs() if L == r.layer and name != r.name]
+        return {
+            "name": r.name,
+            "d_sae": r.spec.d_sae,
+            "expansion": r.spec.d_sae / self.cfg.d_in,
+            "l1": r.spec.l1,
+            "init_seed": r.spec.init_seed,
+            "seed": r.spec.init_seed * 1000 + r.layer,  # the generator seed of its initialisation
+            "data_seed": self.cfg.seed,  # the batches' order, shared by every SAE of the run
+            "trained_beside": siblings,
+        }
 
     def _normalize_info(self, r: LayerRun, at: Counters) -> dict:
         """cfg.json's record of the activation scaling (the saved weights already have it folded in)."""
@@ -222,6 +245,7 @@ class RunFiles:
             provenance=self.provenance,
             summary={
                 "layer": r.layer,
+                "sae": r.name,
                 "tokens": at.tokens,
                 "steps": at.step,
                 "config": self.cfg.as_dict(),
@@ -231,11 +255,18 @@ class RunFiles:
         )
 
     # ---- reading ----------------------------------------------------------------------------
-    def load(self, device: torch.device) -> tuple[Counters, dict[int, LayerRun]]:
+    def load(self, device: torch.device) -> tuple[Counters, dict[str, LayerRun]]:
         """The latest checkpoint; refuse if the config changed in a way that changes the result."""
         pointer = self.read_pointer()
         if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
             raise BadInput(f"--resume: no checkpoint in {self.out} (no {CHECKPOINT}); run without --resume first")
+        wanted, held = [name for name, _, _ in self.cfg.runs()], _pointer_saes(pointer)
+        if wanted != held:
+            raise BadInput(
+                f"--resume: the checkpoint in {self.out} holds the SAEs {', '.join(held)}, this run asks for "
+                f"{', '.join(wanted)}; resume with the same --layer, --expansion/--features, --l1 and --init-seed, "
+                "or --force to start over"
+            )
         old = {**LEGACY_CONFIG, **pointer["config"]}
         changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         if changed:
@@ -251,11 +282,11 @@ class RunFiles:
             elapsed=float(pointer.get("elapsed_s", 0.0)),
         )
         runs = {}
-        for L in self.cfg.layers:
-            runs[L], at.scale_tokens = self._load_layer(self.checkpoint_dir(L, at.tokens), L, device)
+        for name, L, spec in self.cfg.runs():
+            runs[name], at.scale_tokens = self._load_sae(self.checkpoint_dir(name, at.tokens), name, L, spec, device)
         return at, runs
 
-    def _load_layer(self, ck: Path, layer: int, device: torch.device) -> tuple[LayerRun, int]:
+    def _load_sae(self, ck: Path, name: str, layer: int, spec: SAESpec, device) -> tuple[LayerRun, int]:
         try:
             state = formats.read_json(ck / STATE)
             weights = load_file(str(ck / SAELENS_WEIGHTS))
@@ -267,17 +298,17 @@ class RunFiles:
             weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
         elif scale != 1.0:
             raise BadInput(f"--resume: checkpoint {ck} has no unfolded biases ({OPTIMIZER} train.b_enc)")
-        sae = SparseAutoencoder(self.cfg.d_in, self.cfg.d_sae, device=device)
+        sae = SparseAutoencoder(self.cfg.d_in, spec.d_sae, device=device)
         sae.load_tensors({k: v.to(device) for k, v in weights.items()})
         opt = adam(sae, self.cfg)
         sd = opt.state_dict()
         sd["state"] = {}
-        for i, (name, _) in enumerate(sae.named_parameters()):
-            if name in state["adam_steps"]:
+        for i, (pname, _) in enumerate(sae.named_parameters()):
+            if pname in state["adam_steps"]:
                 sd["state"][i] = {
-                    "step": torch.tensor(state["adam_steps"][name]),
-                    "exp_avg": opt_t[f"{name}.exp_avg"].to(device),
-                    "exp_avg_sq": opt_t[f"{name}.exp_avg_sq"].to(device),
+                    "step": torch.tensor(state["adam_steps"][pname]),
+                    "exp_avg": opt_t[f"{pname}.exp_avg"].to(device),
+                    "exp_avg_sq": opt_t[f"{pname}.exp_avg_sq"].to(device),
                 }
         opt.load_state_dict(sd)
         rows = []
@@ -285,7 +316,9 @@ class RunFiles:
             cols = formats.read_table(ck / LOG_FILE)
             rows = [{c: _py(v[i]) for c, v in cols.items()} for i in range(state["log_rows"])]
         run = LayerRun(
+            name=name,
             layer=layer,
+            spec=spec,
             sae=sae,
             opt=opt,
             controller=L1Controller.from_state(state["controller"]),
@@ -302,16 +335,29 @@ def _py(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def prepare_output(out: str | Path, layers: list[int], *, resume: bool, force: bool, remove: bool = True) -> None:
-    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these layers.
+def _pointer_saes(pointer: dict) -> list[str]:
+    """The SAE folders a checkpoint.json covers (before side-by-side SAEs it listed layers only)."""
+    return list(pointer.get("saes") or [f"layer{L}" for L in pointer.get("layers", [])])
 
-    remove=False (ranks other than 0) only checks.
+
+def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bool, remove: bool = True) -> None:
+    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these SAEs.
+
+    `names`: the SAE folders the run writes (TrainConfig.runs). The previous run's own SAE folders
+    (listed by its checkpoint.json) are cleared too, so a run of other SAEs (say --expansion 4,8
+    after a single SAE) never leaves an old layer{L}/ beside the new ones. remove=False (ranks
+    other than 0) only checks.
     """
     out = Path(out)
-    existing = [out / f"layer{L}" for L in layers if (out / f"layer{L}").exists()]
     pointer = out / CHECKPOINT
     if resume:
         return
+    try:
+        previous = formats.read_json(pointer) if pointer.exists() else {}
+    except BadInput:  # an unreadable pointer: its run's folders are unknown, the pointer itself still blocks
+        previous = {}
+    names = list(dict.fromkeys([*names, *_pointer_saes(previous)]))
+    existing = [out / name for name in names if (out / name).exists()]
     if (existing or pointer.exists()) and not force:
         what = ", ".join(str(p) for p in existing) or str(pointer)
         raise BadInput(f"{what} already exists: use --resume to continue that run or --force to replace it")

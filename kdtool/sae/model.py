@@ -134,20 +134,23 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.
     return (a.to(dtype) @ b.to(dtype)).float()
 
 
-#: Reused [B, F]-sized scratch tensors, one per role and shared by every SAE of that shape.
+#: Reused [B, F]-sized scratch memory, one flat block per role, shared by every SAE.
 #: Why: a fresh tensor of more than 32 MB is a new mmap whose pages fault in on first touch;
 #: measured on this CPU, allocating the [B, F] blocks cost as much as a third of the step.
+#: Each block grows to the largest shape asked for and smaller shapes are views of its start, so
+#: SAEs of different widths trained side by side (train-sae --expansion 4,8,16) reuse it instead
+#: of reallocating at every SAE, and hold the largest SAE's blocks only.
 _WORKSPACE: dict = {}
 
 
 def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    key = (name, tuple(shape), like.dtype, like.device)
+    key = (name, like.dtype, like.device)
+    n = math.prod(shape)
     buf = _WORKSPACE.get(key)
-    if buf is None:
-        for old in [k for k in _WORKSPACE if k[0] == name]:  # one buffer per role: drop other shapes
-            del _WORKSPACE[old]
-        buf = _WORKSPACE[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buf
+    if buf is None or buf.numel() < n:
+        _WORKSPACE.pop(key, None)  # free the smaller block before allocating the larger one
+        buf = _WORKSPACE[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
 
 
 def release_workspace() -> None:

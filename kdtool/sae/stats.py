@@ -155,26 +155,6 @@ def fidelity_teacher(acts: Activations, base: ModelSpec, stream: TeacherStream |
     return replace(base, model=model, revision=m.get("revision")), data
 
 
-def training_settings(sae: LoadedSAE) -> dict:
-    """What an SAE's files say about how it was trained: the axes of `plot sensitivity` (None when unknown)."""
-    kd = sae.cfg.get("kdtool") if isinstance(sae.cfg.get("kdtool"), dict) else {}
-    config = kd.get("config") if isinstance(kd.get("config"), dict) else {}
-    controller = kd.get("controller") if isinstance(kd.get("controller"), dict) else {}
-    norm = kd.get("normalize") if isinstance(kd.get("normalize"), dict) else {}
-    return {
-        "d_sae": sae.d_sae,
-        "expansion": sae.d_sae / sae.d_in,
-        "l1": kd.get("l1", sae.cfg.get("l1_coefficient")),
-        "l1_final": kd.get("l1_final"),
-        "l1_raw_equivalent": norm.get("l1_raw_equivalent"),
-        "target_l0": controller.get("target_l0"),
-        "seed": config.get("seed", sae.cfg.get("seed")),
-        "tokens": kd.get("tokens"),
-        "checkpoint": kd.get("checkpoint"),
-        "normalize": norm.get("method"),
-    }
-
-
 @dataclass
 class StatsResult:
     """stats.parquet's columns and summary, the notes to show, and the tokens measured."""
@@ -240,7 +220,7 @@ def measure(
         cols, info = acc.result(layer, cfg.alive_threshold)
         parts.append({"sae": np.full(len(cols["feature"]), keys[i], dtype=object)} | cols)
         notes += [f"{keys[i]}: {note}" if several else note for note in info.pop("notes")]
-        entries[keys[i]] = info | {"train": training_settings(saes[i])}
+        entries[keys[i]] = info
     summary = {"saes": entries}
     if (view := layer_view(entries)) is not None:
         summary["layers"] = view

@@ -1,9 +1,15 @@
-"""The training loop of `kdtool train-sae`: one SAE per layer from one stream of batches.
+"""The training loop of `kdtool train-sae`: SAEs of every layer from one stream of batches.
 
 `train(cfg, source, out)` clears or resumes `out` (kdtool/sae/checkpoint.py), runs the Trainer
 over the source's batches (kdtool/sae/sources.py) and writes the SAEs, their train_log and the
 checkpoints. With `normalize="expected-norm"` the first batches also give each layer's activation
 scale (kdtool/sae/normalise.py).
+
+Each layer may have several SAEs (cfg.specs(): widths x lambdas x initialisation seeds). They are
+trained side by side: one read of the cache or one teacher forward per batch, then each SAE takes
+its own step on that layer's batch with its own optimizer, controller and counters. Nothing is
+shared between them but the batch (normalised once per layer), so each SAE is bit for bit the one
+a run of it alone would train (tests/test_sae_multi.py); the saving is the data pass.
 
 Under torchrun (kdtool/distributed.py: NCCL on GPU, gloo on CPU) every rank reads the same global
 batch and steps on rows rank::world of it; the gradients (each a mean over its rank's rows) are
@@ -26,7 +32,7 @@ from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.formats import finite_or_none
 from kdtool.models import resolve_device
 from kdtool.sae.checkpoint import CHECKPOINT, Counters, Interval, LayerRun, RunFiles, adam, prepare_output
-from kdtool.sae.config import TrainConfig, check_processes
+from kdtool.sae.config import SAESpec, TrainConfig, check_processes
 from kdtool.sae.model import SparseAutoencoder, forward_backward
 from kdtool.sae.normalise import NORM_TOKENS, estimate_scale, normalised
 from kdtool.sae.sources import BatchSource
@@ -47,19 +53,36 @@ LOG_COLUMNS = (
     "elapsed_s",
 )
 #: the columns of train-sae's summary table: one row per layer, from its last log row
-SUMMARY_COLUMNS = ("layer", "tokens", "steps", "mse", "explained_variance", "l0", "alive_fraction", "lambda", "sae")
+#: (d_sae, l1 = the starting lambda, init_seed: what sets apart SAEs trained side by side on one layer)
+SUMMARY_COLUMNS = (
+    "layer",
+    "tokens",
+    "steps",
+    "mse",
+    "explained_variance",
+    "l0",
+    "alive_fraction",
+    "lambda",
+    "d_sae",
+    "l1",
+    "init_seed",
+    "sae",
+)
 
 
-def _new_layer(layer: int, cfg: TrainConfig, first_batch, device, scale: float = 1.0) -> LayerRun:
+def _new_run(name: str, layer: int, spec: SAESpec, cfg: TrainConfig, first_batch, device, scale: float) -> LayerRun:
     # b_pre starts at the mean of the first (normalised) batch: the SAE begins by reconstructing the centre
     b_pre = (first_batch if scale == 1.0 else first_batch.float() / scale).mean(dim=0).cpu()
-    sae = SparseAutoencoder.initialise(cfg.d_in, cfg.d_sae, seed=cfg.seed * 1000 + layer, device=device, b_pre=b_pre)
+    seed = spec.init_seed * 1000 + layer
+    sae = SparseAutoencoder.initialise(cfg.d_in, spec.d_sae, seed=seed, device=device, b_pre=b_pre)
     return LayerRun(
+        name=name,
         layer=layer,
+        spec=spec,
         sae=sae,
         opt=adam(sae, cfg),
-        controller=cfg.controller(),
-        last_fired=torch.zeros(cfg.d_sae, dtype=torch.int64, device=device),
+        controller=cfg.controller(spec.l1),
+        last_fired=torch.zeros(spec.d_sae, dtype=torch.int64, device=device),
         scale=scale,
     )
 
@@ -87,7 +110,7 @@ class Trainer:
         quiet = not self.dist.main  # one voice: rank 0 reports
         self.on_message = (on_message if not quiet else None) or (lambda msg: None)
         self.stop_after_steps = stop_after_steps  # tests: simulate a killed run
-        self.runs: dict[int, LayerRun] = {}
+        self.runs: dict[str, LayerRun] = {}  # by folder name, in cfg.runs() order (layer by layer)
         self.at = Counters()
         d = self.dist
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
@@ -96,7 +119,7 @@ class Trainer:
             raise BadInput(f"activations have d={source.d_in} but the config says d_in={cfg.d_in}")
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run(self) -> dict[int, LayerRun]:
+    def run(self) -> dict[str, LayerRun]:
         cfg, at = self.cfg, self.at
         if cfg.tokens is not None and at.tokens >= cfg.tokens:
             raise BadInput(
@@ -111,10 +134,13 @@ class Trainer:
         if not self.runs:
             stream = self._start(stream)
         ran = 0
+        by_layer = {L: [r for r in self.runs.values() if r.layer == L] for L in cfg.layers}
         for batch, position in stream:
-            for L in cfg.layers:
-                r = self.runs[L]
-                self._step(r, normalised(batch[L].to(self.device, torch.float32, non_blocking=True), r.scale))
+            for L, runs in by_layer.items():
+                # every SAE of a layer shares its scale s: the batch is moved and divided once for all of them
+                x = normalised(batch[L].to(self.device, torch.float32, non_blocking=True), runs[0].scale)
+                for r in runs:
+                    self._step(r, x)
             at.step += 1
             at.tokens += cfg.batch_tokens
             at.position = position
@@ -123,7 +149,7 @@ class Trainer:
             if at.step % cfg.log_every == 0:
                 for r in self.runs.values():
                     self._log_row(r)
-            self.on_step(at.tokens, at.step, self.runs[cfg.layers[0]].last)
+            self.on_step(at.tokens, at.step, next(iter(self.runs.values())).last)
             done = cfg.tokens is not None and at.tokens + cfg.batch_tokens > cfg.tokens
             if next_ckpt is not None and at.tokens >= next_ckpt and not done:
                 self.save_checkpoint()
@@ -155,7 +181,9 @@ class Trainer:
         self.at.scale_tokens = len(head) * cfg.batch_tokens if cfg.normalize != "none" else 0
         for L in cfg.layers:
             scale = estimate_scale([b[L] for b, _ in head], cfg.d_in) if cfg.normalize != "none" else 1.0
-            self.runs[L] = _new_layer(L, cfg, head[0][0][L], self.device, scale)
+            for name, layer, spec in cfg.runs():
+                if layer == L:
+                    self.runs[name] = _new_run(name, L, spec, cfg, head[0][0][L], self.device, scale)
             if cfg.normalize != "none":
                 self.on_message(
                     f"layer {L}: activation scale s = {scale:.5g} (mean ||x|| {scale * math.sqrt(cfg.d_in):.5g} "
@@ -249,8 +277,8 @@ class Trainer:
         r.interval = Interval()
 
     # ---- files (rank 0) ---------------------------------------------------------------------
-    def _logs(self) -> dict[int, dict]:
-        return {L: {c: [row[c] for row in r.rows] for c in LOG_COLUMNS} for L, r in self.runs.items()}
+    def _logs(self) -> dict[str, dict]:
+        return {name: {c: [row[c] for row in r.rows] for c in LOG_COLUMNS} for name, r in self.runs.items()}
 
     def save_checkpoint(self) -> None:
         if not self.dist.main:
@@ -268,15 +296,18 @@ class Trainer:
         self.on_message(f"resuming at {self.at.tokens:,} tokens (step {self.at.step}) from {self.out / CHECKPOINT}")
 
     def summary(self) -> dict[str, list]:
-        """train-sae's table: per layer the run's totals and its last log row, and where its SAE is."""
+        """train-sae's table: per SAE its width, lambda and seed, the run's totals, its last log row and its folder."""
         rows: dict[str, list] = {k: [] for k in SUMMARY_COLUMNS}
-        for L, run in self.runs.items():
-            rows["layer"].append(L)
+        for name, run in self.runs.items():
+            rows["layer"].append(run.layer)
+            rows["d_sae"].append(run.spec.d_sae)
+            rows["l1"].append(run.spec.l1)
+            rows["init_seed"].append(run.spec.init_seed)
             rows["tokens"].append(self.at.tokens)
             rows["steps"].append(self.at.step)
             for k in ("mse", "explained_variance", "l0", "alive_fraction", "lambda"):
                 rows[k].append(finite_or_none(run.last.get(k)))
-            rows["sae"].append(str(self.out / f"layer{L}"))
+            rows["sae"].append(str(self.out / name))
         return rows
 
 
@@ -293,12 +324,12 @@ def train(
     stop_after_steps: int | None = None,
     dist: Dist | None = None,
 ) -> Trainer:
-    """Train (or continue) one SAE per layer and write saes/ (rank 0); returns the finished Trainer.
+    """Train (or continue) the SAEs of every layer side by side and write saes/ (rank 0); returns the finished Trainer.
 
     `dist`: the torchrun process group (kdtool.distributed.dist_init), None for one process.
     """
     dist = dist or Dist()
-    prepare_output(out, cfg.layers, resume=resume, force=force, remove=dist.main)
+    prepare_output(out, [name for name, _, _ in cfg.runs()], resume=resume, force=force, remove=dist.main)
     barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
     trainer = Trainer(
         cfg,
