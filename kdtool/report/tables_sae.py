@@ -72,19 +72,20 @@ def sae_layers(arts: list[Artifact]) -> list[Table]:
     return [t]
 
 
+#: the fidelity table's (header, cell format) pairs; the cells come from each SAE's summary "fidelity"
+_FIDELITY_COLUMNS = (("file", "text"), ("SAE", "text"), ("layer", "int"), ("tokens", "int"), ("CE clean", "f4"),
+                     ("CE spliced", "f4"), ("CE zero-abl.", "f4"), ("CE mean-abl.", "f4"), ("CE score", "f3"),
+                     ("CE score (mean)", "f3"), ("KL spliced", "g4"), ("KL score", "f3"), ("expl. var.", "f3"),
+                     ("dead", "pct"))  # fmt: skip
+
+
 def sae_fidelity(arts: list[Artifact]) -> list[Table]:
     """`stats --fidelity`: the teacher's loss with each SAE spliced in (SAELens ce_loss_score, kl_div_score)."""
     pairs = [(a, e) for a, e in _stats_entries(arts) if isinstance(e.info.get("fidelity"), dict)]
     if not pairs:
         return []
-    t = Table(
-        "sae_fidelity",
-        "SAE measurements",
-        "SAE fidelity in the model (held-out text)",
-        ["file", "SAE", "layer", "tokens", "CE clean", "CE spliced", "CE zero-abl.", "CE mean-abl.", "CE score",
-         "CE score (mean)", "KL spliced", "KL score", "expl. var.", "dead"],
-        ["text", "text", "int", "int", "f4", "f4", "f4", "f4", "f3", "f3", "g4", "f3", "f3", "pct"],
-    )  # fmt: skip
+    t = Table("sae_fidelity", "SAE measurements", "SAE fidelity in the model (held-out text)",
+              [h for h, _ in _FIDELITY_COLUMNS], [f for _, f in _FIDELITY_COLUMNS])  # fmt: skip
     for art, e in pairs:
         f = e.info["fidelity"]
         if art.rel not in t.sources:

@@ -68,16 +68,13 @@ class FidelityConfig:
             raise BadInput("--fidelity-tokens and --fidelity-batch-size must be >= 1")
 
 
-@dataclass
 class _Sums:
     """float64 sums over scored tokens (CE, KL) and spliced positions (reconstruction)."""
 
-    ce: float = 0.0
-    kl: float = 0.0
-    sse: float = 0.0
-    sum_x2: float = 0.0
-    sum_x: torch.Tensor | None = None  # [d] float64
-    positions: int = 0
+    def __init__(self):
+        self.ce = self.kl = self.sse = self.sum_x2 = 0.0  # sum CE, sum KL, sum ||x - x_hat||^2, sum ||x||^2
+        self.sum_x: torch.Tensor | None = None  # [d] float64
+        self.positions = 0  # spliced positions (reconstruction), or scored tokens (the clean run)
 
     def add_reconstruction(self, x, x_hat) -> None:
         """x, x_hat: [m, d] at the spliced positions."""
