@@ -264,6 +264,10 @@ def run(
         (on_sae or (lambda s: None))(s)
     source = open_activations(sorted({s.layer for s in saes}), acts, stream, max_tokens=cfg.max_tokens)
     fidelity, notes = None, []
+    m = source.manifest or {}
+    if cfg.fidelity is not None and "drop_first" in m:  # splice the positions the cache (and so the SAE) saw
+        cfg = replace(cfg, fidelity=replace(cfg.fidelity, drop_first=bool(m["drop_first"]),
+                                            max_norm_ratio=float(m.get("max_norm_ratio") or 0)))  # fmt: skip
     if cfg.fidelity is not None:
         spec, data = fidelity_teacher(source, base_spec or ModelSpec(), stream)
         was, now = (source.manifest or {}).get("dataset"), data.describe()["dataset"]
