@@ -114,17 +114,21 @@ def sensitivity(inputs: list[Path], output: Path, *, style: str, options: dict) 
             ax = axes[1][1]
             for k, w in enumerate(widths):
                 share = [_share(p[est], w) for p in pts]
-                ax.plot(x, share, ls=ls, marker=st.MARKERS[k % len(st.MARKERS)], color=color,
-                        label=f"L{layer} {est}, d_S={w}")  # fmt: skip
+                label = f"L{layer}, d_S = {w}" if est == ests[0] else None  # line style says the estimator
+                ax.plot(x, share, ls=ls, marker=st.MARKERS[k % len(st.MARKERS)], color=color, label=label)
     for ax, (_, label, logy) in zip(axes.flat, panels, strict=False):
         ax.set_title(label)
         if logy:
             _log_if_positive(ax, "y")
     axes[1][1].set_title("floor L*(d_S) / L*(0) at " + ", ".join(map(str, widths)))
+    xs = sorted({float(p["train"][key]) for p in points})
     for ax in axes[1]:
         ax.set_xlabel(xlabel)
-        if logx and all(float(p["train"][key]) > 0 for p in points):
+        if logx and xs[0] > 0:
             ax.set_xscale("log", base=2 if name == "width" else 10)
+        if len(xs) <= 8:  # tick the settings the SAEs have, not powers of the scale
+            ax.set_xticks(xs, [f"{v:g}" if name == "l1" else st.fmt_int(v) for v in xs])
+            ax.minorticks_off()
     axes[0][0].legend(loc="best", fontsize="x-small")
     axes[1][1].legend(loc="best", fontsize="xx-small")
     st.title(fig, options, "Sensitivity of the prediction to the SAE (solid: paper F; dashed: robust)")
