@@ -57,6 +57,8 @@ KINDS = {
         Kind("kdtool.probe", "a probe table", "probe.parquet", "kdtool probe run"),
         Kind("kdtool.toy", "a toy sweep table", "toy.parquet", "kdtool toy"),
         Kind("kdtool.toy.curves", "toy training curves", "toy.curves.parquet", "kdtool toy --log-curves"),
+        Kind("kdtool.toy.survival", "toy per-feature survival records", "toy.survival.parquet", "kdtool toy"),
+        Kind("kdtool.capacity", "a capacity model", "toy.capacity.json", "kdtool toy --fit-capacity"),
         Kind("kdtool.report", "a run report", "report/report.json", "kdtool plot report"),
         Kind("kdtool.reproduce.plan", "a reproduction plan", "plan.json", "scripts/reproduce-paper"),
         Kind("kdtool.reproduce.throughput", "measured throughputs", "throughput.json", "scripts/reproduce-paper"),

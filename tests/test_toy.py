@@ -39,7 +39,8 @@ def test_batched_trainer_matches_single_model_trainer(optimizer, target, schedul
 
     cfg = replace(TINY, optimizer=optimizer, target=target, schedule=schedule, lr=0.05 if optimizer == "sgd" else 1e-2)
     key = ToyConfigKey(8, 3, 0.9)
-    rows = _rows([key], 2, cfg)[key.slug]
+    out = run_chunk([key], 2, cfg)[key.slug]
+    rows, surv = {k: np.asarray(v) for k, v in out["rows"].items()}, out["survival"]
     imp = importance(8)
     for s in range(2):
         ex = sample(data_stream(generator_seed(0, key, s, "eval")), cfg.eval_samples, 8, 0.9)
@@ -69,6 +70,9 @@ def test_batched_trainer_matches_single_model_trainer(optimizer, target, schedul
             assert rows["teacher_floor"][i] == pytest.approx(teacher["floor_data"], rel=1e-4)
             assert rows["floor_data"][i] == pytest.approx(ref["floor_data"], rel=1e-4)
             assert rows["floor_distill"][i] == pytest.approx(ref["floor_distill"], rel=1e-4)
+            # each feature's part of the floor, I_i * its held-out squared error, is the plain trainer's too
+            mine = (surv["seed"] == s) & (surv["d_student"] == w) & (surv["role"] == "student")
+            np.testing.assert_allclose(surv["loss"][mine], (ref["feature_mse"] * imp.double()).numpy(), rtol=1e-4)
 
 
 def test_a_configuration_trains_the_same_alone_or_batched_with_others():
@@ -164,8 +168,9 @@ def test_floors_fall_as_sparsity_grows_and_with_width():
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
-    """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits."""
+def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2, beyond=0):
+    """Rows whose measured floor is Eq. 2 at capacity g_fn(alpha) (continuous rank), for planted fits; `beyond`
+    more students wider than the teacher have the floor of width d_T (they copy the teacher)."""
     from kdtool.toy.predictions import floor_model
     from kdtool.toy.stats import _continuous_floor
 
@@ -173,10 +178,10 @@ def _synthetic_table(ns, d_ts, alphas, g_fn, seeds=2):
     for n in ns:
         for dt in d_ts:
             for a in alphas:
-                widths = np.arange(1, dt + 1)
+                widths = np.arange(1, dt + beyond + 1)
                 pred = predictions(n, a, widths)
                 fm = floor_model(n, a)
-                measured = _continuous_floor(fm.tail, fm.weights, widths * g_fn(a))
+                measured = _continuous_floor(fm.tail, fm.weights, np.minimum(widths, dt) * g_fn(a))
                 for s in range(seeds):
                     for j, w in enumerate(widths):
                         row = {
@@ -237,6 +242,12 @@ def test_fit_capacity_recovers_a_planted_capacity_and_power_law():
     pred = pl["k"] * gs ** pl["p"]
     np.testing.assert_allclose(pred, list(true.values()), rtol=0.1)
     assert len(fit["notes"]) == 3  # every fitted capacity is far from g(alpha): each is reported
+    # students wider than their teacher (--student-widths to-dstar) copy it: the fit leaves them out
+    wide = _synthetic_table((40,), (3, 5), tuple(true), lambda a: true[a], beyond=4)
+    for p in fit_capacity({**wide, "target": np.array(["teacher"] * len(wide["n"]))})["per_alpha"]:
+        assert p["g_hat"] == pytest.approx(true[p["alpha"]], rel=0.02)
+    skewed = fit_capacity({**wide, "target": np.array(["data"] * len(wide["n"]))})["per_alpha"]
+    assert skewed[0]["g_hat"] < 0.9 * true[0.8]  # counted as if they were capacity-limited, they drag g_hat down
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -299,8 +310,9 @@ def test_cli_resume_after_a_kill_trains_only_what_is_missing(cli, tmp_path, monk
 
     monkeypatch.setattr(toy_sweep, "_timed_chunk", dies_on_second)
     r = cli("toy", *SMALL, "-o", out)
-    assert r.exit_code == 130 and not out.exists()
-    assert len(list((tmp_path / "t.parquet.parts").glob("*.parquet"))) == 1
+    assert r.exit_code == 130 and not out.exists() and not (tmp_path / "t.survival.parquet").exists()
+    parts = sorted(p.name for p in (tmp_path / "t.parquet.parts").glob("*.parquet"))
+    assert len(parts) == 2 and parts[1].endswith(".survival.parquet")  # one configuration: rows + survival
     monkeypatch.setattr(toy_sweep, "_timed_chunk", real)
     r = cli("--json", "toy", *SMALL, "-o", out, "--resume")
     assert r.exit_code == 0, r.output
@@ -310,6 +322,14 @@ def test_cli_resume_after_a_kill_trains_only_what_is_missing(cli, tmp_path, monk
     assert cli("--quiet", "toy", *SMALL, "-o", fresh).exit_code == 0
     a, b = formats.read_table(out), formats.read_table(fresh)
     np.testing.assert_allclose(a["floor_data"], b["floor_data"], rtol=1e-6)
+    sa = formats.read_table(tmp_path / "t.survival.parquet")
+    sb = formats.read_table(tmp_path / "fresh.survival.parquet")
+    assert list(sa) == list(sb) and len(sa["loss"]) == len(sb["loss"])
+    for col in sa:  # the resumed survival records are the fresh run's, row for row
+        if sa[col].dtype.kind in "fc":
+            np.testing.assert_allclose(sa[col], sb[col], rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(sa[col], sb[col])
     # a resumed run with other settings is refused, naming the file
     store = PartStore(out, settings_id(TINY, 2), {})
     run_sweep(Grid((6,), (2,), (0.9,), 2), TINY, store, workers=1)
@@ -342,10 +362,13 @@ def test_cli_summarize_refuses_other_files(cli, tmp_path):
 def test_toy_figures_draw_from_a_small_sweep(cli, tmp_path):
     out = tmp_path / "toy.parquet"
     assert cli("--quiet", "toy", *SMALL, "-o", out, "--log-curves", "--curve-points", "4").exit_code == 0
-    for kind in ("toy-grid", "toy-scatter", "toy-accuracy", "toy-scaling", "toy-curves"):
+    kinds = ("toy-grid", "toy-scatter", "toy-accuracy", "toy-scaling", "toy-curves", "toy-survival", "toy-kept")
+    for kind in kinds:
         fig = tmp_path / f"{kind}.png"
         r = cli("plot", kind, out, "-o", fig)
         assert r.exit_code == 0, (kind, r.output)
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = cli("plot", "toy-curves", tmp_path / "toy-grid.png", "-o", tmp_path / "x.png")
     assert r.exit_code == 2
+    r = cli("plot", "toy-survival", tmp_path / "toy.survival.parquet", "--set", "threshold=2", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--set threshold must be in (0, 1]" in r.stderr

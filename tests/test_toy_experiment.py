@@ -41,7 +41,11 @@ def test_run_experiment_trains_what_is_pending_and_reports_progress_as_data(tmp_
     assert formats.parquet_metadata(out)["summary"]["settings"] == settings_id(TINY, 2)
     assert not (tmp_path / "toy.parquet.parts").exists()
     line = f"toy sweep: 2 configurations x 2 seeds = 14 models (0 configurations already done), {TINY.steps} steps"
-    assert said == [("info", f"{line}, batch {TINY.batch_size}, 1 workers -> {out}")]
+    assert said[0] == ("info", f"{line}, batch {TINY.batch_size}, 1 workers -> {out}")
+    # one alpha: the fits are in the summary, but a power law across alphas (the capacity file) cannot be made
+    why = f"{out}: a power law needs measured capacities at 2 or more alphas, got 1"
+    assert said[1:] == [("warning", f"no capacity file written: {why}")]
+    assert "capacity_file" not in s and not (tmp_path / "toy.capacity.json").exists()
     # progress in work units: starts at 0 of the whole grid, ends at all of it, one report per configuration
     assert [p.configs_done for p in seen] == [0, 1, 2] and seen[0].done == 0 and seen[-1].done == seen[-1].total
     assert seen[0].models_per_second is None and seen[-1].models_per_second > 0
@@ -70,7 +74,8 @@ def test_run_experiment_discards_stale_parts_unless_resumed_and_warns_about_miss
     fresh = []
     run_experiment(_experiment(out), {}, notify=lambda *m: fresh.append(m))
     parts = tmp_path / "toy.parquet.parts"
-    assert fresh[0] == ("info", f"discarded 1 part files of an earlier run in {parts} (--resume keeps them)")
+    # two part files for the one configuration: its rows and its survival records
+    assert fresh[0] == ("info", f"discarded 2 part files of an earlier run in {parts} (--resume keeps them)")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +96,8 @@ def test_experiment_config_refuses_bad_settings(tmp_path, kwargs, needle):
 def test_experiment_config_records_the_grid_as_given(tmp_path):
     cfg = ExperimentConfig(output=tmp_path / "t.parquet", grid=Grid((20, 10), (3,), (0.9,), 2), train=TINY)
     assert cfg.workers >= 1  # default: one per core
-    assert cfg.settings() == {"grid": {"n": [20, 10], "d_teacher": [3], "alpha": [0.9], "seeds": 2}, **TINY.to_dict()}
+    grid = {"n": [20, 10], "d_teacher": [3], "alpha": [0.9], "seeds": 2, "student_widths": "teacher"}
+    assert cfg.settings() == {"grid": grid, **TINY.to_dict(), "kept_threshold": 0.5}
 
 
 def test_check_convergence_and_summarize_file(tmp_path):

@@ -13,7 +13,6 @@ import typer
 
 from kdtool.cli import common, options
 
-CapacityChoice = options.choices("CapacityChoice", "paper", "naive")
 EstimatorChoice = options.choices("EstimatorChoice", "paper", "robust")
 FitChoice = options.choices("FitChoice", "affine", "affine_fixed", "linear")
 
@@ -51,11 +50,13 @@ def main(
         typer.Option("--sq-activation", help="Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value."),
     ] = None,
     capacity: Annotated[
-        Optional[CapacityChoice],
+        str,
         typer.Option(
-            "--capacity", help="paper (default): g(alpha) of Eq. 1; naive: one feature per dimension (g = 1)."
+            "--capacity",
+            help="Features per dimension g_hat: paper (g(alpha) of Eq. 1), naive (g = 1), power:K,P "
+            "(K g(alpha)^P) or a capacity file from `kdtool toy --fit-capacity`.",
         ),
-    ] = None,
+    ] = "paper",
     g_value: Annotated[
         Optional[float], typer.Option("--g", help="Use this capacity g instead of g(alpha) (Table 2 used g = 26.922).")
     ] = None,
@@ -98,9 +99,10 @@ def main(
 ) -> None:
     """Predict the distillation loss floor L*(d_S) of Eq. 2 at each student width.
 
-    F_S = floor(d_S * g(alpha)) features fit in a width-d_S student; the floor is the
-    importance mass of the rest. Columns: layer, width, features_kept, features_dropped,
-    floor, normalized (+ floor_kl, floor_kl_low, floor_kl_high with --calibration).
+    F_S = floor(d_S * g_hat) features fit in a width-d_S student (g_hat = g(alpha) unless --capacity
+    says otherwise); the floor is the importance mass of the rest. Columns: layer, width,
+    features_kept, features_dropped, floor, normalized, g, capacity, estimator (+ floor_kl, floor_kl_low,
+    floor_kl_high with --calibration).
 
     Several SAEs of one layer in STATS (widths, lambdas, seeds, checkpoints): one row set per SAE
     (column sae) and their spread per layer (min/median/max of d* and of each width's floor; --spread
@@ -122,7 +124,7 @@ def main(
         l0=l0,
         importance=importance,
         sq_activation=sq_activation,
-        capacity=(capacity or CapacityChoice.paper).value,
+        capacity=capacity,
         g_value=g_value,
         target_loss=target_loss,
         calibration=calibration,
@@ -140,8 +142,13 @@ def main(
         fmt=fmt,
         output=output,
         kind=spread_mod.SPREAD_KIND if spread else prediction.KIND,
-        provenance=common.make_provenance(inputs=[p for p in (stats, calibration) if p is not None]),
+        provenance=common.make_provenance(inputs=[p for p in (stats, calibration, _file(capacity)) if p is not None]),
         title=f"predicted floors ({'spread over SAEs, ' if spread else ''}capacity {result.summary['capacity']}, "
         f"estimator {result.summary['estimator']})",
         summary=result.summary,
     )
+
+
+def _file(capacity: str) -> Path | None:
+    """The capacity file --capacity names, for the provenance's inputs (None for paper, naive, power:K,P)."""
+    return Path(capacity) if Path(capacity).is_file() else None

@@ -2,7 +2,7 @@
 
 Thin: parse the grid and training flags into kdtool.toy.experiment.ExperimentConfig, call
 run_experiment (or check_convergence, or kdtool.toy.stats.summarize_file for --summarize), show
-its progress on a bar and its summary on stderr (or as JSON).
+its progress on a bar and its summary on stderr (kdtool/cli/toy_report.py; or as JSON).
 
 Example: kdtool toy --n 10,20 --d-teacher 3,5 --alpha 0.9,0.99 --seeds 4 --steps 600 -o toy.parquet
 """
@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kdtool.cli import common, options
+from kdtool.cli import common, options, toy_report
 
 PANEL_GRID = "Grid (defaults = the paper's 48 configurations x 20 seeds)"
 PANEL_TRAIN = "Training"
@@ -26,6 +26,7 @@ OptimizerChoice = options.choices("OptimizerChoice", "adam", "sgd")
 ScheduleChoice = options.choices("ScheduleChoice", "cosine", "linear", "constant")
 TargetChoice = options.choices("TargetChoice", "teacher", "data")
 MeasureChoice = options.choices("MeasureChoice", "data", "distill")
+CapacityFromChoice = options.choices("CapacityFromChoice", "kept", "floors")
 
 
 def main(
@@ -51,6 +52,15 @@ def main(
     alpha: Annotated[
         str, typer.Option("--alpha", help="Sparsities (probability a feature is 0).", rich_help_panel=PANEL_GRID)
     ] = "0.8,0.9,0.95,0.99",
+    student_widths: Annotated[
+        str,
+        typer.Option(
+            "--student-widths",
+            help="Student widths d_S: teacher (1..d_T), to-dstar (1..max(d_T, ceil(d*)+1), d* = n/g(alpha)) "
+            "or a list for every configuration (1,2,4 or 1:12).",
+            rich_help_panel=PANEL_GRID,
+        ),
+    ] = "teacher",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per configuration.", rich_help_panel=PANEL_GRID)] = 20,
     zipf_exponent: Annotated[
         float, typer.Option("--zipf-exponent", help="Importance I_i = i^-s.", rich_help_panel=PANEL_GRID)
@@ -144,10 +154,37 @@ def main(
         bool,
         typer.Option(
             "--fit-capacity",
-            help="Fit the capacity g_hat per alpha that explains the measured floors, and g_hat = k g(alpha)^p.",
+            help="Fit the capacity per alpha (from kept counts and from the floors), g_hat = k g(alpha)^p, "
+            "and write it as a capacity file for `kdtool predict --capacity FILE`.",
             rich_help_panel=PANEL_REPORT,
         ),
     ] = False,
+    capacity_out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--capacity-out",
+            help="The capacity file of --fit-capacity (default: OUTPUT-stem.capacity.json, beside the toy table).",
+            dir_okay=False,
+            rich_help_panel=PANEL_REPORT,
+        ),
+    ] = None,
+    capacity_from: Annotated[
+        CapacityFromChoice,
+        typer.Option(
+            "--capacity-from",
+            rich_help_panel=PANEL_REPORT,
+            help="The capacity file's law: from the students' kept counts (g_meas) or from the floors (g_hat).",
+        ),
+    ] = CapacityFromChoice.kept,
+    kept_threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--kept-threshold",
+            help="A feature is kept when its held-out error is below this fraction of its variance "
+            "(default 0.5; with --summarize, the one the records were written with).",
+            rich_help_panel=PANEL_REPORT,
+        ),
+    ] = None,
     summarize: Annotated[
         Optional[Path],
         typer.Option(
@@ -176,10 +213,13 @@ def main(
     """Sweep the toy model of the paper's section 4: teachers, distilled students, measured vs predicted floors.
 
     For each configuration (n, d_T, alpha) and seed: a teacher of width d_T is trained on the data,
-    then students of every width d_S = 1..d_T learn its output; each floor is the mean held-out loss
-    over the final 10% of training, next to Eq. 2's refined (g(alpha)) and naive (g = 1) predictions.
-    All models of a configuration train as one batched computation; configurations run in parallel
-    worker processes and are written as they finish (--resume continues a killed sweep).
+    then students of every width d_S = 1..d_T (--student-widths) learn its output; each floor is the
+    mean held-out loss over the final 10% of training, next to Eq. 2's refined (g(alpha)) and naive
+    (g = 1) predictions. Beside the table, OUTPUT-stem.survival.parquet records each feature's share of
+    every model's floor and whether it is kept; the summary compares kept counts with Eq. 2's F_S and
+    charges Eq. 2 on the features actually dropped. All models of a configuration train as one batched
+    computation; configurations run in parallel worker processes and are written as they finish
+    (--resume continues a killed sweep).
 
     Example: kdtool toy --n 10,20 --d-teacher 3,5 --alpha 0.9,0.99 --seeds 4 --steps 600 -o toy.parquet
     """
@@ -187,19 +227,33 @@ def main(
 
     from kdtool.parsing import parse_float_list, parse_int_list
     from kdtool.toy import experiment
-    from kdtool.toy.config import Grid, TrainConfig
+    from kdtool.toy.config import WIDTH_POLICIES, Grid, TrainConfig
     from kdtool.toy.stats import summarize_file
+    from kdtool.toy.survival import KEPT_THRESHOLD
 
     if summarize is not None:
         which = measure.value if measure is not None else None
-        _report(summarize_file(summarize, which, capacity_fit=fit_capacity, zipf_exponent=zipf_exponent), None)
+        summary = summarize_file(
+            summarize,
+            which,
+            capacity_fit=fit_capacity,
+            zipf_exponent=zipf_exponent,
+            kept_threshold=kept_threshold,
+            capacity_out=capacity_out or summarize.with_name(summarize.stem + ".capacity.json"),
+            capacity_from=capacity_from.value,
+            provenance=common.make_provenance(inputs=[summarize]),
+        )
+        toy_report.report(summary, None)
         return
     grid_ns = common.parse_opt("--n", parse_int_list, n)
     grid_d = common.parse_opt("--d-teacher", parse_int_list, d_teacher)
     grid_a = common.parse_opt("--alpha", parse_float_list, alpha)
+    widths = student_widths
+    if student_widths not in WIDTH_POLICIES:
+        widths = tuple(common.parse_opt("--student-widths", parse_int_list, student_widths))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        grid = Grid(tuple(grid_ns), tuple(grid_d), tuple(grid_a), seeds)
+        grid = Grid(tuple(grid_ns), tuple(grid_d), tuple(grid_a), seeds, widths)
     train = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -223,16 +277,19 @@ def main(
         log_curves=log_curves,
         measure=(measure or MeasureChoice.data).value,
         fit_capacity=fit_capacity,
+        kept_threshold=KEPT_THRESHOLD if kept_threshold is None else kept_threshold,
+        capacity_out=capacity_out,
+        capacity_from=capacity_from.value,
     )
     if convergence_check:
         with common.progress() as bar:
             checked = experiment.check_convergence(config, check_configs, notify=_say, on_progress=_counter(bar))
-        _report_check(checked)
+        toy_report.report_check(checked)
         return
     provenance = common.make_provenance(seed=seed, config=config.settings())
     with common.progress(counts=False) as bar:
         result = experiment.run_experiment(config, provenance, notify=_say, on_progress=_work_bar(bar))
-    _report(result.summary, output)
+    toy_report.report(result.summary, output)
 
 
 def _say(level: str, text: str) -> None:
@@ -267,104 +324,3 @@ def _work_bar(bar):
             bar.update(task, completed=p.done, rate=rate)
 
     return show
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _report(result: dict, output: Path | None) -> None:
-    """--json: the summary on stdout. Otherwise a short human summary on stderr."""
-    if common.STATE.json:
-        common.emit_json({"kind": "kdtool.toy.summary", **result})
-        return
-    fitted = result.get("fit_capacity") or {}
-    if not common.STATE.quiet:
-        for line in _summary_lines(result, output) + _fit_lines(fitted):
-            common.log(line)
-    for note in fitted.get("notes", []):
-        common.warn(note)
-
-
-def _agreement(label: str, r: dict) -> str:
-    return (
-        f"{label}Pearson r {_fmt(r['pearson_r'])}, log-log r {_fmt(r['pearson_r_loglog'])}, "
-        f"MAPE {_fmt(r['mape_percent'])}%, median accuracy {_fmt(r['median_accuracy'])}, R^2 {_fmt(r['r2'])}"
-    )
-
-
-def _summary_lines(result: dict, output: Path | None) -> list[str]:
-    lines = []
-    if output is not None:
-        lines.append(
-            f"wrote {output}: {result['rows']} rows, {result['models']} models in {result['configs']} "
-            f"configurations ({_fmt(result.get('seconds'))} s, {_fmt(result.get('models_per_second'))} "
-            "models/s this run)"
-        )
-    lines.append(
-        f"data points: {result['data_points']} of {result['points']} (config, d_S) points "
-        f"[{result['data_point_rule']}]; floor = {result.get('floor_column', result['measure'])}"
-    )
-    lines.append(_agreement("refined (g(alpha)): ", result["refined"]))
-    lines.append(_agreement("naive   (g = 1):    ", result["naive"]))
-    for a, row in result["by_alpha"].items():
-        lines.append(
-            f"  alpha {a}: {row['points']} points, median accuracy refined {_fmt(row['median_accuracy'])}, "
-            f"naive {_fmt(row['median_accuracy_naive'])}; measured / predicted median refined "
-            f"{_fmt(row.get('median_measured_over_refined'))}, naive {_fmt(row.get('median_measured_over_naive'))}"
-        )
-    order = result.get("ordering")
-    if order:
-        w, a = order["falls_with_width"], order["falls_with_alpha"]
-        lines.append(
-            f"ranking: the floor falls with d_S in {w[0]}/{w[1]} adjacent comparisons, with alpha in {a[0]}/{a[1]}; "
-            f"refined prediction below the floor at {result['underestimated_by_refined']}/{result['data_points']} "
-            "data points"
-        )
-    bd = result["beyond_d_star"]
-    lines.append(
-        f"beyond d* ({bd['points']} points, formula = 0): measured floor / total mass median "
-        f"{_fmt(bd['median_normalized_floor'])}, max {_fmt(bd['max_normalized_floor'])}"
-    )
-    return lines
-
-
-def _fit_lines(fitted: dict) -> list[str]:
-    """--fit-capacity: g_hat per alpha against g(alpha), and the power law across alphas."""
-    lines = [
-        f"  fit alpha {p['alpha']:g}: g_hat {_fmt(p['g_hat'])} vs g(alpha) {_fmt(p['g'])} "
-        f"(x{_fmt(p['ratio'])}), log-rmse {_fmt(p['rmse_log_fit'])} vs {_fmt(p['rmse_log_paper_g'])} "
-        f"with g(alpha), {p['points']} points"
-        for p in fitted.get("per_alpha", [])
-    ]
-    pl = fitted.get("power_law")
-    if pl:
-        lines.append(
-            f"  power law: g_hat = {_fmt(pl['k'])} * g(alpha)^{_fmt(pl['p'])} (R^2 on logs {_fmt(pl['r2_log'])})"
-        )
-    return lines
-
-
-def _report_check(result: dict) -> None:
-    if common.STATE.json:
-        common.emit_json({"kind": "kdtool.toy.convergence", **result})
-        return
-    for c in result["configs"]:
-        common.log(
-            f"  {c['config']}: max |rel. change| data {_fmt(c['max_abs_rel_floor_data'])}, "
-            f"distill {_fmt(c['max_abs_rel_floor_distill'])}"
-        )
-    for col, o in result["overall"].items():
-        common.log(
-            f"{col}: {o['points']} data points, median |rel. change| {_fmt(o['median_abs_rel'])}, "
-            f"max {_fmt(o['max_abs_rel'])}, mean signed {_fmt(o['mean_rel'])} "
-            f"({result['steps']} vs {result['steps_doubled']} steps)"
-        )
-    verdict = "converged" if result["passed"] else "NOT converged"
-    common.log(
-        f"{verdict}: max |rel. change| of the data floor {'<' if result['passed'] else '>='} {result['threshold']:.0%}"
-    )

@@ -139,6 +139,18 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "Fig. 14: toy student training curves per width, Eq. 2 floors dashed "
         "(input: toy.curves.parquet from kdtool toy --log-curves)",
     ),
+    "toy-survival": (
+        "kdtool.plots.toy_survival",
+        "staircase",
+        "Toy survival staircase: fraction of seeds keeping each feature vs importance rank, a line per d_S, "
+        "Eq. 2's F_S marked; rows alpha, columns n (input: toy.survival.parquet or toy.parquet)",
+    ),
+    "toy-kept": (
+        "kdtool.plots.toy_survival",
+        "kept_counts",
+        "Toy kept features vs d_S per alpha against Eq. 2's floor(d_S g(alpha)) and d_S g_meas "
+        "(input: toy.survival.parquet or toy.parquet)",
+    ),
     # Not a figure: a run folder in, a report folder out. build_report(run_dir, out_dir, ...) has its own
     # signature; kdtool/cli/plot.py hands this kind to kdtool/cli/plot_report.py.
     "report": (

@@ -40,6 +40,11 @@ def _table(path: Path, options: dict) -> dict:
         if measure not in _MEASURES:
             raise BadInput(f"--set measure must be data or distill, got {measure!r}")
         cols["floor"] = cols[_MEASURES[measure]]
+    return select(cols, options, path)
+
+
+def select(cols: dict[str, np.ndarray], options: dict, path: Path) -> dict[str, np.ndarray]:
+    """The rows of a toy file (table or survival records) left by --alpha and --set n=...; BadInput if none."""
     keep = np.ones(len(cols["n"]), dtype=bool)
     if options.get("alpha"):
         keep &= np.isin(np.round(cols["alpha"].astype(float), 9), np.round(list(options["alpha"]), 9))

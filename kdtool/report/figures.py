@@ -30,6 +30,7 @@ from kdtool.report.model import (
     STATS,
     TOY,
     TOY_CURVES,
+    TOY_SURVIVAL,
     Artifact,
     FigureJob,
     FigureResult,
@@ -76,6 +77,8 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("toy-accuracy",           (TOY,),          "file", _T, "Prediction accuracy (Fig. 10, 11)"),
     FigureRule("toy-scaling",            (TOY,),          "file", _T, "Floor vs d_S / d* (Fig. 13)"),
     FigureRule("toy-curves",             (TOY_CURVES,),   "file", _T, "Toy training curves (Fig. 14)"),
+    FigureRule("toy-survival",           (TOY_SURVIVAL,), "file", _T, "Which features survive, by importance rank"),
+    FigureRule("toy-kept",               (TOY_SURVIVAL,), "file", _T, "Features kept vs width against Eq. 2"),
 )
 # fmt: on
 

@@ -23,6 +23,7 @@ SECTIONS = ("SAE measurements", "Predicted floors", "Distillation", "Calibration
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
+TOY_SURVIVAL = "kdtool.toy.survival"
 
 
 @dataclass

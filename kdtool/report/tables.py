@@ -17,6 +17,7 @@ and the other tables go on.
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
 | toy            | toy.parquet, per sparsity              | Fig. 3   | tables_toy.py       |
+| toy_survival   | toy.survival.parquet, per sparsity     |          | tables_toy.py       |
 | inputs         | every artifact's provenance            |          | here                |
 
 The Table class and cell formats are kdtool/report/model.py.
@@ -31,7 +32,7 @@ from kdtool.report.model import Artifact, Table
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
 from kdtool.report.tables_sae import sae_fidelity, sae_layers, sae_training, sae_trials
-from kdtool.report.tables_toy import toy
+from kdtool.report.tables_toy import toy, toy_survival
 
 
 def inputs(arts: list[Artifact]) -> list[Table]:
@@ -60,6 +61,7 @@ BUILDERS: tuple[Callable, ...] = (
     calibration,
     probe,
     toy,
+    toy_survival,
 )
 
 

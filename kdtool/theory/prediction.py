@@ -1,11 +1,12 @@
 """The prediction table of `kdtool predict`: Eq. 2's floor at each student width, per layer.
 
 From an importance source (kdtool.theory.importance: a stats file or a parametric spec), a
-capacity (g(alpha), naive, or an explicit g) and optionally a calibration (kdtool.theory.calibrated)
-`predict` builds, per layer and width: features kept and dropped, the floor L*, the floor
-normalised to the smallest width's, and with a calibration floor_kl = C L* + B with its
-bootstrap band. With a target loss it answers the minimum width (kdtool.theory.theorem.target_width),
-and predicts at that width when no widths are given.
+capacity model (kdtool.theory.capacity: g(alpha), naive, power:K,P or a capacity file; or an
+explicit g) and optionally a calibration (kdtool.theory.calibrated) `predict` builds, per layer and
+width: features kept and dropped, the floor L*, the floor normalised to the smallest width's, the
+capacity g used and the model's name (so a CSV says it too), and with a calibration
+floor_kl = C L* + B with its bootstrap band. With a target loss it answers the minimum width
+(kdtool.theory.theorem.target_width), and predicts at that width when no widths are given.
 
 What the command would say on stderr comes back as data (`Prediction.messages`), in order;
 `notify` hears each one as it arises, so a caller can interleave them with Python warnings
@@ -24,12 +25,13 @@ import numpy as np
 from kdtool.errors import BadInput
 from kdtool.kinds import expect
 from kdtool.theory import calibrated as calib_mod
+from kdtool.theory import capacity as capacity_mod
 from kdtool.theory import importance as imp
 from kdtool.theory import spread as spread_mod
 from kdtool.theory import theorem as theory
 
 KIND = "kdtool.predict"
-COLUMNS = ("layer", "width", "features_kept", "features_dropped", "floor", "normalized", "estimator")
+COLUMNS = ("layer", "width", "features_kept", "features_dropped", "floor", "normalized", "g", "capacity", "estimator")
 CALIBRATED_COLUMNS = ("floor_kl", "floor_kl_low", "floor_kl_high")
 BAND = "pointwise 2.5-97.5 percentiles of C_b*L* + B_b over bootstrap fits"
 
@@ -49,7 +51,7 @@ class PredictionConfig:
     l0: float | None = None  # --l0: parametric spec, mean active features per token; alpha = 1 - L0/F
     importance: str = "zipf"  # --importance: parametric spec, zipf, zipf:S or uniform
     sq_activation: float | None = None  # --sq-activation: parametric spec, E(x_i^2); default (1-alpha)/3
-    capacity: theory.Capacity = "paper"  # --capacity: paper (g(alpha) of Eq. 1) or naive (g = 1)
+    capacity: str = "paper"  # --capacity: paper (g(alpha), Eq. 1), naive (g = 1), power:K,P or a capacity file
     g_value: float | None = None  # --g: this capacity instead of g(alpha)
     target_loss: float | None = None  # --target-loss: answer the minimum width whose floor is <= this
     calibration: str | os.PathLike | None = None  # --calibration: calib.json from `kdtool calibrate`
@@ -58,8 +60,8 @@ class PredictionConfig:
     saes: tuple[str, ...] | None = None  # --sae: only these SAEs of STATS (its `sae` keys)
 
     def __post_init__(self) -> None:
-        if self.g_value is not None and self.capacity == "naive":
-            raise BadInput("--g and --capacity naive both set the capacity: give only one")
+        if self.g_value is not None and self.capacity != "paper":
+            raise BadInput(f"--g and --capacity {self.capacity} both set the capacity: give only one")
         if self.alpha is not None and self.l0 is not None:
             raise BadInput("--alpha and --l0 both set the sparsity: give only one")
         if self.widths is None and self.target_loss is None:
@@ -129,6 +131,8 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
             notify(level, text)
 
     layers = importance_source(cfg)
+    cap = capacity_mod.parse(cfg.capacity)
+    cap_label = "explicit g" if cfg.g_value is not None else cap.label
     cal = calib = None
     if cfg.calibration is not None:
         expect(cfg.calibration, "kdtool.calibration", "--calibration")
@@ -144,7 +148,8 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
     names = (("sae",) if several else ()) + COLUMNS + (CALIBRATED_COLUMNS if cal is not None else ())
     columns: dict[str, list] = {k: [] for k in names}
     summary: dict[str, Any] = {
-        "capacity": "explicit g" if cfg.g_value is not None else cfg.capacity,
+        "capacity": cap_label,
+        "capacity_model": {"model": "explicit g", "g": cfg.g_value} if cfg.g_value is not None else cap.describe(),
         "estimator": cfg.estimator,
         "layers": {},
     }
@@ -159,7 +164,7 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
     targets = {}
     per_sae: dict[str, dict] = {}
     for lay in layers:
-        model = imp.floor_model(lay, cfg.capacity, cfg.g_value)
+        model = imp.floor_model(lay, g_value=_layer_g(lay, cap, cfg.g_value))
         entry = {"F": lay.n_features, "alpha": lay.alpha, "L0": lay.l0, "g": model.g, "d_star": model.d_star,
                  "source": lay.source, "estimator": lay.estimator}  # fmt: skip
         name = f"layer {lay.layer}" + (f" ({lay.sae})" if several else "")
@@ -181,6 +186,7 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
                 widths = [d]
         if widths:
             _add_rows(columns, lay, model, np.asarray(widths, dtype=np.int64), cal, calib, cfg.calibration, say)
+            columns["capacity"] += [cap_label] * len(widths)
     if per_sae:
         summary["saes"] = per_sae
     if several:
@@ -195,6 +201,13 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
             "layers": targets,
         }
     return Prediction(columns=columns, summary=summary, messages=messages)
+
+
+def _layer_g(lay: imp.LayerImportance, cap: capacity_mod.CapacityModel, g_value: float | None) -> float:
+    """The capacity of one layer: an explicit --g, else the model's g_hat at the layer's alpha."""
+    if g_value is not None or cap.model != "power":
+        return imp.capacity_g(lay.alpha, cap.model, g_value)  # type: ignore[arg-type]
+    return cap.k * imp.capacity_g(lay.alpha, "paper") ** cap.p
 
 
 def _target(model: theory.FloorModel, target: float, cal: dict | None) -> tuple[int | None, str]:
@@ -218,6 +231,7 @@ def _add_rows(columns, lay, model, w_arr, cal, calib, calibration, say) -> None:
     columns["features_dropped"] += (lay.n_features - kept).tolist()
     columns["floor"] += floor.tolist()
     columns["normalized"] += [float(f / ref) if ref > 0 else None for f in floor]
+    columns["g"] += [model.g] * n
     if cal is None:
         return
     mid, lo, hi = calib_mod.calibrated_floor(cal, floor)

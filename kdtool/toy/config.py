@@ -102,7 +102,7 @@ class TrainConfig:
 
 @dataclass(frozen=True, order=True)
 class ToyConfigKey:
-    """One configuration of the sweep: a teacher width and students 1..d_T, for each seed."""
+    """One configuration of the sweep: a teacher width and its students (`student_widths`), for each seed."""
 
     n: int
     d_teacher: int
@@ -117,14 +117,42 @@ class ToyConfigKey:
         return f"n{self.n}-dT{self.d_teacher}-a{self.alpha:.6f}"
 
 
+#: --student-widths policies besides an explicit list (see `student_widths`)
+WIDTH_POLICIES = ("teacher", "to-dstar")
+
+
+def student_widths(key: ToyConfigKey, spec: str | tuple[int, ...] = "teacher") -> list[int]:
+    """The student widths d_S trained for one configuration, ascending.
+
+    teacher: 1..d_T, the paper's grid. to-dstar: 1..max(d_T, ceil(d*) + 1) with d* = n / g(alpha):
+    every width of the paper's grid, and beyond d_T up to one past the critical width, so that Eq. 2's
+    data points (d_S < d*) and the first widths past d* exist at every alpha (at n = 80, alpha = 0.99:
+    d* = 3.7, widths 1..5 with d_T <= 5). A tuple: exactly those widths, for every configuration.
+    """
+    if spec == "teacher":
+        return list(range(1, key.d_teacher + 1))
+    if spec == "to-dstar":
+        d_star = theory.critical_width(key.n, key.alpha)
+        return list(range(1, max(key.d_teacher, math.ceil(d_star) + 1) + 1))
+    if isinstance(spec, str):
+        raise BadInput(f"--student-widths must be teacher, to-dstar or a list of widths, got {spec!r}")
+    return sorted(set(int(w) for w in spec))
+
+
+def widths_label(spec: str | tuple[int, ...]) -> str:
+    """The --student-widths spec as text (what provenance and the settings fingerprint record)."""
+    return spec if isinstance(spec, str) else ",".join(str(w) for w in sorted(set(spec)))
+
+
 @dataclass(frozen=True)
 class Grid:
     """The sweep's axes (defaults = the paper's 48 configurations x 20 seeds)."""
 
     ns: tuple[int, ...] = (10, 20, 40)  # feature counts n
-    d_teachers: tuple[int, ...] = (3, 5, 8, 10)  # teacher widths d_T (students: 1..d_T)
+    d_teachers: tuple[int, ...] = (3, 5, 8, 10)  # teacher widths d_T
     alphas: tuple[float, ...] = (0.80, 0.90, 0.95, 0.99)  # sparsities
     seeds: int = 20  # seeds per configuration
+    student_widths: str | tuple[int, ...] = "teacher"  # --student-widths: teacher, to-dstar or widths (see above)
 
     def __post_init__(self):
         if not self.ns or min(self.ns) < 1:
@@ -136,6 +164,15 @@ class Grid:
         if self.seeds < 1:
             raise BadInput(f"--seeds must be >= 1, got {self.seeds}")
         theory.check_alpha(list(self.alphas), what="--alpha")  # warns below 1-1/e
+        if not isinstance(self.student_widths, str) and (
+            not self.student_widths or min(int(w) for w in self.student_widths) < 1
+        ):
+            raise BadInput(f"--student-widths values must be >= 1, got {list(self.student_widths)}")
+        student_widths(ToyConfigKey(1, 1, 0.9), self.student_widths)  # refuses an unknown policy
+
+    def widths(self, key: ToyConfigKey) -> list[int]:
+        """Student widths of one configuration (`student_widths`)."""
+        return student_widths(key, self.student_widths)
 
     def keys(self) -> list[ToyConfigKey]:
         return [
@@ -146,13 +183,19 @@ class Grid:
         ]
 
     def models(self, keys=None) -> int:
-        """Models trained for these configurations: per seed one teacher and d_T students."""
-        return self.seeds * sum(k.d_teacher + 1 for k in (keys if keys is not None else self.keys()))
+        """Models trained for these configurations: per seed one teacher and its students."""
+        return self.seeds * sum(len(self.widths(k)) + 1 for k in (keys if keys is not None else self.keys()))
 
 
-def settings_id(cfg: TrainConfig, seeds: int) -> str:
-    """Fingerprint of everything that changes a configuration's rows (curves excluded)."""
+def settings_id(cfg: TrainConfig, seeds: int, widths: str | tuple[int, ...] = "teacher") -> str:
+    """Fingerprint of everything that changes a configuration's rows (curves excluded).
+
+    The student-width policy is in it: the same configuration (n, d_T, alpha) has other rows under
+    `teacher` and `to-dstar`, so --resume must not mix them. n, d_T and alpha are not: each
+    configuration's part is keyed by them, so a grown grid resumes the configurations it shares.
+    """
     d = cfg.to_dict()
     d.pop("curve_points")
     d["seeds"] = seeds
+    d["student_widths"] = widths_label(widths)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

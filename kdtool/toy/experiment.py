@@ -3,7 +3,9 @@
 `run_experiment` drives one sweep: the part store (kdtool.toy.store) decides what is already done
 (--resume) or discards an earlier run's parts, the pending configurations are trained
 (kdtool.toy.sweep.run_sweep), the floor compared with Eq. 2 is picked (--measure), the
-summary computed (kdtool.toy.stats), and the parts merged into the output (and the curves file).
+summary computed (kdtool.toy.stats, and kdtool.toy.survival from the per-feature records, whose
+`kept` column is set here at --kept-threshold), and the parts merged into the output, its survival
+file (and the curves file); with --fit-capacity the capacity file follows (kdtool.toy.kept_capacity).
 `check_convergence` trains a sample of the grid at --steps and 2x --steps.
 
 Nothing is printed: what the command says comes back through `notify(level, text)` as it
@@ -24,9 +26,12 @@ import numpy as np
 
 from kdtool import formats
 from kdtool.errors import BadInput
-from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id
+from kdtool.theory import capacity as capacity_mod
+from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id, widths_label
+from kdtool.toy.kept_capacity import capacity_file
 from kdtool.toy.stats import MEASURE_COLUMN, fit_capacity, summarize
-from kdtool.toy.store import PartStore, curves_path
+from kdtool.toy.store import PartStore, curves_path, survival_path
+from kdtool.toy.survival import KEPT_RULE, KEPT_THRESHOLD, check_threshold, kept_mask, summarize_survival
 from kdtool.toy.sweep import chunk_cost, convergence_check, default_workers, run_sweep, sample_configs
 
 #: notify(level, text): level is "info" (a progress line) or "warning" (may change how to read the result)
@@ -48,7 +53,10 @@ class ExperimentConfig:
     resume: bool = False  # --resume: keep configurations already written with the same settings
     log_curves: bool = False  # --log-curves: also write OUTPUT-stem.curves.parquet
     measure: str = "data"  # --measure: the student loss compared with Eq. 2, against the data or the teacher
-    fit_capacity: bool = False  # --fit-capacity: add the capacity fit to the summary
+    fit_capacity: bool = False  # --fit-capacity: add the capacity fits to the summary and write the capacity file
+    kept_threshold: float = KEPT_THRESHOLD  # --kept-threshold: kept iff error / variance of x_i below this
+    capacity_out: Path | None = None  # --capacity-out: the capacity file (default OUTPUT-stem.capacity.json)
+    capacity_from: str = "kept"  # --capacity-from: the capacity file's law, from kept counts or from the floors
 
     def __post_init__(self) -> None:
         if self.log_curves and self.train.curve_points < 2:
@@ -61,11 +69,18 @@ class ExperimentConfig:
             raise BadInput(f"{self.output}: the toy table is Parquet; use a .parquet name")
         if self.measure not in MEASURE_COLUMN:
             raise BadInput(f"--measure must be data or distill, got {self.measure!r}")
+        check_threshold(self.kept_threshold)
+        if self.capacity_from not in ("kept", "floors"):
+            raise BadInput(f"--capacity-from must be kept or floors, got {self.capacity_from!r}")
+        if self.capacity_out is None and self.fit_capacity:
+            stem = self.output.name[: -len(self.output.suffix)] if self.output.suffix else self.output.name
+            object.__setattr__(self, "capacity_out", self.output.with_name(stem + ".capacity.json"))
 
     def settings(self) -> dict[str, Any]:
         """The grid and training settings, as the output's provenance records them."""
         grid = {"n": list(self.grid.ns), "d_teacher": list(self.grid.d_teachers), "alpha": list(self.grid.alphas)}
-        return {"grid": {**grid, "seeds": self.grid.seeds}, **self.train.to_dict()}
+        grid.update({"seeds": self.grid.seeds, "student_widths": widths_label(self.grid.student_widths)})
+        return {"grid": grid, **self.train.to_dict(), "kept_threshold": self.kept_threshold}
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ def run_experiment(
     """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors."""
     notify = notify or _silent
     grid, cfg = config.grid, config.train
-    store = PartStore(config.output, settings_id(cfg, grid.seeds), provenance)
+    store = PartStore(config.output, settings_id(cfg, grid.seeds, grid.student_widths), provenance)
     keys = grid.keys()
     done = store.load(keys) if config.resume else []
     if not config.resume:
@@ -131,18 +146,37 @@ def run_experiment(
             "output": str(config.output),
         }
     )
+    scols = store.table(keys, store.survival)
+    scols["kept"] = kept_mask(scols["rel_error"], config.kept_threshold)
+    summary["survival"] = summarize_survival(scols, config.kept_threshold, cfg.target)
+    doc = None
     if config.fit_capacity:
         summary["fit_capacity"] = fit_capacity(cols, "floor", cfg.zipf_exponent)
-    store.merge(keys, summary, want_curves=config.log_curves)
+        doc = _capacity_doc(summary, config, provenance, notify)
+    rules = {"kept_threshold": config.kept_threshold, "kept_rule": KEPT_RULE}
+    store.merge(keys, summary, want_curves=config.log_curves, survival=(scols, rules))
+    summary["survival_file"] = str(survival_path(config.output))
     if config.log_curves:
         summary["curves"] = str(curves_path(config.output))
+    if doc is not None:
+        capacity_mod.write(config.capacity_out, doc)
+        summary["capacity_file"] = str(config.capacity_out)
     return ExperimentResult(summary=summary, table=cols)
+
+
+def _capacity_doc(summary: dict, config: ExperimentConfig, provenance: dict, notify: Notify) -> dict | None:
+    """The capacity file's content, or None (with a warning) when the sweep cannot give a power law."""
+    try:
+        return capacity_file(summary, method=config.capacity_from, source=str(config.output), provenance=provenance)
+    except BadInput as exc:
+        notify("warning", f"no capacity file written: {exc}")
+        return None
 
 
 def _train(config, store, keys, done, pending, on_progress) -> tuple[float, int]:
     """Run the pending configurations, reporting progress; returns (wall seconds, models trained)."""
     seeds = config.grid.seeds
-    work = {k.slug: chunk_cost([k]) * seeds for k in keys}
+    work = {k.slug: chunk_cost([k], config.grid.student_widths) * seeds for k in keys}
     progress = SweepProgress(
         total=sum(work.values()), done=sum(work[k.slug] for k in done), configs_done=len(done), configs=len(keys)
     )
@@ -193,4 +227,6 @@ def check_convergence(
         count["done"] += 1
         on_progress(count["done"], 2 * len(keys))
 
-    return convergence_check(keys, seeds, config.train, workers=config.workers, on_done=on_done)
+    return convergence_check(
+        keys, seeds, config.train, workers=config.workers, on_done=on_done, widths_spec=config.grid.student_widths
+    )

@@ -20,11 +20,16 @@ from scipy.optimize import minimize_scalar
 
 from kdtool import formats
 from kdtool.errors import BadInput
+from kdtool.theory.capacity import write as capacity_write
+from kdtool.toy.agreement import agreement
+from kdtool.toy.kept_capacity import capacity_file, power_law
 from kdtool.toy.predictions import floor_model
-from kdtool.toy.store import KIND
+from kdtool.toy.store import KIND, survival_path
+from kdtool.toy.survival import KEPT_THRESHOLD, read_survival, summarize_survival
 
 POINT_KEYS = ("n", "d_teacher", "alpha", "d_student")
 DATA_POINT_RULE = "(n, d_T, alpha, d_S) with refined prediction > 0 (d_S < d* = n/g(alpha)); floor = mean over seeds"
+FIT_POINT_RULE = DATA_POINT_RULE + "; students distilled from a teacher: only d_S <= d_T"
 _TINY = 1e-12  # a zero prediction in log space (the capacity fit): heavily penalised, never -inf
 
 
@@ -70,31 +75,6 @@ def aggregate(cols: dict[str, np.ndarray], measure: str = "floor") -> dict[str, 
     return out
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _r2(actual: np.ndarray, pred: np.ndarray) -> float | None:
-    ss_tot = float(np.sum((actual - actual.mean()) ** 2))
-    if len(actual) < 2 or ss_tot == 0:
-        return None
-    return 1.0 - float(np.sum((actual - pred) ** 2)) / ss_tot
-
-
-def _agreement(actual: np.ndarray, pred: np.ndarray) -> dict:
-    rel = np.abs(pred - actual) / actual
-    pos = (actual > 0) & (pred > 0)
-    return {
-        "pearson_r": _pearson(actual, pred),
-        "pearson_r_loglog": _pearson(np.log(actual[pos]), np.log(pred[pos])) if pos.sum() >= 3 else None,
-        "mape_percent": float(100 * rel.mean()) if len(rel) else None,
-        "median_accuracy": float(np.median(1 - rel)) if len(rel) else None,
-        "r2": _r2(actual, pred),
-    }
-
-
 def _ordering(agg: dict[str, np.ndarray]) -> dict:
     """Does the measured floor rank as Eq. 2 ranks it? Adjacent comparisons over every point (data or not).
 
@@ -127,13 +107,13 @@ def summarize(cols: dict[str, np.ndarray], measure: str = "floor") -> dict:
     if bad.any():  # a floor of exactly 0 has no relative error; keep the count honest
         data[np.flatnonzero(data)[bad]] = False
         actual = agg["floor_mean"][data]
-    refined = _agreement(actual, agg["pred_refined"][data])
-    naive = _agreement(actual, agg["pred_naive"][data])
+    refined = agreement(actual, agg["pred_refined"][data])
+    naive = agreement(actual, agg["pred_naive"][data])
     by_alpha = {}
     for a in sorted(set(agg["alpha"][data].tolist())):
         sel = agg["alpha"][data] == a
-        r = _agreement(actual[sel], agg["pred_refined"][data][sel])
-        nv = _agreement(actual[sel], agg["pred_naive"][data][sel])
+        r = agreement(actual[sel], agg["pred_refined"][data][sel])
+        nv = agreement(actual[sel], agg["pred_naive"][data][sel])
         by_alpha[f"{a:g}"] = {
             "points": int(sel.sum()),
             "median_accuracy": r["median_accuracy"],
@@ -182,12 +162,17 @@ def _continuous_floor(weights_tail: np.ndarray, weights: np.ndarray, ranks: np.n
 def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_exponent: float = 1.0) -> dict:
     """Per alpha, the capacity g_hat whose Eq. 2 floors best match the measured ones (least squares on logs).
 
-    Fitted on the data points of that alpha (see DATA_POINT_RULE), with F_S = d_S * g_hat taken as a
+    Fitted on the data points of that alpha (FIT_POINT_RULE), with F_S = d_S * g_hat taken as a
     real number (linear interpolation between ranks) so the objective is continuous in g_hat. Then a
-    power law g_hat = k * g(alpha)^p across alphas (least squares on logs).
+    power law g_hat = k * g(alpha)^p across alphas (least squares on logs). Students distilled from a
+    teacher narrower than themselves (--student-widths to-dstar) are left out: their floor is the
+    teacher's (they keep what it keeps), so it measures the teacher's capacity, not theirs.
     """
     agg = aggregate(cols, measure)
     data = (agg["pred_refined"] > 0) & (agg["floor_mean"] > 0)
+    distilled = "data" not in set(np.asarray(cols.get("target", ["teacher"])).astype(str).tolist())
+    if distilled:
+        data &= agg["d_student"] <= agg["d_teacher"]
     per_alpha = []
     for a in sorted(set(agg["alpha"][data].tolist())):
         sel = data & (agg["alpha"] == a)
@@ -223,18 +208,8 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
                 "rmse_log_paper_g": math.sqrt(loss(math.log(g_paper))),
             }
         )
-    out: dict = {"per_alpha": per_alpha, "points_rule": DATA_POINT_RULE, "power_law": None, "notes": []}
-    if len(per_alpha) >= 2:
-        x = np.log([p["g"] for p in per_alpha])
-        y = np.log([p["g_hat"] for p in per_alpha])
-        p_, logk = np.polyfit(x, y, 1)
-        resid = y - (p_ * x + logk)
-        ss_tot = float(np.sum((y - y.mean()) ** 2))
-        out["power_law"] = {
-            "k": float(math.exp(logk)),
-            "p": float(p_),
-            "r2_log": 1 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else None,
-        }
+    law = power_law([p["alpha"] for p in per_alpha], [p["g_hat"] for p in per_alpha])
+    out: dict = {"per_alpha": per_alpha, "points_rule": FIT_POINT_RULE, "power_law": law, "notes": []}
     for p in per_alpha:
         if not 0.5 <= p["ratio"] <= 2.0:
             out["notes"].append(
@@ -244,15 +219,46 @@ def fit_capacity(cols: dict[str, np.ndarray], measure: str = "floor", zipf_expon
     return out
 
 
-def summarize_file(path, measure: str | None = None, *, capacity_fit: bool = False, zipf_exponent: float = 1.0) -> dict:
+def summarize_file(
+    path,
+    measure: str | None = None,
+    *,
+    capacity_fit: bool = False,
+    zipf_exponent: float = 1.0,
+    kept_threshold: float | None = None,
+    capacity_out=None,
+    capacity_from: str = "kept",
+    provenance: dict | None = None,
+) -> dict:
     """`kdtool toy --summarize`: the summary of a toy table, on its `floor` column or on --measure's.
 
     The capacity fit uses the Zipf exponent the table was made with (its provenance), else `zipf_exponent`.
+    With the survival records beside the table (OUTPUT-stem.survival.parquet) the summary gains
+    `survival` (kdtool.toy.survival), at `kept_threshold` (default: the one the records were written with).
+    With capacity_fit and capacity_out, the capacity file (kind kdtool.capacity) of `capacity_from` is written
+    (when a power law can be fitted; otherwise fit_capacity.notes says why not).
     """
     cols, meta = read_toy_table(path)
     column = MEASURE_COLUMN[measure] if measure is not None else "floor"
     zipf = ((meta.get("provenance") or {}).get("config") or {}).get("zipf_exponent", zipf_exponent)
     result = summarize(cols, column)
+    spath = survival_path(Path(path))
+    if spath.exists():
+        scols, smeta = read_survival(spath)
+        mine, theirs = (meta.get("summary") or {}).get("settings"), (smeta.get("summary") or {}).get("settings")
+        if mine != theirs:
+            raise BadInput(f"{spath}: made by another sweep than {path} (settings {theirs} vs {mine})")
+        recorded = (smeta.get("summary") or {}).get("kept_threshold", KEPT_THRESHOLD)
+        target = str(cols["target"][0]) if "target" in cols and len(cols["target"]) else "teacher"
+        result["survival"] = summarize_survival(scols, recorded if kept_threshold is None else kept_threshold, target)
     if capacity_fit:
         result["fit_capacity"] = fit_capacity(cols, column, zipf)
+        if capacity_out is not None:
+            try:
+                doc = capacity_file(result, method=capacity_from, source=str(path), provenance=provenance)
+            except BadInput as exc:  # no power law (one alpha): the summary stands, the file is not written
+                result["fit_capacity"]["notes"].append(f"no capacity file written: {exc}")
+            else:
+                capacity_write(capacity_out, doc)
+                result["capacity_file"] = str(capacity_out)
     return result

@@ -27,17 +27,24 @@ from dataclasses import replace
 import numpy as np
 
 from kdtool.errors import BadInput
-from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig
+from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, student_widths
 from kdtool.toy.store import PartStore
 
 
-def chunk_cost(keys: list[ToyConfigKey]) -> int:
-    """Relative work of a chunk: the [S, K, B, n] tensors dominate (K = d_T + teacher)."""
-    dmax = max(k.d_teacher for k in keys)
-    return len(keys) * keys[0].n * (dmax + 1)
+def chunk_cost(keys: list[ToyConfigKey], widths_spec: str | tuple[int, ...] = "teacher") -> int:
+    """Relative work of a chunk, from the trainer's cost model (kdtool.toy.trainer): each model of width d costs
+    ~ n (4 + d) per stream and step; every stream of the chunk trains the union of its widths and a teacher.
+
+    With widths beyond d_T (--student-widths to-dstar, up to 27 at n = 80) the width term dominates: counting
+    models alone made the ETA of such a sweep start 2x too long (measured)."""
+    trained = set().union(*(student_widths(k, widths_spec) for k in keys))
+    d_teacher = max(k.d_teacher for k in keys)
+    return len(keys) * keys[0].n * (sum(4 + w for w in trained) + 4 + d_teacher)
 
 
-def make_chunks(keys: list[ToyConfigKey], configs_per_chunk: int) -> list[list[ToyConfigKey]]:
+def make_chunks(
+    keys: list[ToyConfigKey], configs_per_chunk: int, widths_spec: str | tuple[int, ...] = "teacher"
+) -> list[list[ToyConfigKey]]:
     """Group configurations with the same (n, d_T) (no padding), at most configs_per_chunk each; biggest first."""
     if configs_per_chunk < 1:
         raise BadInput(f"--configs-per-batch must be >= 1, got {configs_per_chunk}")
@@ -45,7 +52,8 @@ def make_chunks(keys: list[ToyConfigKey], configs_per_chunk: int) -> list[list[T
     for k in keys:
         groups.setdefault((k.n, k.d_teacher), []).append(k)
     chunks = [g[i : i + configs_per_chunk] for g in groups.values() for i in range(0, len(g), configs_per_chunk)]
-    return sorted(chunks, key=chunk_cost, reverse=True)  # longest first: better packing across workers
+    # longest first: better packing across workers
+    return sorted(chunks, key=lambda c: chunk_cost(c, widths_spec), reverse=True)
 
 
 def _worker_init():
@@ -54,21 +62,21 @@ def _worker_init():
     torch.set_num_threads(1)
 
 
-def _timed_chunk(keys, seeds, cfg):
+def _timed_chunk(keys, seeds, cfg, widths_spec="teacher"):
     from kdtool.toy.chunk import run_chunk  # lazy (it imports torch): see the module docstring
 
     t0 = time.perf_counter()
-    return run_chunk(keys, seeds, cfg), time.perf_counter() - t0
+    return run_chunk(keys, seeds, cfg, widths_spec), time.perf_counter() - t0
 
 
 def run_tasks(
-    tasks: list[tuple[list[ToyConfigKey], int, TrainConfig]],
+    tasks: list[tuple],
     *,
     workers: int,
     on_result: Callable[[int, dict, float], None],
 ) -> float:
-    """Run (chunk, seeds, cfg) tasks, in worker processes when workers > 1; on_result(task index, result, seconds)
-    is called in this process as each finishes (in completion order). Returns wall seconds."""
+    """Run (chunk, seeds, cfg[, widths_spec]) tasks, in worker processes when workers > 1; on_result(task index,
+    result, seconds) is called in this process as each finishes (in completion order). Returns wall seconds."""
     t0 = time.perf_counter()
     workers = max(1, min(int(workers), len(tasks)))
     if workers == 1:
@@ -113,15 +121,17 @@ def run_sweep(
     on_done(key, models trained, seconds of its chunk / configs in it) is called per finished configuration.
     """
     keys = grid.keys() if pending is None else pending
-    chunks = make_chunks(keys, configs_per_chunk)
+    chunks = make_chunks(keys, configs_per_chunk, grid.student_widths)
 
     def finish(i, result, seconds):
         for k in chunks[i]:
-            store.add(k.slug, result[k.slug]["rows"], result[k.slug]["curves"])
+            part = result[k.slug]
+            store.add(k.slug, part["rows"], part["curves"], part["survival"])
             if on_done is not None:
-                on_done(k, grid.seeds * (k.d_teacher + 1), seconds / len(chunks[i]))
+                on_done(k, grid.models([k]), seconds / len(chunks[i]))
 
-    return run_tasks([(chunk, grid.seeds, cfg) for chunk in chunks], workers=workers, on_result=finish)
+    tasks = [(chunk, grid.seeds, cfg, grid.student_widths) for chunk in chunks]
+    return run_tasks(tasks, workers=workers, on_result=finish)
 
 
 def sample_configs(keys: list[ToyConfigKey], count: int) -> list[ToyConfigKey]:
@@ -139,6 +149,7 @@ def convergence_check(
     *,
     workers: int = 1,
     on_done: Callable[[], None] | None = None,
+    widths_spec: str | tuple[int, ...] = "teacher",
 ) -> dict:
     """Train `keys` at cfg.steps and at 2x steps (same seeds, data streams and inits); compare the floors.
 
@@ -147,11 +158,11 @@ def convergence_check(
     """
     cfg2 = replace(cfg, steps=2 * cfg.steps, curve_points=0)
     cfg1 = replace(cfg, curve_points=0)
-    tasks = [([k], seeds, c) for k in keys for c in (cfg1, cfg2)]
+    tasks = [([k], seeds, c, widths_spec) for k in keys for c in (cfg1, cfg2)]
     results: dict[tuple[str, int], dict] = {}
 
     def collect(i, result, seconds):
-        chunk, _, c = tasks[i]
+        chunk, _, c, _ = tasks[i]
         results[(chunk[0].slug, c.steps)] = result[chunk[0].slug]["rows"]
         if on_done is not None:
             on_done()
@@ -165,7 +176,7 @@ def convergence_check(
         entry = {"config": k.label, "n": k.n, "d_teacher": k.d_teacher, "alpha": k.alpha}
         for col in ("floor_data", "floor_distill"):
             rel = []
-            for w in range(1, k.d_teacher + 1):
+            for w in sorted(set(widths.tolist())):
                 sel = widths == w
                 f1, f2 = float(np.mean(np.asarray(a[col])[sel])), float(np.mean(np.asarray(b[col])[sel]))
                 change = (f1 - f2) / f2 if f2 > 0 else float("nan")

@@ -71,7 +71,8 @@ class TrainResult:
     W: object  # [S, K, d, n] (None after concat: groups differ in d)
     b: object  # [S, K, n]
     floor_target: object  # [S, K] held-out loss against the training target, mean over eval points
-    floor_data: object  # [S, K] held-out loss against the data
+    floor_data: object  # [S, K] held-out loss against the data: sum_i I_i feature_mse_i
+    feature_mse: object  # [S, K, n] float64 held-out mean squared error of each feature against the data
     floor_distill: object | None  # [S, K] held-out loss against the teacher's x_hat (when a teacher is given)
     final_train_loss: object  # [S, K] training objective on the last batch
     curves: dict = field(default_factory=dict)  # step -> (objective [S,K], data loss [S,K]) on the training batch
@@ -93,6 +94,7 @@ class TrainResult:
             b=None,
             floor_target=cat("floor_target"),
             floor_data=cat("floor_data"),
+            feature_mse=cat("feature_mse"),
             floor_distill=cat("floor_distill"),
             final_train_loss=cat("final_train_loss"),
             curves=curves,
@@ -160,10 +162,15 @@ def _eval_chunk(S: int, K: int, n: int) -> int:
 
 
 def _eval_losses(W, b, imp, eval_x, eval_t):
-    """Held-out losses [S, K] against the data and (if eval_t) against the teacher, in chunks."""
+    """Held-out errors: per-feature mean squared error against the data [S, K, n] (float64, unweighted) and
+    the loss against the teacher [S, K] (if eval_t), in chunks.
+
+    The data loss is sum_i I_i * per-feature error (`_data_loss`): kept per feature so that each feature's
+    share of the floor and whether the model keeps it (kdtool.toy.survival) come from the same evaluations.
+    """
     S, K, _, n = W.shape
     E = eval_x.shape[1]
-    data = torch.zeros(S, K, dtype=torch.float64)
+    feat = torch.zeros(S, K, n, dtype=torch.float64)
     dist = torch.zeros(S, K, dtype=torch.float64) if eval_t is not None else None
     step = _eval_chunk(S, K, n)
     for lo in range(0, E, step):
@@ -171,10 +178,15 @@ def _eval_losses(W, b, imp, eval_x, eval_t):
         _, z = _batched_forward(W, b, xc)
         y = z.clamp_min_(0)  # [S, K, Bc, n]
         diff = torch.empty_like(y)
-        data += _weighted_sq_sum(torch.sub(y, xc.unsqueeze(1), out=diff), imp)
         if eval_t is not None:
             dist += _weighted_sq_sum(torch.sub(y, eval_t[:, lo : lo + step].unsqueeze(1), out=diff), imp)
-    return data / E, (dist / E if dist is not None else None)
+        feat += torch.sub(y, xc.unsqueeze(1), out=diff).square_().sum(2)  # float32 over <= 1024 samples, then float64
+    return feat / E, (dist / E if dist is not None else None)
+
+
+def _data_loss(feature_mse, imp):
+    """sum_i I_i * feature_mse_i: [S, K, n] float64 -> [S, K] float64."""
+    return feature_mse @ imp.to(torch.float64)
 
 
 class _Group:
@@ -197,7 +209,7 @@ class _Group:
         self.Wc = torch.empty(S * K, d, n)
         self.gb = torch.empty(S * K, n)
         self.acc_target = torch.zeros(S, K, dtype=torch.float64)
-        self.acc_data = torch.zeros(S, K, dtype=torch.float64)
+        self.acc_feature = torch.zeros(S, K, n, dtype=torch.float64)  # per-feature error vs the data, summed over evals
         self.acc_dist = torch.zeros(S, K, dtype=torch.float64) if with_distill else None
         self.curves: dict[int, tuple] = {}
         self.final_train = None
@@ -238,20 +250,22 @@ class _Group:
         self.final_train = objective
 
     def evaluate(self, imp, eval_x, eval_t, train_on_teacher: bool):
-        data_l, dist_l = _eval_losses(self.W, self.b, imp, eval_x, eval_t)
-        self.acc_data += data_l
+        feat, dist_l = _eval_losses(self.W, self.b, imp, eval_x, eval_t)
+        self.acc_feature += feat
         if self.acc_dist is not None:
             self.acc_dist += dist_l
-        self.acc_target += dist_l if train_on_teacher else data_l
+        self.acc_target += dist_l if train_on_teacher else _data_loss(feat, imp)
 
-    def result(self, evals: int, lr: float) -> TrainResult:
+    def result(self, evals: int, lr: float, imp) -> TrainResult:
         if not torch.isfinite(self.W).all():
             raise RuntimeFailure(f"toy training diverged (non-finite weights); lower --lr (now {lr:g})")
+        feature_mse = self.acc_feature / evals
         return TrainResult(
             W=self.W,
             b=self.b,
             floor_target=self.acc_target / evals,
-            floor_data=self.acc_data / evals,
+            floor_data=_data_loss(feature_mse, imp),
+            feature_mse=feature_mse,
             floor_distill=self.acc_dist / evals if self.acc_dist is not None else None,
             final_train_loss=self.final_train,
             curves=self.curves,
@@ -308,7 +322,7 @@ def train_groups(
             g.opt.step(g.grads(x, t, c), lr)
             if step in evals:
                 g.evaluate(imp, eval_x, eval_t, train_on_teacher)
-    return [g.result(len(evals), cfg.lr) for g in state]
+    return [g.result(len(evals), cfg.lr, imp) for g in state]
 
 
 def train_batch(W0, b0, **kwargs) -> TrainResult:
@@ -343,6 +357,7 @@ def train_reference(
     inv_keep = torch.tensor(1.0 / (1.0 - alpha), dtype=torch.float32)
     evals = set(cfg.eval_steps())
     floors = {"target": 0.0, "data": 0.0, "distill": 0.0}
+    feature_mse = torch.zeros(W0.shape[1], dtype=torch.float64)
     for step in range(cfg.steps):
         x = sparsify_(torch.from_numpy(rng.random((cfg.batch_size, W0.shape[1]), dtype=np.float32)), inv_keep)
         with torch.no_grad():
@@ -358,8 +373,14 @@ def train_reference(
                 y = forward(W, b, eval_x)
                 data_l = float(weighted_sq(imp, y, eval_x))
                 dist_l = float(weighted_sq(imp, y, eval_t)) if eval_t is not None else 0.0
+                feature_mse += (y - eval_x).double().square().mean(0)
             floors["data"] += data_l
             floors["distill"] += dist_l
             floors["target"] += dist_l if train_on_teacher else data_l
     m = len(evals)
-    return {"W": W.detach(), "b": b.detach(), **{f"floor_{k}": v / m for k, v in floors.items()}}
+    return {
+        "W": W.detach(),
+        "b": b.detach(),
+        "feature_mse": feature_mse / m,
+        **{f"floor_{k}": v / m for k, v in floors.items()},
+    }
