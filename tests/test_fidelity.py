@@ -11,6 +11,8 @@ from tiny_models import make_model_dir, tiny_lm
 
 from kdtool import formats
 from kdtool.models import ModelSpec, decoder_layers, load_model
+from kdtool.report.discover import discover
+from kdtool.report.tables_sae import sae_fidelity
 from kdtool.sae.fidelity import FidelityConfig, clean_forward, measure_fidelity, spliced_forward
 from kdtool.sae.layouts import load_sae
 from kdtool.sae.writers import saelens_cfg, save_kdtool
@@ -144,3 +146,8 @@ def test_stats_fidelity_from_a_cache_records_it_everywhere(cli, tmp_path, teache
     assert fid["kl_zero"] > 0 and 0 <= fid["dead_fraction"] <= 1  # (a random model: CE_zero may be below CE_clean)
     info = formats.parquet_metadata(out)["summary"]["fidelity"]
     assert info["data"]["holdout"] == "eval" and info["model"] == str(model_dir)
+    (table,) = sae_fidelity(discover(tmp_path)[0])  # the report's fidelity table
+    assert table.rows[0][table.columns.index("CE score")] == pytest.approx(fid["ce_loss_score"])
+    assert cli("plot", "layers", out, "-o", tmp_path / "card.png").exit_code == 0  # the card's CE/KL score columns
+    r = cli("info", out)
+    assert r.exit_code == 0 and "fidelity.ce_loss_score" in r.stdout

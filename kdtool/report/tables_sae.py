@@ -99,6 +99,7 @@ def sae_fidelity(arts: list[Artifact]) -> list[Table]:
         "activation; CE score = (CE_zero − CE_spliced)/(CE_zero − CE_clean), KL score = (KL_zero − KL_spliced)/KL_zero "
         "(SAELens evals.py); 1 = the model is unchanged."
     )
+    return [t]
 
 
 def sae_trials(arts: list[Artifact]) -> list[Table]:

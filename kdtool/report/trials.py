@@ -93,8 +93,9 @@ def layer_entries(path: Path) -> list[tuple[int, dict]]:
     meta = formats.parquet_metadata(path)
     if meta.get("kind") != "kdtool.stats":
         raise BadInput(f"{path}: not a `kdtool stats` file (kind {meta.get('kind')!r})")
-    # every SAE of the file (several per layer too: each width, lambda or checkpoint is its own trial)
-    return [(e.layer, e.info) for e in entries(meta.get("summary"))]
+    # every SAE of the file (several per layer too: each width or lambda is its own trial), but not train-sae's
+    # token checkpoints: an earlier state of a trial (the tokens axis of `plot sensitivity`), not a trial
+    return [(e.layer, e.info) for e in entries(meta.get("summary")) if not e.info.get("checkpoint")]
 
 
 def record_of(entry: dict) -> dict | None:

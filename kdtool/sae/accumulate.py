@@ -138,6 +138,7 @@ class FeatureStats:
             "activation": self.sae.activation,
             "layer_source": self.sae.layer_source,
             "trained": training_record(self.sae.cfg),  # how a kdtool SAE was trained (its trial), else None
+            "checkpoint": bool((self.sae.cfg.get("kdtool") or {}).get("checkpoint")),  # a train-sae token checkpoint
         }
         notes = []
         if n * alive_threshold < 1:
