@@ -2,7 +2,7 @@
 
 Default suite: the estimator's parts by hand, and SAEs built the way wide trained SAEs look (split
 copies, near-dead latents) at widths 1.25x, 4x and 16x K. Slow (`scripts/test --slow`, or
-`.venv/bin/python -m pytest -m slow tests/test_robust_count.py`, about 20 min on 2 shared cores):
+`.venv/bin/python -m pytest -m slow tests/test_robust_count.py`, about 9 min on 2 shared cores):
 SAEs trained by train-sae on planted activations at 1.25x-16x K, for two K and both firing-rate profiles.
 """
 
