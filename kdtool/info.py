@@ -509,6 +509,9 @@ def _describe_distill_run(p: Path, floors: Path) -> dict[str, Any]:
         "checkpoint": "checkpoint/ (for --resume; delete it to reclaim the space)"
         if (p / "checkpoint").is_dir()
         else None,
-        "floors": {str(r.get("width")): r.get("floor") for r in table.to_pylist()},
+        "floors": {  # width, or width/loss for students of a loss other than kl (distill --loss)
+            str(r.get("width")) + ("" if r.get("loss", "kl") == "kl" else f"/{r['loss']}"): r.get("floor")
+            for r in table.to_pylist()
+        },
     }
     return out

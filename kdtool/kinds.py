@@ -45,6 +45,12 @@ KINDS = {
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),
         Kind(
+            "kdtool.distill.residual_map",
+            "a student's learned map to the teacher's residual stream",
+            "students/width128-hidden/residual_map.safetensors",
+            "kdtool distill --loss hidden",
+        ),
+        Kind(
             "kdtool.distill.student.weights",
             "a student's weights",
             "students/width128/model.safetensors",

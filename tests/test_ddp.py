@@ -1,4 +1,4 @@
-"""`kdtool distill` under torchrun: 2 CPU processes (gloo) give the floors of 1 process."""
+"""`kdtool distill` under torchrun: 2 CPU processes (gloo) give the floors of 1 process, with several losses."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_two_gloo_processes_match_one(tmp_path, cli):
     model = make_teacher_dir(tmp_path / "model")
     text = make_text(tmp_path / "text.txt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    common = ("--model", str(model), "--dataset", str(text), *ARGS)
+    # two losses: the hidden students' maps train through DDP too (their gradients must be averaged)
+    common = ("--model", str(model), "--dataset", str(text), *ARGS, "--loss", "kl,hidden")
     import torch
 
     threads = torch.get_num_threads()
@@ -89,7 +90,8 @@ def test_two_gloo_processes_match_one(tmp_path, cli):
     assert two.returncode == 0, two.stderr[-3000:]
     f1 = formats.read_table(tmp_path / "one" / "floors.parquet")
     f2 = formats.read_table(tmp_path / "two" / "floors.parquet")
-    assert f1["width"].tolist() == f2["width"].tolist() == [8, 16]
+    assert f1["width"].tolist() == f2["width"].tolist() == [8, 8, 16, 16]
+    assert f2["loss"].tolist() == ["kl", "hidden"] * 2
     np.testing.assert_allclose(f2["floor"], f1["floor"], rtol=1e-4)
     np.testing.assert_allclose(f2["raw_kl"], f1["raw_kl"], rtol=1e-4)
     assert f2["tokens"].tolist() == f1["tokens"].tolist()  # both processes' tokens are counted
@@ -97,6 +99,11 @@ def test_two_gloo_processes_match_one(tmp_path, cli):
     assert meta["provenance"]["config"]["world_size"] == 2
     # one set of outputs (rank 0), one floors table on stdout
     assert two.stdout.count("width") == 1
+    from safetensors.torch import load_file
+
+    m1, m2 = (load_file(tmp_path / run / "width16-hidden" / "residual_map.safetensors") for run in ("one", "two"))
+    for name in m1:  # the map's gradients were averaged across the ranks like the student's
+        np.testing.assert_allclose(m2[name].numpy(), m1[name].numpy(), rtol=1e-3, atol=1e-5)
     assert (tmp_path / "two" / "checkpoint" / "state.pt").exists()
 
 

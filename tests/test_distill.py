@@ -18,11 +18,13 @@ from transformers import AutoModelForCausalLM
 from kdtool import formats
 from kdtool.distill import job
 from kdtool.distill import loop as distill
+from kdtool.distill.cohort import Students, lr_factor
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import Cursor, repeating, text_streams
 from kdtool.distill.files import few_evaluations
-from kdtool.distill.loop import Students, Teacher, lr_factor, rank_rows, train_step
+from kdtool.distill.loop import Teacher, rank_rows, train_step
 from kdtool.distill.losses import FullTarget, LossSums, ce_per_token, kl_per_token, teacher_target
+from kdtool.distill.objectives import StudentKey
 from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist
 from kdtool.errors import BadInput, RuntimeFailure
@@ -135,12 +137,12 @@ def test_topk_kl_is_a_lower_bound_and_exact_at_k_vocab_minus_1():
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    f = [distill.lr_factor(s, warmup=10, steps=110, min_lr_ratio=0.1) for s in range(110)]
+    f = [lr_factor(s, warmup=10, steps=110, min_lr_ratio=0.1) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
     assert all(a >= b for a, b in zip(f[10:-1], f[11:], strict=True))
     assert f[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
-    assert distill.lr_factor(110, warmup=10, steps=110, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(110, warmup=10, steps=110, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
@@ -500,13 +502,13 @@ def test_one_train_step_uses_one_teacher_forward_per_micro_batch_for_all_widths(
     d = Dist()
     students = Students(cfg, tc, torch.device("cpu"))
     teach = Teacher(cfg, counting, None, rank_rows(cfg.batch_size, d), torch.device("cpu"), contextlib.nullcontext)
-    before = {w: m.gpt_neox.embed_in.weight.clone() for w, m in students.models.items()}
+    before = {k: m.gpt_neox.embed_in.weight.clone() for k, m in students.models.items()}
     values, lrs, norms = train_step(0, students, teach, Cursor(train_batches, cfg), d)
     assert counting.calls == 2  # batch of 4 in micro-batches of 2, shared by both widths
-    assert set(values) == set(lrs) == set(norms) == {8, 32}
+    assert set(values) == set(lrs) == set(norms) == {StudentKey(8, "kl"), StudentKey(32, "kl")}
     assert all(v["tokens"] == BATCH * SEQ and v["kl"] > 0 for v in values.values())
-    assert lrs[8] == pytest.approx(cfg.lr * lr_factor(0, warmup=2, steps=12, min_lr_ratio=0.0))
-    assert all(not torch.equal(before[w], m.gpt_neox.embed_in.weight) for w, m in students.models.items())
+    assert lrs[StudentKey(8, "kl")] == pytest.approx(cfg.lr * lr_factor(0, warmup=2, steps=12, min_lr_ratio=0.0))
+    assert all(not torch.equal(before[k], m.gpt_neox.embed_in.weight) for k, m in students.models.items())
     assert rank_rows(8, Dist(rank=1, world=2)) == (4, 8)
 
 
@@ -676,7 +678,7 @@ def test_curves_figure_draws_eval_kl_and_floor_lines(run_dir, captured):
 
 
 def test_floors_figure_marks_d_star_from_stats(run_dir, tmp_path, captured):
-    from kdtool.plots import distill as pd
+    from kdtool.plots import distill_floors as pd
     from kdtool.theory import theorem as theory
 
     n, l0 = 400, 8.0

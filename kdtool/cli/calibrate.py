@@ -43,6 +43,15 @@ def main(
         Optional[int], typer.Option("--layer", "-l", help="Layer of a multi-layer --predicted table to use.")
     ] = None,
     column: Annotated[str, typer.Option("--column", help="Column of OBSERVED holding the observed floor.")] = "floor",
+    loss: Annotated[
+        Optional[str],
+        typer.Option(
+            "--loss",
+            help="Which loss's floors to fit when OBSERVED has several (`distill --loss`): a loss name (one "
+            "calibration per loss), or pooled (one fit over all). Default: kl when present, else the only one.",
+            show_default=False,
+        ),
+    ] = None,
     baseline: Annotated[
         Optional[float], typer.Option("--baseline", help="Fix B for the affine_fixed fit (nats).")
     ] = None,
@@ -92,7 +101,7 @@ def main(
         method=method.value,
         decomposition_fit=decomposition_fit.value,
     )
-    run = cal.calibrate_files(observed, cfg, predicted=predicted, column=column, layer=layer)
+    run = cal.calibrate_files(observed, cfg, predicted=predicted, column=column, layer=layer, loss=loss)
     for message in run.warnings:
         common.warn(message)
     obj = run.document(

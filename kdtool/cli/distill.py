@@ -1,4 +1,4 @@
-"""kdtool distill: train narrower students of a teacher with KL at temperature T and measure their floors.
+"""kdtool distill: train narrower students of a teacher (KL at temperature T, or other --loss) and measure their floors.
 
 Thin: parse options, build a kdtool.distill.config.DistillConfig, join the torchrun group, call
 kdtool.distill.job.distill_text, report its events and print the floors. The paper's run on a GPU:
@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from kdtool.cli import common
+from kdtool.cli.loss_options import LossFlags, with_loss_flags
 from kdtool.cli.options import (
     TeacherFlags,
     with_teacher_flags,
@@ -27,6 +28,7 @@ EVAL = "Evaluation and checkpoints"
 
 
 @with_teacher_flags
+@with_loss_flags
 def main(
     widths: Annotated[
         str, typer.Option("--widths", help="Student hidden widths: 128,256,512 or 64:512:64.", rich_help_panel=STUDENTS)
@@ -136,15 +138,18 @@ def main(
     fmt: common.FormatOpt = None,
     *,
     flags: TeacherFlags,
+    losses: LossFlags,
 ) -> None:
     """Distil the teacher into students of several widths at once and measure each one's loss floor.
 
     Students keep the teacher's architecture, depth, vocabulary and positions; only the width
-    changes. Loss: KL(teacher || student) at --temperature (trained on T^2 x KL), AdamW with
-    warmup + cosine, evaluated on held-out text every --eval-every steps. Floor = mean held-out
-    per-token KL over the final 10% of steps. All widths share one teacher forward per batch.
-    Writes OUTPUT/width{W}/ (HF folder), curves.parquet, floors.parquet, checkpoint/.
-    Defaults are the paper's schedule (30k steps of 32 x 512); on a CPU pass small --steps.
+    changes. Loss: KL(teacher || student) at --temperature (trained on T^2 x KL), or any of
+    --loss, several at once (one student per width and loss); AdamW with warmup + cosine,
+    evaluated on held-out text every --eval-every steps. Floor = mean held-out per-token KL over
+    the final 10% of steps, the same measure for every loss. All students share one teacher
+    forward per batch. Writes OUTPUT/width{W}/ (HF folder; width{W}-{loss}/ for losses other
+    than kl), curves.parquet, floors.parquet, checkpoint/. Defaults are the paper's schedule
+    (30k steps of 32 x 512); on a CPU pass small --steps.
 
     Example: kdtool distill --widths 64,128 --steps 200 --warmup 20 --batch-size 4 --seq-len 128 --eval-every 50
     """
@@ -188,6 +193,7 @@ def main(
         topk=topk if teacher_cache is not None else 0,
         device=device,
         run_key=job.run_key(mspec, dspec),
+        **losses.config(),
     )
     if fmt is not None and fmt.value == "parquet":
         raise BadInput(f"--format parquet: the floors are written to {output}/floors.parquet; use table, csv or json")
@@ -216,6 +222,16 @@ def main(
 
 #: floors.parquet columns printed on stdout
 SHOWN = ("width", "params", "non_embedding_params", "floor", "floor_std", "floor_scaled", "raw_kl", "eval_ce", "steps")
+
+
+def shown(cfg) -> tuple[str, ...]:
+    """The columns printed: SHOWN, with the loss after the width when a run trains anything but kl alone."""
+    return SHOWN if cfg.losses == ["kl"] else (SHOWN[0], "loss", *SHOWN[1:])
+
+
+def _who(row: dict) -> str:
+    """w128 for a kl student, w128/tvd for others (log lines)."""
+    return f"w{row['width']}" + ("" if row["loss"] == "kl" else f"/{row['loss']}")
 
 
 class _Report:
@@ -252,6 +268,7 @@ class _Report:
             common.log(
                 f"distilling {ev['teacher']} into widths {','.join(map(str, cfg.widths))}: {cfg.steps} steps of "
                 f"{cfg.batch_size}x{cfg.seq_len} tokens, T={cfg.temperature:g}, on {cfg.device}"
+                + ("" if cfg.losses == ["kl"] else f", losses {','.join(cfg.losses)}")
                 + (f" x {ev['world']} processes" if ev["world"] > 1 else "")
             )
             self._open_bar()
@@ -272,12 +289,13 @@ class _Report:
         self.bar.update(self.task, completed=ev["step"], rate=f"{rate:.2f} step/s")
         evals = [r for r in ev["rows"] if r["eval_kl"] == r["eval_kl"]]
         if evals:
-            common.log(f"step {ev['step']}: eval KL " + ", ".join(f"w{r['width']} {r['eval_kl']:.4f}" for r in evals))
+            common.log(f"step {ev['step']}: eval KL " + ", ".join(f"{_who(r)} {r['eval_kl']:.4f}" for r in evals))
         elif not common.show_progress() and now - self.logged >= 60:
             self.logged = now
+            what = "train KL" if self.cfg.losses == ["kl"] else "train loss"
             common.log(
-                f"step {ev['step']}/{self.cfg.steps}, {rate:.2f} steps/s, train KL "
-                + ", ".join(f"w{r['width']} {r['train_kl']:.4f}" for r in ev["rows"])
+                f"step {ev['step']}/{self.cfg.steps}, {rate:.2f} steps/s, {what} "
+                + ", ".join(f"{_who(r)} {r['train_loss']:.4f}" for r in ev["rows"])
             )
 
     def done(self, result, fmt) -> None:
@@ -290,7 +308,7 @@ class _Report:
             common.warn(note)
         common.log(f"wrote {self.output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
         common.emit_table(
-            {k: result.floors[k] for k in SHOWN},
+            {k: result.floors[k] for k in shown(self.cfg)},
             fmt=fmt,
             output=None,
             kind=FLOORS_KIND,

@@ -268,29 +268,37 @@ _SHARED = (
 )
 
 
-def with_teacher_flags(command):
-    """Append the shared flags to a Typer command's options and hand them to it as `flags: TeacherFlags`.
+def with_flag_group(command, name: str, group: type, flags: tuple[tuple[str, object], ...]):
+    """Append a group of shared flags to a Typer command's options and hand them to it as `name: group`.
 
     Typer reads a command's options from its signature, so the wrapper's signature is the command's
-    own parameters (minus `flags`) followed by the shared ones; calls split them off again.
+    own parameters (minus `name`) followed by the group's (defaults: a `group()`); calls split them off
+    again and build the group. Groups stack (each decorator removes its own parameter).
     """
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
-    defaults = TeacherFlags()
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != name]
+    defaults = group()
     shared = [
         inspect.Parameter(
-            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann, default=getattr(defaults, name)
+            flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann, default=getattr(defaults, flag)
         )
-        for name, ann in _SHARED
+        for flag, ann in flags
     ]
 
     @functools.wraps(command)
     def run(**kwargs):
-        flags = TeacherFlags(**{name: kwargs.pop(name) for name, _ in _SHARED})
-        return command(**kwargs, flags=flags)
+        parsed = group(**{flag: kwargs.pop(flag) for flag, _ in flags})
+        return command(**kwargs, **{name: parsed})
 
-    run.__signature__ = inspect.Signature(own + shared, return_annotation=None)
-    run.__annotations__ = {p.name: p.annotation for p in own + shared} | {"return": None}
+    keyword_only = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]  # a later group's parameter
+    params = [p for p in own if p not in keyword_only] + shared + keyword_only
+    run.__signature__ = inspect.Signature(params, return_annotation=None)
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
     return run
+
+
+def with_teacher_flags(command):
+    """Append the shared model and data flags to a command and hand them to it as `flags: TeacherFlags`."""
+    return with_flag_group(command, "flags", TeacherFlags, _SHARED)
 
 
 def load_teacher(spec: ModelSpec) -> LoadedModel:

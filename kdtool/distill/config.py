@@ -5,8 +5,10 @@ A leaf module: it imports neither the loop nor its files, so both can import it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
+from kdtool.distill.objectives import LossSpec, StudentKey, check_feature_options, parse_losses
 from kdtool.distill.students import StudentPolicy, student_heads
 from kdtool.errors import BadInput
 
@@ -42,6 +44,15 @@ class DistillConfig:
     amp: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | off
     eval_target_budget: int = 1 << 30  # keep held-out teacher targets in memory up to this many bytes
     run_key: dict = field(default_factory=dict)  # teacher/data identity, checked on --resume
+    # what the students train on (kdtool/distill/objectives.py); one student per (width, loss)
+    losses: list[str] = field(default_factory=lambda: ["kl"])  # --loss, canonical labels once parsed
+    hidden_layers: list[int] = field(default_factory=list)  # --hidden-layers (empty: the teacher's middle layer)
+    hidden_weight: float = 1.0  # --hidden-weight: loss = T^2 KL + this x the FitNets term
+    feature_weight: float = 1.0  # --feature-weight: loss = T^2 KL + this x the features term
+    feature_budget: str = "auto"  # --feature-budget: auto (floor(d_S g(alpha))), all or a number
+    feature_weighting: str = "importance"  # --feature-weighting: importance (w_i = I_i) or uniform
+    sae: str | None = None  # --sae: the teacher SAE of --loss features
+    stats: str | None = None  # --stats: its `kdtool stats` file (importances, alpha)
 
     def __post_init__(self):
         self.widths = [int(w) for w in self.widths]
@@ -73,9 +84,44 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise BadInput(message)
+        self._check_losses()
         _ = self.policy  # validates heads/ffn/init
         for w in self.widths:  # fail before a slow teacher load
             student_heads(w, self.heads)
+
+    def _check_losses(self) -> None:
+        """Parse --loss and refuse the options that contradict it (before any model is loaded)."""
+        specs = parse_losses(self.losses)
+        self.losses = [s.label for s in specs]
+        self.hidden_layers = [int(x) for x in self.hidden_layers]
+        names = {s.name for s in specs}
+        for value, option in ((self.hidden_weight, "--hidden-weight"), (self.feature_weight, "--feature-weight")):
+            if not (math.isfinite(value) and value > 0):
+                raise BadInput(f"{option} must be a positive number, got {value}")
+        self.feature_budget, self.feature_weighting = check_feature_options(self.feature_budget, self.feature_weighting)
+        if self.hidden_layers and "hidden" not in names:
+            raise BadInput("--hidden-layers is read by --loss hidden only")
+        if any(x < 0 for x in self.hidden_layers):
+            raise BadInput(f"--hidden-layers must be >= 0, got {self.hidden_layers}")
+        if "features" in names and not (self.sae and self.stats):
+            raise BadInput("--loss features needs the teacher's SAE (--sae) and its stats file (--stats)")
+        if "features" not in names and (self.sae or self.stats):
+            raise BadInput("--sae and --stats are read by --loss features only")
+        if self.topk:
+            for spec in specs:
+                why = spec.needs_full_distribution
+                if why:
+                    raise BadInput(f"--loss {spec.label} cannot train from --teacher-cache: {why}; run it without one")
+
+    @property
+    def specs(self) -> list[LossSpec]:
+        """The parsed losses, in --loss order."""
+        return parse_losses(self.losses)
+
+    @property
+    def students(self) -> list[StudentKey]:
+        """Every student of the run, width-major: (w1, loss1), (w1, loss2), (w2, loss1), ..."""
+        return [StudentKey(w, loss) for w in self.widths for loss in self.losses]
 
     @property
     def policy(self) -> StudentPolicy:

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from kdtool import formats
 from kdtool.distill import students as st
 from kdtool.distill.config import DistillConfig
+from kdtool.distill.objectives import student_name
 from kdtool.distributed import Dist
 from kdtool.errors import BadInput
 
@@ -43,19 +44,38 @@ RESUME_FIELDS = (
     "init_std",
     "topk",
     "run_key",
+    "losses",
+    "hidden_layers",
+    "hidden_weight",
+    "feature_weight",
+    "feature_budget",
+    "feature_weighting",
+    "sae",
+    "stats",
 )
+#: what a checkpoint written before --loss existed meant by the settings it lacks
+RESUME_DEFAULTS = {
+    "losses": ["kl"],
+    "hidden_layers": [],
+    "hidden_weight": 1.0,
+    "feature_weight": 1.0,
+    "feature_budget": "auto",
+    "feature_weighting": "importance",
+    "sae": None,
+    "stats": None,
+}
 
 
 def curve_rows(cfg: DistillConfig, step, tokens, train_vals, ev, lrs, norms) -> list[dict]:
-    """One curves.parquet row per width at `step` (NaN where there was no training step or no evaluation)."""
+    """One curves.parquet row per student at `step` (NaN where there was no training step or no evaluation)."""
     nan = float("nan")
     rows = []
-    for w in cfg.widths:
-        tv = (train_vals or {}).get(w, {})
-        e = (ev or {}).get(w, {})
+    for key in cfg.students:
+        tv = (train_vals or {}).get(key, {})
+        e = (ev or {}).get(key, {})
         rows.append(
             {
-                "width": w,
+                "width": key.width,
                 "step": step,
                 "tokens": tokens,
                 "train_kl": tv.get("kl", nan),
@@ -65,8 +85,11 @@ def curve_rows(cfg: DistillConfig, step, tokens, train_vals, ev, lrs, norms) -> 
                 "eval_kl_scaled": e.get("kl_scaled", nan),
                 "eval_raw_kl": e.get("raw_kl", nan),
                 "eval_ce": e.get("ce", nan),
-                "lr": lrs.get(w, nan),
-                "grad_norm": norms.get(w, nan),
+                "lr": lrs.get(key, nan),
+                "grad_norm": norms.get(key, nan),
+                "loss": key.loss,
+                "train_loss": tv.get("loss", nan),
+                "train_aux": tv.get("aux", nan),
             }
         )
     return rows
@@ -85,12 +108,16 @@ CURVE_COLUMNS = (
     "eval_ce",
     "lr",
     "grad_norm",
+    "loss",
+    "train_loss",
+    "train_aux",
 )
 
 
 def curve_columns(rows: list[dict]) -> dict[str, list]:
-    """curves.parquet's columns from its rows."""
-    return {k: [r[k] for r in rows] for k in CURVE_COLUMNS}
+    """curves.parquet's columns from its rows (rows of a checkpoint from before --loss count as kl)."""
+    defaults = {"loss": "kl", "train_loss": float("nan"), "train_aux": float("nan")}
+    return {k: [r.get(k, defaults.get(k)) for r in rows] for k in CURVE_COLUMNS}
 
 
 def floor_window(steps: int, fraction: float) -> int:
@@ -99,9 +126,9 @@ def floor_window(steps: int, fraction: float) -> int:
 
 
 def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> dict[str, list]:
-    """Floor per width: mean (and sample std) of the held-out evaluations in the final 10% of steps."""
+    """Floor per student: mean (and sample std) of the held-out evaluations in the final 10% of steps."""
     start = floor_window(cfg.steps, cfg.floor_fraction)
-    w_arr = np.asarray(curves["width"])
+    l_arr = np.asarray(curves["loss"], dtype=object)
     s_arr = np.asarray(curves["step"])
     out: dict[str, list] = {
         k: []
@@ -123,18 +150,22 @@ def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> 
             "heads",
             "ffn",
             "topk",
+            "loss",
+            "seed",
         )
     }
-    for w in cfg.widths:
-        sel = (w_arr == w) & (s_arr >= start) & (s_arr > 0) & np.isfinite(np.asarray(curves["eval_kl"], float))
+    for key in cfg.students:
+        w = key.width
+        mine = (np.asarray(curves["width"]) == w) & (l_arr == key.loss)
+        sel = mine & (s_arr >= start) & (s_arr > 0) & np.isfinite(np.asarray(curves["eval_kl"], float))
         kl = np.asarray(curves["eval_kl"], float)[sel]
         raw = np.asarray(curves["eval_raw_kl"], float)[sel]
         ce = np.asarray(curves["eval_ce"], float)[sel]
         n = int(sel.sum())
         out["width"].append(int(w))
         if models is not None:
-            counts = st.param_counts(models[w])
-            desc = st.describe(models[w].config)
+            counts = st.param_counts(models[key])
+            desc = st.describe(models[key].config)
         else:
             counts, desc = {"params": 0, "non_embedding_params": 0}, {"layers": 0, "heads": 0, "ffn": 0}
         out["params"].append(counts["params"])
@@ -147,13 +178,15 @@ def compute_floors(cfg: DistillConfig, curves: dict[str, list], models=None) -> 
         out["raw_kl_std"].append(float(raw.std(ddof=1)) if n > 1 else 0.0)
         out["eval_ce"].append(float(ce.mean()) if n else float("nan"))
         out["n_evals"].append(n)
-        out["steps"].append(int(s_arr[w_arr == w].max()))
-        out["tokens"].append(int(np.asarray(curves["tokens"])[w_arr == w].max()))
+        out["steps"].append(int(s_arr[mine].max()))
+        out["tokens"].append(int(np.asarray(curves["tokens"])[mine].max()))
         out["temperature"].append(float(cfg.temperature))
         out["layers"].append(int(desc["layers"]))
         out["heads"].append(int(desc["heads"]))
         out["ffn"].append(int(desc["ffn"]))
         out["topk"].append(int(cfg.topk))
+        out["loss"].append(key.loss)
+        out["seed"].append(int(cfg.seed))
     return out
 
 
@@ -173,8 +206,11 @@ def few_evaluations(cfg: DistillConfig, floors: dict[str, list]) -> str | None:
 # files
 
 
-def write_outputs(out: Path, cfg: DistillConfig, models, tokenizer, curves, floors, provenance) -> None:
-    """width{W}/ dirs (atomic swap), curves.parquet and floors.parquet, all with provenance."""
+def write_outputs(out: Path, cfg: DistillConfig, modules, objectives, tokenizer, curves, floors, provenance) -> None:
+    """One folder per student (atomic swap; its maps and objective inside), curves.parquet and floors.parquet.
+
+    modules: {StudentKey: kdtool.distill.matching.Student}; objectives: {StudentKey: what it trained on}.
+    """
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "config": cfg.as_dict(),
@@ -185,25 +221,24 @@ def write_outputs(out: Path, cfg: DistillConfig, models, tokenizer, curves, floo
             "raw_kl": "T^2 x KL summed over a sequence (paper's raw)",
         },
     }
-    for i, w in enumerate(cfg.widths):
+    for i, key in enumerate(cfg.students):
         row = {k: v[i] for k, v in floors.items()}
-        _save_student(
-            out / f"width{w}",
-            models[w],
-            tokenizer,
-            {"kind": "kdtool.distill.student", "floor": row, "provenance": provenance},
-        )
+        info = {"kind": "kdtool.distill.student", "floor": row, "provenance": provenance}
+        if key.loss != "kl" or len(cfg.losses) > 1:
+            info["objective"] = objectives[key]
+        _save_student(out / student_name(key), modules[key], tokenizer, info, provenance)
     formats.write_parquet(out / "curves.parquet", curves, kind=CURVES_KIND, provenance=provenance, summary=summary)
     formats.write_parquet(out / "floors.parquet", floors, kind=FLOORS_KIND, provenance=provenance, summary=summary)
 
 
-def _save_student(final: Path, model, tokenizer, info: dict) -> None:
+def _save_student(final: Path, module, tokenizer, info: dict, provenance) -> None:
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
-    model.save_pretrained(tmp)
+    module.lm.save_pretrained(tmp)
     for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
         formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
+    module.save_maps(tmp, provenance)  # after the stamp: the maps carry their own kind
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     formats.write_json(tmp / "kdtool.json", info)
@@ -243,9 +278,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    out: Path, cfg: DistillConfig, models, optims, scheds, step, tokens_seen, rows_log, d: Dist
+    out: Path, cfg: DistillConfig, modules, optims, scheds, step, tokens_seen, rows_log, d: Dist
 ) -> None:
-    """checkpoint/: one file per width (model, optimizer, scheduler) + state.pt (step, data position,
+    """checkpoint/: one file per student (model, maps, optimizer, scheduler) + state.pt (step, data position,
     RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
     if not d.main:
         return
@@ -253,11 +288,11 @@ def save_checkpoint(
     tmp = out / ".checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for w, m in models.items():
-        torch.save(
-            {"model": m.state_dict(), "optim": optims[w].state_dict(), "sched": scheds[w].state_dict()},
-            tmp / f"width{w}.pt",
-        )
+    for key, m in modules.items():
+        blob = {"model": m.lm.state_dict(), "optim": optims[key].state_dict(), "sched": scheds[key].state_dict()}
+        if m.maps:
+            blob["maps"] = m.maps.state_dict()
+        torch.save(blob, tmp / f"{student_name(key)}.pt")
     torch.save(
         {
             "step": step,
@@ -275,7 +310,8 @@ def save_checkpoint(
         {
             "kind": "kdtool.distill.checkpoint",
             "step": step,
-            "widths": list(models),
+            "widths": sorted({key.width for key in modules}),
+            "students": [student_name(key) for key in modules],
             "use": "kdtool distill --resume continues from here; delete the folder to reclaim its space",
             "config": cfg.as_dict(),
         },
@@ -288,8 +324,8 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, models, optims, scheds, device) -> dict | None:
-    """Restore every width's model/optimizer/scheduler and the RNG; None when there is no checkpoint."""
+def load_checkpoint(out: Path, cfg: DistillConfig, modules, optims, scheds, device) -> dict | None:
+    """Restore every student's model/maps/optimizer/scheduler and the RNG; None when there is no checkpoint."""
     folder = out / "checkpoint"
     if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
         folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
@@ -300,15 +336,17 @@ def load_checkpoint(out: Path, cfg: DistillConfig, models, optims, scheds, devic
     except Exception as exc:
         raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
     saved, now = state["config"], cfg.as_dict()
-    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
+    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k, RESUME_DEFAULTS.get(k))) != _norm(now.get(k))]
     if diff:
         shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
         raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
-    for w in cfg.widths:
-        blob = torch.load(folder / f"width{w}.pt", map_location=device, weights_only=True)
-        models[w].load_state_dict(blob["model"])
-        optims[w].load_state_dict(blob["optim"])
-        scheds[w].load_state_dict(blob["sched"])
+    for key in cfg.students:
+        blob = torch.load(folder / f"{student_name(key)}.pt", map_location=device, weights_only=True)
+        modules[key].lm.load_state_dict(blob["model"])
+        if modules[key].maps:
+            modules[key].maps.load_state_dict(blob["maps"])
+        optims[key].load_state_dict(blob["optim"])
+        scheds[key].load_state_dict(blob["sched"])
     _set_rng_state(state["rng"])
     return state
 

@@ -9,6 +9,7 @@ provenance and runs kdtool.distill.loop.run. Under torchrun the caller joins the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 from kdtool import provenance as _provenance
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import text_streams
+from kdtool.distill.features import FeaturePlan
 from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist, world_size
@@ -109,6 +111,11 @@ def distill_text(
     if overwrite and d.main and (out / "checkpoint").exists():
         shutil.rmtree(out / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
     rows = rank_rows(cfg.batch_size, d)
+    features = None
+    if cfg.sae is not None:  # read and checked before the (slow) teacher load
+        features = FeaturePlan.load(cfg.sae, cfg.stats, cfg.widths, cfg.feature_budget, cfg.feature_weighting)
+        identity = {"sae": _provenance.fingerprint(cfg.sae), "stats": _provenance.fingerprint(cfg.stats)}
+        cfg = dataclasses.replace(cfg, run_key=cfg.run_key | {"features": identity})  # --resume checks them
     cache = None
     if cache_dir is not None:
         cache = TeacherCache(
@@ -144,4 +151,5 @@ def distill_text(
         provenance=record,
         callback=callback,
         dist=d,
+        features=features,
     )

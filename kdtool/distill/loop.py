@@ -12,45 +12,35 @@ Under torchrun (the caller joins the group, kdtool.distributed.dist_init, and pa
 (rank r of W takes rows [r B/W, (r+1) B/W)); DDP averages the gradients, so W processes
 follow the single-process run up to float rounding. NCCL on GPU, gloo on CPU.
 
-Outputs (rank 0): ``width{W}/`` (HF save_pretrained + tokenizer + kdtool.json),
+Several losses (--loss, kdtool/distill/objectives.py) train one student per (width, loss), all on the
+same teacher forward; every student is evaluated on the same held-out full-vocabulary KL.
+
+Outputs (rank 0): ``width{W}/`` (``width{W}-{loss}/`` for losses other than kl; HF save_pretrained +
+tokenizer + kdtool.json),
 ``curves.parquet``, ``floors.parquet``, and ``checkpoint/`` for --resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdtool.distill import students as st
+from kdtool.distill.cohort import Progress, Students
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import Cursor, EvalBatches, TrainBatches, as_batch, check_shape
-from kdtool.distill.files import (
-    compute_floors,
-    curve_columns,
-    curve_rows,
-    load_checkpoint,
-    save_checkpoint,
-    write_outputs,
-)
-from kdtool.distill.losses import FullTarget, LossSums, TopKTarget, ce_per_token, kl_per_token, teacher_target
+from kdtool.distill.features import FeaturePlan
+from kdtool.distill.files import compute_floors, curve_columns, curve_rows, write_outputs
+from kdtool.distill.losses import FullTarget, LossSums, TopKTarget, teacher_target
+from kdtool.distill.student_loss import diverged, eval_sums, train_loss
 from kdtool.distributed import Dist, all_reduce, barrier
 from kdtool.errors import BadInput, RuntimeFailure
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
-
-
-def lr_factor(step: int, *, warmup: int, steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -62,15 +52,6 @@ class DistillResult:
     out_dir: Path | None
     resumed_from: int = 0
     provenance: dict | None = None  # as written into the files
-
-
-@dataclass
-class _Progress:
-    """Where a run stands: what a checkpoint saves and --resume restores."""
-
-    step: int = 0  # optimizer steps done (= training batches consumed)
-    tokens: int = 0  # real training tokens seen, over all ranks
-    rows: list[dict] = field(default_factory=list)  # curves.parquet rows so far
 
 
 def rank_rows(batch_size: int, d: Dist) -> tuple[int, int]:
@@ -91,21 +72,6 @@ def _chunks(n: int, micro: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
-def _student_sums(model, tokens, mask, target, cfg: DistillConfig, autocast: Autocast):
-    """Forward one student on a chunk: (loss sums as tensors for backward, LossSums)."""
-    with autocast():
-        logits = model(input_ids=tokens, attention_mask=mask).logits  # [b, S, V]
-    kl = kl_per_token(logits, target, cfg.temperature)  # [b, S]
-    m = mask.float()
-    kl_sum = (kl * m).sum()
-    ce, valid = ce_per_token(logits, tokens, mask)
-    ce_sum = (ce * valid.float()).sum()
-    sums = LossSums(
-        kl_sum.item(), m.sum().item(), ce_sum.item(), valid.float().sum().item(), float((mask.sum(1) > 0).sum().item())
-    )
-    return kl_sum, ce_sum, sums
-
-
 class Teacher:
     """Soft targets for train step i / eval batch j: from the cache, or one teacher forward."""
 
@@ -123,12 +89,18 @@ class Teacher:
             self._teacher.eval()
         return self._teacher
 
-    def compute(self, tokens, mask, *, full: bool = False):
-        """Teacher targets for a chunk: top-k when training from a cache, the full vocabulary if `full`."""
+    def compute(self, tokens, mask, *, full: bool = False, layers: list[int] = ()):
+        """(targets, {L: hidden_states[L]}) of a chunk: top-k targets when training from a cache, the full
+        vocabulary if `full`; the residual stream at `layers` (for the matching terms) from the same forward."""
+        ids, m = tokens.to(self.device), mask.to(self.device)
         with torch.no_grad(), self.autocast():
-            logits = self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device)).logits
+            if layers:
+                out = self.model(input_ids=ids, attention_mask=m, output_hidden_states=True)
+                hidden = {layer: out.hidden_states[layer] for layer in layers}
+            else:
+                out, hidden = self.model(input_ids=ids, attention_mask=m), {}
         self.forwards += 1
-        return teacher_target(logits, self.cfg.temperature, None if full else (self.cfg.topk or None))
+        return teacher_target(out.logits, self.cfg.temperature, None if full else (self.cfg.topk or None)), hidden
 
     def train_batch(self, step: int, cursor: Cursor | None):
         """This rank's rows of training batch `step`: (tokens, mask, cached targets or None)."""
@@ -146,97 +118,47 @@ class Teacher:
             self.cache.save("train", step, self.rows, tokens, mask, TopKTarget.cat(pieces))
 
 
-class Students:
-    """One student per width, each with its AdamW and its warmup + cosine schedule."""
-
-    def __init__(self, cfg: DistillConfig, teacher_config, device):
-        self.cfg = cfg
-        self.models = {w: st.build_student(teacher_config, w, cfg.policy, seed=cfg.seed).to(device) for w in cfg.widths}
-        self.optims = {
-            w: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-            for w, m in self.models.items()
-        }
-
-        def factor(s):
-            return lr_factor(s, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-
-        self.scheds = {w: torch.optim.lr_scheduler.LambdaLR(o, factor) for w, o in self.optims.items()}
-        self.train = dict(self.models)  # what the backward passes go through
-
-    def restore(self, out: Path | None, device, emit: Callable[[dict], None]) -> _Progress:
-        """Load out/checkpoint (models, optimizers, schedules, RNG) for --resume; a fresh start without one."""
-        if out is None:
-            raise BadInput("--resume needs an output folder")
-        state = load_checkpoint(out, self.cfg, self.models, self.optims, self.scheds, device)
-        if state is None:
-            emit({"event": "fresh", "reason": f"no checkpoint in {out / 'checkpoint'}"})
-            return _Progress()
-        emit({"event": "resumed", "step": state["step"]})
-        return _Progress(state["step"], state["tokens_seen"], state["curves"])
-
-    def wrap(self, d: Dist) -> None:
-        """Under torchrun, train through DDP wrappers (made after a resume: DDP starts from rank 0's weights)."""
-        if d.world > 1:
-            self.train = {w: torch.nn.parallel.DistributedDataParallel(m) for w, m in self.models.items()}
-
-    def save(self, out: Path, p: _Progress, d: Dist) -> None:
-        """Write out/checkpoint (rank 0): every width's state and where the run stands."""
-        save_checkpoint(out, self.cfg, self.models, self.optims, self.scheds, p.step, p.tokens, p.rows, d)
-
-    def step(self) -> tuple[dict[int, float], dict[int, float]]:
-        """Clip, step and zero every width's optimizer, advance its schedule: (lr used, gradient norm) per width."""
-        norms, lrs = {}, {}
-        for w, model in self.models.items():
-            lrs[w] = self.scheds[w].get_last_lr()[0]
-            if self.cfg.grad_clip > 0:
-                norms[w] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip))
-            self.optims[w].step()
-            self.scheds[w].step()
-            self.optims[w].zero_grad(set_to_none=True)
-        return lrs, norms
-
-
 def train_step(step: int, students: Students, teach: Teacher, cursor: Cursor | None, d: Dist):
-    """Optimizer step `step` + 1 of every width on one batch: (train values per width, lrs, gradient norms).
+    """Optimizer step `step` + 1 of every student on one batch: (train values, lrs, gradient norms) per student.
 
     The batch is cut into micro-batches; each gets one teacher forward (or cached targets) that every
-    width trains on, gradients accumulate, and under DDP only the last micro-batch synchronises.
-    Loss per width: (1 - ce_weight) T^2 KL / local tokens + ce_weight CE / local CE positions.
+    (width, loss) student trains on, gradients accumulate, and under DDP only the last micro-batch
+    synchronises. Each student's loss: kdtool/distill/student_loss.py.
     """
     cfg, device = students.cfg, teach.device
     tokens, mask, cached = teach.train_batch(step, cursor)
     local_tokens = max(float(mask.sum().item()), 1.0)
     local_ce = max(float((mask[:, :-1] & mask[:, 1:]).sum().item()), 1.0)
-    stats = {w: LossSums() for w in cfg.widths}
+    stats = {k: LossSums() for k in cfg.students}
     pieces = []
     chunks = _chunks(tokens.shape[0], cfg.micro_batch)
     for ci, (lo, hi) in enumerate(chunks):
         tok, m = tokens[lo:hi].to(device), mask[lo:hi].to(device)
         if cached is not None:
-            target = cached.rows(lo, hi).to(device)
+            target, hidden = cached.rows(lo, hi).to(device), {}
         else:
-            target = teach.compute(tok, m)
+            target, hidden = teach.compute(tok, m, layers=students.teacher_layers)
             pieces.append(target)
+        aux = students.aux_targets(hidden, m)
         sync = ci == len(chunks) - 1 or d.world == 1
-        for w, model in students.train.items():
-            with model.no_sync() if not sync else contextlib.nullcontext():
-                kl_sum, ce_sum, sums = _student_sums(model, tok, m, target, cfg, teach.autocast)
-                loss = (1 - cfg.ce_weight) * cfg.temperature**2 * kl_sum / local_tokens
-                if cfg.ce_weight:
-                    loss = loss + cfg.ce_weight * ce_sum / local_ce
+        for key, module in students.train.items():
+            with module.no_sync() if not sync else contextlib.nullcontext():
+                per = (local_tokens, local_ce)
+                loss, sums = train_loss(module, key, students, tok, m, target, aux, teach.autocast, per)
                 loss.backward()
-            stats[w].add(sums)
+            stats[key].add(sums)
     if cached is None:
         teach.keep(step, tokens, mask, pieces)
     lrs, norms = students.step()
     values = {}
-    for w in cfg.widths:
-        s = LossSums.from_tensor(all_reduce(stats[w].as_tensor(), d))
-        values[w] = s.values(cfg.temperature) | {"tokens": s.tokens}
-    bad = [w for w, v in values.items() if not math.isfinite(v["kl"])]
+    for key in cfg.students:
+        s = LossSums.from_tensor(all_reduce(stats[key].as_tensor(), d))
+        values[key] = s.values(cfg.temperature) | {"tokens": s.tokens}
+    bad = diverged(values, students.specs)
     if bad:
         raise RuntimeFailure(
-            f"training diverged at step {step + 1} (non-finite KL at width {bad}); lower --lr or raise --warmup"
+            f"training diverged at step {step + 1} (non-finite loss of width/loss {', '.join(bad)}); "
+            "lower --lr or raise --warmup"
         )
     return values, lrs, norms
 
@@ -292,7 +214,7 @@ class Evaluator:
         if hit is not None:
             return hit[2]
         parts = [
-            self.teach.compute(tok[lo:hi].to(self.device), m[lo:hi].to(self.device), full=True)
+            self.teach.compute(tok[lo:hi].to(self.device), m[lo:hi].to(self.device), full=True)[0]
             for lo, hi in _chunks(tok.shape[0], self.cfg.micro_batch)
         ]
         target = FullTarget(torch.cat([p.logp for p in parts]))
@@ -301,8 +223,8 @@ class Evaluator:
         self._keep(j, target)
         return target
 
-    def run(self, models) -> dict[int, dict[str, float]]:
-        """Held-out KL, raw KL and CE per width (summed over the ranks' rows); models are left in train mode."""
+    def run(self, models) -> dict:
+        """Held-out KL, raw KL and CE per student (summed over the ranks' rows); models are left in train mode."""
         if self.batches is None:
             self._load()
         sums = {w: LossSums() for w in models}
@@ -315,7 +237,7 @@ class Evaluator:
                     t, mk = tok[lo:hi].to(self.device), mask[lo:hi].to(self.device)
                     sub = target.rows(lo, hi).to(self.device)
                     for w, model in models.items():
-                        sums[w].add(_student_sums(model, t, mk, sub, self.cfg, self.autocast)[2])
+                        sums[w].add(eval_sums(model, t, mk, sub, self.cfg, self.autocast))
         for m in models.values():
             m.train()
         out = {}
@@ -339,14 +261,16 @@ def run(
     provenance: dict | None = None,
     callback: Callable[[dict], None] | None = None,
     dist: Dist | None = None,
+    features: FeaturePlan | None = None,
 ) -> DistillResult:
-    """Train one student per width against the teacher; write outputs to out_dir (rank 0).
+    """Train one student per (width, loss) against the teacher; write outputs to out_dir (rank 0).
 
     teacher: a causal LM (or a zero-argument loader, called only if some batch is not cached).
     train_batches(skip) -> iterator of global [B, S] batches (a LongTensor, a (ids, mask) pair or
     a dict with input_ids/attention_mask), starting after `skip` batches. eval_batches() -> the
     held-out stream. Both must be deterministic: the same call yields the same batches.
     dist: the torchrun process group (kdtool.distributed.dist_init), None for one process.
+    features: the chosen SAE features of --loss features (read from cfg.sae and cfg.stats when None).
     callback(event) hears "resumed"/"fresh", "eval" (step 0), "step" and "checkpoint".
     """
     d = dist or Dist()
@@ -358,8 +282,10 @@ def run(
     out = Path(out_dir) if out_dir is not None else None
     emit = callback or (lambda event: None)
 
-    students = Students(cfg, teacher_config, device)
-    p = students.restore(out, device, emit) if resume else _Progress()
+    if features is None and cfg.sae is not None:
+        features = FeaturePlan.load(cfg.sae, cfg.stats, cfg.widths, cfg.feature_budget, cfg.feature_weighting)
+    students = Students(cfg, teacher_config, device, features)
+    p = students.restore(out, device, emit) if resume else Progress()
     resumed_from = p.step
     students.wrap(d)
     teach = Teacher(cfg, teacher, cache, rows, device, autocast)
@@ -371,7 +297,7 @@ def run(
 
     while p.step < cfg.steps:
         values, lrs, norms = train_step(p.step, students, teach, cursor, d)
-        p.tokens += int(values[cfg.widths[0]]["tokens"])
+        p.tokens += int(values[cfg.students[0]]["tokens"])
         p.step += 1
         due = p.step % cfg.eval_every == 0 or p.step == cfg.steps
         new = curve_rows(cfg, p.step, p.tokens, values, evaluator.run(students.models) if due else None, lrs, norms)
@@ -384,7 +310,8 @@ def run(
     curves = curve_columns(p.rows)
     floors = compute_floors(cfg, curves, students.models)
     if out is not None and d.main:
-        write_outputs(out, cfg, students.models, tokenizer, curves, floors, provenance)
+        objectives = {k: students.objective(k) for k in cfg.students}
+        write_outputs(out, cfg, students.modules, objectives, tokenizer, curves, floors, provenance)
         students.save(out, p, d)
     barrier(d)
     return DistillResult(floors=floors, curves=curves, out_dir=out, resumed_from=resumed_from, provenance=provenance)

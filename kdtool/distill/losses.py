@@ -16,10 +16,20 @@ remaining mass r_p. Their KL is computed over k+1 bins (the k tokens and "everyt
 which by the data-processing inequality is a lower bound of the full KL:
     KL_k = sum_{i in top-k} p_i (log p_i - log q_i) + r_p (log r_p - log r_q)
 where r_q is the student's mass outside the teacher's top k (computed exactly, not as 1 - sum).
+
+The other output divergences `distill --loss` trains on (kdtool/distill/objectives.py), per position:
+    reverse-kl  KL(q || p) = sum_v q_v (log q_v - log p_v)
+    jsd(beta)   beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (Agarwal et al. 2024,
+                TRL's GKD convention: beta = 0 is exactly forward KL, 1 exactly reverse KL, as TRL computes)
+    tvd         1/2 sum_v |p_v - q_v|
+On top-k targets the same tail bucket serves tvd (1/2 (sum_top |p_i - q_i| + |r_p - r_q|)) and
+jsd:0 (= KL_k): like KL_k they are f-divergences of the coarsened distributions, so lower bounds of
+the full ones. reverse-kl and jsd with beta > 0 refuse top-k targets (see LossSpec.needs_full_distribution).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +106,57 @@ def kl_per_token(student_logits: torch.Tensor, target: FullTarget | TopKTarget, 
     return head + rest
 
 
+def reverse_kl_per_token(student_logits: torch.Tensor, target: FullTarget, temperature: float) -> torch.Tensor:
+    """KL(student || teacher) at T for every position: [B, S] nats."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, S, V]
+    q = logq.exp()
+    return torch.where(q > 0, q * (logq - target.logp), torch.zeros_like(q)).sum(-1)
+
+
+def jsd_per_token(student_logits: torch.Tensor, target: FullTarget, temperature: float, beta: float) -> torch.Tensor:
+    """Generalised JSD(beta) at T for every position: [B, S] nats (beta 0 / 1: forward / reverse KL, as TRL)."""
+    if beta == 0.0:
+        return kl_per_token(student_logits, target, temperature)
+    if beta == 1.0:
+        return reverse_kl_per_token(student_logits, target, temperature)
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, S, V]
+    logp = target.logp
+    # log m = log(beta p + (1 - beta) q), computed in log space
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))  # [B, S, V]
+    p, q = logp.exp(), logq.exp()
+    to_p = torch.where(p > 0, p * (logp - logm), torch.zeros_like(p)).sum(-1)  # KL(p || m)
+    to_q = torch.where(q > 0, q * (logq - logm), torch.zeros_like(q)).sum(-1)  # KL(q || m)
+    return beta * to_p + (1.0 - beta) * to_q
+
+
+def tvd_per_token(student_logits: torch.Tensor, target: FullTarget | TopKTarget, temperature: float) -> torch.Tensor:
+    """Total variation 1/2 sum |p - q| at T for every position: [B, S] (top-k: over the k+1 bins)."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, S, V]
+    if isinstance(target, FullTarget):
+        return 0.5 * (target.logp.exp() - logq.exp()).abs().sum(-1)
+    q_k = logq.gather(-1, target.ids).exp()  # [B, S, k]
+    r_q = logq.scatter(-1, target.ids, float("-inf")).logsumexp(-1).exp()  # [B, S]
+    head = (target.logp.exp() - q_k).abs().sum(-1)
+    return 0.5 * (head + (target.log_rest.exp() - r_q).abs())
+
+
+def divergence_per_token(
+    name: str, student_logits: torch.Tensor, target: FullTarget | TopKTarget, temperature: float, beta: float = 0.0
+) -> torch.Tensor:
+    """The output divergence `name` (kl, reverse-kl, jsd, tvd) at T for every position: [B, S] nats."""
+    if name == "kl" or (name == "jsd" and beta == 0.0):
+        return kl_per_token(student_logits, target, temperature)
+    if name == "tvd":
+        return tvd_per_token(student_logits, target, temperature)
+    if isinstance(target, TopKTarget):
+        raise ValueError(f"{name} needs the teacher's full distribution, not top-k targets")
+    if name == "reverse-kl":
+        return reverse_kl_per_token(student_logits, target, temperature)
+    if name == "jsd":
+        return jsd_per_token(student_logits, target, temperature, beta)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
 def ce_per_token(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
     """Next-token cross-entropy: ([B, S-1] nats, [B, S-1] bool mask of positions that count)."""
     logits = student_logits[:, :-1].float()  # [B, S-1, V]
@@ -107,22 +168,29 @@ def ce_per_token(student_logits: torch.Tensor, tokens: torch.Tensor, mask: torch
 
 @dataclass
 class LossSums:
-    """Sums that make the named values once divided, and that add across chunks and ranks."""
+    """Sums that make the named values once divided, and that add across chunks and ranks.
+
+    In training, kl_sum is NaN for a student whose loss computes no forward KL (reverse-kl, jsd, tvd:
+    no extra full-vocabulary pass for a diagnostic); loss_sum is always its own divergence, aux_sum
+    its hidden/features term (NaN when it has none). In evaluation every student's kl_sum is the KL.
+    """
 
     kl_sum: float = 0.0  # sum of per-token KL at T over real tokens
     tokens: float = 0.0  # real tokens
     ce_sum: float = 0.0
     ce_tokens: float = 0.0
     sequences: float = 0.0  # sequences with at least one real token
+    loss_sum: float = 0.0  # sum of the student's own output divergence per token at T
+    aux_sum: float = 0.0  # sum of its matching term per token (hidden / features)
+
+    FIELDS = ("kl_sum", "tokens", "ce_sum", "ce_tokens", "sequences", "loss_sum", "aux_sum")
 
     def add(self, other: LossSums) -> None:
-        for k in ("kl_sum", "tokens", "ce_sum", "ce_tokens", "sequences"):
+        for k in self.FIELDS:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor(
-            [self.kl_sum, self.tokens, self.ce_sum, self.ce_tokens, self.sequences], dtype=torch.float64
-        )
+        return torch.tensor([getattr(self, k) for k in self.FIELDS], dtype=torch.float64)
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> LossSums:
@@ -136,4 +204,6 @@ class LossSums:
             "kl_scaled": temperature**2 * kl,
             "raw_kl": temperature**2 * self.kl_sum / max(self.sequences, 1.0),
             "ce": self.ce_sum / max(self.ce_tokens, 1.0),
+            "loss": self.loss_sum / max(self.tokens, 1.0),
+            "aux": self.aux_sum / max(self.tokens, 1.0),
         }

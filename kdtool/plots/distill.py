@@ -18,7 +18,6 @@ from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import style as st
-from kdtool.plots.inputs import read_stats
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
@@ -51,7 +50,15 @@ def _expand(inputs: list[Path]) -> list[tuple[Path, str | None]]:
     return out
 
 
-def _floors_table(path: Path) -> dict:
+def main_loss(losses) -> str:
+    """The loss a single-loss figure shows from a table of several: kl when present (the paper's), else the first."""
+    names = list(dict.fromkeys(str(x) for x in losses))
+    return "kl" if "kl" in names else names[0]
+
+
+def _floors_table(path: Path, loss: str | None = None) -> dict:
+    """width, floor, floor_std (and loss) sorted by width; a table of several losses keeps `loss`'s rows
+    (default: main_loss)."""
     cols = formats.read_table(path, required=("width", "floor"))
     out = {
         "width": formats.numeric_column(cols, "width", path, positive=True).astype(int),
@@ -60,8 +67,10 @@ def _floors_table(path: Path) -> dict:
     out["floor_std"] = (
         formats.numeric_column(cols, "floor_std", path) if "floor_std" in cols else np.zeros_like(out["floor"])
     )
-    order = np.argsort(out["width"], kind="stable")
-    return {k: v[order] for k, v in out.items()}
+    out["loss"] = np.asarray([str(x) for x in cols["loss"]] if "loss" in cols else ["kl"] * len(out["width"]))
+    keep = out["loss"] == (loss or main_loss(out["loss"]))
+    order = np.argsort(out["width"][keep], kind="stable")
+    return {k: v[keep][order] for k, v in out.items()}
 
 
 def _want_widths(options: dict, widths) -> np.ndarray:
@@ -91,8 +100,9 @@ def _width_ticks(ax, widths) -> None:
 
 
 def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
-    """Fig. 6a: held-out per-token KL vs step per width, the floor dashed over its final-10% window;
-    a second panel with the training KL (Fig. 16a) unless --set train=false."""
+    """Fig. 6a: held-out per-token KL vs step per student (width, and loss when there are several), the
+    floor dashed over its final-10% window; a second panel with the training KL (Fig. 16a; with several
+    losses each student's own training loss) unless --set train=false."""
     files = _expand(inputs)
     curve_files = [p for p, k in files if k == CURVES_KIND or (k is None and p.name.startswith("curves"))]
     if len(curve_files) != 1:
@@ -109,21 +119,26 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         raise BadInput(f"--set x: must be step or tokens, got {xkey!r}")
     x = formats.numeric_column(cols, xkey, path) if xkey in cols else step
     ev = np.asarray(cols["eval_kl"], dtype=float)
-    tr = np.asarray(cols["train_kl"], dtype=float)
+    losses = np.asarray([str(v) for v in cols["loss"]] if "loss" in cols else ["kl"] * len(widths))
+    several = len(set(losses.tolist())) > 1
+    # training panel: each student's own objective (train_loss) when the losses differ, else the KL
+    tr = np.asarray(cols["train_loss" if several and "train_loss" in cols else "train_kl"], dtype=float)
     keep = _want_widths(options, widths)
     floor_files = [p for p, k in files if k == FLOORS_KIND]
-    floors = _floors_table(floor_files[0]) if floor_files else None
     start = summary.get("floor_from_step")
     show_train = _flag(options, "train", True)
     fig, axes = st.figure(style, 1, 2 if show_train else 1)
     ax_eval = axes[0][0]
-    for i, w in enumerate(sorted(set(widths[keep].tolist()))):
+    series = list(dict.fromkeys(zip(widths[keep].tolist(), losses[keep].tolist(), strict=True)))
+    series.sort(key=lambda wl: wl[0])  # by width; losses in file order
+    for i, (w, loss) in enumerate(series):
         s = st.layer_style(i)
-        sel = (widths == w) & np.isfinite(ev)
-        ax_eval.plot(
-            x[sel], ev[sel], color=s["color"], linestyle="-", marker=s["marker"], markersize=2.5, label=f"$d_S$={w:,}"
-        )
+        label = f"$d_S$={w:,}" + (f" ({loss})" if several else "")
+        mine = (widths == w) & (losses == loss)
+        sel = mine & np.isfinite(ev)
+        ax_eval.plot(x[sel], ev[sel], color=s["color"], linestyle="-", marker=s["marker"], markersize=2.5, label=label)
         floor = None
+        floors = _floors_table(floor_files[0], loss) if floor_files else None
         if floors is not None and w in floors["width"]:
             floor = float(floors["floor"][floors["width"] == w][0])
         elif start is not None:
@@ -132,13 +147,13 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         if floor is not None:
             ax_eval.axhline(floor, color=s["color"], linestyle="--", linewidth=0.9, alpha=0.8)
         if show_train:
-            tsel = (widths == w) & np.isfinite(tr)
+            tsel = mine & np.isfinite(tr)
             xs, ys = x[tsel], tr[tsel]
             k = max(1, len(ys) // 50)  # a light moving average: per-step training KL is noisy
             if k > 1:
                 ys = np.convolve(ys, np.ones(k) / k, mode="valid")
                 xs = xs[k - 1 :]
-            axes[0][1].plot(xs, ys, color=s["color"], label=f"$d_S$={w:,}")
+            axes[0][1].plot(xs, ys, color=s["color"], label=label)
     if start is not None and xkey == "step":
         ax_eval.axvspan(start, float(step.max()), color="0.85", alpha=0.5, linewidth=0, label="floor window")
     xlabel = "training step" if xkey == "step" else "training tokens"
@@ -150,77 +165,13 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax_eval.legend(loc="upper right")
     if show_train:
         axes[0][1].set_xlabel(xlabel)
-        axes[0][1].set_ylabel("training KL at T (nats/token)")
-        axes[0][1].set_title("(b) training KL")
+        what = "training loss at T (each its own)" if several else "training KL at T (nats/token)"
+        axes[0][1].set_ylabel(what)
+        axes[0][1].set_title("(b) training loss, not comparable across losses" if several else "(b) training KL")
         if _flag(options, "logy", False):
             axes[0][1].set_yscale("log")
     if options.get("title"):
         fig.suptitle(options["title"])
-    st.save(fig, output)
-
-
-# --------------------------------------------------------------------------- Fig. 6b: floors
-
-
-def _d_stars(stats_files: list[Path], options: dict) -> list[tuple[str, float, int | None]]:
-    out = []
-    for p in stats_files:
-        for ls in read_stats(p, options):
-            out.append((f"$d^*$ (layer {ls.layer}{' ' + ls.sae if ls.sae else ''})", float(ls.d_star), ls.d_in))
-    return out
-
-
-def floors(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
-    """Fig. 6b: per-token KL floor (+- std over the final-10% evaluations) vs student width, one line per
-    floors file; d* = F/g(alpha) dotted for each layer of a given stats file, and the teacher's width."""
-    files = _expand(inputs)
-    floor_files = [p for p, k in files if k == FLOORS_KIND or (k is None and p.name.startswith("floors"))]
-    stats_files = [p for p, k in files if k and k.startswith("kdtool.stats")]
-    other = [p for p, k in files if p not in floor_files and p not in stats_files and k != CURVES_KIND]
-    if other:
-        raise BadInput(f"plot floors: {other[0]} is neither a floors table nor a stats file")
-    if not floor_files:
-        raise BadInput("plot floors: give at least one floors.parquet (or a students/ folder)")
-    fig, axes = st.figure(style, 1, 1)
-    ax = axes[0][0]
-    all_w = []
-    for i, p in enumerate(floor_files):
-        t = _floors_table(p)
-        keep = _want_widths(options, t["width"])
-        s = st.layer_style(i)
-        label = None if len(floor_files) == 1 else (p.parent.name or p.stem)
-        ax.errorbar(
-            t["width"][keep],
-            t["floor"][keep],
-            yerr=t["floor_std"][keep],
-            color=s["color"],
-            linestyle=s["linestyle"],
-            marker=s["marker"],
-            markersize=4,
-            capsize=2,
-            label=label,
-        )
-        if len(floor_files) == 1:
-            for w, f in zip(t["width"][keep], t["floor"][keep], strict=True):
-                ax.annotate(f"{f:.3f}", (w, f), textcoords="offset points", xytext=(4, 4), fontsize="small")
-        all_w += t["width"][keep].tolist()
-    ax.set_xscale("log", base=2)
-    marks = _d_stars(stats_files, options)
-    teacher_widths = set()
-    for j, (label, d_star, d_in) in enumerate(marks):
-        ax.axvline(d_star, color="0.3", linestyle=(0, (1, 1 + j)), linewidth=1.0, label=f"{label} = {d_star:,.0f}")
-        if d_in:
-            teacher_widths.add(d_in)
-    for d_in in sorted(teacher_widths):
-        ax.axvline(d_in, color="0.6", linestyle="--", linewidth=0.8, label=f"teacher width {d_in:,}")
-    _width_ticks(ax, all_w)
-    ax.set_xlabel("student width $d_S$")
-    ax.set_ylabel("floor: per-token KL at T (nats)")
-    ax.set_ylim(bottom=0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right")
-    if options.get("title"):
-        ax.set_title(options["title"])
     st.save(fig, output)
 
 

@@ -61,9 +61,15 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "Fig. 6a/16a: held-out KL vs step per width, floors dashed; training KL (input: students/)",
     ),
     "floors": (
-        "kdtool.plots.distill",
+        "kdtool.plots.distill_floors",
         "floors",
-        "Fig. 6b: KL floor vs student width, d* marked with a stats file (input: floors.parquet [stats])",
+        "Fig. 6b: KL floor vs student width, one line per loss, seeds pooled; d* marked with a stats file, "
+        "the predicted floor with a predict table (input: floors.parquet... [stats] [predict])",
+    ),
+    "objective-ablation": (
+        "kdtool.plots.distill_floors",
+        "floors",
+        "same as `floors`, for floors tables of several losses and seeds (the name kdtool plot report uses)",
     ),
     "decomposition": (
         "kdtool.plots.distill",

@@ -117,6 +117,8 @@ def _folder_artifact(folder: Path, root: Path, names: set[str]) -> tuple[Artifac
         if info and isinstance(info.get("kind"), str):
             floor = info.get("floor") if isinstance(info.get("floor"), dict) else {}
             details = f"width {floor['width']}" if "width" in floor else ""
+            if floor.get("loss", "kl") != "kl":
+                details += f", loss {floor['loss']}"
             return Artifact(folder, _rel(folder, root), info["kind"], info.get("provenance"), info, details), True
     if "report.json" in names:  # another report inside the run folder: not an input
         rep = read_json_quiet(folder / "report.json")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kdtool import formats
 from kdtool import provenance as prov_mod
+from kdtool.distill import ablation
 from kdtool.errors import KdtoolError
 from kdtool.plots import registry
 from kdtool.report import trials as trials_mod
@@ -43,7 +44,7 @@ FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _C, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -60,13 +61,15 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
     FigureRule("sensitivity",            (STATS,),        "file", _S, "Sensitivity of F, α, d* and floors to the SAE",
-               hints=("widths",), when=lambda arts: several_saes_per_layer(arts)),
+               hints=("widths",), when="several-saes"),
     FigureRule("floor",                  (STATS, PREDICT), "file", _P, "Predicted floor vs width (Fig. 5b)",
                hints=("widths",)),
     FigureRule("distill-curves",         (CURVES,),       "file", _D, "Distillation curves (Fig. 6a)",
                extra=(FLOORS,), extra_scope="folder"),
     FigureRule("floors",                 (FLOORS,),       "file", _D, "Distillation floor vs width (Fig. 6b)",
                extra=(STATS,)),
+    FigureRule("objective-ablation",     (FLOORS,),       "run",  _A, "Floor vs width per loss, seeds pooled",
+               extra=(PREDICT, STATS), when="several-losses"),
     FigureRule("calibration",            (CALIB,),        "file", _C, "Observed vs predicted floors (Fig. 7)"),
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
@@ -129,6 +132,21 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+def _several_losses(floors: list[Artifact]) -> bool:
+    """True when the floors tables hold more than one loss (an objective ablation to show)."""
+    try:
+        return ablation.several_losses([a.path for a in floors])
+    except KdtoolError:
+        return False
+
+
+#: FigureRule.when: a named condition on one group's main inputs, beyond their kind
+CONDITIONS = {
+    "several-losses": _several_losses,  # floors tables of more than one loss: an objective ablation
+    "several-saes": several_saes_per_layer,  # a stats file with several SAEs of a layer: the sensitivity figure
+}
+
+
 def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Artifact], dict, str]]:
     """Per SAE trial of the stats files: (its files, {"trial": key}, its label); [] when they cannot be read."""
     by_path = {a.path: a for a in main}
@@ -174,7 +192,7 @@ def plan_figures(
             groups_opts = _trial_groups(main, rule.min_layers)
         else:
             groups_opts = [(g, {}, g[0].rel) for g in _groups(main, rule.per)]
-        groups_opts = [(g, o, lab) for g, o, lab in groups_opts if rule.when is None or rule.when(g)]
+        groups_opts = [(g, o, lab) for g, o, lab in groups_opts if rule.when is None or CONDITIONS[rule.when](g)]
         groups = [g for g, _, _ in groups_opts]
         for group, group_opts, label in groups_opts:
             extra = [a for a in artifacts if a.kind in rule.extra]

@@ -8,7 +8,6 @@ planning (kdtool/report/figures.py), the table builders (kdtool/report/tables*.p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,15 @@ from typing import Any, Literal
 KIND = "kdtool.report"
 
 #: Report sections in page order ("Inputs" comes after them).
-SECTIONS = ("SAE measurements", "Predicted floors", "Distillation", "Calibration", "Probing", "Toy model")
+SECTIONS = (
+    "SAE measurements",
+    "Predicted floors",
+    "Distillation",
+    "Objective ablation",
+    "Calibration",
+    "Probing",
+    "Toy model",
+)
 
 # Artifact kinds (docs/formats.md) the figures and tables read.
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
@@ -61,8 +68,9 @@ class FigureRule:
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
-    #: drawn only when this says the group's artifacts allow it (None: always), e.g. "several SAEs of a layer"
-    when: Callable[[list[Artifact]], bool] | None = None
+    #: a named condition on a group's main inputs beyond their kind (kdtool/report/figures.py CONDITIONS):
+    #: "several-losses" (floors of more than one loss), "several-saes" (several SAEs of a layer in a stats file)
+    when: str | None = None
     min_layers: int = 0  # per "trial": only trials with at least this many layers
 
 
@@ -94,8 +102,8 @@ class FigureResult:
 # --------------------------------------------------------------------------------------------- tables
 
 #: Cell formats: int (thousands separators), f1..f5 (fixed decimals), g3/g4 (significant digits),
-#: pct (fraction shown as %), pm (a (mean, std) pair), text.
-FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "text")
+#: pct (fraction shown as %), pm (a (mean, std) pair, 1 decimal), pm4 (the same, 4 decimals), text.
+FORMATS = ("int", "f1", "f2", "f3", "f4", "f5", "g3", "g4", "pct", "pm", "pm4", "text")
 
 
 @dataclass
@@ -143,11 +151,12 @@ def format_cell(v: Any, fmt: str) -> str:
         return str(v)
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if fmt == "pm":
+    if fmt in ("pm", "pm4"):
         mean, std = v
         if mean is None:
             return "–"
-        return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+        d = 4 if fmt == "pm4" else 1
+        return f"{mean:.{d}f} ± {std:.{d}f}" if std is not None else f"{mean:.{d}f}"
     if fmt == "int":
         return f"{int(round(v)):,}"
     if fmt == "pct":

@@ -13,6 +13,7 @@ and the other tables go on.
 | sae_training   | last row of each `train_log.parquet`   | Fig. 15  | tables_sae.py       |
 | predicted      | predict tables (`kdtool.predict`)      | Table 2  | tables_floors.py    |
 | distill_floors | `students/floors.parquet`              | Table 3  | tables_floors.py    |
+| objective_ablation | floors of several losses, pooled   |          | tables_ablation.py  |
 | calibration    | calib.json fits                        | Table 4  | tables_floors.py    |
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 from kdtool.errors import KdtoolError
 from kdtool.report.model import Artifact, Table
+from kdtool.report.tables_ablation import objective_ablation
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
 from kdtool.report.tables_sae import sae_fidelity, sae_layers, sae_training, sae_trials
@@ -58,6 +60,7 @@ BUILDERS: tuple[Callable, ...] = (
     sae_training,
     predicted,
     distill_floors,
+    objective_ablation,
     calibration,
     probe,
     toy,

@@ -75,7 +75,9 @@ def distill_floors(arts: list[Artifact]) -> list[Table]:
     out = []
     for art in floors:
         title = "Distillation floors (Table 3)" + (f": {art.rel}" if len(floors) > 1 else "")
-        t = _rows_table(art, spec, "distill_floors", "Distillation", title, _by_width)
+        losses = set(formats.read_table(art.path).get("loss", ["kl"]))
+        mine = spec if losses == {"kl"} else [spec[0], ("loss", "loss", "text"), *spec[1:]]  # say which loss
+        t = _rows_table(art, mine, "distill_floors", "Distillation", title, _by_width)
         t.note = (
             "floor = per-token KL(teacher‖student) at temperature T, nats; raw KL = T² × KL summed over a "
             "sequence (the paper's raw value)."

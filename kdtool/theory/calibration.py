@@ -108,20 +108,47 @@ def _select_layer(cols: dict, path: Path, layer: int | None) -> dict:
     return {k: np.asarray(v)[keep] for k, v in cols.items()}
 
 
+#: --loss value that fits the floors of every loss together
+POOLED = "pooled"
+
+
+def select_loss(cols: dict, path: Path, loss: str | None) -> tuple[dict, str]:
+    """Keep one loss's rows of a floors table (`distill --loss`): (columns, the loss used).
+
+    Default: kl when the table has it (the paper's objective; tables from before --loss are all kl),
+    else its only loss; a table of several losses without kl needs --loss. `pooled` keeps every row:
+    one fit over all losses, which treats the objective as noise around one floor curve.
+    """
+    names = list(dict.fromkeys(str(x) for x in cols["loss"])) if "loss" in cols else ["kl"]
+    if loss == POOLED:
+        return cols, POOLED
+    if loss is None:
+        if "kl" not in names and len(names) > 1:
+            raise BadInput(f"{path}: has floors of {', '.join(names)}; pick one with --loss NAME, or --loss {POOLED}")
+        loss = "kl" if "kl" in names else names[0]
+    if loss not in names:
+        raise BadInput(f"--loss {loss}: {path} has floors of {', '.join(names)} only")
+    if "loss" not in cols:
+        return cols, loss
+    keep = np.asarray([str(x) == loss for x in cols["loss"]])
+    return {k: np.asarray(v)[keep] for k, v in cols.items()}, loss
+
+
 def load_points(
     observed: str | os.PathLike,
     *,
     predicted: str | os.PathLike | None = None,
     column: str = "floor",
     layer: int | None = None,
+    loss: str | None = None,
 ) -> Points:
-    """Observed floors (width + `column`), joined by width with a predicted floor.
+    """Observed floors (width + `column`) of one loss (`select_loss`), joined by width with a predicted floor.
 
     The predicted floor comes from `--predicted` (the output of `kdtool predict`: its `floor`
     column) when given, else from an optional `predicted` column of the observed table.
     """
     obs_path = Path(observed)
-    cols = read_table(obs_path, required=("width", column))
+    cols, _ = select_loss(read_table(obs_path, required=("width", column)), obs_path, loss)
     if predicted is None:
         cols = _select_layer(cols, obs_path, layer)
     width = _positive_widths(cols, obs_path)
@@ -298,8 +325,10 @@ def calibrate_files(
     predicted: str | os.PathLike | None = None,
     column: str = "floor",
     layer: int | None = None,
+    loss: str | None = None,
 ) -> Calibration:
-    """Read the observed floors (joined with `predicted` by width), run every fit, and list the warnings.
+    """Read the observed floors of one loss, or all (`select_loss`; joined with `predicted` by width), run
+    every fit, and list the warnings. One calibration per loss: call once per --loss.
 
     A skipped affine_fixed is only a warning when a baseline was asked for; a power law whose
     gamma sits on GAMMA_BOUNDS is flagged.
@@ -307,9 +336,14 @@ def calibrate_files(
     expect(observed, "kdtool.distill.floors", "OBSERVED")
     if predicted is not None:
         expect(predicted, "kdtool.predict", "--predicted")
-    points = load_points(observed, predicted=predicted, column=column, layer=layer)
+    table = read_table(observed, required=("width", column))
+    used = select_loss(table, Path(observed), loss)[1]
+    points = load_points(observed, predicted=predicted, column=column, layer=layer, loss=used)
     result = calibrate(points, cfg)
     warnings = []
+    names = list(dict.fromkeys(str(x) for x in table.get("loss", [])))
+    if loss is None and len(names) > 1:
+        warnings.append(f"{observed} has floors of {', '.join(names)}: calibrating {used} (--loss picks another)")
     for name in FITS:
         if "skipped" in result[name] and not (name == "affine_fixed" and not cfg.has_baseline):
             warnings.append(f"{name} fit skipped: {result[name]['skipped']}")
@@ -320,5 +354,6 @@ def calibrate_files(
         "predicted": None if predicted is None else str(predicted),
         "column": column,
         "layer": layer,
+        "loss": used,
     }
     return Calibration(inputs=inputs, result=result, warnings=warnings)

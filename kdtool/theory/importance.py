@@ -50,6 +50,7 @@ class LayerImportance:
     source: str  # where the weights came from (file path or the parametric spec)
     sae: str | None = None  # the SAE's key in a stats file (its `sae` column); None for older files and specs
     estimator: str = "paper"  # which count the weights and alpha are: paper or robust
+    features: np.ndarray | None = None  # [F] the SAE latent index of each weight (stats files only)
 
     @property
     def n_features(self) -> int:
@@ -163,6 +164,7 @@ def from_stats(
                 "stats file from this kdtool's `kdtool stats` (rerun it)"
             )
     summary = _summary_entries(p)
+    ids = numeric_column(cols, "feature", p).astype(np.int64) if "feature" in cols else None
 
     present = sorted(int(v) for v in np.unique(layer_col))
     chosen = present if not layers else list(dict.fromkeys(layers))
@@ -179,15 +181,23 @@ def from_stats(
             rows = in_layer if key is None else in_layer & (sae_col == key)
             info = summary.get((key, layer)) or summary.get((None, layer)) or {}
             where = f"{p}: layer {layer}" + (f" (SAE {key})" if key is not None else "")
+            latent = ids if ids is not None else _row_within(rows)
             if estimator == "robust":
-                out.append(_robust(cols, rows, info, p, where, layer, key))
+                out.append(_robust(cols, rows, info, p, where, layer, key, latent))
             else:
-                out.append(_paper(importance, rows & alive, freq, rows, info, p, where, layer, key))
+                out.append(_paper(importance, rows & alive, freq, rows, info, p, where, layer, key, latent))
     return out
 
 
-def _paper(importance, keep, freq, rows, info, p, where, layer, key) -> LayerImportance:
-    weights = np.sort(importance[keep])[::-1]
+def _row_within(rows: np.ndarray) -> np.ndarray:
+    """Each row's index within the selected rows: the latent index of a file without a `feature` column."""
+    return np.cumsum(rows) - 1
+
+
+def _paper(importance, keep, freq, rows, info, p, where, layer, key, latent) -> LayerImportance:
+    kept = np.flatnonzero(keep)
+    order = kept[np.argsort(-importance[kept], kind="stable")]  # descending; ties keep the file's order
+    weights = importance[order]
     if weights.size == 0:
         raise BadInput(f"{where} has no alive features")
     l0, alpha = info.get("L0"), info.get("alpha")
@@ -200,16 +210,21 @@ def _paper(importance, keep, freq, rows, info, p, where, layer, key) -> LayerImp
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 0 <= alpha < 1):
         raise BadInput(f"{where} has alpha={alpha}, outside [0, 1)")
-    return LayerImportance(layer, weights, alpha, None if l0 is None else float(l0), str(p), key, "paper")
+    l0 = None if l0 is None else float(l0)
+    return LayerImportance(layer, weights, alpha, l0, str(p), key, "paper", latent[order])
 
 
-def _robust(cols, rows, info, p, where, layer, key) -> LayerImportance:
-    """The F_robust counted features of one SAE: one weight per de-duplicated group, alpha_robust."""
-    counted = rows & np.asarray(cols["counted"]).astype(bool)
+def _robust(cols, rows, info, p, where, layer, key, latent) -> LayerImportance:
+    """The F_robust counted features of one SAE: one weight per de-duplicated group, alpha_robust.
+
+    A group's latent is its first member in the file's order."""
+    counted = np.flatnonzero(rows & np.asarray(cols["counted"]).astype(bool))
     groups = np.asarray(cols["group"])[counted]
     gi = np.asarray(cols["group_importance"], dtype=np.float64)[counted]
     _, first = np.unique(groups, return_index=True)
-    weights = np.sort(gi[first])[::-1]
+    first = np.sort(first)
+    order = first[np.argsort(-gi[first], kind="stable")]
+    weights = gi[order]
     alpha, l0 = info.get("alpha_robust"), info.get("L0_robust")
     if weights.size == 0:
         raise BadInput(f"{where} has no feature in its robust count")
@@ -220,7 +235,8 @@ def _robust(cols, rows, info, p, where, layer, key) -> LayerImportance:
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 0 <= alpha < 1):
         raise BadInput(f"{where} has alpha_robust={alpha}, outside [0, 1)")
-    return LayerImportance(layer, weights, alpha, None if l0 is None else float(l0), str(p), key, "robust")
+    l0 = None if l0 is None else float(l0)
+    return LayerImportance(layer, weights, alpha, l0, str(p), key, "robust", latent[counted[order]])
 
 
 def capacity_g(alpha: float | None, capacity: theory.Capacity = "paper", g_value: float | None = None) -> float:
