@@ -2,8 +2,21 @@
 # Idempotent and fast when nothing changed (a stamp of pyproject.toml + this file).
 # KDTOOL_TORCH picks the torch to install first (default: the CPU wheel this machine has);
 # on a CUDA workstation use e.g. KDTOOL_TORCH="torch" or install torch yourself first.
+# KDTOOL_PYTHON=/path/to/python: use that interpreter as it is, no .venv (scripts/gpu-check on a machine whose
+# python already has a CUDA torch and kdtool's dependencies, and no network): kdtool is run from this checkout.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${KDTOOL_PYTHON:-}" ]; then
+  shim="$(mktemp -d -t kdtool-python.XXXXXX)"
+  # a wrapper, not a link: a venv's python finds its site-packages only when called by its own path
+  py="$(command -v "$KDTOOL_PYTHON")"
+  case "$py" in /*) ;; *) py="$PWD/$py" ;; esac
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$py" >"$shim/python"
+  chmod +x "$shim/python"
+  export PATH="$shim:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  cd "$ROOT"
+  return 0 2>/dev/null || exit 0
+fi
 VENV="${KDTOOL_VENV:-$ROOT/.venv}"
 TORCH_SPEC="${KDTOOL_TORCH:-torch==2.13.0}"
 if [ ! -x "$VENV/bin/python" ]; then

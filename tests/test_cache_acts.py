@@ -77,6 +77,20 @@ def test_cached_activations_equal_output_hidden_states(cli, tmp_path, model_dirs
         torch.testing.assert_close(cached[layer], ref[layer], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_cache_acts_on_cuda_matches_the_cpu_cache(cli, tmp_path, model_dirs, corpus_file):
+    """On a GPU (the writer thread copies the rows to the host): the same cache as on CPU, within fp32 rounding."""
+    opts = "--layers 1,2 --tokens 700 --seq-len 32 --batch-size 4 --acts-dtype float32 --dtype float32".split()
+    for device in ("cpu", "cuda"):
+        r = cli("--quiet", "cache-acts", "--model", model_dirs["llama"], "--dataset", corpus_file, *opts,
+                "--device", device, "-o", tmp_path / device)  # fmt: skip
+        assert r.exit_code == 0, r.output
+    _, cpu = _load_cache(tmp_path / "cpu")
+    _, gpu = _load_cache(tmp_path / "cuda")
+    for layer in (1, 2):
+        torch.testing.assert_close(gpu[layer], cpu[layer], rtol=1e-3, atol=1e-4)
+
+
 def test_resume_after_a_kill_gives_identical_shards(cli, tmp_path, model_dirs, corpus_file, monkeypatch):
     # A tight norm filter makes the rows kept per batch vary: resume must follow the recorded batch/row.
     opts = "--layers 1,3 --tokens 1000 --seq-len 24 --batch-size 3 --shard-size 200 --max-norm-ratio 1.1".split()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from kdtool import formats
@@ -99,3 +100,24 @@ def test_batch_must_split_evenly_over_the_processes(tmp_path, cli, monkeypatch):
     assert r.exit_code == 2
     assert "--batch-tokens 511 must be divisible by the 2 processes" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_two_nccl_processes_match_one_on_cuda(tmp_path):
+    """NCCL: one GPU per process, so it needs two; on one GPU it is skipped (scripts/gpu-check says so)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL DDP needs 2 GPUs, {torch.cuda.device_count()} visible")
+    from test_sae import write_random
+
+    acts = tmp_path / "acts"
+    write_random(acts, d=16, n=12_000, layers=(3, 5))
+    train = [*TRAIN[:-1], "cuda", "--tokens", "10K", "--acts", str(acts)]
+    one = subprocess.run([sys.executable, "-m", "kdtool", "--quiet", "train-sae", *train, "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("train-sae", *train, "-o", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    for L in (3, 5):
+        a, b = _weights(tmp_path / "one" / f"layer{L}"), _weights(tmp_path / "two" / f"layer{L}")
+        for k in a:
+            np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=1e-3, atol=1e-4)

@@ -222,6 +222,29 @@ def test_train_sae_streams_from_a_teacher_and_resumes_exactly(cli, tmp_path, tea
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_streaming_forwards_only_what_the_run_uses_and_a_thread_changes_nothing(tmp_path, teacher):
+    """A 256K-token mixing buffer for an 896-token run: the teacher runs on 29 sequences, not 8,000."""
+    from kdtool.models import ModelSpec, load_model
+    from kdtool.sae.config import TrainConfig
+    from kdtool.sae.sources import ModelSource
+    from kdtool.sae.training import Trainer
+    from kdtool.text.tokens import DataSpec
+
+    model, corpus = teacher
+    lm = load_model(ModelSpec(model=str(model), device="cpu"))
+    weights, forwarded = {}, {}
+    for prefetch in (False, True):
+        source = ModelSource(lm, DataSpec(dataset=str(corpus), seq_len=32), batch_size=4, prefetch=prefetch)
+        tc = TrainConfig(layers=[2], d_in=32, d_sae=64, batch_tokens=128, tokens=1000, lr=1e-3)
+        trainer = Trainer(tc, source, tmp_path / str(prefetch))
+        trainer.run()
+        weights[prefetch] = {k: v.clone() for k, v in trainer.runs["layer2"].sae.tensors().items()}
+        forwarded[prefetch] = source.forwarded_tokens
+        assert trainer.at.tokens == 896 and trainer.step_seconds > 0 and source.forward_seconds > 0
+    assert forwarded[False] == forwarded[True] == 29 * 32  # 896 rows / 31 per sequence, rounded up
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+
+
 # ---- figures ------------------------------------------------------------------------------------
 
 

@@ -2,8 +2,11 @@
 
 One forward per batch gives every requested layer (`models.residual_stream`, which stops after
 the deepest block needed); rows are converted to the storage dtype on the model's device and
-handed to a writer thread (kdtool/acts/writer.py) that fills kdtool.acts.store's `ShardWriter` (one
-shard per layer in memory at most, so memory stays flat in the number of tokens).
+handed to a writer thread (kdtool/acts/writer.py) that copies them to the host and fills
+kdtool.acts.store's `ShardWriter` (one shard per layer in memory at most, so memory stays flat in
+the number of tokens). Another thread (kdtool/prefetch.py) reads, tokenises and packs the next
+two batches while the teacher runs, so only the forward is on the critical path
+(scripts/bench/cache_acts measures what is left against a bare forward).
 
 Which positions are kept: all but position 0 of each packed sequence (`drop_first`), and not
 the rare "massive activation" positions whose residual norm exceeds `max_norm_ratio` x the
@@ -32,6 +35,7 @@ from kdtool.acts.writer import BackgroundWriter, TrackedWriter
 from kdtool.errors import BadInput
 from kdtool.models import LoadedModel, check_layers, residual_stream
 from kdtool.parsing import parse_int_list
+from kdtool.prefetch import Background
 from kdtool.text.tokens import DataSpec, token_batches
 
 ACTS_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -143,6 +147,7 @@ class CacheResult:
     dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
     model: str | None = None  # the teacher's name
     d_model: int | None = None
+    forwarded: int = 0  # token positions the teacher ran on (kept, dropped, and past --tokens in the last batch)
 
     @property
     def tokens_per_second(self) -> float:
@@ -160,6 +165,7 @@ class CacheResult:
             "exhausted": self.exhausted,
             "dtype": self.dtype,
             "dropped_outliers": self.dropped_outliers,
+            "forwarded": self.forwarded,
         }
 
     def record(self) -> dict:
@@ -314,11 +320,14 @@ def cache_activations(
     start_row = done - discard  # absolute row of this batch's first kept row
     torch_dtype = getattr(torch, dtype)
     bg = BackgroundWriter(writer)
-    exhausted, ok, dropped = True, False, 0
+    # the next batches are read, tokenised and packed on a thread while the teacher runs
+    batches = Background(token_batches(data, teacher.tokenizer, cfg.batch_size, skip_batches=batch_index), depth=2)
+    exhausted, ok, dropped, forwarded = True, False, 0, 0
     try:
         with torch.inference_mode():
-            for batch in token_batches(data, teacher.tokenizer, cfg.batch_size, skip_batches=batch_index):
+            for batch in batches:
                 hidden = residual_stream(teacher.model, batch.to(teacher.device), None, layers)
+                forwarded += batch.numel()
                 keep = outlier_mask(hidden, first, cfg.max_norm_ratio) if cfg.max_norm_ratio > 0 else None
                 rows = {}
                 for layer in layers:
@@ -328,8 +337,8 @@ def cache_activations(
                 n = next(iter(rows.values())).shape[0]
                 dropped += 0 if keep is None else int(keep.numel() - n)
                 lo, hi = discard, min(n, discard + cfg.tokens - done)
-                if hi > lo:
-                    acts = {layer: r[lo:hi].to(torch_dtype).cpu() for layer, r in rows.items()}
+                if hi > lo:  # converted on the teacher's device; the writer thread copies them to the host
+                    acts = {layer: r[lo:hi].to(torch_dtype) for layer, r in rows.items()}
                     bg.add(batch_index, start_row, n, acts)
                     done += hi - lo
                     if on_progress is not None:
@@ -342,6 +351,7 @@ def cache_activations(
                     break
         ok = True
     finally:
+        batches.close()
         bg.finish(close=ok)
     seconds = time.perf_counter() - started
     return CacheResult(
@@ -356,4 +366,5 @@ def cache_activations(
         dropped,
         model=teacher.name,
         d_model=teacher.d_model,
+        forwarded=forwarded,
     )

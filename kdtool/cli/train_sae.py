@@ -150,7 +150,8 @@ def main(
         KernelChoice,
         typer.Option(
             "--kernel",
-            help="Gradient kernels: sparse (CSR, only active latents), dense, or auto (sparse on CPU below 5% active).",
+            help="Gradient kernels: sparse (only the active latents), dense, or auto (the one measured faster "
+            "for this SAE on this machine, at the batch's density).",
             rich_help_panel=RUN_PANEL,
         ),
     ] = KernelChoice.auto,
@@ -198,7 +199,10 @@ def main(
     shuffle_buffer: Annotated[
         str,
         typer.Option(
-            "--shuffle-buffer", help="Streaming: token positions per shuffle buffer.", rich_help_panel=STREAM_PANEL
+            "--shuffle-buffer",
+            help="Streaming: token positions in the mixing buffer (each batch mixes two halves of it; "
+            "the teacher forwards only what --tokens uses).",
+            rich_help_panel=STREAM_PANEL,
         ),
     ] = "256K",
     batch_size: StreamBatchSizeOpt = 8,
@@ -307,11 +311,25 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
     at = trainer.at
     common.log(
         f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
-        f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s); next: kdtool stats --sae {output}"
+        f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s): {_time_split(trainer, source)}; "
+        f"next: kdtool stats --sae {output}"
     )
     summary = trainer.summary()
     common.emit_table(
         summary, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"
+    )
+
+
+def _time_split(trainer, source) -> str:
+    """Where this run's time went: the SAE steps, and the teacher's forward (streaming) or reading the cache."""
+    steps = f"SAE steps {trainer.step_seconds:.1f} s"
+    forwarded = getattr(source, "forwarded_tokens", None)
+    if forwarded is None:
+        return f"{steps}, reading the cache {trainer.source_seconds:.1f} s"
+    fwd = source.forward_seconds
+    return (
+        f"teacher forward {forwarded:,} tokens in {fwd:.1f} s ({forwarded / max(fwd, 1e-9):,.0f} tok/s), {steps}, "
+        f"waiting for the teacher {trainer.source_seconds:.1f} s"
     )
 
 

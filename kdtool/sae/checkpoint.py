@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.sae.config import SAESpec, TrainConfig
+from kdtool.sae.kernel_choice import KernelChoice
 from kdtool.sae.layouts import SAELENS_WEIGHTS
 from kdtool.sae.model import L1Controller, SparseAutoencoder
 from kdtool.sae.normalise import fold_scale
@@ -89,7 +90,10 @@ class LayerRun:
 
 
 def adam(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    """Adam with the fused kernel: one pass over each tensor instead of a dozen (on one CPU thread, measured
+    122 -> 16 ms per step for the 5.3M parameters of d=576, F=4608); the same update up to float rounding."""
+    fused = sae.W_enc.device.type in ("cpu", "cuda")
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
 class RunFiles:
@@ -143,6 +147,7 @@ class RunFiles:
                     "log_rows": len(r.rows),
                     "activation_scale": r.scale,
                     "scale_tokens": at.scale_tokens,
+                    "kernel_choice": r.sae.kernel_choice.state(),  # --kernel auto's crossover: resume stays exact
                 },
             )
         formats.write_json(
@@ -300,6 +305,7 @@ class RunFiles:
             raise BadInput(f"--resume: checkpoint {ck} has no unfolded biases ({OPTIMIZER} train.b_enc)")
         sae = SparseAutoencoder(self.cfg.d_in, spec.d_sae, device=device)
         sae.load_tensors({k: v.to(device) for k, v in weights.items()})
+        sae.kernel_choice = KernelChoice.from_state(state.get("kernel_choice"))
         opt = adam(sae, self.cfg)
         sd = opt.state_dict()
         sd["state"] = {}

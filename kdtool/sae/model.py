@@ -15,25 +15,24 @@ are fp32; `matmul_dtype=bfloat16` runs the big products in bf16 on a GPU.
 Gradients are written by hand instead of autograd because only the encoder's forward product
 needs the dense [B, F] matrix: the decoder and every gradient touch only the active (token,
 feature) pairs, a few percent of F at the sparsity SAEs reach (EleutherAI sparsify's idea).
-`kernel="sparse"` computes them with CSR kernels; `"dense"` with plain matmuls; `"auto"` picks
-sparse on CPU when the batch's density is below SPARSE_BELOW (measured by scripts/bench/train_sae).
-Both give the same numbers up to float rounding (tests/test_sae.py checks them against autograd).
+kdtool/sae/kernels.py has both kernels: "sparse" (weighted row bags and sampled dot products on
+the active pairs) and "dense" (plain matmuls); "auto" runs the one kdtool/sae/kernel_choice.py
+measured to be faster for this SAE on this machine. Both give the same numbers up to float
+rounding (tests/test_sae.py checks them against autograd).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
-Kernel = Literal["auto", "dense", "sparse"]
+from kdtool.sae.kernel_choice import KernelChoice
+from kdtool.sae.kernels import StepStats, dense_grads, encoder_product, sparse_grads
 
-#: auto kernel: CSR kernels when the fraction of active (token, feature) pairs is below this.
-#: On a 2-core CPU the sparse step wins below about 5% density (scripts/bench/train_sae).
-SPARSE_BELOW = 0.05
+Kernel = Literal["auto", "dense", "sparse"]
 
 #: Safetensors names, SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec (= b_pre).
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -50,6 +49,7 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, **f32))  # [F]
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in, **f32))  # [F, d], unit-norm rows
         self.b_pre = torch.nn.Parameter(torch.zeros(d_in, **f32))  # [d]
+        self.kernel_choice = KernelChoice()  # what --kernel auto measured for this SAE (saved in checkpoints)
 
     @classmethod
     def initialise(
@@ -85,15 +85,15 @@ class SparseAutoencoder(torch.nn.Module):
     @torch.no_grad()
     def normalise_decoder(self) -> None:
         """Rescale every decoder row to unit norm (after each optimizer step)."""
-        norms = self.W_dec.norm(dim=1, keepdim=True)
+        norms = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)  # [F, 1] (8x faster than .norm here)
         self.W_dec.div_(norms.clamp_min(torch.finfo(torch.float32).tiny))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each decoder row (before the step)."""
         g = self.W_dec.grad
-        if g is not None:
-            g -= (g * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec
+        if g is not None:  # g -= (g . w) w per row, without [F, d] temporaries (3x faster than the plain form)
+            g.addcmul_(self.W_dec, torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), value=-1.0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The SAELens-named tensors (b_dec is the pre-encoder bias), on CPU."""
@@ -110,52 +110,6 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_enc.copy_(tensors["b_enc"])
         self.W_dec.copy_(tensors["W_dec"])
         self.b_pre.copy_(tensors["b_dec"])
-
-
-@dataclass
-class StepStats:
-    """What one forward/backward saw, summed over the batch (tensors: no device sync needed)."""
-
-    tokens: int
-    sse: torch.Tensor  # sum over tokens of ||x - x_hat||^2
-    sst: torch.Tensor  # sum over tokens of ||x - mean_batch(x)||^2 (for explained variance)
-    l1_sum: torch.Tensor  # sum over tokens and features of z
-    fires: torch.Tensor  # [F] int64: tokens on which each feature was active
-    sparse: bool  # which kernel ran
-
-    @property
-    def nnz(self) -> torch.Tensor:
-        return self.fires.sum()
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    if dtype is None:
-        return torch.mm(a, b, out=out) if out is not None else a @ b
-    return (a.to(dtype) @ b.to(dtype)).float()
-
-
-#: Reused [B, F]-sized scratch memory, one flat block per role, shared by every SAE.
-#: Why: a fresh tensor of more than 32 MB is a new mmap whose pages fault in on first touch;
-#: measured on this CPU, allocating the [B, F] blocks cost as much as a third of the step.
-#: Each block grows to the largest shape asked for and smaller shapes are views of its start, so
-#: SAEs of different widths trained side by side (train-sae --expansion 4,8,16) reuse it instead
-#: of reallocating at every SAE, and hold the largest SAE's blocks only.
-_WORKSPACE: dict = {}
-
-
-def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    key = (name, like.dtype, like.device)
-    n = math.prod(shape)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < n:
-        _WORKSPACE.pop(key, None)  # free the smaller block before allocating the larger one
-        buf = _WORKSPACE[key] = torch.empty(n, dtype=like.dtype, device=like.device)
-    return buf[:n].view(shape)
-
-
-def release_workspace() -> None:
-    """Free the scratch tensors (they are rebuilt on the next step)."""
-    _WORKSPACE.clear()
 
 
 def loss_value(sae: SparseAutoencoder, x: torch.Tensor, l1: float) -> torch.Tensor:
@@ -180,63 +134,19 @@ def forward_backward(
     """Compute the loss's gradients into sae.<param>.grad and return the batch's statistics.
 
     x: [B, d_in] float32 on the SAE's device. The gradients are those of
-    mean_b(||x_b - x_hat_b||^2 + l1 * sum_j z_bj), exactly (see `loss_value`).
+    mean_b(||x_b - x_hat_b||^2 + l1 * sum_j z_bj), exactly (see `loss_value`), from the dense or
+    the sparse kernel (kdtool/sae/kernels.py); auto asks `sae.kernel_choice` (kdtool/sae/kernel_choice.py).
     """
-    B = x.shape[0]
-    F = sae.d_sae
+    choice = sae.kernel_choice
+    if kernel == "auto":
+        use_sparse = choice.decide(sae, x, l1, matmul_dtype=matmul_dtype)
+    else:
+        use_sparse = kernel == "sparse"
     xc = x - sae.b_pre  # [B, d]
-    if matmul_dtype is None:
-        pre = torch.addmm(sae.b_enc, xc, sae.W_enc, out=_buffer("pre", (B, F), x))  # [B, F]
-    else:
-        pre = _mm(xc, sae.W_enc, matmul_dtype).add_(sae.b_enc)
-    z = pre.relu_()  # in place: pre is not needed again (z > 0 <=> pre > 0)
-    use_sparse = kernel == "sparse"
-    if kernel == "auto" and x.device.type == "cpu":
-        use_sparse = int(torch.count_nonzero(z)) < SPARSE_BELOW * B * F
-    sst = (x - x.mean(dim=0)).pow(2).sum()
-    if use_sparse:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            zc = z.to_sparse_csr()  # [B, F] CSR: per token, its active features
-            zt = _buffer("zt", (F, B), x).copy_(z.t()).to_sparse_csr()  # [F, B] CSR: per feature, its tokens
-        del z, pre
-        x_hat = torch.sparse.mm(zc, sae.W_dec).add_(sae.b_pre)  # [B, d]
-        e = x_hat.sub_(x)  # [B, d] x_hat - x
-        G = e * (2.0 / B)  # dL/dx_hat
-        # dL/dz at the active pairs only: (G W_dec^T)[b, j] + l1 / B, sampled on the transposed pattern
-        dzt = torch.sparse.sampled_addmm(zt, sae.W_dec, G.t(), beta=0.0)  # [F, B] CSR
-        vals = dzt.values()
-        vals.add_(l1 / B)
-        sae.W_dec.grad = torch.sparse.mm(zt, G)  # [F, d] = z^T G
-        sae.W_enc.grad = torch.sparse.mm(dzt, xc).t().contiguous()  # [d, F] = xc^T dz
-        crow = dzt.crow_indices()
-        g_benc = torch.segment_reduce(vals, "sum", offsets=crow) if vals.numel() else torch.zeros_like(sae.b_enc)
-        fires = zt.crow_indices().diff()
-        l1_sum = zc.values().sum()
-    else:
-        x_hat = (
-            torch.addmm(sae.b_pre, z, sae.W_dec)
-            if matmul_dtype is None
-            else _mm(z, sae.W_dec, matmul_dtype).add_(sae.b_pre)
-        )
-        e = x_hat.sub_(x)
-        G = e * (2.0 / B)
-        scratch = matmul_dtype is None
-        dz = _mm(G, sae.W_dec.t(), matmul_dtype, out=_buffer("dz", (B, F), x) if scratch else None)  # [B, F]
-        dz.add_(l1 / B)
-        # 1.0 where z > 0: a float mask (a bool one costs 3x more in conversions)
-        active = torch.sign(z, out=_buffer("active", (B, F), x)) if scratch else torch.sign(z)
-        dz.mul_(active)
-        fires = active.sum(dim=0)  # exact in float32 for B < 2^24
-        sae.W_dec.grad = _mm(z.t(), G, matmul_dtype)  # [F, d]
-        sae.W_enc.grad = _mm(xc.t(), dz, matmul_dtype)  # [d, F]
-        g_benc = dz.sum(dim=0)
-        l1_sum = z.sum()
-    sae.b_enc.grad = g_benc
-    sae.b_pre.grad = G.sum(dim=0) - sae.W_enc @ g_benc  # b_pre enters twice: + after decoding, - before encoding
-    return StepStats(
-        tokens=B, sse=e.pow(2).sum(), sst=sst, l1_sum=l1_sum, fires=fires.to(torch.int64), sparse=use_sparse
-    )
+    pre = encoder_product(sae, xc, matmul_dtype)  # [B, F] without b_enc
+    st = sparse_grads(sae, x, xc, pre, l1) if use_sparse else dense_grads(sae, x, xc, pre, l1, matmul_dtype)
+    choice.density = int(st.nnz) / (x.shape[0] * sae.d_sae)
+    return st
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Where train-sae's (and stats') activations come from: the cache, or a teacher streamed through a shuffle buffer.
+"""Where train-sae's (and stats') activations come from: the cache, or a teacher streamed through a mixing buffer.
 
 A source yields ({layer: [batch_tokens, d_in] float32}, position) pairs; the position is a JSON
 dict from which `batches(start=position)` continues exactly (the checkpoint stores it). Both
@@ -8,19 +8,19 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from kdtool.acts.store import ActivationStore, Position
 from kdtool.errors import BadInput
 from kdtool.models import LoadedModel, ModelSpec, residual_stream
+from kdtool.sae.mixing import Plan, prefetch_blocks, serve
 from kdtool.text.tokens import DataSpec, token_batches
 
 #: train-sae reads this cache when neither --acts nor a teacher is given
@@ -35,9 +35,19 @@ class BatchSource(Protocol):
     inputs: list  # paths for provenance
 
     def batches(
-        self, layers: list[int], batch_tokens: int, *, seed: int, start: dict | None, one_pass: bool
+        self,
+        layers: list[int],
+        batch_tokens: int,
+        *,
+        seed: int,
+        start: dict | None,
+        one_pass: bool,
+        limit: int | None = None,
     ) -> Iterator[tuple[dict, dict]]:
-        """({layer: [batch_tokens, d_in] float32}, position after the batch as a JSON dict)."""
+        """({layer: [batch_tokens, d_in] float32}, position after the batch as a JSON dict).
+
+        limit: the batches the run will still take, when known; a teacher forwards no more than that.
+        """
         ...
 
     def approx_tokens(self) -> int | None:
@@ -63,7 +73,7 @@ class CacheSource:
         }
         self.inputs = [Path(root) / "manifest.json"]
 
-    def batches(self, layers, batch_tokens, *, seed, start, one_pass):
+    def batches(self, layers, batch_tokens, *, seed, start, one_pass, limit=None):
         pos = Position(**start) if start else None
         for batch, after in self.store.iter_batches(
             layers, batch_tokens, seed=seed, buffer_shards=self.buffer_shards, start=pos, epochs=1 if one_pass else None
@@ -88,13 +98,13 @@ class CacheSource:
 
 
 class ModelSource:
-    """Activations straight from a teacher's forward pass through a shuffle buffer (no disk cache).
+    """Activations straight from a teacher's forward pass through a mixing buffer (no disk cache).
 
-    Blocks of `block_batches` model batches (about `buffer_tokens` token positions) are run,
-    their rows (all requested layers aligned) permuted with rng(seed, block) and cut into
-    training batches; the rows of a block that do not fill a batch are dropped. The position is
-    {"block", "offset"}: a resume re-runs only the current block's model batches (earlier ones
-    are skipped by the tokenizer, without the model).
+    kdtool/sae/mixing.py lays out the rows: blocks of half `buffer_tokens` token positions, each
+    split at random between two pools, so a batch mixes two blocks; the teacher forwards only the
+    rows the run will use (the `limit` train-sae passes). With `prefetch` (default: on a GPU) a
+    thread runs the teacher one block ahead while the SAEs train. `forward_seconds` and
+    `forwarded_tokens` say what the teacher cost, for the final report.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class ModelSource:
         buffer_tokens: int = 262_144,
         batch_size: int = 8,
         drop_first: bool = True,
+        prefetch: bool | None = None,
     ):
         self.teacher, self.data = teacher, data
         self.batch_size = int(batch_size)
@@ -112,7 +123,8 @@ class ModelSource:
         self.per_seq = data.seq_len - self.first
         if self.per_seq < 1:
             raise BadInput("--seq-len must be >= 2 with --drop-first")
-        self.block_batches = max(1, math.ceil(buffer_tokens / (self.batch_size * self.per_seq)))
+        self.buffer_tokens = int(buffer_tokens)
+        self.prefetch = teacher.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.d_in = teacher.d_model
         self.info = {
             "model": teacher.name,
@@ -121,36 +133,82 @@ class ModelSource:
             "seq_len": data.seq_len,
             "source": "stream",
             "drop_first": drop_first,
-            "buffer_tokens": self.block_batches * self.batch_size * self.per_seq,
+            "buffer_tokens": self.buffer_tokens,
+            "buffer": "mixing: two half-buffers per batch (kdtool/sae/mixing.py)",
         }
         self.inputs = [p for p in (teacher.path,) if p] + data.local_inputs()
+        self.forward_seconds = 0.0  # the teacher's forward passes (on the prefetch thread, if any)
+        self.forwarded_tokens = 0  # token positions the teacher ran on
 
     def model_rows(self, layers: list[int], *, skip_batches: int = 0) -> Iterator[dict]:
         """{layer: [n, d] float32} per model batch, in data order (also used by `stats`)."""
         for ids in token_batches(self.data, self.teacher.tokenizer, self.batch_size, skip_batches=skip_batches):
-            with torch.no_grad():  # not inference_mode: its flag would leak into the trainer across yields
-                hidden = residual_stream(self.teacher.model, ids.to(self.teacher.device), None, layers)
-            yield {L: hidden[L][:, self.first :, :].reshape(-1, self.d_in).float() for L in layers}
+            yield self._forward(ids, layers)
 
-    def batches(self, layers, batch_tokens, *, seed, start, one_pass):
-        block = int(start["block"]) if start else 0
-        offset = int(start["offset"]) if start else 0
-        rows_iter = self.model_rows(layers, skip_batches=block * self.block_batches)
-        while True:
-            parts = list(itertools.islice(rows_iter, self.block_batches))
-            if not parts:
-                return
-            data = {L: torch.cat([p[L] for p in parts]) for L in layers}
-            rows = data[layers[0]].shape[0]
-            perm = torch.from_numpy(np.random.default_rng([seed, block, 2]).permutation(rows)).to(
-                data[layers[0]].device
+    def _forward(self, ids: torch.Tensor, layers: list[int]) -> dict:
+        dev = self.teacher.device
+        started = time.perf_counter()
+        with torch.no_grad():  # not inference_mode: its flag would leak into the trainer across yields
+            hidden = residual_stream(self.teacher.model, ids.to(dev), None, layers)
+            rows = {L: hidden[L][:, self.first :, :].reshape(-1, self.d_in).float() for L in layers}
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+        self.forward_seconds += time.perf_counter() - started
+        self.forwarded_tokens += ids.numel()
+        return rows
+
+    def plan(self, base: int, total: int, batch_tokens: int) -> Plan:
+        """A chain's layout: half the buffer per block, and at least two batches (so every pool serves one)."""
+        per_batch = self.batch_size * self.per_seq
+        half = max(math.ceil(self.buffer_tokens / 2 / per_batch), math.ceil(2 * batch_tokens / per_batch))
+        return Plan(base, total, batch_tokens, per_batch, self.per_seq, half)
+
+    def _blocks(self, plan: Plan, layers: list[int], first: int) -> Iterator[dict]:
+        """Blocks first..K of the chain, each cut to plan.rows_wanted(k) rows; a short one when the data runs out."""
+        skip = plan.base + first * plan.block_batches
+        ids_iter = token_batches(self.data, self.teacher.tokenizer, self.batch_size, skip_batches=skip)
+        for k in range(first, plan.last_block + 1):
+            want, have, parts = plan.rows_wanted(k), 0, []
+            for ids in ids_iter:
+                n_seq = min(ids.shape[0], math.ceil((want - have) / self.per_seq))  # only the sequences needed
+                parts.append(self._forward(ids[:n_seq], layers))
+                have += n_seq * self.per_seq
+                if have >= want:
+                    break
+            block = {L: torch.cat([p[L] for p in parts]) for L in layers} if parts else {}
+            yield {"rows": have, **block}
+            if have < want:
+                return  # the data ran out
+
+    def batches(self, layers, batch_tokens, *, seed, start, one_pass, limit=None):
+        if limit is None:
+            raise BadInput("--tokens: streaming from a teacher needs a token budget (e.g. --tokens 2M)")
+        pos = dict(start) if start else None
+        if pos is not None and "base" not in pos:
+            raise BadInput(
+                "--resume: this checkpoint's stream position comes from an older kdtool (before the mixing "
+                "buffer); start over with --force"
             )
-            while offset + batch_tokens <= rows:
-                sel = perm[offset : offset + batch_tokens]
-                offset += batch_tokens
-                yield {L: data[L][sel] for L in layers}, {"block": block, "offset": offset}
-            block, offset = block + 1, 0
-            if len(parts) < self.block_batches:
+        left = int(limit)
+        while left > 0:
+            if pos is None or pos["done"] >= pos["total"]:  # a new chain, after the previous one's last model batch
+                old = self.plan(pos["base"], pos["total"], batch_tokens) if pos else None
+                base = old.next_base(old.rows_wanted(old.last_block)) if old else 0
+                plan, resume_at = self.plan(base, left, batch_tokens), None
+            else:
+                plan, resume_at = self.plan(pos["base"], pos["total"], batch_tokens), pos
+            first = max(0, resume_at["pool"] - 2) if resume_at else 0
+            produce = self._blocks(plan, layers, first)
+            feeder = prefetch_blocks(produce, self.teacher.device) if self.prefetch else None
+            try:
+                for batch, position in serve(plan, iter(feeder or produce), seed=seed, layers=layers, start=resume_at):
+                    pos = position
+                    left -= 1
+                    yield batch, position
+            finally:
+                if feeder is not None:
+                    feeder.close()
+            if pos is None or pos["done"] < pos["total"]:
                 return  # the data ran out
 
     def approx_tokens(self):

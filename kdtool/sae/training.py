@@ -112,6 +112,8 @@ class Trainer:
         self.stop_after_steps = stop_after_steps  # tests: simulate a killed run
         self.runs: dict[str, LayerRun] = {}  # by folder name, in cfg.runs() order (layer by layer)
         self.at = Counters()
+        self.step_seconds = 0.0  # this process: the SAE steps (gradients, optimizer, statistics)
+        self.source_seconds = 0.0  # this process: waiting for batches (a streamed teacher's forward, or reading)
         d = self.dist
         self.device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
         self.matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -128,19 +130,26 @@ class Trainer:
             )
         start = time.perf_counter() - at.elapsed
         next_ckpt = self._next_milestone()
+        # the batches this run will still take: a streamed teacher forwards no more than that
+        limit = None if cfg.tokens is None else cfg.tokens // cfg.batch_tokens - at.step
         stream = self.source.batches(
-            cfg.layers, cfg.batch_tokens, seed=cfg.seed, start=at.position, one_pass=cfg.tokens is None
+            cfg.layers, cfg.batch_tokens, seed=cfg.seed, start=at.position, one_pass=cfg.tokens is None, limit=limit
         )
+        waited = time.perf_counter()
         if not self.runs:
-            stream = self._start(stream)
+            stream = self._start(stream)  # reads the first batches (and builds the SAEs) now
         ran = 0
         by_layer = {L: [r for r in self.runs.values() if r.layer == L] for L in cfg.layers}
         for batch, position in stream:
+            stepping = time.perf_counter()
+            self.source_seconds += stepping - waited
             for L, runs in by_layer.items():
                 # every SAE of a layer shares its scale s: the batch is moved and divided once for all of them
                 x = normalised(batch[L].to(self.device, torch.float32, non_blocking=True), runs[0].scale)
                 for r in runs:
                     self._step(r, x)
+            waited = time.perf_counter()
+            self.step_seconds += waited - stepping
             at.step += 1
             at.tokens += cfg.batch_tokens
             at.position = position

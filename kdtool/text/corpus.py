@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
 import heapq
 import json
 import os
 import platform
 import re
+import stat
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,8 +34,8 @@ from pathlib import Path
 from kdtool.embedded import kdtool_home
 from kdtool.errors import BadInput
 from kdtool.formats import atomic_path
+from kdtool.text import rdata
 from kdtool.text.debian import sources_dir
-from kdtool.text.rdata import read_lazyload
 
 #: The Debian packages scripts/fetch-corpus downloads (python3.X-doc: the version apt offers).
 PACKAGES = ("r-cran-janeaustenr", "python3.11-doc", "debian-reference-en", "manpages")
@@ -55,7 +57,7 @@ def _austen(root: Path) -> Iterator[str]:
     rdx = next(iter(sorted(root.glob("usr/lib/R/site-library/janeaustenr/data/Rdata.rdx"))), None)
     if rdx is None:
         return
-    books = read_lazyload(rdx.with_suffix(""))
+    books = rdata.read_lazyload(rdx.with_suffix(""))
     for name in AUSTEN_ORDER:
         lines = books.get(name)
         if not isinstance(lines, list):
@@ -181,23 +183,30 @@ def stdlib_dir() -> Path:
 
 
 def _stdlib_docstrings() -> Iterator[str]:
-    """One document per standard-library module, from a cache file after the first full pass.
+    """One document per standard-library module (parsing them all takes seconds: cached, keyed by Python's version)."""
+    return _cached(f"stdlib-docstrings-{platform.python_version()}", _parse_stdlib_docstrings)
 
-    Parsing the whole standard library takes seconds, so the documents are kept (gzip'ed JSON
-    Lines) in $KDTOOL_HOME/cache/, keyed by the Python version; an unwritable home just skips it.
+
+def _cached(key: str, parse: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """A source's documents, from $KDTOOL_HOME/cache/{key}.jsonl.gz once a first full pass has written it.
+
+    Why: the embedded corpus is parsed whole before cache-acts' first forward (its document
+    shuffle buffer is larger than the corpus): 3.9 s of CPU per run for the Debian sources
+    (R's lazy-load database, groff, reST), against ~0.4 s to read the cache back. The key holds a
+    fingerprint of the files and of the parsing code. An unwritable home just skips the cache.
     """
-    cache = kdtool_home() / "cache" / f"stdlib-docstrings-{platform.python_version()}.jsonl.gz"
+    cache = kdtool_home() / "cache" / f"{key}.jsonl.gz"
     if cache.is_file():
         with gzip.open(cache, "rt", encoding="utf-8") as fh:
             for line in fh:
                 yield json.loads(line)
         return
     docs: list[str] = []
-    for doc in _parse_stdlib_docstrings():
+    for doc in parse():
         docs.append(doc)
         yield doc
-    try:  # reached only when the consumer read every module
-        with atomic_path(cache) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as fh:
+    try:  # reached only when the consumer read every document
+        with atomic_path(cache) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as fh:
             fh.writelines(json.dumps(d) + "\n" for d in docs)
     except OSError:
         pass
@@ -235,7 +244,37 @@ def _natural(name: str) -> list:
 
 
 def _size(paths: list[Path]) -> int:
-    return sum(p.stat().st_size for p in {p.resolve() for p in paths} if p.is_file())
+    """Bytes in the distinct files among `paths` (a link and its target count once).
+
+    Identified by (device, inode) from one stat each: Path.resolve() walked every path component
+    (49K lstat calls for the man pages, half a second on each run of cache-acts).
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
+def _fingerprint(name: str, files: list[Path]) -> str:
+    """What a parsed source depends on: its files (path, size, mtime) and the code that parses them."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(name.encode())
+    for module in (__file__, rdata.__file__):
+        h.update(Path(module).read_bytes())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cached_source(name: str, files: list[Path], parse, root: Path) -> Callable[[], Iterator[str]]:
+    """() -> the source's documents, through the parsed-documents cache (`_cached`)."""
+    return lambda: _cached(f"{name}-{_fingerprint(name, files)}", lambda: parse(root))
 
 
 def _debian_sources(home: Path) -> list[tuple[str, Callable[[], Iterator[str]], int]]:
@@ -260,7 +299,7 @@ def _debian_sources(home: Path) -> list[tuple[str, Callable[[], Iterator[str]], 
             continue
         # Size estimates in characters of text: Rdata is ~3x compressed, gzip'ed text ~2.8x, man ~2x.
         factor = {"austen": 2.8, "debian-reference": 2.8, "manpages": 1.8}.get(name, 1.0)
-        found.append((name, (lambda fn=fn, root=root: fn(root)), int(_size(files) * factor)))
+        found.append((name, _cached_source(name, files, fn, root), int(_size(files) * factor)))
     return found
 
 
