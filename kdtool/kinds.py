@@ -40,6 +40,7 @@ KINDS = {
         Kind("kdtool.sae.checkpoint", "an SAE training checkpoint", "saes/checkpoint.json", "kdtool train-sae"),
         Kind("kdtool.stats", "a stats table", "stats.parquet", "kdtool stats"),
         Kind("kdtool.predict", "a prediction table", "predict.parquet", "kdtool predict"),
+        Kind("kdtool.predict.spread", "a prediction spread table", "spread.parquet", "kdtool predict --spread"),
         Kind("kdtool.distill.floors", "a distillation floors table", "students/floors.parquet", "kdtool distill"),
         Kind("kdtool.distill.curves", "a distillation curves table", "students/curves.parquet", "kdtool distill"),
         Kind("kdtool.distill.student", "a distilled student", "students/width128/", "kdtool distill"),

@@ -309,6 +309,30 @@ def test_cli_reads_a_distill_folder_and_a_stats_file(cli, tmp_path, tiny):
     assert set(np.asarray(cols["loss"])[teacher]) == {None}
 
 
+def test_stats_of_several_saes_give_the_rows_of_the_sae_measured(cli, tmp_path, tiny):
+    """A stats file of two SAEs at layer 2 (issue 10): survival ranks by the rows of its own --sae."""
+    g = torch.Generator().manual_seed(1)
+    w_dec = torch.randn(64, 32, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    t = {"W_enc": w_dec.t().contiguous(), "b_enc": torch.zeros(64), "W_dec": w_dec, "b_dec": torch.zeros(32)}
+    other = tmp_path / "other" / "layer2"
+    save_kdtool(other, t, cfg=saelens_cfg(32, 64, layer=2), kdtool={"layer": 2}, provenance=None)
+    common = ["--model", tiny / "model", "--device", "cpu", "--dataset", tiny / "text.txt", "--seq-len", "32"]
+    stats = tmp_path / "stats.parquet"
+    r = cli("stats", "--sae", other, "--sae", tiny / "saes" / "layer2", *common, "--tokens", "2K", "-o", stats)
+    assert r.exit_code == 0, r.output
+    st = formats.read_table(stats)
+    assert len(set(st["sae"])) == 2
+    out = tmp_path / "survival.parquet"
+    r = cli("survival", *common, "--sae", tiny / "saes" / "layer2", "--students", tiny / "model", "--stats", stats,
+            "--tokens", "2K", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cols = formats.read_table(out)
+    teacher = np.asarray([m == "teacher" for m in cols["model"]])
+    mine = np.asarray(st["sae"]) == next(k for k in set(st["sae"]) if "other" not in k)
+    np.testing.assert_allclose(np.asarray(cols["importance"])[teacher], np.asarray(st["importance"])[mine])
+
+
 def test_cli_errors_are_one_line(cli, tmp_path, tiny):
     base = ["survival", "--model", tiny / "model", "--device", "cpu", "--dataset", tiny / "text.txt"]
     r = cli(*base, "--sae", tiny / "saes", "--students", tmp_path / "missing", "-o", tmp_path / "s.parquet")

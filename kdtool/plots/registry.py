@@ -91,7 +91,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "layers": (
         "kdtool.plots.sae",
         "layers",
-        "Table 1 card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, shaded per column (input: stats files)",
+        "Table 1 card: rows = SAEs, columns = F, L0, alpha, g, d*, MSE, dead (+ robust F and d*, fidelity scores "
+        "when measured), shaded per column (input: stats files)",
     ),
     "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
     "layer-capacity": (
@@ -115,6 +116,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "l0_mse",
         "L0 vs reconstruction MSE per layer: stats files as points, train logs as trajectories "
         "(input: stats files, saes/ or train_log.parquet files)",
+    ),
+    "sensitivity": (
+        "kdtool.plots.sensitivity",
+        "sensitivity",
+        "F, alpha, d* and the floor at chosen widths (paper and robust) against SAE width, lambda, seed or "
+        "training tokens, one line per layer (input: stats files with several SAEs of a layer; --set x=...)",
     ),
     "toy-grid": (
         "kdtool.plots.toy",

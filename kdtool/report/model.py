@@ -70,7 +70,8 @@ class FigureRule:
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
-    #: a condition on the main inputs beyond their kind: "several-losses" (floors of more than one loss)
+    #: a named condition on a group's main inputs beyond their kind (kdtool/report/figures.py CONDITIONS):
+    #: "several-losses" (floors of more than one loss), "several-saes" (several SAEs of a layer in a stats file)
     when: str | None = None
     min_layers: int = 0  # per "trial": only trials with at least this many layers
 

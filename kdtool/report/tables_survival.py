@@ -9,32 +9,27 @@ from __future__ import annotations
 from kdtool.errors import BadInput
 from kdtool.report.model import SURVIVAL, Artifact, Table, of_kind
 
-#: (header, cell format, summary-row key) of each column
+#: (header, cell format, summary-row key) of each column, in order
+# fmt: off
 COLUMNS = (
-    ("layer", "int", "layer"),
-    ("model", "text", "model"),
-    ("d_S", "int", "width"),
-    ("F_S", "int", "F_S"),
-    ("survived", "int", "survived"),
-    ("measured", "int", "measured"),
-    ("kept ok", "pct", "kept_agree"),
-    ("lost ok", "pct", "lost_agree"),
-    ("Spearman", "f3", "spearman"),
-    ("mass kept", "pct", "mass_kept"),
-    ("mass kept (pred.)", "pct", "mass_kept_pred"),
-    ("map R²", "f3", "map_r2"),
+    ("layer", "int", "layer"), ("model", "text", "model"), ("d_S", "int", "width"),
+    ("F_S", "int", "F_S"), ("survived", "int", "survived"), ("measured", "int", "measured"),
+    ("kept ok", "pct", "kept_agree"), ("lost ok", "pct", "lost_agree"), ("Spearman", "f3", "spearman"),
+    ("mass kept", "pct", "mass_kept"), ("mass kept (pred.)", "pct", "mass_kept_pred"), ("map R²", "f3", "map_r2"),
 )
+# fmt: on
 
 
-def _columns(rows: list[dict]) -> tuple:
-    """COLUMNS, with the loss after d_S when a student trained on anything but kl and the seed when runs differ."""
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(header, format, key) of COLUMNS, with the loss after d_S when a student trained on anything but kl and
+    the seed when runs differ."""
     students = [r for r in rows if r.get("role") != "teacher"]
     extra = []
     if any(r.get("loss") not in (None, "kl") for r in students):
         extra.append(("loss", "text", "loss"))
     if len({r.get("seed") for r in students}) > 1:
         extra.append(("seed", "int", "seed"))
-    return COLUMNS[:3] + tuple(extra) + COLUMNS[3:]
+    return [*COLUMNS[:3], *extra, *COLUMNS[3:]]
 
 
 def survival(arts: list[Artifact]) -> list[Table]:

@@ -81,7 +81,7 @@ def survival(
     models = [teacher, *sorted(students, key=lambda s: student_order(s.width, s.loss, s.seed, s.name))]
     for L, sae in sorted(by_layer.items()):
         if stats is not None:
-            ranking = rk.from_stats(stats, L, sae.d_sae)
+            ranking = rk.from_stats(stats, L, sae.d_sae, sae.path)
         else:
             ranking = rk.measured(L, m.teacher[L].importance(), m.tokens_measured)
         g_value, why = ranking.capacity(cfg.capacity)

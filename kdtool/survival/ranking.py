@@ -63,8 +63,12 @@ class LayerRanking:
         return None if g_value is None else int(theory.features_kept(width, g_value, self.n_alive))
 
 
-def from_stats(path: str | os.PathLike, layer: int, d_sae: int) -> LayerRanking:
-    """The ranking a `kdtool stats` file gives one layer (BadInput when it is of another SAE size)."""
+def from_stats(path: str | os.PathLike, layer: int, d_sae: int, sae_path=None) -> LayerRanking:
+    """The ranking a `kdtool stats` file gives one layer (BadInput when it is of another SAE size).
+
+    A stats file of several SAEs of this layer (its `sae` column) gives the rows of `sae_path`, the SAE
+    survival reads, matched by its key as `distill --loss features` matches it.
+    """
     p = Path(path)
     cols = read_table(p, required=("layer", "feature", "importance"))
     layers = numeric_column(cols, "layer", p).astype(np.int64)
@@ -72,6 +76,10 @@ def from_stats(path: str | os.PathLike, layer: int, d_sae: int) -> LayerRanking:
     if not rows.any():
         have = ", ".join(map(str, sorted(set(layers.tolist()))))
         raise BadInput(f"--stats {p}: no rows for layer {layer} (it has layers {have}); give stats of this SAE")
+    entries = imp.from_stats(p, layers=[layer])
+    entry = imp.entry_of_sae(entries, layer, sae_path, p) if len(entries) > 1 else entries[0]
+    if "sae" in cols and entry.sae is not None:
+        rows &= np.asarray(cols["sae"]).astype(str) == entry.sae
     feature = numeric_column(cols, "feature", p)[rows].astype(np.int64)
     if feature.size != d_sae or sorted(feature.tolist()) != list(range(d_sae)):
         raise BadInput(
@@ -85,7 +93,7 @@ def from_stats(path: str | os.PathLike, layer: int, d_sae: int) -> LayerRanking:
         alive[feature] = np.asarray(cols["alive"])[rows].astype(bool)
     else:
         alive[feature] = importance[feature] > 0
-    alpha = imp.from_stats(p, layers=[layer])[0].alpha if alive.any() else None
+    alpha = entry.alpha if alive.any() else None
     return LayerRanking(layer, importance, alive, alpha, f"stats {p}")
 
 
