@@ -37,6 +37,7 @@ from kdtool import formats, kinds
 from kdtool.acts.store import manifest_summary
 from kdtool.errors import BadInput, UnknownFormat
 from kdtool.plots.style import read_figure_metadata
+from kdtool.sae.summary import overview
 
 #: Column statistics are computed only for tables up to this many cells (bigger: Parquet row-group stats).
 STATS_CELL_LIMIT = 50_000_000
@@ -169,6 +170,8 @@ def _describe_parquet(p: Path) -> dict[str, Any]:
         if not k.startswith(b"kdtool") and k != b"pandas" and k != b"ARROW:schema"
     }
     out["metadata"] = other
+    if meta["kind"] == "kdtool.stats":
+        out["saes"] = overview(meta["summary"])
     return out
 
 

@@ -164,8 +164,9 @@ def make_sae_and_stats(root, teacher, layer=1, n_features=64, seed=0):
     with torch.no_grad():
         acts = [{layer: teacher(input_ids=b, output_hidden_states=True).hidden_states[layer].reshape(-1, d)}
                 for b in DATA[:16]]  # fmt: skip
-    cols, summary = sae_stats.tables(sae_stats.collect([(layer, load_sae(sae_dir))], iter(acts)))
-    formats.write_parquet(root / "stats.parquet", cols, kind="kdtool.stats", summary=summary | {"decoder_norm": "fold"})
+    source = sae_stats.Activations(iter(acts), d, [], {}, None)
+    result = sae_stats.measure(sae_stats.StatsConfig(), [load_sae(sae_dir)], source)
+    formats.write_parquet(root / "stats.parquet", result.columns, kind="kdtool.stats", summary=result.summary)
     return sae_dir, root / "stats.parquet"
 
 

@@ -53,7 +53,9 @@ def test_several_layers_in_one_file_that_predict_reads(cli, tmp_path, acts):
     printed = json.loads(r.stdout)
     assert [row["layer"] for row in printed["rows"]] == [3, 5]
     cols = formats.read_table(out)
-    assert set(cols) == {"layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive"}
+    assert set(cols) == {"sae", "layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive",
+                         "group", "group_importance", "counted"}  # fmt: skip
+    assert list(np.unique(cols["sae"])) == ["layer3", "layer5"]
     assert cols["layer"].dtype == np.int32 and cols["fires"].dtype == np.int64 and cols["alive"].dtype == bool
     assert list(np.unique(cols["layer"])) == [3, 5] and len(cols["layer"]) == 64
     meta = formats.parquet_metadata(out)
@@ -98,7 +100,6 @@ def _weights(folder):
 @pytest.mark.parametrize(
     "make,extra,needle",
     [
-        (lambda p: [make_sae(p / "a", layer=3), make_sae(p / "b", layer=3)], (), "several SAEs for layer(s) [3]"),
         (lambda p: [make_sae(p / "a", d=6, layer=3)], (), "SAE expects d_in=6"),
         (lambda p: [make_sae(p / "a", layer=4)], (), "layer(s) [4] not cached"),
         (lambda p: [make_sae(p / "a", layer=3)], ("--layer", "3,5"), "2 layer(s) for 1 SAE(s)"),

@@ -104,8 +104,14 @@ def _render(console, d: dict) -> None:
     console.print(grid)
     if d["schema"]:
         console.print(_schema_table(d["schema"]))
+    if d.get("saes"):  # a stats file: its SAEs' key numbers first, none cut (the summary below may be)
+        console.print("[bold]SAEs[/bold]")
+        console.print(_schema_table([{"name": r["sae"], **r} for r in d["saes"]], names=None))
     if d.get("summary"):
-        items = _flatten(d["summary"])
+        summary_view = d["summary"]
+        if isinstance(summary_view, dict) and "saes" in summary_view and "layers" in summary_view:
+            summary_view = {k: v for k, v in summary_view.items() if k != "layers"}  # the same entries twice
+        items = _flatten(summary_view)
         summary = Table.grid(padding=(0, 2))
         summary.add_column(style="dim", no_wrap=True)
         summary.add_column()
@@ -119,11 +125,25 @@ def _render(console, d: dict) -> None:
     console.print(_provenance_grid(d.get("provenance")))
 
 
-def _schema_table(schema: list[dict]):
+def _schema_table(schema: list[dict], names: list[str] | None = ()):
+    """A table of dicts: the schema columns (names=()), or every key they have (names=None)."""
     from rich.markup import escape
     from rich.table import Table
 
-    names = ["name"] + [
+    if names is None:
+        names = list(dict.fromkeys(k for col in schema for k in col if k != "sae"))
+    else:
+        names = _schema_keys(schema)
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for n in names:
+        table.add_column(n, justify="left" if n in ("name", "type", "dtype", "shape", "layout") else "right")
+    for col in schema:
+        table.add_row(*[escape(_fmt_num(col.get(n, ""))) if col.get(n) is not None else "" for n in names])
+    return table
+
+
+def _schema_keys(schema: list[dict]) -> list[str]:
+    return ["name"] + [
         k
         for k in (
             "type",
@@ -143,12 +163,6 @@ def _schema_table(schema: list[dict]):
         )
         if any(k in col for col in schema)
     ]
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for n in names:
-        table.add_column(n, justify="left" if n in ("name", "type", "dtype", "shape", "layout") else "right")
-    for col in schema:
-        table.add_row(*[escape(_fmt_num(col.get(n, ""))) if col.get(n) is not None else "" for n in names])
-    return table
 
 
 def _provenance_grid(prov: dict | None):

@@ -81,6 +81,7 @@ COMMANDS = [
     ("predict", "predict"),
     ("distill", "distill"),
     ("calibrate", "calibrate"),
+    ("survival", "survival"),
     ("probe", "probe"),
     ("plot", "plot"),
     ("toy", "toy"),

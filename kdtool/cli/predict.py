@@ -13,6 +13,7 @@ import typer
 
 from kdtool.cli import common, options
 
+EstimatorChoice = options.choices("EstimatorChoice", "paper", "robust")
 FitChoice = options.choices("FitChoice", "affine", "affine_fixed", "linear")
 
 
@@ -75,6 +76,24 @@ def main(
     fit: Annotated[
         FitChoice, typer.Option("--fit", help="Which fit of --calibration maps L* to nats.")
     ] = FitChoice.affine,
+    estimator: Annotated[
+        EstimatorChoice,
+        typer.Option(
+            "--estimator",
+            help="paper: F = alive latents and alpha = 1 - L0/F as the paper defines them; robust: "
+            "F_robust, alpha_robust (de-duplicated features carrying 99% of the importance; docs/sae.md).",
+        ),
+    ] = EstimatorChoice.paper,
+    sae: Annotated[
+        Optional[str],
+        typer.Option("--sae", help="Only these SAEs of STATS (its `sae` keys: layer12, or x8/layer12,x16/layer12)."),
+    ] = None,
+    spread: Annotated[
+        bool,
+        typer.Option(
+            "--spread", help="With several SAEs of a layer: output min/median/max over them per width instead."
+        ),
+    ] = False,
     output: common.OutputOpt = None,
     fmt: common.FormatOpt = None,
 ) -> None:
@@ -82,13 +101,19 @@ def main(
 
     F_S = floor(d_S * g_hat) features fit in a width-d_S student (g_hat = g(alpha) unless --capacity
     says otherwise); the floor is the importance mass of the rest. Columns: layer, width,
-    features_kept, features_dropped, floor, normalized, g, capacity (+ floor_kl, floor_kl_low,
+    features_kept, features_dropped, floor, normalized, g, capacity, estimator (+ floor_kl, floor_kl_low,
     floor_kl_high with --calibration).
+
+    Several SAEs of one layer in STATS (widths, lambdas, seeds, checkpoints): one row set per SAE
+    (column sae) and their spread per layer (min/median/max of d* and of each width's floor; --spread
+    outputs it as the table).
 
     Example: kdtool predict --features 28665 --l0 218.3 --widths 128,256,512,768,1024
     """
+    from kdtool.errors import BadInput
     from kdtool.parsing import parse_int_list
     from kdtool.theory import prediction
+    from kdtool.theory import spread as spread_mod
 
     cfg = prediction.PredictionConfig(
         stats=stats,
@@ -104,17 +129,22 @@ def main(
         target_loss=target_loss,
         calibration=calibration,
         fit=fit.value,
+        estimator=estimator.value,
+        saes=None if sae is None else tuple(k.strip() for k in sae.split(",") if k.strip()),
     )
     result = prediction.predict(
         cfg, notify=lambda level, text: (common.warn if level == "warning" else common.log)(text)
     )
+    if spread and "spread" not in result.summary:
+        raise BadInput("--spread: STATS has one SAE per layer; there is no spread over SAEs to show")
     common.emit_table(
-        result.columns,
+        spread_mod.table(result.summary["spread"]) if spread else result.columns,
         fmt=fmt,
         output=output,
-        kind=prediction.KIND,
+        kind=spread_mod.SPREAD_KIND if spread else prediction.KIND,
         provenance=common.make_provenance(inputs=[p for p in (stats, calibration, _file(capacity)) if p is not None]),
-        title=f"predicted floors (capacity {result.summary['capacity']})",
+        title=f"predicted floors ({'spread over SAEs, ' if spread else ''}capacity {result.summary['capacity']}, "
+        f"estimator {result.summary['estimator']})",
         summary=result.summary,
     )
 

@@ -1,9 +1,11 @@
 """kdtool stats: per-feature statistics of SAEs over activations -> stats.parquet (paper section 5.2).
 
-Thin: load each --sae (kdtool, SAELens, sparsify or dictionary_learning layout, auto-detected by
-kdtool.sae.layouts), stream the cached activations (or a teacher) through them
-(kdtool.sae.stats: load_saes, open_activations, measure), write stats.parquet and print one
-summary row per layer.
+Thin: parse the options into a kdtool.sae.stats.StatsConfig, call kdtool.sae.stats.run (load each
+--sae in any layout, stream the activations through them, the robust count, and with --fidelity
+the teacher with each SAE spliced in), write stats.parquet and print one row per SAE.
+
+--fidelity is an option of stats rather than its own command because its numbers belong beside
+F and d* in the same file, and its mean ablation uses the mean activation the stats pass measures.
 """
 
 from __future__ import annotations
@@ -17,62 +19,56 @@ import typer
 from kdtool.cli import common, options
 from kdtool.cli.options import StreamBatchSizeOpt, StreamDropFirstOpt, StreamOpt, TeacherFlags, with_teacher_flags
 
-PANEL = "Stats"
+PANEL, ROBUST, FIDELITY = "Stats", "Robust feature count", "Fidelity in the model"
 
 DecoderNorm = options.choices("DecoderNorm", "fold", "raw")
 
-ActsOpt = options.acts_option(PANEL)
-LayerOpt = options.layers_option(
-    "Layer of each SAE, in --sae order (12 or 8,12,16), when its files do not say (or to override them).", PANEL
-)
+
+def _opt(names: str, help: str, panel: str = PANEL, **kw):
+    return typer.Option(*names.split(), help=help, rich_help_panel=panel, **kw)
+
+
+SaeOpt = Annotated[list[Path], _opt("--sae -s", "SAE folder (kdtool, SAELens, sparsify) or ae.pt "
+    "(dictionary_learning); repeat for several, several per layer too (widths, lambdas, seeds, "
+    "saes/layer12/checkpoints: one row set each); a folder of SAE folders means all of them.",
+    show_default=False)]  # fmt: skip
+LayerOpt = options.layers_option("Layer of each SAE, in --sae order (12 or 8,12,16), when its files do not say.", PANEL)
 TokensOpt = options.tokens_option("Measure on at most this many tokens (default: all cached).", PANEL)
+AliveOpt = Annotated[float, _opt("--alive-threshold", "A feature is alive iff its firing frequency is above this.")]
+NormOpt = Annotated[DecoderNorm, _opt("--decoder-norm", "fold: measure z_i * ||W_dec[i]|| (residual-stream units; "
+    "no change for unit-norm SAEs); raw: z as the SAE outputs it.")]  # fmt: skip
+ChunkOpt = Annotated[int, _opt("--chunk-tokens", "Tokens encoded at once (memory: chunk x d_sae floats).", min=1)]
+OutOpt = Annotated[Path, _opt("--output -o", "The stats table (Parquet).", dir_okay=False)]
+CosineOpt = Annotated[float, _opt("--robust-cosine", "Latents whose decoder rows have at least this cosine are one "
+    "feature (de-duplication).", ROBUST)]  # fmt: skip
+MassOpt = Annotated[
+    float, _opt("--robust-mass", "F_robust = fewest features carrying this share of sum E[h^2].", ROBUST)
+]
+ThetaOpt = Annotated[
+    float, _opt("--robust-theta", "A feature is active on a token when h > theta * E[h^2]/E[h].", ROBUST)
+]
+FidelityOpt = Annotated[bool, _opt("--fidelity", "Also run the teacher on held-out text with each SAE spliced in, "
+    "zero- and mean-ablated: CE, KL, ce_loss_score, kl_div_score (SAELens definitions).", FIDELITY)]  # fmt: skip
+FidTokensOpt = Annotated[str, _opt("--fidelity-tokens", "Held-out tokens to score (whole sequences).", FIDELITY)]
+FidBatchOpt = Annotated[int, _opt("--fidelity-batch-size", "Sequences per teacher forward.", FIDELITY, min=1)]
 
 
 @with_teacher_flags
 def main(
-    sae: Annotated[
-        list[Path],
-        typer.Option(
-            "--sae",
-            "-s",
-            help="SAE folder (kdtool, SAELens, sparsify) or ae.pt (dictionary_learning); "
-            "repeat for several; a folder of SAE folders (saes/) means all of them.",
-            rich_help_panel=PANEL,
-            show_default=False,
-        ),
-    ],
-    acts: ActsOpt = None,
+    sae: SaeOpt,
+    acts: options.acts_option(PANEL) = None,
     layer: LayerOpt = None,
     tokens: TokensOpt = None,
-    alive_threshold: Annotated[
-        float,
-        typer.Option(
-            "--alive-threshold",
-            help="A feature is alive iff its firing frequency is above this.",
-            rich_help_panel=PANEL,
-        ),
-    ] = 1e-5,
-    decoder_norm: Annotated[
-        DecoderNorm,
-        typer.Option(
-            "--decoder-norm",
-            help="fold: measure z_i * ||W_dec[i]|| (residual-stream units; "
-            "no change for unit-norm SAEs); raw: z as the SAE outputs it.",
-            rich_help_panel=PANEL,
-        ),
-    ] = DecoderNorm.fold,
-    chunk_tokens: Annotated[
-        int,
-        typer.Option(
-            "--chunk-tokens",
-            min=1,
-            help="Tokens encoded at once (memory: chunk x d_sae floats).",
-            rich_help_panel=PANEL,
-        ),
-    ] = 4096,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="The stats table (Parquet).", dir_okay=False, rich_help_panel=PANEL)
-    ] = Path("stats.parquet"),
+    alive_threshold: AliveOpt = 1e-5,
+    decoder_norm: NormOpt = DecoderNorm.fold,
+    chunk_tokens: ChunkOpt = 4096,
+    robust_cosine: CosineOpt = 0.9,
+    robust_mass: MassOpt = 0.99,
+    robust_theta: ThetaOpt = 0.2,
+    fidelity: FidelityOpt = False,
+    fidelity_tokens: FidTokensOpt = "64K",
+    fidelity_batch_size: FidBatchOpt = 2,
+    output: OutOpt = Path("stats.parquet"),
     fmt: common.FormatOpt = None,
     stream: StreamOpt = False,
     batch_size: StreamBatchSizeOpt = 8,
@@ -80,63 +76,82 @@ def main(
     *,
     flags: TeacherFlags,
 ) -> None:
-    """Measure each SAE's features: F, L0, alpha, g(alpha), d*, dead latents, MSE (paper section 5.2, Table 1).
+    """Measure each SAE's features: F, L0, alpha, g(alpha), d*, the robust F/alpha/d*, and with --fidelity
+    the model's loss with the SAE spliced in (paper section 5.2, Table 1).
 
-    One streaming pass over the activations per run: per latent the fire count, frequency, mean
-    activation, importance E[z^2] and maximum; alive iff frequency > --alive-threshold. Writes
-    OUTPUT (stats.parquet: one row per feature per layer, the summary in its metadata) for
-    `kdtool predict`, and prints one row per layer: F = alive latents, L0 = mean active latents
-    per token, alpha = 1 - L0/F, g, d* = F/g, dead, MSE, explained variance.
+    One streaming pass over the activations: per latent the fire count, frequency, mean
+    activation, importance E[z^2] and maximum; alive iff frequency > --alive-threshold. F = alive
+    latents, L0 = mean active latents per token, alpha = 1 - L0/F, d* = F/g; F_robust, alpha_robust,
+    d_star_robust do not grow with the SAE's width (docs/sae.md). Several SAEs of one layer give one
+    row set each (the sensitivity of d*). Writes OUTPUT (one row per feature per SAE, the summary
+    in its metadata) for `kdtool predict`, and prints one row per SAE.
 
-    Example: kdtool stats --sae saes/layer12 -o stats.parquet
+    Example: kdtool stats --sae saes/layer12 --fidelity --fidelity-tokens 16K -o stats.parquet
     """
     from kdtool import formats, locks
     from kdtool.errors import BadInput
     from kdtool.models import resolve_device
-    from kdtool.sae import sources
+    from kdtool.sae import fidelity as fid
+    from kdtool.sae import robust, sources
     from kdtool.sae import stats as sae_stats
 
+    device = str(resolve_device(flags.device))
     cfg = sae_stats.StatsConfig(
         alive_threshold=alive_threshold,
         decoder_norm=decoder_norm.value,
         max_tokens=options.parse_tokens(tokens),
         chunk_tokens=chunk_tokens,
-        device=str(resolve_device(flags.device)),
+        device=device,
+        robust=robust.RobustConfig(robust_cosine, robust_mass, robust_theta),
+        fidelity=fid.FidelityConfig(
+            common.parse_opt("--fidelity-tokens", _count, fidelity_tokens), fidelity_batch_size, drop_first
+        )
+        if fidelity
+        else None,
     )
     if not formats.is_parquet(output):
         raise BadInput(f"--output {output}: stats are written as Parquet (.parquet)")
     teacher = None
     if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
-        mspec = replace(flags.model_spec(), device=cfg.device)
+        mspec = replace(flags.model_spec(), device=device)
         teacher = sources.TeacherStream(mspec, flags.data_spec(), options.load_teacher, batch_size, drop_first)
-    paths, saes = sae_stats.load_saes(sae, options.parse_layers(layer))
-    for s in saes:
-        common.log(f"sae {s.describe()} (layer from {s.layer_source})")
-    source = sae_stats.open_activations(sorted({s.layer for s in saes}), acts, teacher, max_tokens=cfg.max_tokens)
     with locks.claim(output, command=common.command_line()):  # one stats run writes OUTPUT at a time
         with common.progress() as bar:
-            task = bar.add_task("stats", total=source.total, rate="")
-            result = sae_stats.measure(cfg, saes, source, on_progress=lambda n: bar.update(task, completed=n))
+            tasks = {}
+
+            def tick(name: str):
+                return lambda total, n: bar.update(tasks.setdefault(name, bar.add_task(name, total=total)), completed=n)
+
+            result = sae_stats.run(cfg, sae, options.parse_layers(layer), acts, teacher, base_spec=flags.model_spec(),
+                                   load=options.load_teacher, on_progress=tick("stats"),
+                                   on_fidelity_progress=tick("fidelity"), on_sae=_log_sae)  # fmt: skip
         for note in result.notes:
             common.warn(note)
         provenance = common.make_provenance(
-            inputs=[*source.inputs, *paths],
+            inputs=result.inputs,
             seed=flags.seed,
-            config={"alive_threshold": cfg.alive_threshold, "source": source.info, "decoder_norm": cfg.decoder_norm},
+            config={
+                "alive_threshold": cfg.alive_threshold,
+                "source": result.summary["source"],
+                "decoder_norm": cfg.decoder_norm,
+            },
         )
         formats.write_parquet(
             output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
         )
     common.log(
-        f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['layers'])} layer(s), "
+        f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['saes'])} SAE(s), "
         f"{result.tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"
     )
-    common.emit_table(
-        result.table(),
-        fmt=fmt,
-        output=None,
-        kind="kdtool.stats.summary",
-        provenance=provenance,
-        title=f"SAE statistics ({output})",
-        summary=result.summary,
-    )
+    common.emit_table(result.table(), fmt=fmt, output=None, kind="kdtool.stats.summary", provenance=provenance,
+                      title=f"SAE statistics ({output})", summary=result.summary)  # fmt: skip
+
+
+def _log_sae(s) -> None:
+    common.log(f"sae {s.describe()} (layer from {s.layer_source})")
+
+
+def _count(text: str) -> int:
+    from kdtool.parsing import parse_count
+
+    return parse_count(text)

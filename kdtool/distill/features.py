@@ -88,16 +88,13 @@ class FeaturePlan:
             raise BadInput(f"--stats {stats_path}: no such file")
         sae = load_sae(sae_path)
         layers = imp.from_stats(stats_path)
-        by_layer = {x.layer: x for x in layers}
         layer = sae.layer
         if layer is None:
-            if len(layers) != 1:
-                have = ", ".join(str(x.layer) for x in layers)
+            if len({x.layer for x in layers}) != 1:
+                have = ", ".join(sorted({str(x.layer) for x in layers}))
                 raise BadInput(f"--sae {sae_path}: says no layer and --stats {stats_path} has several ({have})")
             layer = layers[0].layer
-        if layer not in by_layer:
-            raise BadInput(f"--stats {stats_path}: has no layer {layer} (the layer of --sae {sae_path})")
-        li = by_layer[layer]
+        li = imp.entry_of_sae(layers, layer, sae_path, stats_path)
         if li.features is None or int(li.features.max()) >= sae.d_sae:
             raise BadInput(f"--stats {stats_path}: features beyond the SAE's d_sae={sae.d_sae}: not this SAE's stats")
         g = imp.capacity_g(li.alpha)

@@ -38,7 +38,7 @@ def capacity(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
     layers: list[tuple[str, LayerStats]] = []
     for path in inputs:
         for ls in read_stats(path, options):
-            layers.append((layer_label(ls.layer, path, len(inputs)), ls))
+            layers.append((layer_label(ls.layer, path, len(inputs), ls.sae), ls))
     marks = options.get("alpha")
     if marks in (None, []):
         marks = [] if layers else list(TOY_ALPHAS)  # the toy sweep's levels, as in the paper's Fig. 1

@@ -30,7 +30,7 @@ def _d_stars(stats_files: list[Path], options: dict) -> list[tuple[str, float, i
     out = []
     for p in stats_files:
         for ls in read_stats(p, options):
-            out.append((f"$d^*$ (layer {ls.layer})", float(ls.d_star), ls.d_in))
+            out.append((f"$d^*$ (layer {ls.layer}{' ' + ls.sae if ls.sae else ''})", float(ls.d_star), ls.d_in))
     return out
 
 

@@ -41,7 +41,7 @@ def importance(inputs: list[Path], output: Path, *, style: str, options: dict) -
                 imp,
                 color=sty["color"],
                 ls=sty["linestyle"],
-                label=f"{layer_label(ls.layer, path, len(inputs))} (F = {st.fmt_int(ls.n_features)})",
+                label=f"{layer_label(ls.layer, path, len(inputs), ls.sae)} (F = {st.fmt_int(ls.n_features)})",
             )
             i += 1
     ax.set_xscale("log")
@@ -66,16 +66,22 @@ def _predict_blocks(path: Path, options: dict, column: str) -> list[dict]:
     summary = {}
     if formats.is_parquet(path):
         summary = formats.parquet_metadata(path).get("summary") or {}
+    sae_col = np.asarray(cols["sae"]).astype(str) if "sae" in cols else None  # several SAEs of a layer
     blocks = []
-    for layer in select_layers(sorted(set(layer_col.tolist())), options, path):
-        rows = layer_col == layer
+    chosen = select_layers(sorted(set(layer_col.tolist())), options, path)
+    pairs = [(L, k) for L in chosen for k in ([None] if sae_col is None else dict.fromkeys(sae_col[layer_col == L]))]
+    for layer, key in pairs:
+        rows = (layer_col == layer) & (True if key is None else sae_col == key)
         order = np.argsort(widths[rows])
-        block = {"layer": layer, "width": widths[rows][order], "y": y[rows][order], "d_star": None, "exact": False}
+        block = {"layer": layer, "sae": key, "width": widths[rows][order], "y": y[rows][order], "d_star": None,
+                 "exact": False}  # fmt: skip
         for band in ("low", "high"):
             name = f"{column}_{band}"
             if name in cols:
                 block[band] = formats.numeric_column(cols, name, path)[rows][order]
-        meta = (summary.get("layers", {}) or {}).get(str(layer), {}) if isinstance(summary, dict) else {}
+        meta = {}
+        if isinstance(summary, dict):
+            meta = (summary.get("saes") or {}).get(key) or (summary.get("layers") or {}).get(str(layer)) or {}
         if meta.get("d_star"):
             block["d_star"], block["exact"] = float(meta["d_star"]), True
         elif "features_kept" in cols and "features_dropped" in cols:
@@ -117,7 +123,7 @@ def floor(inputs: list[Path], output: Path, *, style: str, options: dict) -> Non
                     marks = (w, model.floor(w))
                 series.append(
                     {
-                        "label": layer_label(ls.layer, path, len(inputs)),
+                        "label": layer_label(ls.layer, path, len(inputs), ls.sae),
                         "x": grid.astype(float),
                         "y": model.floor(grid),
                         "marks": marks,
@@ -133,7 +139,7 @@ def floor(inputs: list[Path], output: Path, *, style: str, options: dict) -> Non
                 band = (block["low"], block["high"]) if "low" in block and "high" in block else None
                 series.append(
                     {
-                        "label": layer_label(block["layer"], path, len(inputs)),
+                        "label": layer_label(block["layer"], path, len(inputs), block["sae"]),
                         "x": block["width"],
                         "y": block["y"],
                         "marks": None,

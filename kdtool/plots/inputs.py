@@ -13,6 +13,7 @@ import numpy as np
 
 from kdtool import formats
 from kdtool.errors import BadInput
+from kdtool.sae.summary import entries
 from kdtool.theory import importance as imp_mod
 
 
@@ -27,6 +28,7 @@ class LayerStats:
     g: float
     d_star: float
     d_in: int | None  # teacher width, when the stats summary records it
+    sae: str | None = None  # the SAE's key, when the file holds several SAEs of this layer (it goes in labels)
 
 
 def select_layers(available: list[int], options: dict, path: Path) -> list[int]:
@@ -42,19 +44,22 @@ def select_layers(available: list[int], options: dict, path: Path) -> list[int]:
 
 
 def read_stats(path: Path, options: dict, capacity: str = "paper") -> list[LayerStats]:
-    """Per-layer F, alpha, g, d* and sorted importances of a stats file, via kdtool.theory.importance.from_stats.
+    """Per-SAE F, alpha, g, d* and sorted importances of a stats file, via kdtool.theory.importance.from_stats.
 
     alpha comes from the file's summary when present, else L0 = sum(freq), F = #alive (as `kdtool stats`).
+    `--set estimator=robust` reads the robust count instead.
     """
     wanted = options.get("layer")
     layers = None if wanted in (None, [], ()) else ([wanted] if isinstance(wanted, int) else list(wanted))
-    summary: dict = {}
+    d_ins: dict = {}
     if formats.is_parquet(path):
-        summary = (formats.parquet_metadata(path).get("summary") or {}).get("layers", {}) or {}
+        d_ins = {(e.key, e.layer): e.info.get("d_in") for e in entries(formats.parquet_metadata(path).get("summary"))}
+    found = imp_mod.from_stats(path, layers=layers, estimator=str(options.get("estimator") or "paper"))
+    several = len({li.layer for li in found}) != len(found)
     out = []
-    for li in imp_mod.from_stats(path, layers=layers):
+    for li in found:
         g = imp_mod.capacity_g(li.alpha, capacity)  # warns below 1 - 1/e, where Eq. 1 is not monotone
-        d_in = (summary.get(str(li.layer)) or {}).get("d_in")
+        d_in = d_ins.get((li.sae, li.layer)) or d_ins.get((None, li.layer))
         out.append(
             LayerStats(
                 layer=li.layer,
@@ -64,6 +69,7 @@ def read_stats(path: Path, options: dict, capacity: str = "paper") -> list[Layer
                 g=g,
                 d_star=li.n_features / g,
                 d_in=int(d_in) if d_in else None,
+                sae=li.sae if several else None,
             )
         )
     return out
@@ -87,6 +93,7 @@ def check_inputs(inputs: list[Path], kind: str, *, at_least: int = 1, at_most: i
         raise BadInput(f"plot {kind}: takes at most {at_most} input file(s), got {len(inputs)}")
 
 
-def layer_label(layer: int, path: Path, n_files: int) -> str:
-    """A series label: the layer, with the file's name when the figure reads several files."""
-    return f"layer {layer}" if n_files == 1 else f"{path.stem}: layer {layer}"
+def layer_label(layer: int, path: Path, n_files: int, sae: str | None = None) -> str:
+    """A series label: the layer (and the SAE's key when given), with the file's name when the figure reads several."""
+    base = f"layer {layer}" + (f" {sae}" if sae else "")
+    return base if n_files == 1 else f"{path.stem}: {base}"

@@ -50,6 +50,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "calibration_normalized",
         "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)",
     ),
+    "survival": (
+        "kdtool.plots.survival",
+        "survival",
+        "Section 8: per-feature survival r2 vs importance rank per student, F_S and the staircase marked; "
+        "survived count vs width against d_S g(alpha) (input: survival.parquet)",
+    ),
     "probe": (
         "kdtool.plots.probe",
         "probe",
@@ -85,7 +91,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "layers": (
         "kdtool.plots.sae",
         "layers",
-        "Table 1 card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, shaded per column (input: stats files)",
+        "Table 1 card: rows = SAEs, columns = F, L0, alpha, g, d*, MSE, dead (+ robust F and d*, fidelity scores "
+        "when measured), shaded per column (input: stats files)",
     ),
     "sae-layers": ("kdtool.plots.sae", "layers", "same as `layers` (the name kdtool plot report uses)"),
     "layer-capacity": (
@@ -109,6 +116,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "l0_mse",
         "L0 vs reconstruction MSE per layer: stats files as points, train logs as trajectories "
         "(input: stats files, saes/ or train_log.parquet files)",
+    ),
+    "sensitivity": (
+        "kdtool.plots.sensitivity",
+        "sensitivity",
+        "F, alpha, d* and the floor at chosen widths (paper and robust) against SAE width, lambda, seed or "
+        "training tokens, one line per layer (input: stats files with several SAEs of a layer; --set x=...)",
     ),
     "toy-grid": (
         "kdtool.plots.toy",

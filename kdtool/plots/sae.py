@@ -171,12 +171,29 @@ _CARD = (  # column, header, format
     ("mse", "MSE", "{:.3g}"),
     ("dead", "dead", "{:,.0f}"),
 )
+#: shown when some row has them: the robust count (stats since issue 10) and fidelity (stats --fidelity)
+_CARD_EXTRA = (
+    ("F_robust", "F robust", "{:,.0f}"),
+    ("d_star_robust", "d* robust", "{:,.0f}"),
+    ("fidelity.ce_loss_score", "CE score", "{:.3f}"),
+    ("fidelity.kl_div_score", "KL score", "{:.3f}"),
+    ("fidelity.kl", "KL (nats)", "{:.3g}"),
+)
+
+
+def _value(summary: dict, key: str):
+    """A card cell: summary[key], or summary["fidelity"][...] for "fidelity.<name>"."""
+    if key.startswith("fidelity."):
+        return _num((summary.get("fidelity") or {}).get(key.split(".", 1)[1]))
+    return _num(summary.get(key))
 
 
 def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> None:
-    """Table 1 as a card: rows = layers, columns = F, L0, alpha, g, d*, MSE, dead, each column shaded on its range."""
+    """Table 1 as a card: rows = SAEs (layers), columns = F, L0, alpha, g, d*, MSE, dead, and when known the robust
+    F and d* and the fidelity scores (CE score, KL score, KL), each column shaded on its range."""
     rows = read_summaries(inputs, options)
-    values = np.array([[_num(s.get(key)) for key, _, _ in _CARD] for _, s, _ in rows], dtype=float)
+    card = _CARD + tuple(c for c in _CARD_EXTRA if any(math.isfinite(_value(s, c[0])) for _, s, _ in rows))
+    values = np.array([[_value(s, key) for key, _, _ in card] for _, s, _ in rows], dtype=float)
     shade = np.full_like(values, 0.5)
     for j in range(values.shape[1]):
         col = values[:, j]
@@ -193,12 +210,12 @@ def layers(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     cmap = _cmap()
     ax.imshow(np.ma.masked_invalid(shade), cmap=cmap, vmin=-0.15, vmax=1.25, aspect="auto")
     for i in range(n_rows):
-        for j, (_, _, fmt) in enumerate(_CARD):
+        for j, (_, _, fmt) in enumerate(card):
             v = values[i, j]
             dark = math.isfinite(shade[i, j]) and shade[i, j] > 0.65
             ax.text(j, i, "n/a" if not math.isfinite(v) else fmt.format(v), ha="center", va="center",
                     color="white" if dark else "black", fontsize="small")  # fmt: skip
-    ax.set_xticks(range(n_cols), [h for _, h, _ in _CARD])
+    ax.set_xticks(range(n_cols), [h for _, h, _ in card])
     ax.set_yticks(range(n_rows), [label for label, _, _ in rows])
     ax.xaxis.tick_top()
     ax.tick_params(length=0)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from kdtool import formats
 from kdtool.errors import BadInput, KdtoolError
 from kdtool.report.model import KIND, SAE_LOG, STATS, Artifact
+from kdtool.sae.summary import entries, several_per_layer
 
 #: JSON files bigger than this are not opened while looking for kdtool files (tokenizers, datasets).
 MAX_JSON_BYTES = 16 * 2**20
@@ -60,8 +61,10 @@ def _parquet_artifact(path: Path, root: Path) -> Artifact | None:
     rows = pq.ParquetFile(path).metadata.num_rows
     summary = meta["summary"]
     details = f"{rows:,} rows"
-    if meta["kind"] == STATS and isinstance(summary, dict) and isinstance(summary.get("layers"), dict):
-        details += ", layers " + ", ".join(sorted(summary["layers"], key=lambda s: (len(s), s)))
+    if meta["kind"] == STATS and (found := entries(summary)):
+        details += ", layers " + ", ".join(str(L) for L in sorted({e.layer for e in found}))
+        if several_per_layer(found):
+            details += f" ({len(found)} SAEs)"
     elif meta["kind"] == SAE_LOG and isinstance(summary, dict) and summary.get("layer") is not None:
         details += f", layer {summary['layer']}"
     return Artifact(path, _rel(path, root), meta["kind"], meta["provenance"], summary, details)

@@ -29,6 +29,7 @@ from kdtool.report.model import (
     SAE_LOG,
     SECTIONS,
     STATS,
+    SURVIVAL,
     TOY,
     TOY_CURVES,
     TOY_SURVIVAL,
@@ -37,13 +38,14 @@ from kdtool.report.model import (
     FigureResult,
     FigureRule,
 )
+from kdtool.sae.summary import entries
 
 #: Figure format of the report (embedded in HTML and Markdown).
 FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _A, _C, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _SV, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -59,6 +61,8 @@ FIGURES: tuple[FigureRule, ...] = (
                min_layers=3),
     FigureRule("importance",             (STATS,),        "file", _S, "Feature importance by rank (Fig. 5a)"),
     FigureRule("capacity",               (STATS,),        "run",  _S, "Capacity and critical width (Fig. 1)"),
+    FigureRule("sensitivity",            (STATS,),        "file", _S, "Sensitivity of F, α, d* and floors to the SAE",
+               hints=("widths",), when="several-saes"),
     FigureRule("floor",                  (STATS, PREDICT), "file", _P, "Predicted floor vs width (Fig. 5b)",
                hints=("widths",)),
     FigureRule("distill-curves",         (CURVES,),       "file", _D, "Distillation curves (Fig. 6a)",
@@ -71,6 +75,7 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
     FigureRule("decomposition",          (CALIB, FLOORS), "file", _C, "Geometric vs baseline floor (Table 5)"),
+    FigureRule("survival",               (SURVIVAL,),     "file", _SV, "Which features survive (section 8)"),
     FigureRule("probe",                  (PROBE,),        "run",  _PR, "Linear probes (Fig. 8)"),
     FigureRule("toy-grid",               (TOY,),          "file", _T, "Floor vs width, all configurations (Fig. 2)"),
     FigureRule("toy-scatter",            (TOY,),          "file", _T, "Predicted vs actual floor (Fig. 3)"),
@@ -81,6 +86,13 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("toy-kept",               (TOY_SURVIVAL,), "file", _T, "Features kept vs width against Eq. 2"),
 )
 # fmt: on
+
+
+def several_saes_per_layer(arts: list[Artifact]) -> bool:
+    """Whether the stats files among `arts` (one file: the sensitivity rule draws per file) hold several SAEs of
+    a layer: widths, lambdas, seeds or token checkpoints of one layer measured together."""
+    layers = [e.layer for a in arts if a.kind == STATS for e in entries(a.summary)]
+    return len(set(layers)) != len(layers)
 
 
 def _slug(rel: str, *, path: bool = True) -> str:
@@ -113,10 +125,10 @@ def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
     layer = ((calib.summary or {}).get("inputs") or {}).get("layer") if isinstance(calib.summary, dict) else None
     found: dict[str, float] = {}
     for art in artifacts:
-        if art.kind == STATS and isinstance(art.summary, dict):
-            for key, info in (art.summary.get("layers") or {}).items():
-                if isinstance(info, dict) and isinstance(info.get("d_star"), (int, float)):
-                    found.setdefault(str(key), float(info["d_star"]))
+        if art.kind == STATS:
+            for e in entries(art.summary):  # the first SAE of a layer (a calibration names a layer, not an SAE)
+                if isinstance(e.info.get("d_star"), (int, float)):
+                    found.setdefault(str(e.layer), float(e.info["d_star"]))
     if layer is not None:
         return found.get(str(layer))
     return next(iter(found.values())) if len(found) == 1 else None
@@ -128,6 +140,13 @@ def _several_losses(floors: list[Artifact]) -> bool:
         return ablation.several_losses([a.path for a in floors])
     except KdtoolError:
         return False
+
+
+#: FigureRule.when: a named condition on one group's main inputs, beyond their kind
+CONDITIONS = {
+    "several-losses": _several_losses,  # floors tables of more than one loss: an objective ablation
+    "several-saes": several_saes_per_layer,  # a stats file with several SAEs of a layer: the sensitivity figure
+}
 
 
 def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Artifact], dict, str]]:
@@ -171,12 +190,11 @@ def plan_figures(
             unavailable.append(rule.figure)
             continue
         main = [a for a in artifacts if a.kind == kind]
-        if rule.when == "several-losses" and not _several_losses(main):
-            continue
         if rule.per == "trial":
             groups_opts = _trial_groups(main, rule.min_layers)
         else:
             groups_opts = [(g, {}, g[0].rel) for g in _groups(main, rule.per)]
+        groups_opts = [(g, o, lab) for g, o, lab in groups_opts if rule.when is None or CONDITIONS[rule.when](g)]
         groups = [g for g, _, _ in groups_opts]
         for group, group_opts, label in groups_opts:
             extra = [a for a in artifacts if a.kind in rule.extra]

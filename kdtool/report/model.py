@@ -22,6 +22,7 @@ SECTIONS = (
     "Distillation",
     "Objective ablation",
     "Calibration",
+    "Feature survival",
     "Probing",
     "Toy model",
 )
@@ -30,6 +31,7 @@ SECTIONS = (
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
+SURVIVAL = "kdtool.survival"
 TOY_SURVIVAL = "kdtool.toy.survival"
 
 
@@ -68,7 +70,8 @@ class FigureRule:
     extra: tuple[str, ...] = ()  # artifact kinds appended to the inputs when present (optional inputs)
     hints: tuple[str, ...] = ()  # options filled from the run: "widths" (student widths), "d_star"
     extra_scope: Literal["run", "folder"] = "run"  # extras from anywhere, or only beside the main input
-    #: a condition on the main inputs beyond their kind: "several-losses" (floors of more than one loss)
+    #: a named condition on a group's main inputs beyond their kind (kdtool/report/figures.py CONDITIONS):
+    #: "several-losses" (floors of more than one loss), "several-saes" (several SAEs of a layer in a stats file)
     when: str | None = None
     min_layers: int = 0  # per "trial": only trials with at least this many layers
 

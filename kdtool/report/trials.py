@@ -27,6 +27,7 @@ from kdtool.parsing import short_float
 from kdtool.reproduce import presets
 from kdtool.reproduce.stage import compact
 from kdtool.sae.record import FIELDS
+from kdtool.sae.summary import entries
 
 #: what a label names after the lambda settings, in this order, when they tell trials apart
 _DETAIL = ("d_sae", "tokens", "init_seed", "data_seed", "normalize", "lr", "batch_tokens", "model", "dataset")
@@ -88,16 +89,13 @@ def _mean(values: list[float]) -> float:
 
 
 def layer_entries(path: Path) -> list[tuple[int, dict]]:
-    """(layer, summary) of every layer entry a stats file's metadata holds."""
+    """(layer, summary) of every SAE entry a stats file's metadata holds (kdtool/sae/summary.py: old and new forms)."""
     meta = formats.parquet_metadata(path)
     if meta.get("kind") != "kdtool.stats":
         raise BadInput(f"{path}: not a `kdtool stats` file (kind {meta.get('kind')!r})")
-    layers = (meta.get("summary") or {}).get("layers") or {}
-    out = []
-    for key, entry in layers.items():
-        if isinstance(entry, dict):
-            out.append((int(entry.get("layer", key)), entry))
-    return out
+    # every SAE of the file (several per layer too: each width or lambda is its own trial), but not train-sae's
+    # token checkpoints: an earlier state of a trial (the tokens axis of `plot sensitivity`), not a trial
+    return [(e.layer, e.info) for e in entries(meta.get("summary")) if not e.info.get("checkpoint")]
 
 
 def record_of(entry: dict) -> dict | None:

@@ -1,10 +1,13 @@
 """Where the per-feature loss weights of Eq. 2 come from: a stats file or a parametric spec.
 
-Two sources give the same thing, one `LayerImportance` per layer:
+Two sources give the same thing, one `LayerImportance` per layer (per SAE, when a stats file
+holds several SAEs of a layer: its `sae` column tells their rows apart):
 - a stats table written by `kdtool stats` (docs/formats.md, kind `kdtool.stats`): the alive
   features' `importance` (I_i = E[z_i^2], which already folds in E[x^2], paper section 5.2)
   sorted descending; alpha from the file's summary metadata, else recomputed as
-  L0 = sum(freq), F = #alive, alpha = 1 - L0 / F;
+  L0 = sum(freq), F = #alive, alpha = 1 - L0 / F. With `estimator="robust"`, the de-duplicated
+  features counted in F_robust instead (their `group_importance`, one per `group`) with
+  alpha_robust (kdtool/sae/robust.py);
 - a parametric spec (the toy model, paper section 4): F features with I_i = i^-s (Zipf) and
   E[x_i^2] = (1 - alpha) / 3 unless given, so w_i = I_i * E[x_i^2].
 
@@ -26,10 +29,14 @@ import numpy as np
 
 from kdtool.errors import BadInput
 from kdtool.formats import is_parquet, numeric_column, parquet_metadata, read_table
+from kdtool.sae.summary import entries
 from kdtool.theory import theorem as theory
 
 #: freq above which a feature counts as alive when a stats table has no `alive` column (paper section 5.2).
 ALIVE_THRESHOLD = 1e-5
+#: paper: the alive latents and alpha = 1 - L0/F (section 5.2); robust: kdtool/sae/robust.py's count
+ESTIMATORS = ("paper", "robust")
+ROBUST_COLUMNS = ("group", "group_importance", "counted")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class LayerImportance:
     alpha: float | None  # sparsity 1 - L0/F; None when only an explicit g is known
     l0: float | None  # mean number of active features per token, when known
     source: str  # where the weights came from (file path or the parametric spec)
+    sae: str | None = None  # the SAE's key in a stats file (its `sae` column); None for older files and specs
+    estimator: str = "paper"  # which count the weights and alpha are: paper or robust
     features: np.ndarray | None = None  # [F] the SAE latent index of each weight (stats files only)
 
     @property
@@ -101,42 +110,40 @@ def parametric(
     return LayerImportance(layer=layer, weights=weights, alpha=alpha, l0=l0, source=spec)
 
 
-def _summary_layers(path: Path) -> dict[int, dict]:
-    """The per-layer summary of a stats Parquet file ({} for CSV/JSON or files without one)."""
+def _summary_entries(path: Path) -> dict[tuple[str | None, int], dict]:
+    """{(sae key, layer): its summary} of a stats Parquet file ({} for CSV/JSON or files without one)."""
     if not is_parquet(path):
         return {}
-    summary = parquet_metadata(path).get("summary") or {}
-    layers = summary.get("layers") if isinstance(summary, dict) else None
-    out: dict[int, dict] = {}
-    if isinstance(layers, dict):
-        for key, value in layers.items():
-            try:
-                out[int(key)] = value if isinstance(value, dict) else {}
-            except (TypeError, ValueError):
-                continue
-    return out
+    return {(e.key, e.layer): e.info for e in entries(parquet_metadata(path).get("summary"))}
 
 
-def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> list[LayerImportance]:
-    """One LayerImportance per layer of a stats table (Parquet from `kdtool stats`, or CSV/JSON).
+def _int_column(cols: dict, name: str, p: Path) -> np.ndarray:
+    values = numeric_column(cols, name, p)
+    if np.any(values != np.round(values)):
+        raise BadInput(f"{p}: column {name!r} must hold integers")
+    return values.astype(np.int64)
 
-    Needs an `importance` column. `layer` is optional (one layer, labelled 0, without it);
-    `alive` defaults to freq > 1e-5 (or importance > 0 without `freq`). alpha comes from the
-    summary metadata when it has one, else from the rows: L0 = sum(freq), F = #alive.
+
+def from_stats(
+    path: str | os.PathLike, *, layers: list[int] | None = None, estimator: str = "paper"
+) -> list[LayerImportance]:
+    """One LayerImportance per SAE of a stats table (Parquet from `kdtool stats`, or CSV/JSON), in file order.
+
+    Needs an `importance` column. `layer` is optional (one layer, labelled 0, without it); `sae`
+    tells several SAEs of a layer apart; `alive` defaults to freq > 1e-5 (or importance > 0 without
+    `freq`). alpha comes from the summary metadata when it has one, else from the rows: L0 =
+    sum(freq), F = #alive. estimator="robust" reads the robust columns and alpha_robust instead.
     """
+    if estimator not in ESTIMATORS:
+        raise BadInput(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     p = Path(path)
     cols = read_table(p, required=("importance",))
     importance = numeric_column(cols, "importance", p)
     if np.any(importance < 0):
         raise BadInput(f"{p}: column 'importance' has negative values (it is E[z^2] >= 0)")
     n = importance.size
-    if "layer" in cols:
-        layer_col = numeric_column(cols, "layer", p)
-        if np.any(layer_col != np.round(layer_col)):
-            raise BadInput(f"{p}: column 'layer' must hold integers")
-        layer_col = layer_col.astype(np.int64)
-    else:
-        layer_col = np.zeros(n, dtype=np.int64)
+    layer_col = _int_column(cols, "layer", p) if "layer" in cols else np.zeros(n, dtype=np.int64)
+    sae_col = np.asarray(cols["sae"]).astype(str) if "sae" in cols else None
     freq = numeric_column(cols, "freq", p) if "freq" in cols else None
     if freq is not None and (np.any(freq < 0) or np.any(freq > 1)):
         raise BadInput(f"{p}: column 'freq' must be in [0, 1] (fires / tokens)")
@@ -149,7 +156,14 @@ def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> l
         alive = freq > ALIVE_THRESHOLD
     else:
         alive = importance > 0
-    summary = _summary_layers(p)
+    if estimator == "robust":
+        missing = [c for c in ROBUST_COLUMNS if c not in cols]
+        if missing:
+            raise BadInput(
+                f"{p}: no robust count (columns {', '.join(missing)} missing); --estimator robust needs a "
+                "stats file from this kdtool's `kdtool stats` (rerun it)"
+            )
+    summary = _summary_entries(p)
     ids = numeric_column(cols, "feature", p).astype(np.int64) if "feature" in cols else None
 
     present = sorted(int(v) for v in np.unique(layer_col))
@@ -161,35 +175,68 @@ def from_stats(path: str | os.PathLike, *, layers: list[int] | None = None) -> l
         )
     out = []
     for layer in chosen:
-        rows = layer_col == layer
-        kept = np.flatnonzero(rows & alive)
-        order = kept[np.argsort(-importance[kept], kind="stable")]  # descending; ties keep the file's order
-        weights = importance[order]
-        if weights.size == 0:
-            raise BadInput(f"{p}: layer {layer} has no alive features")
-        info = summary.get(layer, {})
-        l0 = info.get("L0")
-        alpha = info.get("alpha")
-        if alpha is None:
-            if l0 is None:
-                if freq is None:
-                    raise BadInput(f"{p}: no alpha in its summary and no 'freq' column to compute it; give --alpha")
-                l0 = float(np.sum(freq[rows]))
-            alpha = alpha_from_l0(weights.size, float(l0), what=f"{p}: layer {layer} L0")
-        alpha = float(alpha)
-        if not (math.isfinite(alpha) and 0 <= alpha < 1):
-            raise BadInput(f"{p}: layer {layer} has alpha={alpha}, outside [0, 1)")
-        out.append(
-            LayerImportance(
-                layer=layer,
-                weights=weights,
-                alpha=alpha,
-                l0=None if l0 is None else float(l0),
-                source=str(p),
-                features=(ids if ids is not None else np.cumsum(rows) - 1)[order],  # else: row within the layer
-            )
-        )
+        in_layer = layer_col == layer
+        keys = [None] if sae_col is None else list(dict.fromkeys(sae_col[in_layer]))
+        for key in keys:
+            rows = in_layer if key is None else in_layer & (sae_col == key)
+            info = summary.get((key, layer)) or summary.get((None, layer)) or {}
+            where = f"{p}: layer {layer}" + (f" (SAE {key})" if key is not None else "")
+            latent = ids if ids is not None else _row_within(rows)
+            if estimator == "robust":
+                out.append(_robust(cols, rows, info, p, where, layer, key, latent))
+            else:
+                out.append(_paper(importance, rows & alive, freq, rows, info, p, where, layer, key, latent))
     return out
+
+
+def _row_within(rows: np.ndarray) -> np.ndarray:
+    """Each row's index within the selected rows: the latent index of a file without a `feature` column."""
+    return np.cumsum(rows) - 1
+
+
+def _paper(importance, keep, freq, rows, info, p, where, layer, key, latent) -> LayerImportance:
+    kept = np.flatnonzero(keep)
+    order = kept[np.argsort(-importance[kept], kind="stable")]  # descending; ties keep the file's order
+    weights = importance[order]
+    if weights.size == 0:
+        raise BadInput(f"{where} has no alive features")
+    l0, alpha = info.get("L0"), info.get("alpha")
+    if alpha is None:
+        if l0 is None:
+            if freq is None:
+                raise BadInput(f"{p}: no alpha in its summary and no 'freq' column to compute it; give --alpha")
+            l0 = float(np.sum(freq[rows]))
+        alpha = alpha_from_l0(weights.size, float(l0), what=f"{where} L0")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0 <= alpha < 1):
+        raise BadInput(f"{where} has alpha={alpha}, outside [0, 1)")
+    l0 = None if l0 is None else float(l0)
+    return LayerImportance(layer, weights, alpha, l0, str(p), key, "paper", latent[order])
+
+
+def _robust(cols, rows, info, p, where, layer, key, latent) -> LayerImportance:
+    """The F_robust counted features of one SAE: one weight per de-duplicated group, alpha_robust.
+
+    A group's latent is its first member in the file's order."""
+    counted = np.flatnonzero(rows & np.asarray(cols["counted"]).astype(bool))
+    groups = np.asarray(cols["group"])[counted]
+    gi = np.asarray(cols["group_importance"], dtype=np.float64)[counted]
+    _, first = np.unique(groups, return_index=True)
+    first = np.sort(first)
+    order = first[np.argsort(-gi[first], kind="stable")]
+    weights = gi[order]
+    alpha, l0 = info.get("alpha_robust"), info.get("L0_robust")
+    if weights.size == 0:
+        raise BadInput(f"{where} has no feature in its robust count")
+    if alpha is None:
+        if l0 is None:
+            raise BadInput(f"{where}: no alpha_robust in the stats summary (rerun `kdtool stats`)")
+        alpha = alpha_from_l0(weights.size, float(l0), what=f"{where} L0_robust")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0 <= alpha < 1):
+        raise BadInput(f"{where} has alpha_robust={alpha}, outside [0, 1)")
+    l0 = None if l0 is None else float(l0)
+    return LayerImportance(layer, weights, alpha, l0, str(p), key, "robust", latent[counted[order]])
 
 
 def capacity_g(alpha: float | None, capacity: theory.Capacity = "paper", g_value: float | None = None) -> float:
@@ -217,3 +264,21 @@ def floor_model(
     return theory.FloorModel.from_weights(
         layer.weights, layer.alpha if layer.alpha is not None else float("nan"), g_value=gv
     )
+
+
+def entry_of_sae(layers: list[LayerImportance], layer: int, sae_path, stats_path) -> LayerImportance:
+    """The stats entry of --sae: its layer's only SAE, or the one whose key (trailing path parts) it ends with.
+
+    layers: from_stats(stats_path). Used by distill --loss features and survival --stats.
+    """
+    here = [x for x in layers if x.layer == layer]
+    if not here:
+        raise BadInput(f"--stats {stats_path}: has no layer {layer} (the layer of --sae {sae_path})")
+    if len(here) == 1:
+        return here[0]
+    mine = Path(sae_path).resolve().parts
+    named = [x for x in here if x.sae and mine[-len(Path(x.sae).parts) :] == Path(x.sae).parts]
+    if len(named) != 1:
+        keys = ", ".join(str(x.sae) for x in here)
+        raise BadInput(f"--stats {stats_path}: layer {layer} has several SAEs ({keys}); none is --sae {sae_path}")
+    return named[0]

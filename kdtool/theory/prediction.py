@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,10 +27,11 @@ from kdtool.kinds import expect
 from kdtool.theory import calibrated as calib_mod
 from kdtool.theory import capacity as capacity_mod
 from kdtool.theory import importance as imp
+from kdtool.theory import spread as spread_mod
 from kdtool.theory import theorem as theory
 
 KIND = "kdtool.predict"
-COLUMNS = ("layer", "width", "features_kept", "features_dropped", "floor", "normalized", "g", "capacity")
+COLUMNS = ("layer", "width", "features_kept", "features_dropped", "floor", "normalized", "g", "capacity", "estimator")
 CALIBRATED_COLUMNS = ("floor_kl", "floor_kl_low", "floor_kl_high")
 BAND = "pointwise 2.5-97.5 percentiles of C_b*L* + B_b over bootstrap fits"
 
@@ -55,6 +56,8 @@ class PredictionConfig:
     target_loss: float | None = None  # --target-loss: answer the minimum width whose floor is <= this
     calibration: str | os.PathLike | None = None  # --calibration: calib.json from `kdtool calibrate`
     fit: str = "affine"  # --fit: which fit of the calibration maps L* to nats
+    estimator: str = "paper"  # --estimator: paper (alive latents, F and alpha as the paper defines them) or robust
+    saes: tuple[str, ...] | None = None  # --sae: only these SAEs of STATS (its `sae` keys)
 
     def __post_init__(self) -> None:
         if self.g_value is not None and self.capacity != "paper":
@@ -63,6 +66,10 @@ class PredictionConfig:
             raise BadInput("--alpha and --l0 both set the sparsity: give only one")
         if self.widths is None and self.target_loss is None:
             raise BadInput("--widths: give the student widths to predict (e.g. 128,256,512), or --target-loss")
+        if self.estimator not in imp.ESTIMATORS:
+            raise BadInput(f"--estimator must be one of {', '.join(imp.ESTIMATORS)}, got {self.estimator!r}")
+        if self.stats is None and (self.estimator != "paper" or self.saes):
+            raise BadInput("--estimator robust and --sae read a stats file: give STATS")
         if self.stats is not None:
             if self.features is not None:
                 raise BadInput(f"{self.stats}: give a stats file or --features, not both")
@@ -93,12 +100,18 @@ def importance_source(cfg: PredictionConfig) -> list[imp.LayerImportance]:
     """The per-layer loss weights the config names: a stats file's layers, or one parametric layer."""
     if cfg.stats is not None:
         expect(cfg.stats, "kdtool.stats", "STATS")
-        layers = imp.from_stats(cfg.stats, layers=list(cfg.layers) if cfg.layers else None)
+        layers = imp.from_stats(cfg.stats, layers=list(cfg.layers) if cfg.layers else None, estimator=cfg.estimator)
+        if cfg.saes:
+            have = [lay.sae for lay in layers]
+            unknown = [k for k in cfg.saes if k not in have]
+            if unknown:
+                raise BadInput(f"--sae: {', '.join(unknown)} not in {cfg.stats} (it has: {', '.join(map(str, have))})")
+            layers = [lay for lay in layers if lay.sae in cfg.saes]
         if cfg.alpha is None:
             return layers
         if not (0 <= cfg.alpha < 1):
             raise BadInput(f"--alpha must be in [0, 1), got {cfg.alpha}")
-        return [imp.LayerImportance(lay.layer, lay.weights, cfg.alpha, None, lay.source) for lay in layers]
+        return [replace(lay, alpha=cfg.alpha, l0=None) for lay in layers]
     label = cfg.layers[0] if cfg.layers else 0
     a = imp.alpha_from_l0(cfg.features, cfg.l0, what="--l0") if cfg.l0 is not None else cfg.alpha
     return [
@@ -131,11 +144,13 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
                 f"{cfg.calibration}: no bootstrap samples (calibrate --bootstrap 0?): floor_kl_low/high are empty",
             )
 
-    names = COLUMNS + (CALIBRATED_COLUMNS if cal is not None else ())
+    several = len({lay.layer for lay in layers}) != len(layers)  # several SAEs of a layer: rows keyed by SAE too
+    names = (("sae",) if several else ()) + COLUMNS + (CALIBRATED_COLUMNS if cal is not None else ())
     columns: dict[str, list] = {k: [] for k in names}
     summary: dict[str, Any] = {
         "capacity": cap_label,
         "capacity_model": {"model": "explicit g", "g": cfg.g_value} if cfg.g_value is not None else cap.describe(),
+        "estimator": cfg.estimator,
         "layers": {},
     }
     if cal is not None:
@@ -147,31 +162,38 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
             "band": BAND,
         }
     targets = {}
+    per_sae: dict[str, dict] = {}
     for lay in layers:
         model = imp.floor_model(lay, g_value=_layer_g(lay, cap, cfg.g_value))
-        summary["layers"][str(lay.layer)] = {
-            "F": lay.n_features,
-            "alpha": lay.alpha,
-            "L0": lay.l0,
-            "g": model.g,
-            "d_star": model.d_star,
-            "source": lay.source,
-        }
+        entry = {"F": lay.n_features, "alpha": lay.alpha, "L0": lay.l0, "g": model.g, "d_star": model.d_star,
+                 "source": lay.source, "estimator": lay.estimator}  # fmt: skip
+        name = f"layer {lay.layer}" + (f" ({lay.sae})" if several else "")
+        if lay.sae is not None:
+            per_sae[lay.sae] = {"layer": lay.layer} | entry
+        if not several:
+            summary["layers"][str(lay.layer)] = entry
         alpha_txt = "?" if lay.alpha is None else f"{lay.alpha:.5f}"
-        say("info", f"layer {lay.layer}: F={lay.n_features:,} alpha={alpha_txt} g={model.g:.4g} d*={model.d_star:,.1f}")
+        say("info", f"{name}: F={lay.n_features:,} alpha={alpha_txt} g={model.g:.4g} d*={model.d_star:,.1f}")
         widths = list(cfg.widths) if cfg.widths is not None else []
         if cfg.target_loss is not None:
             d, why = _target(model, cfg.target_loss, cal)
-            targets[str(lay.layer)] = {"min_width": d, "message": why}
+            targets[lay.sae if several else str(lay.layer)] = {"min_width": d, "message": why}
             if d is None:
-                say("warning", f"layer {lay.layer}: {why}")
+                say("warning", f"{name}: {why}")
             else:
-                say("info", f"layer {lay.layer}: minimum width {d:,}: {why}")
+                say("info", f"{name}: minimum width {d:,}: {why}")
             if cfg.widths is None and d is not None:
                 widths = [d]
         if widths:
             _add_rows(columns, lay, model, np.asarray(widths, dtype=np.int64), cal, calib, cfg.calibration, say)
             columns["capacity"] += [cap_label] * len(widths)
+    if per_sae:
+        summary["saes"] = per_sae
+    if several:
+        del summary["layers"]  # a layer has several SAEs: their numbers are under "saes", the spread below
+        summary["spread"] = spread_mod.spread(columns, per_sae)
+        for text in spread_mod.describe(summary["spread"]):
+            say("info", text)
     if cfg.target_loss is not None:
         summary["target"] = {
             "loss": cfg.target_loss,
@@ -200,7 +222,10 @@ def _add_rows(columns, lay, model, w_arr, cal, calib, calibration, say) -> None:
     kept = np.atleast_1d(model.kept(w_arr))
     floor = np.atleast_1d(model.floor(w_arr))
     ref = floor[int(np.argmin(w_arr))]
+    if "sae" in columns:
+        columns["sae"] += [lay.sae] * n
     columns["layer"] += [lay.layer] * n
+    columns["estimator"] += [lay.estimator] * n
     columns["width"] += w_arr.tolist()
     columns["features_kept"] += kept.tolist()
     columns["features_dropped"] += (lay.n_features - kept).tolist()
