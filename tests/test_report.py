@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "kdtool" / "data" / "paper_pythia410m.csv"
 WIDTHS = [8, 16, 32, 48]
 LAYERS = ((6, 600, 12.0), (12, 500, 6.0))  # (layer, d_sae, L0)
+TEACHER = "tiny/teacher"  # the model every file of the run fixture measures, recorded where kdtool's writers put it
 #: the figures this run folder allows (FIGURES rules whose inputs are present); toy figures are not among them
 ALLOWED = {
     "sae-curves",
@@ -70,7 +71,7 @@ def write_stats(path: Path) -> dict:
     """Two layers in the documented kdtool.stats schema; the summary agrees with the rows."""
     rng = np.random.default_rng(0)
     cols = {k: [] for k in ("layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive")}
-    summary = {"layers": {}}
+    summary = {"layers": {}, "source": {"model": TEACHER, "source": "cache"}}
     tokens = 100_000
     for layer, n, l0 in LAYERS:
         imp = np.arange(1, n + 1, dtype=float) ** -1.1
@@ -135,7 +136,7 @@ def write_students(folder: Path) -> dict:
         floors,
         kind=distill.FLOORS_KIND,
         provenance=prov("kdtool distill --widths 8,16,32,48"),
-        summary={"floor_from_step": 90},
+        summary={"floor_from_step": 90, "config": {"run_key": {"teacher": TEACHER}}},
     )
     curves = {c: [] for c in distill.CURVE_COLUMNS}
     for w, f in zip(WIDTHS, floors["floor"], strict=True):
@@ -165,7 +166,7 @@ def write_students(folder: Path) -> dict:
         curves,
         kind=distill.CURVES_KIND,
         provenance=prov("kdtool distill"),
-        summary={"floor_from_step": 90},
+        summary={"floor_from_step": 90, "config": {"run_key": {"teacher": TEACHER}}},
     )
     return floors
 
@@ -188,7 +189,11 @@ def write_train_log(path: Path, layer: int, steps: int = 20) -> None:
     }
     assert tuple(log) == LOG_COLUMNS
     formats.write_parquet(
-        path, log, kind="kdtool.sae.train_log", provenance=prov("kdtool train-sae"), summary={"layer": layer}
+        path,
+        log,
+        kind="kdtool.sae.train_log",
+        provenance=prov("kdtool train-sae"),
+        summary={"layer": layer, "source": {"model": TEACHER}},
     )
 
 
@@ -223,7 +228,9 @@ def write_probe(path: Path) -> dict:
         }
         for c in probe.COLUMNS:
             cols[c].append(row[c])
-    formats.write_parquet(path, cols, kind="kdtool.probe", provenance=prov("kdtool probe run"))
+    formats.write_parquet(
+        path, cols, kind="kdtool.probe", provenance=prov("kdtool probe run"), summary={"teacher": TEACHER}
+    )
     return acc
 
 
@@ -262,7 +269,7 @@ def run(tmp_path_factory):
         acts / "manifest.json",
         {
             "kind": "kdtool.acts",
-            "model": "tiny",
+            "model": TEACHER,
             "layers": [6, 12],
             "d_model": 64,
             "tokens": 4096,
@@ -364,7 +371,7 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
     assert cmds["acts"] == "kdtool cache-acts --tokens 4096"
     assert cmds["calib.json"] == run["made"]["calib"]["provenance"]["command"]
     details = dict(zip(t["col"]("file"), t["col"]("details"), strict=True))
-    assert details["acts"].startswith("tiny, 4,096 tokens") and details["students/width8"] == "width 8"
+    assert details["acts"].startswith(f"{TEACHER}, 4,096 tokens") and details["students/width8"] == "width 8"
     assert details["acts"].endswith("document order")
     assert details["saes/layer6"] == "layer 6, d_in 64, d_sae 600, kdtool layout"
 
@@ -626,3 +633,52 @@ def test_report_kind_is_listed_and_every_registered_figure_has_a_rule():
     missing = [k for k, spec in KINDS.items() if k != "report" and spec[:2] not in drawn_by_rule]
     assert missing == [], "registered figure kinds that kdtool plot report never draws (add a FIGURES rule)"
     assert all(r.section in report_model.SECTIONS for r in report_figures.FIGURES)
+
+
+# --------------------------------------------------------------------------------------------- one model per figure
+
+
+def test_a_figure_combines_only_files_of_one_model(run, tmp_path):
+    """The fixture's calib.json is the paper's Pythia calibration: no d* of the run's tiny stats file on its panel;
+    a calibration of the run's own floors (same teacher) gets it; floors of another model get no d* nor widths."""
+    by_kind = {f["figure"]: f for f in run["json"]["figures"]}
+    meta = st.read_figure_metadata(run["out"] / by_kind["calibration-normalized"]["file"])
+    assert "d_star" not in meta["provenance"]["config"]["options"]
+    root = tmp_path / "run"
+    (root / "students").mkdir(parents=True)
+    shutil.copy(run["root"] / "stats.parquet", root / "stats.parquet")
+    shutil.copy(run["root"] / "pred.parquet", root / "pred.parquet")
+    write_students(root / "students")
+    r = invoke("calibrate", root / "students" / "floors.parquet", "--predicted", root / "pred.parquet",
+               "--layer", "6", "--bootstrap", "0", "-o", root / "calib.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "calib.json").read_text())["inputs"]["model"] == TEACHER
+    other = root / "other"
+    other.mkdir()
+    write_students(other)
+    for name in ("floors.parquet", "curves.parquet"):  # the same floors, distilled from another teacher
+        meta_other = formats.parquet_metadata(other / name)
+        cols = formats.read_table(other / name)
+        summary = meta_other["summary"] | {"config": {"run_key": {"teacher": "someone/else"}}}
+        formats.write_parquet(other / name, cols, kind=meta_other["kind"], provenance=prov("x"), summary=summary)
+    arts, _ = report_discover.discover(root)
+    teacher = {a.rel: a.teacher for a in arts}
+    assert teacher["calib.json"] == teacher["stats.parquet"] == teacher["pred.parquet"] == TEACHER
+    assert teacher["other/floors.parquet"] == "someone/else"
+    jobs, _ = report_figures.plan_figures(arts)
+    mine = {(j.rule.figure, j.inputs[0].rel): j for j in jobs}
+    d_star = run["made"]["stats"]["layers"]["6"]["d_star"]
+    assert mine["calibration-normalized", "calib.json"].options["d_star"] == pytest.approx(d_star)
+    assert [a.rel for a in mine["floors", "students/floors.parquet"].inputs] == [
+        "students/floors.parquet",
+        "stats.parquet",
+    ]
+    assert [a.rel for a in mine["floors", "other/floors.parquet"].inputs] == ["other/floors.parquet"]
+    # the predicted-floor figure marks only its own model's student widths
+    assert mine["floor", "stats.parquet"].options["widths"] == WIDTHS
+    ablation = [j for j in jobs if j.rule.figure == "objective-ablation"]
+    assert all(len({a.teacher for a in j.inputs}) == 1 for j in ablation)
+    # several figures of one rule: titles say which file each shows
+    titles = [j.title for j in jobs if j.rule.figure == "floors"]
+    assert titles == ["Distillation floor vs width (Fig. 6b) — other/floors.parquet",
+                      "Distillation floor vs width (Fig. 6b) — students/floors.parquet"]  # fmt: skip
