@@ -682,3 +682,62 @@ def test_a_figure_combines_only_files_of_one_model(run, tmp_path):
     titles = [j.title for j in jobs if j.rule.figure == "floors"]
     assert titles == ["Distillation floor vs width (Fig. 6b) — other/floors.parquet",
                       "Distillation floor vs width (Fig. 6b) — students/floors.parquet"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- the headline
+
+
+def test_headline_answers_first_per_model(run, tmp_path):
+    """d* per layer with its spread over SAEs, L* at each student width, observed and calibrated floors and the
+    smallest width for a target, one card per teacher, at the top of each page and in report.json."""
+    cards = run["json"]["headline"]["models"]
+    by_teacher = {c["teacher"]: c for c in cards}
+    assert set(by_teacher) == {TEACHER, "EleutherAI/pythia-410m"}  # the paper's calibration is not applied to tiny
+    mine = by_teacher[TEACHER]
+    d = {t["key"]: t for t in mine["tables"]}["headline_d_star"]
+    want = run["made"]["stats"]["layers"]
+    assert [r[:3] for r in d["rows"]] == [[6, 1, pytest.approx(want["6"]["d_star"])],
+                                          [12, 1, pytest.approx(want["12"]["d_star"])]]  # fmt: skip
+    fl = {t["key"]: t for t in mine["tables"]}["headline_floors"]
+    pred = formats.read_table(run["root"] / "pred.parquet")
+    col = {c: [r[i] for r in fl["rows"]] for i, c in enumerate(fl["columns"])}
+    assert col["d_S"] == WIDTHS and col["observed (nats)"] == run["made"]["floors"]["floor"]
+    l6 = [f for f, layer in zip(pred["floor"], pred["layer"], strict=True) if layer == 6]
+    assert col["L* layer 6"] == pytest.approx(l6)
+    assert not any(c.startswith("calibrated") for c in fl["columns"])
+    assert any("No calibration of this model" in line for line in mine["lines"])
+    assert any("no stats file of this model" in line for line in by_teacher["EleutherAI/pythia-410m"]["lines"])
+    html, md = run["html"], run["md"]
+    assert html.index('id="headline"') < html.index('id="sae-measurements"')
+    assert md.index("## Headline") < md.index("## SAE measurements")
+    assert f"{want['6']['d_star']:,.1f}" in html[: html.index('id="sae-measurements"')]
+
+    # several SAEs of a layer and a calibration of the run's own floors: the spread and the target answer
+    root = tmp_path / "run"
+    (root / "students").mkdir(parents=True)
+    write_students(root / "students")
+    write_stats(root / "stats-a.parquet")
+    summary = formats.parquet_metadata(root / "stats-a.parquet")["summary"]
+    cols = formats.read_table(root / "stats-a.parquet")
+    summary["layers"]["6"]["d_star"] *= 1.5  # a second SAE of the same layers that counts more features
+    summary["layers"]["12"]["d_star"] *= 1.5
+    formats.write_parquet(root / "stats-b.parquet", cols, kind="kdtool.stats", provenance=prov("b"), summary=summary)
+    r = invoke("predict", root / "stats-a.parquet", "--widths", ",".join(map(str, WIDTHS)), "-o", root / "pred.parquet")
+    assert r.exit_code == 0, r.output
+    r = invoke("calibrate", root / "students" / "floors.parquet", "--predicted", root / "pred.parquet",
+               "--layer", "6", "--bootstrap", "0", "-o", root / "calib.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = report.build_report(root, registered={})
+    (card,) = rep.headline
+    d = {t.key: t for t in card.tables}["headline_d_star"]
+    assert d.rows[0][:5] == [6, 2, pytest.approx(1.25 * want["6"]["d_star"]), pytest.approx(want["6"]["d_star"]),
+                             pytest.approx(1.5 * want["6"]["d_star"])]  # fmt: skip
+    fl = {t.key: t for t in card.tables}["headline_floors"]
+    assert "calibrated (nats, layer 6)" in fl.columns
+    cal = json.loads((root / "calib.json").read_text())["affine"]
+    cal_col = [r[fl.columns.index("calibrated (nats, layer 6)")] for r in fl.rows]
+    assert cal_col == pytest.approx([cal["C"] * f + cal["B"] for f in l6])
+    target = [line for line in card.lines if line.startswith("Smallest width for a floor of")]
+    assert len(target) == 2 and "B + 10%" in target[0] and "layer 6" in target[0]
+    page = (root / "report" / "report.json").read_text()
+    assert json.loads(page)["headline"]["models"][0]["lines"] == card.lines

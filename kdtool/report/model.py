@@ -201,6 +201,7 @@ class Report:
     notes: list[str]  # problems with inputs and figures, one line each
     unavailable: list[str]  # figure kinds the run allows but this kdtool has not registered
     provenance: dict | None
+    headline: list = field(default_factory=list)  # kdtool.report.headline.Card per teacher, shown first
 
     @property
     def index(self) -> Path:
