@@ -535,6 +535,13 @@ def fake_draw(inputs, output, *, style, options):
     _tiny_png(output)
 
 
+def fake_warn(inputs, output, *, style, options):
+    import warnings
+
+    warnings.warn("set_bad is deprecated, drawn anyway", PendingDeprecationWarning, stacklevel=1)
+    _tiny_png(output)
+
+
 def fake_fail(inputs, output, *, style, options):
     import warnings
 
@@ -741,3 +748,48 @@ def test_headline_answers_first_per_model(run, tmp_path):
     assert len(target) == 2 and "B + 10%" in target[0] and "layer 6" in target[0]
     page = (root / "report" / "report.json").read_text()
     assert json.loads(page)["headline"]["models"][0]["lines"] == card.lines
+
+
+def test_readme_excerpt_prints_the_headline_first(run):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, REPO / "scripts" / "readme-excerpt", run["root"]], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert text.index(f"# Headline: teacher {TEACHER}") < text.index("# Critical width d*") < text.index("# SAE meas")
+    d_star = run["made"]["stats"]["layers"]["6"]["d_star"]
+    assert f"{d_star:,.1f}" in text.split("# SAE meas")[0]
+
+
+def test_warnings_while_drawing_go_to_stderr_not_into_the_page(run, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    figs = types.ModuleType("kdtool_test_fakes.warns")
+    figs.fake_warn = fake_warn
+    monkeypatch.setitem(sys.modules, "kdtool_test_fakes.warns", figs)
+    root = tmp_path / "run"
+    root.mkdir()
+    shutil.copy(run["root"] / "probe.parquet", root / "probe.parquet")
+    said = []
+    report.build_report(
+        root, registered={"probe": ("kdtool_test_fakes.warns", "fake_warn", "h")}, on_warning=said.append
+    )
+    assert said == ["figures/probe.png: set_bad is deprecated, drawn anyway"]
+    for page in ("index.html", "README.md"):
+        assert "deprecated" not in (root / "report" / page).read_text(), page
+    assert json.loads((root / "report" / "report.json").read_text())["figures"][0]["warnings"] == [
+        "set_bad is deprecated, drawn anyway"
+    ]
+
+
+def test_inputs_command_wraps_at_spaces_and_stays_whole_in_markdown(run):
+    cmd = run["made"]["calib"]["provenance"]["command"]
+    html, md = run["html"], run["md"]
+    assert f'<td class="cmd"><code>{cmd}</code></td>' in html.replace("&#x27;", "'")
+    css = html[html.index("<style>") : html.index("</style>")]
+    assert "break-all" not in css and "overflow-wrap:anywhere" not in css
+    assert "td.cmd code{white-space:pre-wrap;word-break:normal" in css
+    assert f"`{cmd}`" in md

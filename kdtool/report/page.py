@@ -27,7 +27,7 @@ th{background:#f3f5f8}td.t,th.t{text-align:left}tbody tr:nth-child(even){backgro
 figure{margin:1em 0 1.8em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.88em;color:#444}.note{background:#fff4e5;border-left:4px solid #e69f00;padding:.4em .7em;
 font-size:.9em}.warn{color:#8a5300;font-size:.85em}
-ul.notes li{margin:.2em 0}details{font-size:.85em;margin:.2em 0}pre{white-space:pre-wrap;word-break:break-all}
+ul.notes li{margin:.2em 0}details{font-size:.85em;margin:.2em 0}pre{white-space:pre-wrap;overflow-wrap:break-word}
 td.cmd{max-width:32em;text-align:left;word-break:normal;overflow-wrap:normal}
 td.cmd code{white-space:pre-wrap;word-break:normal;overflow-wrap:normal}
 .headline{border:2px solid #0072b2;border-radius:6px;background:#f5f9fc;padding:.2em 1.1em .6em;margin:1em 0 2em}
