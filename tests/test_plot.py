@@ -389,8 +389,9 @@ def test_legends_do_not_cover_data(calib, captured, tmp_path):
     calibration_figs.calibration_normalized([path], tmp_path / "n.png", style="paper", options={"d_star": 300})
     floors = {"width": [8, 16, 32], "floor": [1.3, 1.0, 0.7], "floor_std": [0.01, 0.01, 0.01], "steps": [10] * 3}
     formats.write_parquet(tmp_path / "floors.parquet", floors, kind=distill.FLOORS_KIND, provenance={})
-    distill_floors.floors([tmp_path / "floors.parquet", _write_stats(tmp_path / "s.parquet") and tmp_path / "s.parquet"],
-                          tmp_path / "f.png", style="paper", options={})  # fmt: skip
+    _write_stats(tmp_path / "s.parquet")
+    distill_floors.floors([tmp_path / "floors.parquet", tmp_path / "s.parquet"], tmp_path / "f.png", style="paper",
+                          options={})  # fmt: skip
     assert len(captured) == 2 and all(_legend_outside_axes(fig) for fig in captured)
 
 
