@@ -754,8 +754,8 @@ def test_readme_excerpt_prints_the_headline_first(run):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, REPO / "scripts" / "readme-excerpt", run["root"]], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    script = REPO / "scripts" / "readme-excerpt"
+    r = subprocess.run([sys.executable, script, run["root"]], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     text = r.stdout
     assert text.index(f"# Headline: teacher {TEACHER}") < text.index("# Critical width d*") < text.index("# SAE meas")
