@@ -29,6 +29,7 @@ from kdtool.report.model import (
     SAE_LOG,
     SECTIONS,
     STATS,
+    SURVIVAL,
     TOY,
     TOY_CURVES,
     TOY_SURVIVAL,
@@ -46,7 +47,7 @@ FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _A, _C, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _SV, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -76,6 +77,7 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
     FigureRule("decomposition",          (CALIB, FLOORS), "file", _C, "Geometric vs baseline floor (Table 5)"),
+    FigureRule("survival",               (SURVIVAL,),     "file", _SV, "Which features survive (section 8)"),
     FigureRule("probe",                  (PROBE,),        "run",  _PR, "Linear probes (Fig. 8)"),
     FigureRule("toy-grid",               (TOY,),          "file", _T, "Floor vs width, all configurations (Fig. 2)"),
     FigureRule("toy-scatter",            (TOY,),          "file", _T, "Predicted vs actual floor (Fig. 3)"),

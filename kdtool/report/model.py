@@ -24,6 +24,7 @@ SECTIONS = (
     "Distillation",
     "Objective ablation",
     "Calibration",
+    "Feature survival",
     "Probing",
     "Toy model",
 )
@@ -32,6 +33,7 @@ SECTIONS = (
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
+SURVIVAL = "kdtool.survival"
 TOY_SURVIVAL = "kdtool.toy.survival"
 
 
