@@ -347,7 +347,7 @@ def test_resume_and_overwrite_guards(cli, tmp_path):
     assert r.exit_code == 2 and "no checkpoint" in r.stderr
     assert cli("--quiet", *base).exit_code == 0
     r = cli(*base)
-    assert r.exit_code == 2 and "--resume" in r.stderr and "--force" in r.stderr
+    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
     r = cli(*base, "--resume", "--l1", "0.5")
     assert r.exit_code == 2 and "l1: 0.0008 -> 0.5" in r.stderr
     assert cli("--quiet", *base, "--force", "--l1", "0.5").exit_code == 0

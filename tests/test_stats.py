@@ -119,7 +119,11 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, acts, make, extra, needl
 
 def test_layer_override_and_few_tokens_warning(cli, tmp_path, acts):
     make_sae(tmp_path / "a", layer=9)
-    r = cli("stats", "--sae", tmp_path / "a", "--acts", acts, "--layer", "5", "-o", tmp_path / "s.parquet")
+    argv = ["stats", "--sae", tmp_path / "a", "--acts", acts, "--layer", "5", "-o", tmp_path / "s.parquet"]
+    r = cli(*argv)  # an SAE recorded for layer 9 on layer 5's activations: refused, naming both layers
+    assert r.exit_code == 2 and "--layer 5" in r.stderr and "layer 9" in r.stderr and "--any-layer" in r.stderr
+    assert not (tmp_path / "s.parquet").exists()
+    r = cli(*argv, "--any-layer")
     assert r.exit_code == 0, r.output
     assert "layer from --layer" in r.stderr
     assert "cannot resolve --alive-threshold" in r.stderr  # 7000 tokens < 1 / 1e-5
@@ -153,7 +157,9 @@ def test_stats_job_refuses_what_it_cannot_measure(tmp_path, acts):
     make_sae(tmp_path / "a", layer=3)
     with pytest.raises(BadInput, match=r"2 layer\(s\) for 1 SAE\(s\)"):
         sae_stats.load_saes([tmp_path / "a"], [3, 5])
-    _, saes = sae_stats.load_saes([tmp_path / "a"], [7])
+    with pytest.raises(BadInput, match=r"an SAE of layer 3.*--any-layer"):
+        sae_stats.load_saes([tmp_path / "a"], [7])
+    _, saes = sae_stats.load_saes([tmp_path / "a"], [7], any_layer=True)
     assert saes[0].layer == 7 and saes[0].layer_source == "--layer"
     with pytest.raises(BadInput, match=r"layer\(s\) \[7\] not cached"):
         sae_stats.open_activations([7], acts, None, max_tokens=None)
@@ -267,4 +273,4 @@ def test_sae_figures(cli, tmp_path, acts):
     r = cli("plot", "sae-curves", tmp_path / "saes", "--layer", "4", "-o", tmp_path / "x.png")
     assert r.exit_code == 2 and "layer" in r.stderr
     r = cli("plot", "layers", tmp_path / "saes" / "layer3" / "train_log.parquet", "-o", tmp_path / "x.png")
-    assert r.exit_code == 2 and "not a `kdtool stats` file" in r.stderr
+    assert r.exit_code == 2 and "plot layers wants stats.parquet" in r.stderr
