@@ -289,6 +289,6 @@ def test_plot_probe_layers_and_bad_input(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     r = cli("plot", "probe", path, "--layer", "5", "-o", tmp_path / "f.png")
     assert r.exit_code == 2 and "layer" in r.stderr
-    formats.write_parquet(tmp_path / "bad.parquet", {"concept": ["a"], "model": ["t"]}, kind="x")
+    formats.write_parquet(tmp_path / "bad.parquet", {"concept": ["a"], "model": ["t"]}, kind="kdtool.probe")
     r = cli("plot", "probe", tmp_path / "bad.parquet", "-o", tmp_path / "g.png")
     assert r.exit_code == 2 and "missing column" in r.stderr

@@ -218,20 +218,36 @@ class TableFormat(str, Enum):
     parquet = "parquet"
 
 
-OutputOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--output",
-        "-o",
-        help="Write data here instead of stdout (format from the suffix).",
-        dir_okay=False,
-        writable=True,
-    ),
-]
-FormatOpt = Annotated[
-    Optional[TableFormat],
-    typer.Option("--format", "-f", help="table (rich, TTY default), csv (pipe default), json or parquet."),
-]
+def output_option(panel: str | None = None):
+    """-o/--output FILE for a command's data (`-o -`: stdout), in help panel `panel`."""
+    return Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write data here instead of stdout (format from the suffix).",
+            dir_okay=False,
+            writable=True,
+            rich_help_panel=panel,
+        ),
+    ]
+
+
+def format_option(panel: str | None = None):
+    """-f/--format of a command's data table, in help panel `panel`."""
+    return Annotated[
+        Optional[TableFormat],
+        typer.Option(
+            "--format",
+            "-f",
+            help="table (rich, TTY default), csv (pipe default), json or parquet.",
+            rich_help_panel=panel,
+        ),
+    ]
+
+
+OutputOpt = output_option()
+FormatOpt = format_option()
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (everything kdtool does is seeded).")]
 
 

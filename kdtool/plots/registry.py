@@ -198,7 +198,7 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "toy-scatter": _TOY,
     "toy-accuracy": _TOY,
     "toy-scaling": _TOY,
-    "toy-curves": ("kdtool.toy.curves",),
+    "toy-curves": ("kdtool.toy.curves", "kdtool.toy"),  # toy.parquet: the curves file beside it
     "toy-survival": ("kdtool.toy.survival", "kdtool.toy"),
     "toy-kept": ("kdtool.toy.survival", "kdtool.toy"),
 }
