@@ -62,7 +62,7 @@ def test_a_capacity_file_is_applied_and_named_in_every_output(cli, tmp_path):
     csv = cli("predict", *SPEC, "--capacity", cap, "-f", "csv")
     assert csv.exit_code == 0, csv.output
     header, first, _ = csv.stdout.strip().splitlines()
-    assert header.split(",")[-2:] == ["g", "capacity"] and f"power:2,0.5 from {cap}" in first
+    assert header.split(",")[-3:] == ["g", "capacity", "estimator"] and f"power:2,0.5 from {cap}" in first
     assert int(first.split(",")[2]) == kept[0]
     assert cli("predict", *SPEC, "--capacity", cap, "-o", tmp_path / "p.parquet").exit_code == 0
     meta = parquet_metadata(tmp_path / "p.parquet")
