@@ -220,30 +220,15 @@ class TableFormat(str, Enum):
 
 def output_option(panel: str | None = None):
     """-o/--output FILE for a command's data (`-o -`: stdout), in help panel `panel`."""
-    return Annotated[
-        Optional[Path],
-        typer.Option(
-            "--output",
-            "-o",
-            help="Write data here instead of stdout (format from the suffix).",
-            dir_okay=False,
-            writable=True,
-            rich_help_panel=panel,
-        ),
-    ]
+    help = "Write data here instead of stdout (format from the suffix)."
+    opt = typer.Option("--output", "-o", help=help, dir_okay=False, writable=True, rich_help_panel=panel)
+    return Annotated[Optional[Path], opt]
 
 
 def format_option(panel: str | None = None):
     """-f/--format of a command's data table, in help panel `panel`."""
-    return Annotated[
-        Optional[TableFormat],
-        typer.Option(
-            "--format",
-            "-f",
-            help="table (rich, TTY default), csv (pipe default), json or parquet.",
-            rich_help_panel=panel,
-        ),
-    ]
+    help = "table (rich, TTY default), csv (pipe default), json or parquet."
+    return Annotated[Optional[TableFormat], typer.Option("--format", "-f", help=help, rich_help_panel=panel)]
 
 
 OutputOpt = output_option()

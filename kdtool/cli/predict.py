@@ -16,6 +16,12 @@ from kdtool.cli import common, options
 INPUT, SPEC, WIDTHS = "Input", "Parametric spec (instead of STATS)", "Widths and target"
 CAPACITY, CALIBRATION, OUTPUT = "Capacity", "Calibration (floors in nats)", "Output"
 
+
+def _spec(name: str, help: str):
+    """An option of the parametric spec panel."""
+    return typer.Option(name, help=help, rich_help_panel=SPEC)
+
+
 EstimatorChoice = options.choices("EstimatorChoice", "paper", "robust")
 FitChoice = options.choices("FitChoice", "affine", "affine_fixed", "linear")
 
@@ -55,34 +61,18 @@ def main(
     ] = None,
     alpha: Annotated[
         Optional[float],
-        typer.Option(
-            "--alpha",
-            help="Sparsity alpha in [0, 1) (parametric spec; with STATS it overrides the file's).",
-            rich_help_panel=SPEC,
-        ),
+        _spec("--alpha", "Sparsity alpha in [0, 1) (parametric spec; with STATS it overrides the file's)."),
     ] = None,
     l0: Annotated[
-        Optional[float],
-        typer.Option(
-            "--l0", help="Parametric spec: mean active features per token; alpha = 1 - L0/F.", rich_help_panel=SPEC
-        ),
+        Optional[float], _spec("--l0", "Parametric spec: mean active features per token; alpha = 1 - L0/F.")
     ] = None,
     importance: Annotated[
-        str,
-        typer.Option(
-            "--importance",
-            help="Parametric spec: importance profile I_i: zipf (1/i), zipf:S (i^-S) or uniform.",
-            rich_help_panel=SPEC,
-        ),
+        str, _spec("--importance", "Parametric spec: importance profile I_i: zipf (1/i), zipf:S (i^-S) or uniform.")
     ] = "zipf",
     sq_activation: Annotated[
         Optional[float],
-        typer.Option(
-            "--sq-activation",
-            help="Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value.",
-            rich_help_panel=SPEC,
-        ),
-    ] = None,
+        _spec("--sq-activation", "Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value."),
+    ] = None,  # fmt: skip
     widths: Annotated[
         Optional[str],
         typer.Option(
