@@ -273,6 +273,14 @@ def check_layers(layers: list[int], n_layers: int, option: str = "--layers") -> 
     return sorted(set(int(layer) for layer in layers))
 
 
+def student_layer(layer: int, teacher_layers: int, student_layers: int) -> int:
+    """The teacher's layer index at the same depth in a student: the same index when depths match
+    (kdtool's students keep the teacher's depth), else scaled (probe and survival use this rule)."""
+    if student_layers == teacher_layers:
+        return layer
+    return round(layer * student_layers / teacher_layers)
+
+
 def residual_stream(model, input_ids, attention_mask=None, layers: list[int] = ()) -> dict[int, Any]:
     """{L: hidden_states[L]} ([batch, seq, d_model], the model's dtype) from one forward pass.
 

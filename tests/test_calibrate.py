@@ -167,7 +167,8 @@ def test_calibrate_files_returns_the_document_and_its_warnings(tmp_path):
     cfg = cal.CalibrationConfig(baseline_width=1024, bootstrap=20, seed=0)
     run = cal.calibrate_files(PAPER, cfg)
     assert run.warnings == []
-    assert run.inputs == {"observed": str(PAPER), "predicted": None, "column": "floor", "layer": None, "loss": "kl"}
+    assert run.inputs == {"observed": str(PAPER), "predicted": None, "column": "floor", "layer": None, "loss": "kl",
+                          "model": "EleutherAI/pythia-410m"}  # the paper's numbers name their teacher  # fmt: skip
     assert round(run.result["affine"]["C"], 2) == 8.96
     doc = run.document({"command": "test"})
     assert list(doc)[:2] == ["kind", "inputs"] and list(doc)[-1] == "provenance"

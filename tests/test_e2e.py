@@ -1,8 +1,8 @@
 """The whole chain through the real CLI on a tiny in-process model, as CI runs it.
 
 cache-acts -> train-sae (fixed and adaptive L1) -> stats -> predict -> distill -> calibrate ->
-probe -> plot report, all into one run folder. Each file is checked for its kind and schema, and
-the numbers are checked across files: predict recomputes from what stats wrote, calibrate joins
+survival -> probe -> plot report, all into one run folder. Each file is checked for its kind and schema,
+and the numbers are checked across files: predict recomputes from what stats wrote, calibrate joins
 what distill and predict wrote, the report tabulates what distill wrote.
 """
 
@@ -175,6 +175,21 @@ def test_whole_chain_tiny_model(tmp_path, cli):
     C, B = np.polyfit([predicted[w] for w in WIDTHS], [observed[w] for w in WIDTHS], 1)
     assert calib["affine"]["C"] == pytest.approx(C, rel=1e-6) and calib["affine"]["B"] == pytest.approx(B, rel=1e-6)
 
+    # -- survival: every distilled student against the layer-2 SAE, ranked by the stats file; the teacher scores 1.0
+    run(
+        cli,
+        f"survival {teacher} --dataset {text} --seq-len {SEQ} --sae {out}/saes/layer2 --students {out}/students "
+        f"--stats {out}/stats.parquet --tokens 300 --min-fires 3 -o {out}/survival.parquet",
+    )
+    smeta = formats.parquet_metadata(out / "survival.parquet")
+    assert smeta["kind"] == "kdtool.survival" and smeta["summary"]["importance_source"] == "stats"
+    srows = {r["model"]: r for r in smeta["summary"]["rows"]}
+    assert list(srows) == ["teacher", *(f"width{w}" for w in WIDTHS)]  # the reference first, then narrowest first
+    assert srows["teacher"]["survived"] == srows["teacher"]["measured"] > 0
+    for w in WIDTHS:  # F_S from the stats file's g, as predict computed it; each student labelled by its loss
+        assert srows[f"width{w}"]["F_S"] == min(math.floor(w * summary["2"]["g"]), summary["2"]["F"])
+        assert (srows[f"width{w}"]["loss"], srows[f"width{w}"]["seed"]) == ("kl", 0)
+
     # -- probe the teacher and two students on the concept file the test wrote
     run(
         cli,
@@ -203,6 +218,7 @@ def test_whole_chain_tiny_model(tmp_path, cli):
         "calibration",
         "decomposition",
         "probe",
+        "survival",
     } <= drawn
     for f in rep["figures"]:
         if f["file"]:

@@ -368,3 +368,67 @@ def test_slides_style_is_larger_than_paper(stats, captured, tmp_path):
     line = paper.axes[0].get_lines()[0]
     y = np.asarray(line.get_ydata())
     assert np.all(np.diff(y) <= 0) and paper.axes[0].get_xscale() == "log"
+
+
+def _legend_outside_axes(fig) -> bool:
+    fig.canvas.draw()
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is not None:
+            box, frame = leg.get_window_extent(), ax.get_window_extent()
+            return box.x0 >= frame.x1 or box.y1 <= frame.y0 or box.x1 <= frame.x0 or box.y0 >= frame.y1
+    raise AssertionError("no legend")
+
+
+def test_legends_do_not_cover_data(calib, captured, tmp_path):
+    """Figs. 17 and 6b (one line): the legend sits outside the axes, so it cannot hide points or lines."""
+    from kdtool.distill import files as distill
+    from kdtool.plots import distill_floors
+
+    path, _ = calib
+    calibration_figs.calibration_normalized([path], tmp_path / "n.png", style="paper", options={"d_star": 300})
+    floors = {"width": [8, 16, 32], "floor": [1.3, 1.0, 0.7], "floor_std": [0.01, 0.01, 0.01], "steps": [10] * 3}
+    formats.write_parquet(tmp_path / "floors.parquet", floors, kind=distill.FLOORS_KIND, provenance={})
+    _write_stats(tmp_path / "s.parquet")
+    distill_floors.floors([tmp_path / "floors.parquet", tmp_path / "s.parquet"], tmp_path / "f.png", style="paper",
+                          options={})  # fmt: skip
+    assert len(captured) == 2 and all(_legend_outside_axes(fig) for fig in captured)
+
+
+def test_toy_accuracy_draws_without_warnings(tmp_path, captured):
+    """Fig. 11 printed a matplotlib deprecation warning (Colormap.set_bad) into the report page."""
+    import warnings
+
+    from kdtool.plots import toy as toy_figs
+    from kdtool.toy import store as toy_store
+
+    rows = {c: [] for c in ("n", "d_teacher", "alpha", "d_student", "seed", "floor_data", "pred_refined",
+                            "pred_naive", "floor", "total_mass", "d_star", "g")}  # fmt: skip
+    for n in (10, 20):
+        for alpha in (0.8, 0.99):
+            for ds in (1, 2, 30):  # d_S = 30 >= d*: no prediction there, a masked ("bad") cell
+                for seed in range(2):
+                    pred = 1.0 / ds + alpha
+                    for c, v in zip(rows, (n, 3, alpha, ds, seed, pred * 1.05, pred, 1.0, pred * 1.05, 3.0, 0.6 * n,
+                                           1.5), strict=True):  # fmt: skip
+                        rows[c].append(v)
+    formats.write_parquet(tmp_path / "toy.parquet", rows, kind=toy_store.KIND, provenance={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        toy_figs.accuracy([tmp_path / "toy.parquet"], tmp_path / "acc.png", style="paper", options={})
+    assert len(captured) == 1
+
+
+def test_sae_curves_of_a_one_step_log_show_the_point(tmp_path, captured):
+    from kdtool.plots import sae as sae_figs
+    from kdtool.sae.training import LOG_COLUMNS
+
+    log = {c: [1.0] for c in LOG_COLUMNS} | {"layer": [6], "step": [10], "tokens": [2560], "alive_fraction": [0.9]}
+    formats.write_parquet(tmp_path / "train_log.parquet", log, kind="kdtool.sae.train_log", provenance={},
+                          summary={"layer": 6})  # fmt: skip
+    sae_figs.curves([tmp_path / "train_log.parquet"], tmp_path / "c.png", style="paper", options={})
+    (fig,) = captured
+    for ax in fig.axes:
+        (line,) = ax.get_lines()
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")
+    assert any(t.get_text() == "one step logged" for t in fig.axes[0].texts)

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "kdtool" / "data" / "paper_pythia410m.csv"
 WIDTHS = [8, 16, 32, 48]
 LAYERS = ((6, 600, 12.0), (12, 500, 6.0))  # (layer, d_sae, L0)
+TEACHER = "tiny/teacher"  # the model every file of the run fixture measures, recorded where kdtool's writers put it
 #: the figures this run folder allows (FIGURES rules whose inputs are present); toy figures are not among them
 ALLOWED = {
     "sae-curves",
@@ -70,7 +71,7 @@ def write_stats(path: Path) -> dict:
     """Two layers in the documented kdtool.stats schema; the summary agrees with the rows."""
     rng = np.random.default_rng(0)
     cols = {k: [] for k in ("layer", "feature", "fires", "freq", "mean_act", "importance", "max_act", "alive")}
-    summary = {"layers": {}}
+    summary = {"layers": {}, "source": {"model": TEACHER, "source": "cache"}}
     tokens = 100_000
     for layer, n, l0 in LAYERS:
         imp = np.arange(1, n + 1, dtype=float) ** -1.1
@@ -135,7 +136,7 @@ def write_students(folder: Path) -> dict:
         floors,
         kind=distill.FLOORS_KIND,
         provenance=prov("kdtool distill --widths 8,16,32,48"),
-        summary={"floor_from_step": 90},
+        summary={"floor_from_step": 90, "config": {"run_key": {"teacher": TEACHER}}},
     )
     curves = {c: [] for c in distill.CURVE_COLUMNS}
     for w, f in zip(WIDTHS, floors["floor"], strict=True):
@@ -165,7 +166,7 @@ def write_students(folder: Path) -> dict:
         curves,
         kind=distill.CURVES_KIND,
         provenance=prov("kdtool distill"),
-        summary={"floor_from_step": 90},
+        summary={"floor_from_step": 90, "config": {"run_key": {"teacher": TEACHER}}},
     )
     return floors
 
@@ -188,7 +189,11 @@ def write_train_log(path: Path, layer: int, steps: int = 20) -> None:
     }
     assert tuple(log) == LOG_COLUMNS
     formats.write_parquet(
-        path, log, kind="kdtool.sae.train_log", provenance=prov("kdtool train-sae"), summary={"layer": layer}
+        path,
+        log,
+        kind="kdtool.sae.train_log",
+        provenance=prov("kdtool train-sae"),
+        summary={"layer": layer, "source": {"model": TEACHER}},
     )
 
 
@@ -223,7 +228,9 @@ def write_probe(path: Path) -> dict:
         }
         for c in probe.COLUMNS:
             cols[c].append(row[c])
-    formats.write_parquet(path, cols, kind="kdtool.probe", provenance=prov("kdtool probe run"))
+    formats.write_parquet(
+        path, cols, kind="kdtool.probe", provenance=prov("kdtool probe run"), summary={"teacher": TEACHER}
+    )
     return acc
 
 
@@ -262,7 +269,7 @@ def run(tmp_path_factory):
         acts / "manifest.json",
         {
             "kind": "kdtool.acts",
-            "model": "tiny",
+            "model": TEACHER,
             "layers": [6, 12],
             "d_model": 64,
             "tokens": 4096,
@@ -364,7 +371,7 @@ def test_discovery_skips_checkpoints_foreign_files_and_the_report(run):
     assert cmds["acts"] == "kdtool cache-acts --tokens 4096"
     assert cmds["calib.json"] == run["made"]["calib"]["provenance"]["command"]
     details = dict(zip(t["col"]("file"), t["col"]("details"), strict=True))
-    assert details["acts"].startswith("tiny, 4,096 tokens") and details["students/width8"] == "width 8"
+    assert details["acts"].startswith(f"{TEACHER}, 4,096 tokens") and details["students/width8"] == "width 8"
     assert details["acts"].endswith("document order")
     assert details["saes/layer6"] == "layer 6, d_in 64, d_sae 600, kdtool layout"
 
@@ -528,6 +535,13 @@ def fake_draw(inputs, output, *, style, options):
     _tiny_png(output)
 
 
+def fake_warn(inputs, output, *, style, options):
+    import warnings
+
+    warnings.warn("set_bad is deprecated, drawn anyway", PendingDeprecationWarning, stacklevel=1)
+    _tiny_png(output)
+
+
 def fake_fail(inputs, output, *, style, options):
     import warnings
 
@@ -626,3 +640,156 @@ def test_report_kind_is_listed_and_every_registered_figure_has_a_rule():
     missing = [k for k, spec in KINDS.items() if k != "report" and spec[:2] not in drawn_by_rule]
     assert missing == [], "registered figure kinds that kdtool plot report never draws (add a FIGURES rule)"
     assert all(r.section in report_model.SECTIONS for r in report_figures.FIGURES)
+
+
+# --------------------------------------------------------------------------------------------- one model per figure
+
+
+def test_a_figure_combines_only_files_of_one_model(run, tmp_path):
+    """The fixture's calib.json is the paper's Pythia calibration: no d* of the run's tiny stats file on its panel;
+    a calibration of the run's own floors (same teacher) gets it; floors of another model get no d* nor widths."""
+    by_kind = {f["figure"]: f for f in run["json"]["figures"]}
+    meta = st.read_figure_metadata(run["out"] / by_kind["calibration-normalized"]["file"])
+    assert "d_star" not in meta["provenance"]["config"]["options"]
+    root = tmp_path / "run"
+    (root / "students").mkdir(parents=True)
+    shutil.copy(run["root"] / "stats.parquet", root / "stats.parquet")
+    shutil.copy(run["root"] / "pred.parquet", root / "pred.parquet")
+    write_students(root / "students")
+    r = invoke("calibrate", root / "students" / "floors.parquet", "--predicted", root / "pred.parquet",
+               "--layer", "6", "--bootstrap", "0", "-o", root / "calib.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "calib.json").read_text())["inputs"]["model"] == TEACHER
+    other = root / "other"
+    other.mkdir()
+    write_students(other)
+    for name in ("floors.parquet", "curves.parquet"):  # the same floors, distilled from another teacher
+        meta_other = formats.parquet_metadata(other / name)
+        cols = formats.read_table(other / name)
+        summary = meta_other["summary"] | {"config": {"run_key": {"teacher": "someone/else"}}}
+        formats.write_parquet(other / name, cols, kind=meta_other["kind"], provenance=prov("x"), summary=summary)
+    arts, _ = report_discover.discover(root)
+    teacher = {a.rel: a.teacher for a in arts}
+    assert teacher["calib.json"] == teacher["stats.parquet"] == teacher["pred.parquet"] == TEACHER
+    assert teacher["other/floors.parquet"] == "someone/else"
+    jobs, _ = report_figures.plan_figures(arts)
+    mine = {(j.rule.figure, j.inputs[0].rel): j for j in jobs}
+    d_star = run["made"]["stats"]["layers"]["6"]["d_star"]
+    assert mine["calibration-normalized", "calib.json"].options["d_star"] == pytest.approx(d_star)
+    assert [a.rel for a in mine["floors", "students/floors.parquet"].inputs] == [
+        "students/floors.parquet",
+        "stats.parquet",
+    ]
+    assert [a.rel for a in mine["floors", "other/floors.parquet"].inputs] == ["other/floors.parquet"]
+    # the predicted-floor figure marks only its own model's student widths
+    assert mine["floor", "stats.parquet"].options["widths"] == WIDTHS
+    ablation = [j for j in jobs if j.rule.figure == "objective-ablation"]
+    assert all(len({a.teacher for a in j.inputs}) == 1 for j in ablation)
+    # several figures of one rule: titles say which file each shows
+    titles = [j.title for j in jobs if j.rule.figure == "floors"]
+    assert titles == ["Distillation floor vs width (Fig. 6b) — other/floors.parquet",
+                      "Distillation floor vs width (Fig. 6b) — students/floors.parquet"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- the headline
+
+
+def test_headline_answers_first_per_model(run, tmp_path):
+    """d* per layer with its spread over SAEs, L* at each student width, observed and calibrated floors and the
+    smallest width for a target, one card per teacher, at the top of each page and in report.json."""
+    cards = run["json"]["headline"]["models"]
+    by_teacher = {c["teacher"]: c for c in cards}
+    assert set(by_teacher) == {TEACHER, "EleutherAI/pythia-410m"}  # the paper's calibration is not applied to tiny
+    mine = by_teacher[TEACHER]
+    d = {t["key"]: t for t in mine["tables"]}["headline_d_star"]
+    want = run["made"]["stats"]["layers"]
+    assert [r[:3] for r in d["rows"]] == [[6, 1, pytest.approx(want["6"]["d_star"])],
+                                          [12, 1, pytest.approx(want["12"]["d_star"])]]  # fmt: skip
+    fl = {t["key"]: t for t in mine["tables"]}["headline_floors"]
+    pred = formats.read_table(run["root"] / "pred.parquet")
+    col = {c: [r[i] for r in fl["rows"]] for i, c in enumerate(fl["columns"])}
+    assert col["d_S"] == WIDTHS and col["observed (nats)"] == run["made"]["floors"]["floor"]
+    l6 = [f for f, layer in zip(pred["floor"], pred["layer"], strict=True) if layer == 6]
+    assert col["L* layer 6"] == pytest.approx(l6)
+    assert not any(c.startswith("calibrated") for c in fl["columns"])
+    assert any("No calibration of this model" in line for line in mine["lines"])
+    assert any("no stats file of this model" in line for line in by_teacher["EleutherAI/pythia-410m"]["lines"])
+    html, md = run["html"], run["md"]
+    assert html.index('id="headline"') < html.index('id="sae-measurements"')
+    assert md.index("## Headline") < md.index("## SAE measurements")
+    assert f"{want['6']['d_star']:,.1f}" in html[: html.index('id="sae-measurements"')]
+
+    # several SAEs of a layer and a calibration of the run's own floors: the spread and the target answer
+    root = tmp_path / "run"
+    (root / "students").mkdir(parents=True)
+    write_students(root / "students")
+    write_stats(root / "stats-a.parquet")
+    summary = formats.parquet_metadata(root / "stats-a.parquet")["summary"]
+    cols = formats.read_table(root / "stats-a.parquet")
+    summary["layers"]["6"]["d_star"] *= 1.5  # a second SAE of the same layers that counts more features
+    summary["layers"]["12"]["d_star"] *= 1.5
+    formats.write_parquet(root / "stats-b.parquet", cols, kind="kdtool.stats", provenance=prov("b"), summary=summary)
+    r = invoke("predict", root / "stats-a.parquet", "--widths", ",".join(map(str, WIDTHS)), "-o", root / "pred.parquet")
+    assert r.exit_code == 0, r.output
+    r = invoke("calibrate", root / "students" / "floors.parquet", "--predicted", root / "pred.parquet",
+               "--layer", "6", "--bootstrap", "0", "-o", root / "calib.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = report.build_report(root, registered={})
+    (card,) = rep.headline
+    d = {t.key: t for t in card.tables}["headline_d_star"]
+    assert d.rows[0][:5] == [6, 2, pytest.approx(1.25 * want["6"]["d_star"]), pytest.approx(want["6"]["d_star"]),
+                             pytest.approx(1.5 * want["6"]["d_star"])]  # fmt: skip
+    fl = {t.key: t for t in card.tables}["headline_floors"]
+    assert "calibrated (nats, layer 6)" in fl.columns
+    cal = json.loads((root / "calib.json").read_text())["affine"]
+    cal_col = [r[fl.columns.index("calibrated (nats, layer 6)")] for r in fl.rows]
+    assert cal_col == pytest.approx([cal["C"] * f + cal["B"] for f in l6])
+    target = [line for line in card.lines if line.startswith("Smallest width for a floor of")]
+    assert len(target) == 2 and "B + 10%" in target[0] and "layer 6" in target[0]
+    page = (root / "report" / "report.json").read_text()
+    assert json.loads(page)["headline"]["models"][0]["lines"] == card.lines
+
+
+def test_readme_excerpt_prints_the_headline_first(run):
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "readme-excerpt"
+    r = subprocess.run([sys.executable, script, run["root"]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert text.index(f"# Headline: teacher {TEACHER}") < text.index("# Critical width d*") < text.index("# SAE meas")
+    d_star = run["made"]["stats"]["layers"]["6"]["d_star"]
+    assert f"{d_star:,.1f}" in text.split("# SAE meas")[0]
+
+
+def test_warnings_while_drawing_go_to_stderr_not_into_the_page(run, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    figs = types.ModuleType("kdtool_test_fakes.warns")
+    figs.fake_warn = fake_warn
+    monkeypatch.setitem(sys.modules, "kdtool_test_fakes.warns", figs)
+    root = tmp_path / "run"
+    root.mkdir()
+    shutil.copy(run["root"] / "probe.parquet", root / "probe.parquet")
+    said = []
+    report.build_report(
+        root, registered={"probe": ("kdtool_test_fakes.warns", "fake_warn", "h")}, on_warning=said.append
+    )
+    assert said == ["figures/probe.png: set_bad is deprecated, drawn anyway"]
+    for page in ("index.html", "README.md"):
+        assert "deprecated" not in (root / "report" / page).read_text(), page
+    assert json.loads((root / "report" / "report.json").read_text())["figures"][0]["warnings"] == [
+        "set_bad is deprecated, drawn anyway"
+    ]
+
+
+def test_inputs_command_wraps_at_spaces_and_stays_whole_in_markdown(run):
+    cmd = run["made"]["calib"]["provenance"]["command"]
+    html, md = run["html"], run["md"]
+    assert f'<td class="cmd"><code>{cmd}</code></td>' in html.replace("&#x27;", "'")
+    css = html[html.index("<style>") : html.index("</style>")]
+    assert "break-all" not in css and "overflow-wrap:anywhere" not in css
+    assert "td.cmd code{white-space:pre-wrap;word-break:normal" in css
+    assert f"`{cmd}`" in md

@@ -121,7 +121,7 @@ def test_report_draws_the_project_page_figures_per_trial(run):
     assert "figures/sae-layers--foreign-parquet-no-training-record.png" in drawn
     assert not [f.note for f in rep.figures if f.note]
     titles = {f.title for f in rep.figures}
-    assert "Per-layer SAE measurements (Table 1): C (adaptive)" in titles
+    assert "Per-layer SAE measurements (Table 1) — C (adaptive)" in titles
     table = json.loads((folder / "report" / "report.json").read_text())
     t = next(t for t in table["tables"] if t["key"] == "sae_trials")
     rows = {row[0]: dict(zip(t["columns"], row, strict=True)) for row in t["rows"]}

@@ -54,6 +54,7 @@ COMMANDS = [
     ("predict", "predict"),
     ("distill", "distill"),
     ("calibrate", "calibrate"),
+    ("survival", "survival"),
     ("probe", "probe"),
     ("plot", "plot"),
     ("toy", "toy"),

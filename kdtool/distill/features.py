@@ -94,7 +94,7 @@ class FeaturePlan:
                 have = ", ".join(sorted({str(x.layer) for x in layers}))
                 raise BadInput(f"--sae {sae_path}: says no layer and --stats {stats_path} has several ({have})")
             layer = layers[0].layer
-        li = _this_sae(layers, layer, sae_path, stats_path)
+        li = imp.entry_of_sae(layers, layer, sae_path, stats_path)
         if li.features is None or int(li.features.max()) >= sae.d_sae:
             raise BadInput(f"--stats {stats_path}: features beyond the SAE's d_sae={sae.d_sae}: not this SAE's stats")
         g = imp.capacity_g(li.alpha)
@@ -198,18 +198,3 @@ def check_teacher(plan: FeaturePlan, d_teacher: int, n_layers: int) -> None:
         raise BadInput(f"--sae {plan.info['sae']}: reads d_in={plan.sae.d_in}, the teacher's width is {d_teacher}")
     if not 0 <= plan.layer <= n_layers:
         raise BadInput(f"--sae {plan.info['sae']}: layer {plan.layer} outside the teacher's 0..{n_layers}")
-
-
-def _this_sae(layers: list, layer: int, sae_path, stats_path):
-    """The stats entry of --sae: its layer's only SAE, or the one whose key (trailing path parts) it ends with."""
-    here = [x for x in layers if x.layer == layer]
-    if not here:
-        raise BadInput(f"--stats {stats_path}: has no layer {layer} (the layer of --sae {sae_path})")
-    if len(here) == 1:
-        return here[0]
-    mine = Path(sae_path).resolve().parts
-    named = [x for x in here if x.sae and mine[-len(Path(x.sae).parts) :] == Path(x.sae).parts]
-    if len(named) != 1:
-        keys = ", ".join(str(x.sae) for x in here)
-        raise BadInput(f"--stats {stats_path}: layer {layer} has several SAEs ({keys}); none is --sae {sae_path}")
-    return named[0]

@@ -176,6 +176,6 @@ def calibration_normalized(inputs: list[Path], output: Path, *, style: str, opti
     ax.set_ylabel(rf"floor / floor at $d_S={w[0]:g}$")
     ax.set_ylim(bottom=0)
     ax.set_title("normalised predicted vs observed floors")
-    ax.legend(loc="upper right")
+    st.legend_outside(ax)  # inside, it sat on the curves and the d* line
     st.title(fig, options)
     st.save(fig, output)

@@ -155,7 +155,7 @@ def floors(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         labels.append(_spread_note(every))  # says what the bars measure
         st.legend_below(leg_ax, handles, labels)
     elif handles:
-        ax.legend(handles, labels, loc="upper right")
+        st.legend_outside(ax, handles, labels)  # inside, it covered the floors and their labels
     if options.get("title"):
         ax.set_title(options["title"])
     st.save(fig, output)

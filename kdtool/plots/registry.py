@@ -51,6 +51,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "calibration_normalized",
         "Fig. 17: normalised predicted vs observed floors against width (input: calib.json)",
     ),
+    "survival": (
+        "kdtool.plots.survival",
+        "survival",
+        "Section 8: per-feature survival r2 vs importance rank per student, F_S and the staircase marked; "
+        "survived count vs width against d_S g(alpha) (input: survival.parquet)",
+    ),
     "probe": (
         "kdtool.plots.probe",
         "probe",

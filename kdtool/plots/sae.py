@@ -148,7 +148,9 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         for ax, (key, _, _) in zip(axes.flat, panels, strict=True):
             if key in cols:
                 y = np.asarray(cols[key], dtype=float)
-                ax.plot(x, y, color=sty["color"], linestyle=sty["linestyle"], label=label)
+                # a log of one step is one point: a line through it draws nothing, a marker shows it
+                ax.plot(x, y, color=sty["color"], linestyle=sty["linestyle"], label=label,
+                        marker=sty["marker"] if x.size == 1 else None)  # fmt: skip
     for ax, (key, label, logy) in zip(axes.flat, panels, strict=True):
         ax.set_title(label)
         if logy:
@@ -156,6 +158,8 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     for ax in axes[1]:
         ax.set_xlabel("training tokens" if x_key == "tokens" else "step")
     axes[1][1].set_ylim(-0.02, 1.02)
+    if all(np.asarray(c[x_key]).size == 1 for _, c, _ in logs):
+        axes[0][0].annotate("one step logged", (0.02, 0.04), xycoords="axes fraction", fontsize="small", color="0.4")
     axes[0][0].legend(loc="best")
     if options.get("title"):
         fig.suptitle(options["title"])

@@ -146,6 +146,15 @@ def legend_below(legend_ax, handles, labels, **kwargs) -> None:
         legend_ax.legend(handles, labels, loc="upper center", borderaxespad=0.0, **kwargs)
 
 
+def legend_outside(ax, handles=None, labels=None, **kwargs) -> None:
+    """A legend to the right of the axes, outside them: it never covers data (the saved figure grows to hold it;
+    save() crops with bbox_inches="tight")."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
 def layer_style(index: int) -> dict:
     """Colour, line style and marker for the index-th series (layers, runs), distinct in colour and print."""
     return {

@@ -153,8 +153,7 @@ def accuracy(inputs: list[Path], output: Path, *, style: str, options: dict) -> 
     data = (agg["pred_refined"] > 0) & (agg["floor_mean"] > 0)
     acc = 1 - np.abs(agg["pred_refined"] - agg["floor_mean"]) / np.where(data, agg["floor_mean"], 1.0)
     fig, axes = st.figure(style, 1, len(ns))
-    cmap = mpl.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#DDDDDD")
+    cmap = mpl.colormaps["RdYlGn"].with_extremes(bad="#DDDDDD")  # set_bad is deprecated (matplotlib 3.11)
     image = None
     for p, n in enumerate(ns):
         ax = axes[0][p]

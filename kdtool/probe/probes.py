@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from kdtool import formats
 from kdtool.errors import BadInput, MissingColumns
-from kdtool.models import residual_stream
+from kdtool.models import residual_stream, student_layer
 
 POOLS = ("mean", "last")
 
@@ -144,13 +144,6 @@ def _stable(s: str) -> int:
 def default_layer(n_layers: int) -> int:
     """The middle of the residual stream (Pythia-410M, 24 blocks -> 12, the paper's layer)."""
     return n_layers // 2
-
-
-def student_layer(layer: int, teacher_layers: int, student_layers: int) -> int:
-    """The same depth in a student: the same index when depths match (kdtool's students), else scaled."""
-    if student_layers == teacher_layers:
-        return layer
-    return round(layer * student_layers / teacher_layers)
 
 
 def pooled_states(

@@ -27,9 +27,10 @@ from pathlib import Path
 from kdtool import formats
 from kdtool.errors import BadInput
 from kdtool.plots import registry
+from kdtool.report import headline as report_headline
 from kdtool.report import page as report_page
 from kdtool.report import tables as report_tables
-from kdtool.report.discover import discover, read_json_quiet
+from kdtool.report.discover import discover, one_line, read_json_quiet
 from kdtool.report.figures import Warn, plan_figures, render_figure
 from kdtool.report.model import KIND, FigureResult, Report
 
@@ -90,7 +91,13 @@ def build_report(
     for n in table_notes:
         warn(n)
     notes += table_notes
-    report = Report(run_dir, out, artifacts, figures, tables, notes, unavailable, provenance)
+    try:
+        cards = report_headline.headline(artifacts, options)
+    except Exception as exc:  # the headline must not cost the rest of the report
+        cards = []
+        notes.append(f"headline: not built, {one_line(exc)}")
+        warn(notes[-1])
+    report = Report(run_dir, out, artifacts, figures, tables, notes, unavailable, provenance, cards)
     _remove_stale_figures(out, {f.file for f in figures if f.file})
     formats.write_text(out / "index.html", report_page.html(report))
     formats.write_text(out / "README.md", report_page.markdown(report))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from kdtool import formats
+from kdtool import formats, teachers
 from kdtool.errors import BadInput, KdtoolError
 from kdtool.report.model import KIND, SAE_LOG, STATS, Artifact
 from kdtool.sae.summary import entries, several_per_layer
@@ -174,5 +174,7 @@ def discover(run_dir: str | os.PathLike, *, exclude: list[Path] = ()) -> tuple[l
                 continue
             if art is not None:
                 artifacts.append(art)
+    for art in artifacts:
+        art.teacher = teachers.teacher_of(art.kind, art.summary, art.provenance)
     artifacts.sort(key=lambda a: natural_key(a.rel))
     return artifacts, notes

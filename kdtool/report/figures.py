@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from kdtool import formats
+from kdtool import formats, teachers
 from kdtool import provenance as prov_mod
 from kdtool.distill import ablation
 from kdtool.errors import KdtoolError
@@ -29,6 +29,7 @@ from kdtool.report.model import (
     SAE_LOG,
     SECTIONS,
     STATS,
+    SURVIVAL,
     TOY,
     TOY_CURVES,
     TOY_SURVIVAL,
@@ -36,6 +37,8 @@ from kdtool.report.model import (
     FigureJob,
     FigureResult,
     FigureRule,
+    model_groups,
+    same_model,
 )
 from kdtool.sae.summary import entries
 
@@ -44,7 +47,7 @@ FIGURE_SUFFIX = ".png"
 
 Warn = Callable[[str], None]
 
-_S, _P, _D, _A, _C, _PR, _T = SECTIONS
+_S, _P, _D, _A, _C, _SV, _PR, _T = SECTIONS
 
 #: Artifact kinds -> figure kinds: the one place that decides what a run folder allows.
 # fmt: off
@@ -74,6 +77,7 @@ FIGURES: tuple[FigureRule, ...] = (
     FigureRule("calibration-normalized", (CALIB,),        "file", _C, "Normalised predicted vs observed (Fig. 17)",
                hints=("d_star",)),
     FigureRule("decomposition",          (CALIB, FLOORS), "file", _C, "Geometric vs baseline floor (Table 5)"),
+    FigureRule("survival",               (SURVIVAL,),     "file", _SV, "Which features survive (section 8)"),
     FigureRule("probe",                  (PROBE,),        "run",  _PR, "Linear probes (Fig. 8)"),
     FigureRule("toy-grid",               (TOY,),          "file", _T, "Floor vs width, all configurations (Fig. 2)"),
     FigureRule("toy-scatter",            (TOY,),          "file", _T, "Predicted vs actual floor (Fig. 3)"),
@@ -119,11 +123,12 @@ def student_widths(artifacts: list[Artifact]) -> list[int] | None:
 
 
 def _d_star_for(calib: Artifact, artifacts: list[Artifact]) -> float | None:
-    """d* of the layer a calibration used, from a stats summary (the only layer when it names none)."""
+    """d* of the layer a calibration used, from a stats summary of the same model (the only layer when it names
+    none); None when no stats file measures the calibration's model."""
     layer = ((calib.summary or {}).get("inputs") or {}).get("layer") if isinstance(calib.summary, dict) else None
     found: dict[str, float] = {}
     for art in artifacts:
-        if art.kind == STATS:
+        if art.kind == STATS and same_model(art, calib):
             for e in entries(art.summary):  # the first SAE of a layer (a calibration names a layer, not an SAE)
                 if isinstance(e.info.get("d_star"), (int, float)):
                     found.setdefault(str(e.layer), float(e.info["d_star"]))
@@ -158,8 +163,10 @@ def _trial_groups(main: list[Artifact], min_layers: int) -> list[tuple[list[Arti
 
 
 def _groups(main: list[Artifact], per: str) -> list[list[Artifact]]:
-    if per == "run" or len(main) == 1:
+    if len(main) == 1:
         return [main]
+    if per == "run":  # one figure per model: a figure never combines two teachers
+        return model_groups(main)
     if per == "file":
         return [[a] for a in main]
     by_folder: dict[Path, list[Artifact]] = {}
@@ -177,7 +184,6 @@ def plan_figures(
         registered = registry.KINDS
     base = {"layer": None, "widths": None, "features": None, "alpha": None, "capacity": "paper", "title": None}
     base.update({k: v for k, v in (options or {}).items() if v is not None})
-    widths = base["widths"] or student_widths(artifacts)
     jobs: list[FigureJob] = []
     unavailable: list[str] = []
     for rule in FIGURES:
@@ -195,21 +201,30 @@ def plan_figures(
         groups_opts = [(g, o, lab) for g, o, lab in groups_opts if rule.when is None or CONDITIONS[rule.when](g)]
         groups = [g for g, _, _ in groups_opts]
         for group, group_opts, label in groups_opts:
-            extra = [a for a in artifacts if a.kind in rule.extra]
+            # extras and hints only from files of the main input's model (d* of another teacher is no hint)
+            mine = [a for a in artifacts if same_model(a, group[0])]
+            extra = [a for a in mine if a.kind in rule.extra]
             if rule.extra_scope == "folder":
                 extra = [a for a in extra if a.path.parent == group[0].path.parent]
             opts = dict(base) | group_opts
-            if "widths" in rule.hints and widths:
+            if "widths" in rule.hints and not base["widths"] and (widths := student_widths(mine)):
                 opts["widths"] = widths
             if "d_star" in rule.hints:
-                d_star = _d_star_for(group[0], artifacts)
+                d_star = _d_star_for(group[0], mine)
                 if d_star is not None:
                     opts["d_star"] = d_star
-            # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes); trial: its label
+            # sae-run: name the figure after the run folder (fixed/saes/layer6/... -> fixed/saes); trial: its label;
+            # run: the model (one figure per teacher)
             if rule.per == "sae-run" and group[0].kind == SAE_LOG and label.count("/") >= 2:
                 label = label.rsplit("/", 2)[0]
+            if rule.per == "run":
+                label = teachers.short(group[0].teacher)
             trial = rule.per == "trial"
-            name = rule.figure if len(groups) == 1 else f"{rule.figure}--{_slug(label, path=not trial)}"
+            name = (
+                rule.figure
+                if len(groups) == 1
+                else f"{rule.figure}--{_slug(label, path=rule.per != 'run' and not trial)}"
+            )
             while any(j.file == f"figures/{name}{FIGURE_SUFFIX}" for j in jobs):
                 name += "-2"
             jobs.append(
@@ -218,7 +233,8 @@ def plan_figures(
                     group + [a for a in extra if a not in group],
                     f"figures/{name}{FIGURE_SUFFIX}",
                     opts,
-                    f"{rule.title}: {label}" if trial and len(groups) > 1 else None,
+                    # several figures of one rule: each title says which file, run, trial or model it shows
+                    f"{rule.title} — {label}" if len(groups) > 1 else None,
                 )
             )
     return jobs, unavailable

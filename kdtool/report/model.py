@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kdtool import teachers
+
 #: Kind of report.json (docs/formats.md).
 KIND = "kdtool.report"
 
@@ -22,6 +24,7 @@ SECTIONS = (
     "Distillation",
     "Objective ablation",
     "Calibration",
+    "Feature survival",
     "Probing",
     "Toy model",
 )
@@ -30,6 +33,7 @@ SECTIONS = (
 STATS, PREDICT, SAE_LOG = "kdtool.stats", "kdtool.predict", "kdtool.sae.train_log"
 CURVES, FLOORS, CALIB = "kdtool.distill.curves", "kdtool.distill.floors", "kdtool.calibration"
 PROBE, TOY, TOY_CURVES = "kdtool.probe", "kdtool.toy", "kdtool.toy.curves"
+SURVIVAL = "kdtool.survival"
 TOY_SURVIVAL = "kdtool.toy.survival"
 
 
@@ -43,11 +47,27 @@ class Artifact:
     provenance: dict | None = None
     summary: Any = None  # Parquet kdtool.summary, or the JSON object itself for JSON artifacts
     details: str = ""  # a short description for the inputs table (rows, layer, tokens, ...)
+    teacher: str | None = None  # the model the file measures (kdtool.teachers.teacher_of); None: not recorded
 
 
 def of_kind(arts: list[Artifact], kind: str) -> list[Artifact]:
     """The artifacts of one kind, in discovery order."""
     return [a for a in arts if a.kind == kind]
+
+
+def same_model(a: Artifact, b: Artifact) -> bool:
+    """Whether two files may be combined in one figure or answer: they name the same teacher (or neither names
+    one and one command wrote both)."""
+    return a is b or teachers.same_teacher(a.teacher, b.teacher, a.provenance, b.provenance)
+
+
+def model_groups(arts: list[Artifact]) -> list[list[Artifact]]:
+    """The artifacts split by the teacher they measure, in discovery order; those naming none form one group
+    (a run of files too old to say keeps its figures whole)."""
+    groups: dict[str | None, list[Artifact]] = {}
+    for a in arts:
+        groups.setdefault(a.teacher.lower() if a.teacher else None, []).append(a)
+    return list(groups.values())
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -183,6 +203,7 @@ class Report:
     notes: list[str]  # problems with inputs and figures, one line each
     unavailable: list[str]  # figure kinds the run allows but this kdtool has not registered
     provenance: dict | None
+    headline: list = field(default_factory=list)  # kdtool.report.headline.Card per teacher, shown first
 
     @property
     def index(self) -> Path:

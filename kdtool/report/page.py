@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from kdtool import __version__
+from kdtool.report.headline import title as card_title
 from kdtool.report.model import KIND, SECTIONS, FigureResult, Report, Table, format_cell
 
 _CSS = """
@@ -26,8 +27,11 @@ th{background:#f3f5f8}td.t,th.t{text-align:left}tbody tr:nth-child(even){backgro
 figure{margin:1em 0 1.8em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.88em;color:#444}.note{background:#fff4e5;border-left:4px solid #e69f00;padding:.4em .7em;
 font-size:.9em}.warn{color:#8a5300;font-size:.85em}
-ul.notes li{margin:.2em 0}details{font-size:.85em;margin:.2em 0}pre{white-space:pre-wrap;word-break:break-all}
-td.cmd{max-width:32em;word-break:break-all;text-align:left}
+ul.notes li{margin:.2em 0}details{font-size:.85em;margin:.2em 0}pre{white-space:pre-wrap;overflow-wrap:break-word}
+td.cmd{max-width:32em;text-align:left;word-break:normal;overflow-wrap:normal}
+td.cmd code{white-space:pre-wrap;word-break:normal;overflow-wrap:normal}
+.headline{border:2px solid #0072b2;border-radius:6px;background:#f5f9fc;padding:.2em 1.1em .6em;margin:1em 0 2em}
+.headline h2{margin-top:.4em;border:0}.headline p{margin:.4em 0}
 """
 
 
@@ -79,6 +83,9 @@ def _html_table(t: Table) -> str:
     for row in t.rows:
         cells = []
         for col, v, f in zip(t.columns, row, t.formats, strict=True):
+            if col == "command" and v:  # wraps at spaces only: a command never breaks inside a word
+                cells.append(f'<td class="cmd"><code>{_esc(format_cell(v, f))}</code></td>')
+                continue
             cls = "cmd" if col == "command" else ("t" if f == "text" else "")
             cells.append(f"<td{_cls(cls)}>{_esc(format_cell(v, f))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -99,13 +106,13 @@ def _html_table(t: Table) -> str:
 def _html_figure(f: FigureResult) -> str:
     if f.file is None:
         return f'<h3>{_esc(f.title)}</h3>\n<p class="note">{_esc(f.note)}</p>'
-    warns = "".join(f'<div class="warn">warning: {_esc(w)}</div>' for w in f.warnings)
+    # warnings raised while drawing go to stderr and report.json, never into the page
     inputs = ", ".join(f"<code>{_esc(i)}</code>" for i in f.inputs)
     return (
         f'<figure id="fig-{_esc(f.file.rsplit("/", 1)[-1].rsplit(".", 1)[0])}"><h3>{_esc(f.title)}</h3>'
         f'<img src="{_esc(f.file)}" alt="{_esc(f.title)}">'
         f'<figcaption>{_esc(f.caption)}. <span class="src">kdtool plot {_esc(f.figure)} {inputs}</span>'
-        f"{warns}</figcaption></figure>"
+        "</figcaption></figure>"
     )
 
 
@@ -120,6 +127,19 @@ def _html_inputs_provenance(report: Report) -> str:
     return "\n".join(parts)
 
 
+def _html_headline(report: Report) -> str:
+    if not report.headline:
+        return ""
+    out = ['<section class="headline" id="headline"><h2>Headline</h2>']
+    for card in report.headline:
+        if len(report.headline) > 1 or card.teacher:
+            out.append(f"<h3>{_esc(card_title(card))}</h3>")
+        out += [_html_table(t) for t in card.tables]
+        out += [f"<p>{_esc(line)}</p>" for line in card.lines]
+    out.append("</section>")
+    return "\n".join(out)
+
+
 def html(report: Report) -> str:
     """The whole report page (UTF-8 text)."""
     command, version, created = _made_by(report)
@@ -130,6 +150,7 @@ def html(report: Report) -> str:
         + (f" at {_esc(created)}" if created else "")
         + ".</p>",
     ]
+    body.append(_html_headline(report))
     sections = _sections(report)
     body.append(
         "<p>"
@@ -223,8 +244,20 @@ def _md_figure(f: FigureResult) -> str:
         "",
         f"*{_md_cell(f.caption)}.* " + _md_code(f"kdtool plot {f.figure} {' '.join(f.inputs)}"),
     ]
-    lines += [f"\n> warning: {_md_cell(w)}" for w in f.warnings]
     return "\n".join(lines) + "\n"
+
+
+def _md_headline(report: Report) -> list[str]:
+    if not report.headline:
+        return []
+    out = ["## Headline", ""]
+    for card in report.headline:
+        if len(report.headline) > 1 or card.teacher:
+            out += [f"**{_md_cell(card_title(card))}**", ""]
+        out += [_md_table(t) for t in card.tables]
+        out += [f"> {_md_cell(line)}" + ("  " if i < len(card.lines) - 1 else "") for i, line in enumerate(card.lines)]
+        out += [""] if card.lines else []
+    return out
 
 
 def markdown(report: Report) -> str:
@@ -236,6 +269,7 @@ def markdown(report: Report) -> str:
         f"Run folder {_md_code(report.run_dir)}. {_counts(report)}.  ",
         f"Made by {_md_code(command)} with kdtool {version}" + (f" at {created}" if created else "") + ".",
         "",
+        *_md_headline(report),
     ]
     for name, figs, tabs in _sections(report):
         out += [f"## {name}", ""]
@@ -257,6 +291,19 @@ def markdown(report: Report) -> str:
 # --------------------------------------------------------------------------------------------- JSON
 
 
+def _table_json(t: Table) -> dict:
+    return {
+        "key": t.key,
+        "section": t.section,
+        "title": t.title,
+        "columns": t.columns,
+        "formats": t.formats,
+        "rows": t.rows,
+        "sources": t.sources,
+        "note": t.note,
+    }
+
+
 def as_json(report: Report) -> dict:
     """report.json: what was found, drawn and tabulated, with raw numbers (kind kdtool.report)."""
     return {
@@ -276,19 +323,18 @@ def as_json(report: Report) -> dict:
         ],
         "unavailable": report.unavailable,
         "notes": report.notes,
-        "tables": [
-            {
-                "key": t.key,
-                "section": t.section,
-                "title": t.title,
-                "columns": t.columns,
-                "formats": t.formats,
-                "rows": t.rows,
-                "sources": t.sources,
-                "note": t.note,
-            }
-            for t in report.tables
-        ],
+        "headline": {
+            "models": [
+                {
+                    "teacher": c.teacher,
+                    "lines": c.lines,
+                    "tables": [_table_json(t) for t in c.tables],
+                    "sources": c.sources,
+                }
+                for c in report.headline
+            ]
+        },
+        "tables": [_table_json(t) for t in report.tables],
         "inputs": [
             {"path": a.rel, "kind": a.kind, "details": a.details, "provenance": a.provenance} for a in report.artifacts
         ],

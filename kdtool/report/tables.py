@@ -16,6 +16,7 @@ and the other tables go on.
 | objective_ablation | floors of several losses, pooled   |          | tables_ablation.py  |
 | calibration    | calib.json fits                        | Table 4  | tables_floors.py    |
 | decomposition  | calib.json decomposition               | Table 5  | tables_floors.py    |
+| survival       | survival.parquet summary rows          | §8       | tables_survival.py  |
 | probe          | probe.parquet, accuracy per concept    | Table 6  | tables_probe.py     |
 | toy            | toy.parquet, per sparsity              | Fig. 3   | tables_toy.py       |
 | toy_survival   | toy.survival.parquet, per sparsity     |          | tables_toy.py       |
@@ -34,6 +35,7 @@ from kdtool.report.tables_ablation import objective_ablation
 from kdtool.report.tables_floors import calibration, distill_floors, predicted
 from kdtool.report.tables_probe import probe
 from kdtool.report.tables_sae import sae_fidelity, sae_layers, sae_training, sae_trials
+from kdtool.report.tables_survival import survival
 from kdtool.report.tables_toy import toy, toy_survival
 
 
@@ -62,6 +64,7 @@ BUILDERS: tuple[Callable, ...] = (
     distill_floors,
     objective_ablation,
     calibration,
+    survival,
     probe,
     toy,
     toy_survival,

@@ -256,6 +256,7 @@ class RunFiles:
                 "config": self.cfg.as_dict(),
                 "normalize": self.cfg.normalize,
                 "activation_scale": r.scale,
+                "source": self.source_info,  # the teacher and text: the report combines files of one model
             },
         )
 

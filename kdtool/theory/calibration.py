@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kdtool import teachers
 from kdtool.errors import BadInput
 from kdtool.formats import numeric_column, read_table
 from kdtool.kinds import expect
@@ -355,5 +356,7 @@ def calibrate_files(
         "column": column,
         "layer": layer,
         "loss": used,
+        # the teacher these floors measure: the report combines this calibration only with files of the same model
+        "model": teachers.of_file(observed) or (teachers.of_file(predicted) if predicted is not None else None),
     }
     return Calibration(inputs=inputs, result=result, warnings=warnings)

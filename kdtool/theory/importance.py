@@ -264,3 +264,21 @@ def floor_model(
     return theory.FloorModel.from_weights(
         layer.weights, layer.alpha if layer.alpha is not None else float("nan"), g_value=gv
     )
+
+
+def entry_of_sae(layers: list[LayerImportance], layer: int, sae_path, stats_path) -> LayerImportance:
+    """The stats entry of --sae: its layer's only SAE, or the one whose key (trailing path parts) it ends with.
+
+    layers: from_stats(stats_path). Used by distill --loss features and survival --stats.
+    """
+    here = [x for x in layers if x.layer == layer]
+    if not here:
+        raise BadInput(f"--stats {stats_path}: has no layer {layer} (the layer of --sae {sae_path})")
+    if len(here) == 1:
+        return here[0]
+    mine = Path(sae_path).resolve().parts
+    named = [x for x in here if x.sae and mine[-len(Path(x.sae).parts) :] == Path(x.sae).parts]
+    if len(named) != 1:
+        keys = ", ".join(str(x.sae) for x in here)
+        raise BadInput(f"--stats {stats_path}: layer {layer} has several SAEs ({keys}); none is --sae {sae_path}")
+    return named[0]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from kdtool import teachers
 from kdtool.errors import BadInput
 from kdtool.kinds import expect
 from kdtool.theory import calibrated as calib_mod
@@ -153,6 +154,8 @@ def predict(cfg: PredictionConfig, notify: Notify | None = None) -> Prediction:
         "estimator": cfg.estimator,
         "layers": {},
     }
+    if cfg.stats is not None:  # the teacher the stats file measures (the report combines files of one model)
+        summary["model"] = teachers.of_file(cfg.stats)
     if cal is not None:
         summary["calibration"] = {
             "file": str(cfg.calibration),
