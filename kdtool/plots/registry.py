@@ -187,6 +187,7 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "floor": ("kdtool.stats", "kdtool.predict"),
     "calibration": ("kdtool.calibration",),
     "calibration-normalized": ("kdtool.calibration",),
+    "survival": ("kdtool.survival",),
     "probe": ("kdtool.probe",),
     "distill-curves": ("kdtool.distill.floors", "kdtool.distill.curves"),
     "floors": ("kdtool.distill.floors", "kdtool.stats", "kdtool.predict"),
