@@ -271,7 +271,7 @@ class RunFiles:
             raise BadInput(
                 f"--resume: the checkpoint in {self.out} holds the SAEs {', '.join(held)}, this run asks for "
                 f"{', '.join(wanted)}; resume with the same --layer, --expansion/--features, --l1 and --init-seed, "
-                "or --force to start over"
+                "or --overwrite to start over"
             )
         old = {**LEGACY_CONFIG, **pointer["config"]}
         changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
@@ -279,7 +279,7 @@ class RunFiles:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise BadInput(
                 f"--resume: options differ from the checkpointed run ({diffs}); "
-                "use the same options, or --force to start over"
+                "use the same options, or --overwrite to start over"
             )
         at = Counters(
             step=int(pointer["step"]),
@@ -348,7 +348,7 @@ def _pointer_saes(pointer: dict) -> list[str]:
 
 
 def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bool, remove: bool = True) -> None:
-    """Refuse to overwrite a previous run unless --force; --force clears the old run's files for these SAEs.
+    """Refuse to overwrite a previous run unless --overwrite; --overwrite clears the old run's files for these SAEs.
 
     `names`: the SAE folders the run writes (TrainConfig.runs). The previous run's own SAE folders
     (listed by its checkpoint.json) are cleared too, so a run of other SAEs (say --expansion 4,8
@@ -367,7 +367,7 @@ def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bo
     existing = [out / name for name in names if (out / name).exists()]
     if (existing or pointer.exists()) and not force:
         what = ", ".join(str(p) for p in existing) or str(pointer)
-        raise BadInput(f"{what} already exists: use --resume to continue that run or --force to replace it")
+        raise BadInput(f"{what} already exists: use --resume to continue that run or --overwrite to replace it")
     if force and remove:
         for folder in existing:
             shutil.rmtree(folder)

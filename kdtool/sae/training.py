@@ -339,7 +339,7 @@ def train(
     """
     dist = dist or Dist()
     prepare_output(out, [name for name, _, _ in cfg.runs()], resume=resume, force=force, remove=dist.main)
-    barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
+    barrier(dist)  # no rank starts before rank 0 has cleared an --overwrite'd run
     trainer = Trainer(
         cfg,
         source,
