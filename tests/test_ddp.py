@@ -79,6 +79,8 @@ def test_two_gloo_processes_match_one(tmp_path, cli):
             "--quiet",
             "distill",
             *common,
+            "--format",  # the floors table on stdout (without it, a folder writer's table goes to stderr)
+            "csv",
             "-o",
             str(tmp_path / "two"),
         ],
@@ -97,7 +99,7 @@ def test_two_gloo_processes_match_one(tmp_path, cli):
     assert f2["tokens"].tolist() == f1["tokens"].tolist()  # both processes' tokens are counted
     meta = formats.parquet_metadata(tmp_path / "two" / "floors.parquet")
     assert meta["provenance"]["config"]["world_size"] == 2
-    # one set of outputs (rank 0), one floors table on stdout
+    # one set of outputs (rank 0), one floors table on stdout (--format csv)
     assert two.stdout.count("width") == 1
     from safetensors.torch import load_file
 

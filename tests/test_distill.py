@@ -740,3 +740,23 @@ def test_decomposition_bars_follow_table5(tmp_path, captured):
     )
     pd.decomposition([tmp_path / "floors.parquet"], Path("y.png"), style="paper", options={})
     assert [round(p.get_height(), 3) for p in captured[1].axes[0].patches] == [0.586, 0.586, 0.734, 0.0]
+
+
+def test_cli_distill_short_run_defaults_and_manners(cli, tmp_path, teacher_and_text, monkeypatch):
+    """--warmup scales with --steps; the table goes to stderr; progress off a TTY is common.progress's plain line."""
+    from kdtool.cli import common
+    from kdtool.cli.distill import default_warmup
+
+    assert (default_warmup(30_000), default_warmup(20), default_warmup(6)) == (1000, 2, 0)
+    monkeypatch.setattr(common, "LOG_EVERY_S", 0.0)
+    model, text = teacher_and_text
+    args = [a for a in TINY_ARGS if a not in ("--warmup", "1")]  # the README's short run, without --warmup
+    assert "--warmup" not in args and "1" not in args
+    r = cli("distill", "--model", model, "--dataset", text, *args, "-o", tmp_path / "students")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == ""  # a folder writer: human tables on stderr
+    assert "distillation floors" in r.stderr
+    assert "distill: 6/6 (100%)" in r.stderr and "ETA" in r.stderr
+    assert "step 1/6" not in r.stderr  # distill's own once-a-minute line is gone
+    note = [line for line in r.stderr.splitlines() if "checkpoint/ (" in line]
+    assert len(note) == 1 and "--resume" in note[0] and "rm -r" in note[0] and " MB" in note[0], r.stderr

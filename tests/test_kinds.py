@@ -70,3 +70,48 @@ def test_commands_check_the_kind_of_their_inputs(kdtool_proc, tmp_path, argv, me
     r = kdtool_proc(*[a.format(predict=predict) for a in argv])
     assert r.returncode == 2
     assert message in r.stderr and "kdtool.predict" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train-sae", "--acts", "{folder}"], "--acts wants acts/"),
+        (["stats", "--sae", "{predict}"], "--sae wants saes/layer12/"),
+        (["probe", "run", "{predict}"], "CONCEPTS wants concepts.parquet"),
+        (["toy", "--summarize", "{predict}"], "--summarize wants toy.parquet"),
+        (["distill", "--teacher-cache", "{folder}", "--steps", "2"], "--teacher-cache wants teacher-cache/"),
+    ],
+)
+def test_every_input_checks_its_kind(kdtool_proc, tmp_path, argv, message):
+    predict = tmp_path / "predict.parquet"
+    formats.write_parquet(predict, {"width": [1]}, kind="kdtool.predict")
+    folder = tmp_path / "calib-folder"  # a folder whose marker says it is something else
+    folder.mkdir()
+    formats.write_json(folder / "manifest.json", {"kind": "kdtool.calibration"})
+    r = kdtool_proc(*[a.format(predict=predict, folder=folder) for a in argv], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_every_plot_kind_refuses_a_wrong_kind_of_file(cli, tmp_path):
+    from kdtool.plots import registry
+
+    assert set(registry.ACCEPTS) == set(registry.KINDS) - {"report"}, "give each plot kind its ACCEPTS entry"
+    candidates = ["kdtool.predict", "kdtool.toy", "kdtool.distill.floors"]
+    for kind, accepted in registry.ACCEPTS.items():
+        assert set(accepted) <= set(kinds.KINDS), kind
+        wrong = next(k for k in candidates if k not in accepted)
+        path = tmp_path / f"{wrong}.parquet"
+        formats.write_parquet(path, {"width": [1]}, kind=wrong)
+        r = cli("plot", kind, path, "-o", tmp_path / "x.png")
+        assert r.exit_code == 2, (kind, r.output)
+        assert f"is {kinds.describe(wrong)}; plot {kind} wants" in r.stderr, r.stderr
+
+
+def test_plot_floor_refuses_observed_floors(cli, tmp_path):
+    floors = tmp_path / "floors.parquet"
+    formats.write_parquet(floors, {"width": [8], "floor": [1.0]}, kind="kdtool.distill.floors")
+    r = cli("plot", "floor", floors, "-o", tmp_path / "x.png")
+    assert r.exit_code == 2
+    assert "floors.parquet is a distillation floors table (kdtool.distill.floors" in r.stderr
+    assert "plot floor wants stats.parquet (kdtool.stats" in r.stderr and "predict.parquet (kdtool.predict" in r.stderr

@@ -225,7 +225,7 @@ def test_every_theory_kind_dispatches_with_provenance(cli, tmp_path, stats, cali
         (["floor", "STATS", "--widths", "0,5", "-o", "x.png"], "--widths"),
         (["capacity", "--set", "oops", "-o", "x.png"], "--set: expected KEY=VALUE"),
         (["capacity", "--set", "layer=3", "-o", "x.png"], "has its own flag"),
-        (["calibration", "STATS", "-o", "x.png"], "not valid JSON"),
+        (["calibration", "STATS", "-o", "x.png"], "plot calibration wants calib.json"),
         (["calibration", "CALIB", "CALIB", "-o", "x.png"], "at most 1 input"),
     ],
 )

@@ -159,6 +159,9 @@ def write_concepts(path, n_per_class=30, seed=0):
 
 
 def test_cli_probe_run_teacher_and_student(cli, tmp_path, saved_models):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: probe run itself must turn transformers' bars off
     concepts = write_concepts(tmp_path / "concepts.jsonl")
     out = tmp_path / "probe.parquet"
     student = saved_models / "width32"
@@ -179,6 +182,7 @@ def test_cli_probe_run_teacher_and_student(cli, tmp_path, saved_models):
     )
     r = cli(*args, "-o", out)
     assert r.exit_code == 0, r.output
+    assert "Loading weights" not in r.stderr and "%|" not in r.stderr, r.stderr  # no transformers bar off a TTY
     cols = formats.read_table(out)
     assert list(cols["model"]) == ["teacher", "teacher", str(student), str(student)]
     assert list(cols["role"]) == ["teacher", "teacher", "student", "student"]
@@ -289,6 +293,6 @@ def test_plot_probe_layers_and_bad_input(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     r = cli("plot", "probe", path, "--layer", "5", "-o", tmp_path / "f.png")
     assert r.exit_code == 2 and "layer" in r.stderr
-    formats.write_parquet(tmp_path / "bad.parquet", {"concept": ["a"], "model": ["t"]}, kind="x")
+    formats.write_parquet(tmp_path / "bad.parquet", {"concept": ["a"], "model": ["t"]}, kind="kdtool.probe")
     r = cli("plot", "probe", tmp_path / "bad.parquet", "-o", tmp_path / "g.png")
     assert r.exit_code == 2 and "missing column" in r.stderr

@@ -346,7 +346,7 @@ def test_resume_and_overwrite_guards(cli, tmp_path):
     r = cli(*base, "--resume")  # nothing to resume: a fresh start, said so (scripts can always pass --resume)
     assert r.exit_code == 0 and "no checkpoint" in r.stderr and "starting from the beginning" in r.stderr
     r = cli(*base)
-    assert r.exit_code == 2 and "--resume" in r.stderr and "--force" in r.stderr and "finished" in r.stderr
+    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr and "finished" in r.stderr
     r = cli(*base, "--resume", "--l1", "0.5")
     assert r.exit_code == 2 and "l1: 0.0008 -> 0.5" in r.stderr
     assert cli("--quiet", *base, "--force", "--l1", "0.5").exit_code == 0
@@ -508,3 +508,32 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_resume(cli, t
     for L in (3, 5):
         wa, wb = _weights(tmp_path / "a" / f"layer{L}"), _weights(tmp_path / "b" / f"layer{L}")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_sae_manners_overwrite_progress_and_a_next_hint_that_runs(cli, tmp_path, monkeypatch):
+    """--overwrite is the word (--force a hidden alias); off a TTY, common.progress's plain lines with rate and
+    ETA; the table on stderr; the "next:" command works as printed (stats finds the cache in cfg.json)."""
+    import shlex
+
+    from kdtool.cli import common
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "LOG_EVERY_S", 0.0)
+    write_random(tmp_path / "cache", d=16, n=6_000)
+    base = ("train-sae", "--acts", "cache", "--features", "32", "--batch-tokens", "512", "-o", "run/saes")
+    r = cli(*base)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and "train-sae" in r.stderr  # a folder writer: its table on stderr
+    plain = [line for line in r.stderr.splitlines() if line.startswith("train-sae: ") and "%)" in line]
+    assert len(plain) >= 2 and all("tok/s" in p and "elapsed" in p for p in plain) and "ETA" in plain[0]
+    assert cli(*base).exit_code == 2
+    assert cli("--quiet", *base, "--overwrite").exit_code == 0
+    assert cli("--quiet", *base, "--force").exit_code == 0  # the old name still works
+    assert "--force" not in cli("train-sae", "--help").output
+    hint = [line for line in r.stderr.splitlines() if line.startswith("next: ")]
+    assert len(hint) == 1, r.stderr
+    argv = shlex.split(hint[0].removeprefix("next: "))
+    assert argv[:2] == ["kdtool", "stats"] and "--acts" not in argv
+    r = cli(*argv[1:])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "stats.parquet").exists()

@@ -70,9 +70,9 @@ def test_two_gloo_processes_match_one_and_resume(tmp_path, cli):
         torch.set_num_threads(threads)
     assert one.exit_code == 0, one.output
     # two processes, killed-and-resumed in the middle: a first run to 5K tokens, then --resume to 10K
-    first = _torchrun("train-sae", "--acts", str(acts), *TRAIN, "--tokens", "5K", "-o", str(tmp_path / "two"))
+    first = _torchrun("train-sae", "--acts", str(acts), *TRAIN, "--tokens", "5K", "-o", str(tmp_path / "two"), "--json")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("layer,tokens") == 1  # one summary table (rank 0)
+    assert json.loads(first.stdout)["kind"] == "kdtool.sae.train_summary"  # one summary (rank 0): one JSON document
     two = _torchrun(
         "train-sae", "--acts", str(acts), *TRAIN, "--tokens", "10K", "--resume", "-o", str(tmp_path / "two")
     )

@@ -170,6 +170,6 @@ def test_force_clears_the_previous_runs_other_folders(cli, tmp_path, acts):
     opts = ("--acts", acts, "--layer", "3", "--batch-tokens", "512", "--tokens", "2K", "--features", "32")
     assert cli("--quiet", "train-sae", *opts, "-o", out).exit_code == 0
     r = cli("--quiet", "train-sae", *opts, "--l1", "0.1,0.2", "-o", out)
-    assert r.exit_code == 2 and "--force" in r.stderr and (out / "layer3").exists()
-    assert cli("--quiet", "train-sae", *opts, "--l1", "0.1,0.2", "--force", "-o", out).exit_code == 0
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and (out / "layer3").exists()
+    assert cli("--quiet", "train-sae", *opts, "--l1", "0.1,0.2", "--overwrite", "-o", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "layer3-lambda0.1", "layer3-lambda0.2"]

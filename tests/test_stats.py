@@ -119,7 +119,11 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, acts, make, extra, needl
 
 def test_layer_override_and_few_tokens_warning(cli, tmp_path, acts):
     make_sae(tmp_path / "a", layer=9)
-    r = cli("stats", "--sae", tmp_path / "a", "--acts", acts, "--layer", "5", "-o", tmp_path / "s.parquet")
+    argv = ["stats", "--sae", tmp_path / "a", "--acts", acts, "--layer", "5", "-o", tmp_path / "s.parquet"]
+    r = cli(*argv)  # an SAE recorded for layer 9 on layer 5's activations: refused, naming both layers
+    assert r.exit_code == 2 and "--layer 5" in r.stderr and "layer 9" in r.stderr and "--any-layer" in r.stderr
+    assert not (tmp_path / "s.parquet").exists()
+    r = cli(*argv, "--any-layer")
     assert r.exit_code == 0, r.output
     assert "layer from --layer" in r.stderr
     assert "cannot resolve --alive-threshold" in r.stderr  # 7000 tokens < 1 / 1e-5
@@ -153,7 +157,9 @@ def test_stats_job_refuses_what_it_cannot_measure(tmp_path, acts):
     make_sae(tmp_path / "a", layer=3)
     with pytest.raises(BadInput, match=r"2 layer\(s\) for 1 SAE\(s\)"):
         sae_stats.load_saes([tmp_path / "a"], [3, 5])
-    _, saes = sae_stats.load_saes([tmp_path / "a"], [7])
+    with pytest.raises(BadInput, match=r"an SAE of layer 3.*--any-layer"):
+        sae_stats.load_saes([tmp_path / "a"], [7])
+    _, saes = sae_stats.load_saes([tmp_path / "a"], [7], any_layer=True)
     assert saes[0].layer == 7 and saes[0].layer_source == "--layer"
     with pytest.raises(BadInput, match=r"layer\(s\) \[7\] not cached"):
         sae_stats.open_activations([7], acts, None, max_tokens=None)
@@ -267,4 +273,36 @@ def test_sae_figures(cli, tmp_path, acts):
     r = cli("plot", "sae-curves", tmp_path / "saes", "--layer", "4", "-o", tmp_path / "x.png")
     assert r.exit_code == 2 and "layer" in r.stderr
     r = cli("plot", "layers", tmp_path / "saes" / "layer3" / "train_log.parquet", "-o", tmp_path / "x.png")
-    assert r.exit_code == 2 and "not a `kdtool stats` file" in r.stderr
+    assert r.exit_code == 2 and "plot layers wants stats.parquet" in r.stderr
+
+
+def test_stats_output_rule_and_the_cache_its_saes_record(cli, tmp_path, acts, monkeypatch):
+    """No -o: nothing saved, the per-SAE rows on stdout; -o FILE: the file, rows on stderr; --json: JSON on stdout.
+
+    An SAE that records its cache (train-sae writes kdtool.source.acts) needs no --acts."""
+    monkeypatch.chdir(tmp_path)  # no ./acts here: the recorded cache must be found
+    sae = tmp_path / "a"
+    save_kdtool(sae, {k: v for k, v in _tensors().items()}, cfg=saelens_cfg(D, 32, layer=3),
+                kdtool={"layer": 3, "source": {"source": "cache", "acts": str(acts)}}, provenance=None)  # fmt: skip
+    r = cli("stats", "--sae", sae)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("sae,layer,F,") and len(r.stdout.splitlines()) == 2  # CSV in a pipe
+    assert not list(tmp_path.rglob("*.parquet"))  # no stats.parquet written behind the user's back
+    r = cli("stats", "--sae", sae, "-o", tmp_path / "s.parquet")
+    assert r.exit_code == 0 and r.stdout == "" and "SAE statistics" in r.stderr, r.output
+    assert formats.parquet_metadata(tmp_path / "s.parquet")["summary"]["source"]["acts"] == str(acts)
+    r = cli("--json", "stats", "--sae", sae, "-o", tmp_path / "t.parquet")
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "kdtool.stats.summary"
+    # kinds: an SAE folder is no cache, a stats table no SAE
+    r = cli("stats", "--sae", sae, "--acts", sae)
+    assert r.exit_code == 2 and "is an SAE folder" in r.stderr and "--acts wants acts/ (kdtool.acts" in r.stderr
+    r = cli("stats", "--sae", tmp_path / "s.parquet", "--acts", acts)
+    assert r.exit_code == 2 and "--sae wants saes/layer12/ (kdtool.sae" in r.stderr
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(32, D, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    return {"W_enc": w_dec.t().contiguous(), "b_enc": -0.5 + 0.1 * torch.randn(32, generator=g), "W_dec": w_dec,
+            "b_dec": torch.zeros(D)}  # fmt: skip

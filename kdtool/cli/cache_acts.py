@@ -200,23 +200,18 @@ def main(
 
 
 def _progress_reporter(bar, task):
-    """on_progress for the caching job: the bar's rate; without a bar (a pipe, nohup, --quiet), a log line a minute."""
-    state = {"t0": None, "start": 0, "logged": 0.0}
-    plain = not common.show_progress()
+    """on_progress for the caching job: the bar's rate (off a terminal common.progress logs it every 10 s)."""
+    state = {"t0": None, "start": 0}
 
     def on_progress(done: int, total: int) -> None:
         now = time.perf_counter()
         if state["t0"] is None:  # rates start after the first batch (model warm-up excluded)
-            state["t0"], state["start"], state["logged"] = now, done, now
+            state["t0"], state["start"] = now, done
             bar.update(task, completed=done)
             return
         elapsed = now - state["t0"]
         rate = (done - state["start"]) / elapsed if elapsed > 0 else 0.0
         bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s")
-        if plain and now - state["logged"] >= 60:
-            state["logged"] = now
-            eta = (total - done) / rate if rate > 0 else float("inf")
-            common.log(f"cache-acts: {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
 
     return on_progress
 

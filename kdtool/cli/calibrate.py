@@ -6,6 +6,7 @@ tables, fit), write calib.json and/or print the fits and the decomposition.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -86,7 +87,9 @@ def main(
 
     Each fit reports R^2 = 1 - SS_res/SS_tot, RMSE, leave-one-out error and bootstrap 95%
     intervals; the decomposition splits each floor into geometric C*predicted and baseline B.
-    Writes calib.json with -o (read by `predict --calibration`); --json prints it.
+    Like predict: without -o the result goes to stdout, as tables on a terminal and as calib.json's
+    JSON in a pipe (or with --json); with -o FILE it is written there (read by `predict
+    --calibration`) and the tables go to stderr.
 
     Example: kdtool calibrate --example paper --baseline-width 1024 -o calib.json
     """
@@ -109,21 +112,25 @@ def main(
             inputs=[p for p in (observed, predicted) if p is not None], seed=seed, config=run.result["config"]
         )
     )
-    if output is not None:
+    if not common.to_stdout(output):  # the data to the file; the tables to stderr, or --json's copy to stdout
         common.emit_json(obj, output)
         common.log(f"wrote {output}")
-    if common.STATE.json:
+        if common.STATE.json:
+            common.emit_json(obj)
+        elif not common.STATE.quiet:
+            _show(run.result, common.err_console())
+    elif common.STATE.json or not sys.stdout.isatty():  # stdout is a pipe or a file: calib.json itself
         common.emit_json(obj)
-    elif not common.STATE.quiet:
-        _show(run.result)
+    else:  # a person at a terminal: the tables
+        _show(run.result, common.out_console())
 
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _show(result: dict) -> None:
-    """Human tables on stderr: the fits, then the decomposition."""
+def _show(result: dict, console) -> None:
+    """The human tables (the fits, then the decomposition) on `console`."""
     from rich import box
     from rich.table import Table
 
@@ -146,7 +153,6 @@ def _show(result: dict) -> None:
             band = f"[{ci[key][0]:.3g}, {ci[key][1]:.3g}]" if key in ci else ("fixed" if fixed else "-")
             scores = (f"{entry['r2']:.4f}", _fmt(entry["rmse"]), _fmt(entry["loo_rmse"])) if i == 0 else ("", "", "")
             fits.add_row(name if i == 0 else "", key, _fmt(entry[key]), band, *scores)
-    console = common.err_console()
     console.print(fits)
     for name in FITS:
         if "skipped" in result[name]:

@@ -162,7 +162,7 @@ def progress(transient: bool = False, counts: bool = True):
     counts=False drops the "done/total" column, for bars whose units are work estimates, not items.
     """
     if not show_progress():
-        return PlainProgress()  # log() is silent under --quiet
+        return PlainProgress(every=LOG_EVERY_S)  # read now, so tests can shorten it; log() is silent under --quiet
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -218,20 +218,21 @@ class TableFormat(str, Enum):
     parquet = "parquet"
 
 
-OutputOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--output",
-        "-o",
-        help="Write data here instead of stdout (format from the suffix).",
-        dir_okay=False,
-        writable=True,
-    ),
-]
-FormatOpt = Annotated[
-    Optional[TableFormat],
-    typer.Option("--format", "-f", help="table (rich, TTY default), csv (pipe default), json or parquet."),
-]
+def output_option(panel: str | None = None):
+    """-o/--output FILE for a command's data (`-o -`: stdout), in help panel `panel`."""
+    help = "Write data here instead of stdout (format from the suffix)."
+    opt = typer.Option("--output", "-o", help=help, dir_okay=False, writable=True, rich_help_panel=panel)
+    return Annotated[Optional[Path], opt]
+
+
+def format_option(panel: str | None = None):
+    """-f/--format of a command's data table, in help panel `panel`."""
+    help = "table (rich, TTY default), csv (pipe default), json or parquet."
+    return Annotated[Optional[TableFormat], typer.Option("--format", "-f", help=help, rich_help_panel=panel)]
+
+
+OutputOpt = output_option()
+FormatOpt = format_option()
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (everything kdtool does is seeded).")]
 
 
@@ -350,6 +351,38 @@ def emit_table(
         sys.stdout.flush()
     else:
         formats.write_text(output, text)
+
+
+def show_table(columns: dict[str, list], *, title: str | None = None) -> None:
+    """The human view of a result on stderr (silenced by --quiet): for commands whose data went to a file."""
+    from rich.markup import escape
+
+    from kdtool.provenance import jsonable
+
+    if STATE.quiet:
+        return
+    rows = [[escape(_cell(jsonable(v))) for v in row] for row in zip(*columns.values(), strict=True)]
+    console = err_console()
+    console.print(fitted_table(list(columns), rows, title=title, width=console.width))
+
+
+def emit_summary(
+    columns: dict[str, list],
+    *,
+    fmt: TableFormat | None = None,
+    kind: str,
+    provenance: dict,
+    title: str | None = None,
+    summary: dict | None = None,
+) -> None:
+    """The summary table of a command whose data went to a file or folder (docs/cli.md, "Where output goes").
+
+    A human table on stderr; with --json or an explicit --format, that form on stdout.
+    """
+    if fmt is None and not STATE.json:
+        show_table(columns, title=title)
+        return
+    emit_table(columns, fmt=fmt, output=None, kind=kind, provenance=provenance, title=title, summary=summary)
 
 
 def _parquet_to_stdout(columns: dict, **meta) -> None:

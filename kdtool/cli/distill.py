@@ -80,7 +80,16 @@ def main(
         ),
     ] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.", rich_help_panel=TRAIN)] = 3e-4,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warmup steps.", rich_help_panel=TRAIN)] = 1000,
+    warmup: Annotated[
+        Optional[int],
+        typer.Option(
+            "--warmup",
+            min=0,
+            help="Linear warmup steps. Default: min(1000, steps // 10), as the authors' code scaled it.",
+            rich_help_panel=TRAIN,
+            show_default=False,
+        ),
+    ] = None,
     min_lr_ratio: Annotated[
         float, typer.Option("--min-lr-ratio", help="Cosine decays to lr x this.", rich_help_panel=TRAIN)
     ] = 0.0,
@@ -148,10 +157,11 @@ def main(
     evaluated on held-out text every --eval-every steps. Floor = mean held-out per-token KL over
     the final 10% of steps, the same measure for every loss. All students share one teacher
     forward per batch. Writes OUTPUT/width{W}/ (HF folder; width{W}-{loss}/ for losses other
-    than kl), curves.parquet, floors.parquet, checkpoint/. Defaults are the paper's schedule
-    (30k steps of 32 x 512); on a CPU pass small --steps.
+    than kl), curves.parquet, floors.parquet, checkpoint/ (for --resume; `rm -r` it once the run
+    is done). Defaults are the paper's schedule (30k steps of 32 x 512); on a CPU pass small
+    --steps. The floors table goes to stderr (stdout with --json or --format).
 
-    Example: kdtool distill --widths 64,128 --steps 200 --warmup 20 --batch-size 4 --seq-len 128 --eval-every 50
+    Example: kdtool distill --widths 64,128 --steps 200 --batch-size 4 --seq-len 128 --eval-every 50
     """
     from kdtool.cli.options import load_teacher
     from kdtool.distill import job
@@ -178,7 +188,7 @@ def main(
         micro_batch=micro_batch,
         lr=lr,
         min_lr_ratio=min_lr_ratio,
-        warmup=warmup,
+        warmup=default_warmup(steps) if warmup is None else warmup,
         weight_decay=weight_decay,
         betas=tuple(beta_list),
         grad_clip=grad_clip,
@@ -195,6 +205,10 @@ def main(
         run_key=job.run_key(mspec, dspec),
         **losses.config(),
     )
+    if teacher_cache is not None:
+        from kdtool import kinds
+
+        kinds.expect(teacher_cache, "kdtool.teacher_cache", "--teacher-cache")
     if fmt is not None and fmt.value == "parquet":
         raise BadInput(f"--format parquet: the floors are written to {output}/floors.parquet; use table, csv or json")
     d = dist_init(cfg.device)
@@ -220,7 +234,12 @@ def main(
         report.done(result, fmt)
 
 
-#: floors.parquet columns printed on stdout
+def default_warmup(steps: int) -> int:
+    """--warmup when not given: the paper's 1000 steps, scaled down for short runs (a tenth of them)."""
+    return min(1000, steps // 10)
+
+
+#: floors.parquet columns printed
 SHOWN = ("width", "params", "non_embedding_params", "floor", "floor_std", "floor_scaled", "raw_kl", "eval_ce", "steps")
 
 
@@ -241,7 +260,7 @@ class _Report:
         self.cfg, self.output, self.resume = cfg, output, resume
         self.stack = contextlib.ExitStack()
         self.bar = self.task = self.start = None
-        self.t0 = self.logged = 0.0
+        self.t0 = 0.0
         self.finished = False  # a --resume found the run done: nothing was written
 
     def __enter__(self) -> _Report:
@@ -251,7 +270,7 @@ class _Report:
         self.stack.close()
 
     def _open_bar(self) -> None:
-        self.t0 = self.logged = time.perf_counter()
+        self.t0 = time.perf_counter()
         self.bar = self.stack.enter_context(common.progress())
         self.task = self.bar.add_task("distill", total=self.cfg.steps, rate="")
 
@@ -294,13 +313,6 @@ class _Report:
         evals = [r for r in ev["rows"] if r["eval_kl"] == r["eval_kl"]]
         if evals:
             common.log(f"step {ev['step']}: eval KL " + ", ".join(f"{_who(r)} {r['eval_kl']:.4f}" for r in evals))
-        elif not common.show_progress() and now - self.logged >= 60:
-            self.logged = now
-            what = "train KL" if self.cfg.losses == ["kl"] else "train loss"
-            common.log(
-                f"step {ev['step']}/{self.cfg.steps}, {rate:.2f} steps/s, {what} "
-                + ", ".join(f"{_who(r)} {r['train_loss']:.4f}" for r in ev["rows"])
-            )
 
     def done(self, result, fmt) -> None:
         """After the run (rank 0): the floor warning, where the files are, the floors table on stdout."""
@@ -312,11 +324,26 @@ class _Report:
             common.warn(note)
         if not self.finished:
             common.log(f"wrote {self.output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
-        common.emit_table(
+            checkpoint_note(self.output)
+        common.emit_summary(
             {k: result.floors[k] for k in shown(self.cfg)},
             fmt=fmt,
-            output=None,
             kind=FLOORS_KIND,
             provenance=result.provenance,
             title="distillation floors (per-token KL at T, nats)",
         )
+
+
+def checkpoint_note(output: Path) -> None:
+    """One line at the end of a run: the checkpoint it leaves, its size, what it is for and how to drop it."""
+    import shlex
+
+    folder = output / "checkpoint"
+    if not folder.is_dir():
+        return
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    common.log(
+        f"{folder}/ ({size / 2**20:,.0f} MB: every student's weights and optimizer state) is what --resume "
+        f"continues from; the students do not need it: `rm -r {shlex.quote(str(folder))}` once you will not "
+        "resume this run"
+    )

@@ -301,24 +301,37 @@ def with_teacher_flags(command):
     return with_flag_group(command, "flags", TeacherFlags, _SHARED)
 
 
-def load_teacher(spec: ModelSpec) -> LoadedModel:
-    """load_model with the CLI's manners: a log line per step, transformers' own bars and chatter off."""
+def quiet_transformers() -> None:
+    """transformers' own progress bars ("Loading weights") and chatter off, unless --debug."""
     import logging
 
-    from kdtool.cli.common import STATE, log
+    from kdtool.cli.common import STATE
+
+    if STATE.debug:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    logging.getLogger("kdtool.models").setLevel(logging.WARNING)
+
+
+def load_teacher(spec: ModelSpec) -> LoadedModel:
+    """load_model with the CLI's manners: its own phase (a line, and a spinner on a terminal), no transformers bars."""
+    import contextlib
+
+    from kdtool.cli.common import err_console, log, show_progress
     from kdtool.models import EMBEDDED_NAME, load_model
 
-    if not STATE.debug:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
-        logging.getLogger("kdtool.models").setLevel(logging.WARNING)
-    log(f"loading {spec.model or EMBEDDED_NAME} ...")
-    loaded = load_model(spec, notify=log)
+    quiet_transformers()
+    what = spec.model or EMBEDDED_NAME
+    log(f"loading teacher {what} ...")
+    spinner = err_console().status(f"loading teacher {what} ...") if show_progress() else contextlib.nullcontext()
+    with spinner:
+        loaded = load_model(spec, notify=log)
     log(
         f"loaded {loaded.name}: {loaded.n_layers} blocks, d_model {loaded.d_model}, "
         f"{str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"

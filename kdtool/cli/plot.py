@@ -119,6 +119,7 @@ def main(
     for p in paths:
         if not p.exists():
             raise BadInput(f"{p}: no such file")
+    registry.check_inputs(kind, paths)
     figure_options = _figure_options(layer, widths, features, alpha, capacity.value, title, list(set_ or []))
     prov = common.make_provenance(inputs=paths, config={"kind": kind, "style": style.value, "options": figure_options})
     written = registry.draw(kind, paths, output, style=style.value, options=figure_options, provenance=prov)

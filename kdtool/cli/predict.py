@@ -13,6 +13,15 @@ import typer
 
 from kdtool.cli import common, options
 
+INPUT, SPEC, WIDTHS = "Input", "Parametric spec (instead of STATS)", "Widths and target"
+CAPACITY, CALIBRATION, OUTPUT = "Capacity", "Calibration (floors in nats)", "Output"
+
+
+def _spec(name: str, help: str):
+    """An option of the parametric spec panel."""
+    return typer.Option(name, help=help, rich_help_panel=SPEC)
+
+
 EstimatorChoice = options.choices("EstimatorChoice", "paper", "robust")
 FitChoice = options.choices("FitChoice", "affine", "affine_fixed", "linear")
 
@@ -24,30 +33,59 @@ def main(
             help="Stats table from `kdtool stats` (Parquet; CSV/JSON with an `importance` column also work). "
             "Omit it to use a parametric spec (--features/--alpha).",
             show_default=False,
+            rich_help_panel=INPUT,
         ),
     ] = None,
-    widths: Annotated[
-        Optional[str], typer.Option("--widths", "-w", help="Student widths d_S: 128,256,512 or a range 64:1024:64.")
+    layer: options.layers_option(
+        "Layers of STATS to use (8,12); for a parametric spec, the label of its rows [0].", INPUT
+    ) = None,
+    sae: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sae",
+            help="Only these SAEs of STATS (its `sae` keys: layer12, or x8/layer12,x16/layer12).",
+            rich_help_panel=INPUT,
+        ),
     ] = None,
+    estimator: Annotated[
+        EstimatorChoice,
+        typer.Option(
+            "--estimator",
+            help="paper: F = alive latents and alpha = 1 - L0/F as the paper defines them; robust: "
+            "F_robust, alpha_robust (de-duplicated features carrying 99% of the importance; docs/sae.md).",
+            rich_help_panel=INPUT,
+        ),
+    ] = EstimatorChoice.paper,
     features: Annotated[
-        Optional[int], typer.Option("--features", help="Parametric spec: number of features F.")
+        Optional[int], typer.Option("--features", help="Parametric spec: number of features F.", rich_help_panel=SPEC)
     ] = None,
     alpha: Annotated[
         Optional[float],
-        typer.Option("--alpha", help="Sparsity alpha in [0, 1) (parametric spec; with STATS it overrides the file's)."),
+        _spec("--alpha", "Sparsity alpha in [0, 1) (parametric spec; with STATS it overrides the file's)."),
     ] = None,
     l0: Annotated[
-        Optional[float], typer.Option("--l0", help="Parametric spec: mean active features per token; alpha = 1 - L0/F.")
+        Optional[float], _spec("--l0", "Parametric spec: mean active features per token; alpha = 1 - L0/F.")
     ] = None,
     importance: Annotated[
-        str,
-        typer.Option(
-            "--importance", help="Parametric spec: importance profile I_i: zipf (1/i), zipf:S (i^-S) or uniform."
-        ),
+        str, _spec("--importance", "Parametric spec: importance profile I_i: zipf (1/i), zipf:S (i^-S) or uniform.")
     ] = "zipf",
     sq_activation: Annotated[
         Optional[float],
-        typer.Option("--sq-activation", help="Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value."),
+        _spec("--sq-activation", "Parametric spec: E(x_i^2); default (1-alpha)/3, the toy model's value."),
+    ] = None,  # fmt: skip
+    widths: Annotated[
+        Optional[str],
+        typer.Option(
+            "--widths", "-w", help="Student widths d_S: 128,256,512 or a range 64:1024:64.", rich_help_panel=WIDTHS
+        ),
+    ] = None,
+    target_loss: Annotated[
+        Optional[float],
+        typer.Option(
+            "--target-loss",
+            help="Print the minimum width whose floor is <= this (nats with --calibration).",
+            rich_help_panel=WIDTHS,
+        ),
     ] = None,
     capacity: Annotated[
         str,
@@ -55,47 +93,38 @@ def main(
             "--capacity",
             help="Features per dimension g_hat: paper (g(alpha) of Eq. 1), naive (g = 1), power:K,P "
             "(K g(alpha)^P) or a capacity file from `kdtool toy --fit-capacity`.",
+            rich_help_panel=CAPACITY,
         ),
     ] = "paper",
     g_value: Annotated[
-        Optional[float], typer.Option("--g", help="Use this capacity g instead of g(alpha) (Table 2 used g = 26.922).")
-    ] = None,
-    layer: options.layers_option(
-        "Layers of STATS to use (8,12); for a parametric spec, the label of its rows [0]."
-    ) = None,
-    target_loss: Annotated[
         Optional[float],
-        typer.Option("--target-loss", help="Print the minimum width whose floor is <= this (nats with --calibration)."),
+        typer.Option(
+            "--g", help="Use this capacity g instead of g(alpha) (Table 2 used g = 26.922).", rich_help_panel=CAPACITY
+        ),
     ] = None,
     calibration: Annotated[
         Optional[Path],
         typer.Option(
-            "--calibration", "-c", help="calib.json from `kdtool calibrate`: adds floor_kl and its bootstrap band."
+            "--calibration",
+            "-c",
+            help="calib.json from `kdtool calibrate`: adds floor_kl and its bootstrap band.",
+            rich_help_panel=CALIBRATION,
         ),
     ] = None,
     fit: Annotated[
-        FitChoice, typer.Option("--fit", help="Which fit of --calibration maps L* to nats.")
+        FitChoice,
+        typer.Option("--fit", help="Which fit of --calibration maps L* to nats.", rich_help_panel=CALIBRATION),
     ] = FitChoice.affine,
-    estimator: Annotated[
-        EstimatorChoice,
-        typer.Option(
-            "--estimator",
-            help="paper: F = alive latents and alpha = 1 - L0/F as the paper defines them; robust: "
-            "F_robust, alpha_robust (de-duplicated features carrying 99% of the importance; docs/sae.md).",
-        ),
-    ] = EstimatorChoice.paper,
-    sae: Annotated[
-        Optional[str],
-        typer.Option("--sae", help="Only these SAEs of STATS (its `sae` keys: layer12, or x8/layer12,x16/layer12)."),
-    ] = None,
     spread: Annotated[
         bool,
         typer.Option(
-            "--spread", help="With several SAEs of a layer: output min/median/max over them per width instead."
+            "--spread",
+            help="With several SAEs of a layer: output min/median/max over them per width instead.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
-    output: common.OutputOpt = None,
-    fmt: common.FormatOpt = None,
+    output: common.output_option(OUTPUT) = None,
+    fmt: common.format_option(OUTPUT) = None,
 ) -> None:
     """Predict the distillation loss floor L*(d_S) of Eq. 2 at each student width.
 

@@ -80,16 +80,20 @@ def run(
     """Probe each concept on the teacher and each student: accuracy, control task, selectivity.
 
     Writes probe.parquet (concept, model, role, width, layer, accuracy, accuracy_std,
-    control_accuracy, selectivity, n, ...) and prints the table on stdout.
+    control_accuracy, selectivity, n, ...) and prints the table on stderr (stdout with --json or
+    --format).
     Example: kdtool probe run concepts.parquet --models teacher,students/width128,students/width768 --per-class 200
     """
-    from kdtool import formats
+    from kdtool import formats, kinds
+    from kdtool.cli.options import quiet_transformers
     from kdtool.errors import BadInput
     from kdtool.probe import job
     from kdtool.probe.probes import ProbeConfig
 
     if not formats.is_parquet(output):
         raise BadInput(f"--output {output}: probe results are Parquet (use a .parquet name)")
+    kinds.expect(concepts, job.CONCEPTS_KIND, "CONCEPTS")
+    quiet_transformers()
     cfg = ProbeConfig(
         layer=layer,
         pool=pool.value,
@@ -117,10 +121,9 @@ def run(
         )
     common.log(f"probe: wrote {output}")
     shown = ("concept", "model", "width", "layer", "accuracy", "accuracy_std", "control_accuracy", "selectivity", "n")
-    common.emit_table(
+    common.emit_summary(
         {k: result.columns[k] for k in shown},
         fmt=fmt,
-        output=None,
         kind=job.PROBE_KIND,
         provenance=result.provenance,
         title=f"Linear probe accuracy (pool={cfg.pool})",

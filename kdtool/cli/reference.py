@@ -23,6 +23,30 @@ PLACEHOLDER = "Not implemented yet"
 _OUTPUT_START = re.compile(r"^(Outputs?|Writes|Creates|Prints)\b")
 
 
+#: docs/cli.md's conventions section: where each command's output goes (tests/test_cli_manners.py checks them)
+CONVENTIONS = [
+    "## Where output goes",
+    "",
+    "One rule for every command:",
+    "",
+    "- **Data goes to stdout** when there is no `-o` (or with `-o -`): a table on a terminal, CSV in a pipe",
+    "  (`predict`, `stats`' per-SAE rows), or the JSON document itself (`calibrate` writes calib.json's",
+    "  JSON to a pipe and its tables to a terminal). `--format` picks another form; `--json` always gives JSON.",
+    "- **With `-o FILE`** the data goes to the file and the human view (tables, summary) to stderr; `--json`",
+    "  then also puts the machine result on stdout. `stats` saves its per-feature table (the input of",
+    "  `predict`) only with `-o`: without it nothing is written to disk.",
+    "- **Commands that write a folder or a named file** (`cache-acts`, `train-sae`, `distill`, `survival`,",
+    "  `toy`, `probe run`) print their human tables on stderr and, with `--json` (or `--format`), the machine",
+    "  summary on stdout; otherwise stdout stays empty.",
+    "- **Messages, warnings and progress** always go to stderr: a bar on a terminal, elsewhere a plain line",
+    "  every 10 s with the rate and ETA (`--quiet`: only warnings and errors). Starting over in an output",
+    "  that holds a previous run takes `--overwrite`; continuing it, `--resume`.",
+    "- **Inputs are checked by kind**: every kdtool file records what it is, and a file of another kind is",
+    "  refused with a sentence naming what it is and what was wanted (exit 2).",
+    "",
+]
+
+
 @dataclass
 class Entry:
     """One command (a leaf, or a group) of the CLI tree."""
@@ -153,6 +177,7 @@ def render() -> str:
         "Global options go before or after the subcommand: `kdtool [--json] [--quiet] [--debug] COMMAND ...`.",
         "File formats: [formats.md](formats.md).",
         "",
+        *CONVENTIONS,
         "| command | what it does |",
         "|---|---|",
     ]

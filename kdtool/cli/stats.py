@@ -10,9 +10,11 @@ F and d* in the same file, and its mean ablation uses the mean activation the st
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,7 +40,11 @@ AliveOpt = Annotated[float, _opt("--alive-threshold", "A feature is alive iff it
 NormOpt = Annotated[DecoderNorm, _opt("--decoder-norm", "fold: measure z_i * ||W_dec[i]|| (residual-stream units; "
     "no change for unit-norm SAEs); raw: z as the SAE outputs it.")]  # fmt: skip
 ChunkOpt = Annotated[int, _opt("--chunk-tokens", "Tokens encoded at once (memory: chunk x d_sae floats).", min=1)]
-OutOpt = Annotated[Path, _opt("--output -o", "The stats table (Parquet).", dir_okay=False)]
+OutOpt = Annotated[Optional[Path], _opt("--output -o", "Save the per-feature stats table here (Parquet), the input of "
+    "`kdtool predict`; `-o -`: to stdout (--format). Without -o nothing is saved: the per-SAE summary goes to "
+    "stdout.", dir_okay=False, show_default=False)]  # fmt: skip
+AnyLayerOpt = Annotated[bool, _opt("--any-layer", "Measure an SAE on the --layer given even when its files record "
+    "another layer (an SAE trained on layer 12 measured on layer 8).")]  # fmt: skip
 CosineOpt = Annotated[float, _opt("--robust-cosine", "Latents whose decoder rows have at least this cosine are one "
     "feature (de-duplication).", ROBUST)]  # fmt: skip
 MassOpt = Annotated[
@@ -68,7 +74,8 @@ def main(
     fidelity: FidelityOpt = False,
     fidelity_tokens: FidTokensOpt = "64K",
     fidelity_batch_size: FidBatchOpt = 2,
-    output: OutOpt = Path("stats.parquet"),
+    output: OutOpt = None,
+    any_layer: AnyLayerOpt = False,
     fmt: common.FormatOpt = None,
     stream: StreamOpt = False,
     batch_size: StreamBatchSizeOpt = 8,
@@ -83,8 +90,10 @@ def main(
     activation, importance E[z^2] and maximum; alive iff frequency > --alive-threshold. F = alive
     latents, L0 = mean active latents per token, alpha = 1 - L0/F, d* = F/g; F_robust, alpha_robust,
     d_star_robust do not grow with the SAE's width (docs/sae.md). Several SAEs of one layer give one
-    row set each (the sensitivity of d*). Writes OUTPUT (one row per feature per SAE, the summary
-    in its metadata) for `kdtool predict`, and prints one row per SAE.
+    row set each (the sensitivity of d*). Prints one row per SAE on stdout; with -o OUTPUT saves
+    the per-feature table (one row per feature per SAE, the summary in its metadata) for `kdtool
+    predict` and prints the rows on stderr instead. --acts defaults to the cache the SAE was
+    trained on (its cfg.json records it), else ./acts.
 
     Example: kdtool stats --sae saes/layer12 --fidelity --fidelity-tokens 16K -o stats.parquet
     """
@@ -109,13 +118,15 @@ def main(
         if fidelity
         else None,
     )
-    if not formats.is_parquet(output):
+    saved = not common.to_stdout(output)
+    if saved and not formats.is_parquet(output):
         raise BadInput(f"--output {output}: stats are written as Parquet (.parquet)")
     teacher = None
     if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
         mspec = replace(flags.model_spec(), device=device)
         teacher = sources.TeacherStream(mspec, flags.data_spec(), options.load_teacher, batch_size, drop_first)
-    with locks.claim(output, command=common.command_line()):  # one stats run writes OUTPUT at a time
+    claim = locks.claim(output, command=common.command_line()) if saved else contextlib.nullcontext()
+    with claim:  # one stats run writes OUTPUT at a time
         with common.progress() as bar:
             tasks = {}
 
@@ -123,7 +134,7 @@ def main(
                 return lambda total, n: bar.update(tasks.setdefault(name, bar.add_task(name, total=total)), completed=n)
 
             result = sae_stats.run(cfg, sae, options.parse_layers(layer), acts, teacher, base_spec=flags.model_spec(),
-                                   load=options.load_teacher, on_progress=tick("stats"),
+                                   load=options.load_teacher, on_progress=tick("stats"), any_layer=any_layer,
                                    on_fidelity_progress=tick("fidelity"), on_sae=_log_sae)  # fmt: skip
         for note in result.notes:
             common.warn(note)
@@ -136,6 +147,16 @@ def main(
                 "decoder_norm": cfg.decoder_norm,
             },
         )
+        title = f"SAE statistics ({output if saved else 'not saved: -o FILE.parquet saves the per-feature table'})"
+        if output is None:  # the data is the per-SAE summary: stdout (table on a TTY, CSV in a pipe, JSON with --json)
+            common.emit_table(result.table(), fmt=fmt, output=None, kind="kdtool.stats.summary", provenance=provenance,
+                              title=title, summary=result.summary)  # fmt: skip
+            return
+        if not saved:  # -o -: the per-feature table itself to stdout
+            common.emit_table(result.columns, fmt=fmt, output=output, kind=sae_stats.STATS_KIND,
+                              provenance=provenance, summary=result.summary)  # fmt: skip
+            common.show_table(result.table(), title="SAE statistics")
+            return
         formats.write_parquet(
             output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
         )
@@ -143,8 +164,8 @@ def main(
         f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['saes'])} SAE(s), "
         f"{result.tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"
     )
-    common.emit_table(result.table(), fmt=fmt, output=None, kind="kdtool.stats.summary", provenance=provenance,
-                      title=f"SAE statistics ({output})", summary=result.summary)  # fmt: skip
+    common.emit_summary(result.table(), fmt=fmt, kind="kdtool.stats.summary", provenance=provenance, title=title,
+                        summary=result.summary)  # fmt: skip
 
 
 def _log_sae(s) -> None:

@@ -75,9 +75,10 @@ def main(
     the first --fit-fraction of the held-out tokens), reads it through the teacher's SAE encoder, and
     per feature compares with the teacher's own latents on the remaining tokens: r2, fire recall and
     precision, survived (r2 >= --threshold), predicted_kept (importance rank < F_S = floor(d_S g)).
-    The teacher against itself is the reference (1.0). Writes OUTPUT (survival.parquet) and prints per
-    student (width and distill loss): survived vs F_S, staircase agreement, Spearman(r2, importance),
-    importance mass kept. Students of different losses are never pooled.
+    The teacher against itself is the reference (1.0). Writes OUTPUT (survival.parquet) and prints
+    per student (width and distill loss; on stderr, on stdout with --json or --format): survived vs
+    F_S, staircase agreement, Spearman(r2, importance), importance mass kept.
+    Students of different losses are never pooled.
 
     Example: kdtool survival --sae saes/layer12 --students students --stats stats.parquet --tokens 200K
     """
@@ -123,4 +124,4 @@ def main(
     common.log(f"wrote {output} (maps fitted on {t['fit']:,} tokens, survival measured on {t['measured']:,})")
     title = f"feature survival (r2 >= {cfg.threshold:g}; importance {result.summary['importance_source']})"
     described = {"kind": summary.SUMMARY_KIND, "provenance": result.provenance, "summary": result.summary}
-    common.emit_table(summary.table(result.rows), fmt=fmt, output=None, title=title, **described)
+    common.emit_summary(summary.table(result.rows), fmt=fmt, title=title, **described)

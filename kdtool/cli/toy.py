@@ -232,6 +232,9 @@ def main(
     from kdtool.toy.survival import KEPT_THRESHOLD
 
     if summarize is not None:
+        from kdtool import kinds
+
+        kinds.expect(summarize, "kdtool.toy", "--summarize")
         which = measure.value if measure is not None else None
         summary = summarize_file(
             summarize,

@@ -185,9 +185,11 @@ def main(
             rich_help_panel=RUN_PANEL,
         ),
     ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace a previous run's SAEs for these layers.", rich_help_panel=RUN_PANEL)
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace a previous run's SAEs for these layers.", rich_help_panel=RUN_PANEL),
     ] = False,
+    force: Annotated[bool, typer.Option("--force", hidden=True, help="Old name of --overwrite.")] = False,
     stream: Annotated[
         bool,
         typer.Option(
@@ -244,6 +246,10 @@ def main(
     l1s = common.parse_opt("--l1", parse_float_list, l1)
     seeds = common.parse_opt("--init-seed", lambda t: parse_int_list(t, minimum=0), init_seed) if init_seed else None
     device = str(resolve_device(flags.device, local_rank=torchrun_local_rank()))
+    if acts is not None:
+        from kdtool import kinds
+
+        kinds.expect(acts, "kdtool.acts", "--acts")
     teacher = None
     if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
         mspec = replace(flags.model_spec(), device=device)  # the teacher on this process's device too
@@ -283,12 +289,14 @@ def main(
     if not d.main:
         common.STATE.quiet = True  # one voice: rank 0 logs
     try:
-        _train(cfg, source, d, output=output, provenance=provenance, resume=resume, force=force)
+        _train(
+            cfg, source, d, output=output, provenance=provenance, resume=resume, force=overwrite or force, flags=flags
+        )
     finally:
         dist.dist_close(d)
 
 
-def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool) -> None:
+def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool, flags=None) -> None:
     """Run kdtool.sae.training.train with a progress bar; rank 0 prints the summary table."""
     from kdtool.sae.training import train
 
@@ -312,13 +320,26 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
     if trainer.outcome == "trained":
         common.log(
             f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
-            f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s): {_time_split(trainer, source)}; "
-            f"next: kdtool stats --sae {output}"
+            f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s): {_time_split(trainer, source)}"
         )
-    summary = trainer.summary()
-    common.emit_table(
-        summary, fmt=None, output=None, kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae"
-    )
+    common.log(f"next: {_next_command(output, source, flags)}")
+    common.emit_summary(trainer.summary(), kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae")
+
+
+def _next_command(output: Path, source, flags) -> str:
+    """The stats command for these SAEs: stats finds the cache in the SAEs' cfg.json; a stream needs its flags."""
+    import shlex
+
+    argv = ["kdtool", "stats", "--sae", str(output), "-o", str(output.parent / "stats.parquet")]
+    if getattr(source, "forwarded_tokens", None) is not None and flags is not None:  # streamed: no cache to find
+        argv += ["--stream", "--tokens", "1M", "--seq-len", str(flags.seq_len)]
+        argv += [
+            a
+            for opt in ("model", "revision", "dataset")
+            if getattr(flags, opt)
+            for a in (f"--{opt}", getattr(flags, opt))
+        ]
+    return shlex.join(argv)
 
 
 def _time_split(trainer, source) -> str:
@@ -366,19 +387,15 @@ def _listed(value, fmt: str) -> str:
 
 
 def _step_reporter(bar, task):
-    """on_step for the trainer: the bar's rate, L0 and EV; without a bar, a log line a minute."""
-    clock = {"t0": None, "tok0": 0, "logged": 0.0}
-    plain = not common.show_progress()
+    """on_step for the trainer: the bar's rate, L0 and EV (a plain line every 10 s off a terminal)."""
+    clock = {"t0": None, "tok0": 0}
 
     def on_step(done: int, step: int, row: dict) -> None:
         now = time.perf_counter()
         if clock["t0"] is None:
-            clock.update(t0=now, tok0=done, logged=now)
+            clock.update(t0=now, tok0=done)
         rate = (done - clock["tok0"]) / (now - clock["t0"]) if now > clock["t0"] else 0.0
         extra = f" L0 {row['l0']:.1f} EV {row['explained_variance']:.3f}" if row else ""
-        bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s{extra}")
-        if plain and now - clock["logged"] >= 60:
-            clock["logged"] = now
-            common.log(f"train-sae: {done:,} tokens, step {step}, {rate:,.0f} tok/s{extra}")
+        bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s, step {step}{extra}")
 
     return on_step

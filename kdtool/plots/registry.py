@@ -17,6 +17,7 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from kdtool import kinds
 from kdtool.errors import BadInput
 from kdtool.plots import style as plot_style
 
@@ -172,6 +173,51 @@ KINDS: dict[str, tuple[str, str, str]] = {
         "(input: RUN_DIR; -o REPORT_DIR, default RUN_DIR/report)",
     ),
 }
+
+
+_STATS = ("kdtool.stats",)
+_SAE_RUN = ("kdtool.sae", "kdtool.sae.checkpoint", "kdtool.sae.train_log")
+_TOY = ("kdtool.toy",)
+
+#: kind -> the recorded kinds (kdtool/kinds.py) its inputs may have; a file recording another kind is refused.
+#: Files that record no kind (a CSV a user wrote) pass: the figure's reader checks their columns.
+ACCEPTS: dict[str, tuple[str, ...]] = {
+    "capacity": _STATS,
+    "importance": _STATS,
+    "floor": ("kdtool.stats", "kdtool.predict"),
+    "calibration": ("kdtool.calibration",),
+    "calibration-normalized": ("kdtool.calibration",),
+    "survival": ("kdtool.survival",),
+    "probe": ("kdtool.probe",),
+    "distill-curves": ("kdtool.distill.floors", "kdtool.distill.curves"),
+    "floors": ("kdtool.distill.floors", "kdtool.stats", "kdtool.predict"),
+    "objective-ablation": ("kdtool.distill.floors", "kdtool.stats", "kdtool.predict"),
+    "decomposition": ("kdtool.calibration", "kdtool.distill.floors"),
+    "sae-curves": _SAE_RUN,
+    "layers": _STATS,
+    "sae-layers": _STATS,
+    "layer-capacity": _STATS,
+    "layer-correlation": _STATS,
+    "sae-headline": _STATS,
+    "l0-mse": _STATS + _SAE_RUN,
+    "sensitivity": _STATS,
+    "toy-grid": _TOY,
+    "toy-scatter": _TOY,
+    "toy-accuracy": _TOY,
+    "toy-scaling": _TOY,
+    "toy-curves": ("kdtool.toy.curves", "kdtool.toy"),  # toy.parquet: the curves file beside it
+    "toy-survival": ("kdtool.toy.survival", "kdtool.toy"),
+    "toy-kept": ("kdtool.toy.survival", "kdtool.toy"),
+}
+
+
+def check_inputs(kind: str, inputs: list[Path]) -> None:
+    """Refuse an input whose recorded kind `kind` does not draw (BadInput naming both); `report` takes a folder."""
+    accepted = ACCEPTS.get(kind)
+    if accepted is None:
+        return
+    for path in inputs:
+        kinds.expect(path, accepted, f"plot {kind}")
 
 
 def entry(kind: str, registered: dict[str, tuple[str, str, str]] | None = None) -> tuple[str, str, str]:

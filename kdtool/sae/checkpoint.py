@@ -288,13 +288,13 @@ class RunFiles:
         """The latest checkpoint; refuse if the config changed in a way that changes the result."""
         pointer = self.read_pointer()
         if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
-            raise BadInput(f"{self.out / CHECKPOINT}: not a train-sae checkpoint; use --force to start over")
+            raise BadInput(f"{self.out / CHECKPOINT}: not a train-sae checkpoint; use --overwrite to start over")
         wanted, held = [name for name, _, _ in self.cfg.runs()], _pointer_saes(pointer)
         if wanted != held:
             raise BadInput(
                 f"--resume: the checkpoint in {self.out} holds the SAEs {', '.join(held)}, this run asks for "
                 f"{', '.join(wanted)}; resume with the same --layer, --expansion/--features, --l1 and --init-seed, "
-                "or --force to start over"
+                "or --overwrite to start over"
             )
         self._check_source(pointer.get("source") or {})
         old = {**LEGACY_CONFIG, **pointer["config"]}
@@ -303,7 +303,7 @@ class RunFiles:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise BadInput(
                 f"--resume: options differ from the checkpointed run ({diffs}); "
-                "use the same options, or --force to start over"
+                "use the same options, or --overwrite to start over"
             )
         at = Counters(
             step=int(pointer["step"]),
@@ -332,7 +332,7 @@ class RunFiles:
             shown = "; ".join(f"{k}: checkpoint {_shown(old.get(k))}, now {_shown(now.get(k))}" for k in diffs[:3])
             raise BadInput(
                 f"--resume: the activations are not those of the checkpointed run in {self.out} ({shown}); "
-                "resume with the same source, or use --force to start over"
+                "resume with the same source, or use --overwrite to start over"
             )
 
     def _load_sae(self, ck: Path, name: str, layer: int, spec: SAESpec, device) -> tuple[LayerRun, int]:
@@ -341,7 +341,7 @@ class RunFiles:
             weights = formats.load_safetensors(ck / SAELENS_WEIGHTS)
             opt_t = formats.load_safetensors(ck / OPTIMIZER)
         except BadInput as exc:  # names the file: missing, cut short, not what it should be
-            raise BadInput(f"--resume: {exc}; use --force to start over") from None
+            raise BadInput(f"--resume: {exc}; use --overwrite to start over") from None
         scale = float(state.get("activation_scale", 1.0))
         if "train.b_enc" in opt_t:  # the SAE folder's biases have s folded in
             weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
@@ -402,7 +402,7 @@ def _pointer_saes(pointer: dict) -> list[str]:
 def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bool, remove: bool = True) -> bool:
     """Decide what happens to a run already in `out`; True when training continues from its checkpoint.
 
-    `names`: the SAE folders the run writes (TrainConfig.runs). --force clears the old run's files:
+    `names`: the SAE folders the run writes (TrainConfig.runs). --overwrite clears the old run's files:
     these SAEs' folders and the previous run's own (listed by its checkpoint.json), so a run of other
     SAEs (say --expansion 4,8 after a single SAE) never leaves an old layer{L}/ beside the new ones.
     With checkpoint.json: --resume continues (or, for a finished run, checks and repairs the final
@@ -431,15 +431,15 @@ def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bo
         state = "finished" if p.get("finished") else "stopped"
         raise BadInput(
             f"{out} holds a train-sae run {state} at {p.get('tokens', 0):,} tokens: use --resume to continue it "
-            "(a finished run is checked and left as is) or --force to replace it"
+            "(a finished run is checked and left as is) or --overwrite to replace it"
         )
     finals = [f for f in existing if (f / CFG).exists()]
     if finals:
-        raise BadInput(f"{finals[0]} already holds an SAE (and {out} no {CHECKPOINT}): use --force to replace it")
+        raise BadInput(f"{finals[0]} already holds an SAE (and {out} no {CHECKPOINT}): use --overwrite to replace it")
     if existing and not resume:
         raise BadInput(
             f"{existing[0]}: a run stopped before its first checkpoint left this (nothing to keep): "
-            "rerun with --resume to start it over, or --force"
+            "rerun with --resume to start it over, or --overwrite"
         )
     if remove:
         for folder in existing:

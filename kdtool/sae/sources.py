@@ -229,7 +229,7 @@ class ModelSource:
         if pos is not None and "base" not in pos:
             raise BadInput(
                 "--resume: this checkpoint's stream position comes from an older kdtool (before the mixing "
-                "buffer); start over with --force"
+                "buffer); start over with --overwrite"
             )
         left = int(limit)
         while left > 0:

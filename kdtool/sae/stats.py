@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdtool import kinds
 from kdtool.acts.store import ActivationStore
 from kdtool.errors import BadInput
 from kdtool.formats import finite_or_none
@@ -60,12 +61,21 @@ class StatsConfig:
             raise BadInput(f"--decoder-norm must be one of {', '.join(DECODER_NORMS)}, got {self.decoder_norm!r}")
 
 
-def load_saes(given: list[Path], layers: list[int] | None = None) -> tuple[list[Path], list[LoadedSAE]]:
+#: what --sae accepts: an SAE folder, or train-sae's output folder (its checkpoint.json marks it)
+SAE_KINDS = ("kdtool.sae", "kdtool.sae.checkpoint")
+
+
+def load_saes(
+    given: list[Path], layers: list[int] | None = None, *, any_layer: bool = False
+) -> tuple[list[Path], list[LoadedSAE]]:
     """Each --sae (a folder of SAE folders means all of them), loaded, with the layer it reads.
 
-    `layers` (--layer) gives one layer per SAE, in order, over what their files say; an SAE whose
-    layer is still unknown is refused.
+    `layers` (--layer) gives one layer per SAE, in order, where their files do not say; an SAE whose
+    files record another layer is refused (measuring it on activations it was not trained on is
+    almost always a mistake) unless `any_layer`. An SAE whose layer is still unknown is refused.
     """
+    for g in given:
+        kinds.expect(g, SAE_KINDS, "--sae")
     paths = [p for g in given for p in find_saes(g)]
     loaded = [load_sae(p) for p in paths]
     if layers is not None:
@@ -75,6 +85,12 @@ def load_saes(given: list[Path], layers: list[int] | None = None) -> tuple[list[
                 f"({', '.join(str(p) for p in paths)}); give one per SAE, in order"
             )
         for s, L in zip(loaded, layers, strict=True):
+            if s.layer is not None and s.layer != L and not any_layer:
+                raise BadInput(
+                    f"--layer {L}: {s.path} is an SAE of layer {s.layer} ({s.layer_source}); measuring it on "
+                    f"layer {L}'s activations is not what it was trained on. Give --layer {s.layer}, or "
+                    "--any-layer to measure it there anyway"
+                )
             s.layer, s.layer_source = L, "--layer"
     unknown = [str(s.path) for s in loaded if s.layer is None]
     if unknown:
@@ -110,6 +126,7 @@ def open_activations(
         src = ModelSource(model, teacher.data, batch_size=teacher.batch_size, drop_first=teacher.drop_first)
         return Activations(src.model_rows(layers), model.d_model, src.inputs, src.info, max_tokens, teacher=model)
     root = acts if acts is not None else DEFAULT_ACTS
+    kinds.expect(root, "kdtool.acts", "--acts")
     store = ActivationStore(root)
     missing = [L for L in layers if L not in store.layers]
     if missing:
@@ -125,6 +142,24 @@ def open_activations(
     return Activations(
         store.iter_shards(layers), store.d_model, [root / "manifest.json"], info, total, manifest=store.manifest
     )
+
+
+def recorded_acts(saes: list[LoadedSAE]) -> Path | None:
+    """The activation cache the SAEs were trained on, as their cfg.json records it, if that folder is here.
+
+    train-sae records `--acts` (as typed) in cfg.json's kdtool.source; stats run from the same folder
+    finds it without --acts. None when the SAEs name no cache, name several, or it is not found.
+    """
+    found = set()
+    for s in saes:
+        source = ((s.cfg or {}).get("kdtool") or {}).get("source") or {}
+        if source.get("source") != "cache" or not source.get("acts"):
+            return None
+        found.add(Path(source["acts"]))
+    if len(found) != 1:
+        return None
+    root = found.pop()
+    return root if (root / "manifest.json").is_file() else None
 
 
 def fidelity_teacher(acts: Activations, base: ModelSpec, stream: TeacherStream | None) -> tuple[ModelSpec, DataSpec]:
@@ -253,15 +288,19 @@ def run(
     on_sae: Callable[[LoadedSAE], None] | None = None,
     on_progress: Callable[[int | None, int], None] | None = None,
     on_fidelity_progress: Callable[[int, int], None] | None = None,
+    any_layer: bool = False,
 ) -> StatsResult:
     """The whole `kdtool stats`: load the SAEs, open their activations, measure, and with cfg.fidelity
     score them in the teacher (`load`ed from `base_spec` and the cache's manifest, or the streamed one).
 
     on_progress(total, tokens) and on_fidelity_progress(total, tokens) report the two passes.
+    Without `acts` or `stream`, the cache the SAEs record (recorded_acts), else ./acts.
     """
-    paths, saes = load_saes(given, layers)
+    paths, saes = load_saes(given, layers, any_layer=any_layer)
     for s in saes:
         (on_sae or (lambda s: None))(s)
+    if acts is None and stream is None:
+        acts = recorded_acts(saes)
     source = open_activations(sorted({s.layer for s in saes}), acts, stream, max_tokens=cfg.max_tokens)
     fidelity, notes = None, []
     m = source.manifest or {}

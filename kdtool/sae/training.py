@@ -370,13 +370,13 @@ def train(
     `dist`: the torchrun process group (kdtool.distributed.dist_init), None for one process.
     """
     dist = dist or Dist()
-    source.check_batch(cfg.batch_tokens)  # before anything in `out` is touched (--force removes the old run)
+    source.check_batch(cfg.batch_tokens)  # before anything in `out` is touched (--overwrite removes the old run)
     owner = locks.claim(out, command=(provenance or {}).get("command")) if dist.main else contextlib.nullcontext()
     with owner:  # rank 0 is `out`'s only writer (kdtool/locks.py), and clears what a killed run left
         continues = prepare_output(
             out, [name for name, _, _ in cfg.runs()], resume=resume, force=force, remove=dist.main
         )
-        barrier(dist)  # no rank starts before rank 0 has cleared a --force'd run
+        barrier(dist)  # no rank starts before rank 0 has cleared an --overwrite'd run
         trainer = Trainer(
             cfg,
             source,
