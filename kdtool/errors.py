@@ -25,3 +25,11 @@ class RuntimeFailure(KdtoolError):
     """A job failed while running (diverged, ran out of data, a model refused to load)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (kdtool/cli/signals.py): the command stops where --resume can continue."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -1,4 +1,4 @@
-"""Reading and writing kdtool's files: atomic writes, Parquet/CSV/JSON tables, safetensors.
+"""Reading and writing kdtool's files: Parquet/CSV/JSON tables, safetensors, PyTorch tensors (via kdtool/atomic.py).
 
 One place decides how provenance is stored:
 - Parquet: schema metadata key ``kdtool`` (provenance JSON) plus ``kdtool.kind`` and
@@ -10,16 +10,15 @@ See docs/formats.md for each artifact's schema.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+import re
 from pathlib import Path
 from typing import Any
 
 from kdtool import provenance as _prov
+from kdtool.atomic import atomic_path
 from kdtool.errors import BadInput, MissingColumns, UnknownFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -29,29 +28,6 @@ TABLE_SUFFIXES = {*PARQUET_SUFFIXES, ".csv", ".json", ".jsonl", ".tsv"}
 def is_parquet(path: str | os.PathLike) -> bool:
     """Whether a path names a Parquet file by its suffix (.parquet or .pq)."""
     return Path(path).suffix.lower() in PARQUET_SUFFIXES
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
-
-    A crash or an exception leaves no partial file under the final name.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600 files; give the final file the usual umask mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -263,6 +239,51 @@ def save_safetensors(
     meta.update(extra or {})
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """Every tensor of a safetensors file; BadInput naming the file when it is missing, cut short or not one."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file")
+    try:
+        return load_file(str(p))
+    except Exception as exc:
+        raise BadInput(f"{p}: not a complete safetensors file ({_first_line(exc)}); was its write cut short?") from None
+
+
+def load_torch(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """A PyTorch file read with torch.load(weights_only=True): tensors and plain containers only, never code.
+
+    A file that holds other Python objects is refused with the object's name; PyTorch's own advice
+    (to turn weights_only off) is not passed on: that would run whatever the file contains.
+    """
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p}: no such file")
+    try:
+        return torch.load(str(p), map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
+        what = f" ({found.group(0)})" if found else ""
+        raise BadInput(
+            f"{p}: holds Python objects, not only tensors{what}; kdtool reads tensors and never unpickles code"
+        ) from None
+    except Exception as exc:
+        line = _first_line(exc)
+        detail = "" if "weights_only" in line else f" ({line})"
+        raise BadInput(f"{p}: not a complete PyTorch tensor file{detail}; was its write cut short?") from None
 
 
 def stamp_safetensors(path: str | os.PathLike, *, kind: str, provenance: dict | None) -> None:

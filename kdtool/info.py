@@ -319,10 +319,7 @@ def _describe_pt(p: Path) -> dict[str, Any]:
     """A PyTorch pickle (dictionary_learning's ae.pt): read only with weights_only=True."""
     import torch  # here, not at the top: seconds to import, and only .pt files need it
 
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise BadInput(f"{p}: not a tensor-only PyTorch file ({str(exc).splitlines()[0][:160]})") from None
+    obj = formats.load_torch(p, mmap=True)  # weights_only=True: tensors, never code
     out = _base(p, "pytorch")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -87,6 +87,9 @@ KINDS = {
         Kind("kdtool.toy.convergence", "a toy convergence check", "(stdout of --json)", "kdtool --json toy"),
         Kind("kdtool.demo.run", "the demo's record of a run", "demo-out/demo-run.json", "scripts/demo"),
         Kind("kdtool.reproduce.stage", "a reproduction stage record", "RUN/stages.jsonl", "scripts/reproduce-paper"),
+        Kind(
+            "kdtool.lock", "a lock on an output being written", "run/.acts.lock", "a writing command (kdtool/locks.py)"
+        ),
     )
 }
 

@@ -31,6 +31,7 @@ from torch import nn
 from kdtool.distributed import world_size
 from kdtool.embedded import Notify, convert_gguf, embedded_default_dir, kdtool_home
 from kdtool.errors import BadInput, RuntimeFailure
+from kdtool.identity import model_identity
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,6 +79,7 @@ class LoadedModel:
     n_layers: int  # number of blocks; valid layer indices are 0..n_layers
     d_model: int  # residual-stream width
     path: str | None = None  # local folder actually loaded (None for a hub id)
+    identity: dict | None = None  # what the model is by content (kdtool/identity.py): what --resume compares
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for manifests and provenance."""
@@ -92,6 +94,7 @@ class LoadedModel:
             "architecture": type(self.model).__name__,
             "vocab_size": len(self.tokenizer),
             "eos_token_id": self.tokenizer.eos_token_id,
+            "identity": self.identity,
         }
 
 
@@ -156,24 +159,38 @@ def _source(spec: ModelSpec, notify: Notify | None) -> tuple[str, str, str | Non
         folder = embedded_default_dir(notify)
         return str(folder), EMBEDDED_NAME, str(folder)
     text = str(spec.model)
-    path = Path(text).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise BadInput(f"--model {text}: no such GGUF file")
+    path = check_model_path(text)
+    if path is not None and path.suffix.lower() == ".gguf":
         st = path.stat()
         key = f"{path.stem}-{st.st_size:x}-{int(st.st_mtime):x}"
         folder = convert_gguf(path, kdtool_home() / "models" / key, notify=notify)
         return str(folder), text, str(folder)
+    if path is not None:
+        return str(path), text, str(path)
+    return text, text, None
+
+
+def check_model_path(text: str, option: str = "--model") -> Path | None:
+    """The local model a --model names (a save_pretrained folder or a .gguf file), None for a hub id.
+
+    BadInput for a local-looking name that is missing or not a model: callers check every model
+    before the first slow load (probe run's --models list is checked before the teacher is probed).
+    """
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise BadInput(f"{option} {text}: no such GGUF file")
+        return path
     if path.exists():
         if not path.is_dir():
-            raise BadInput(f"--model {text}: not a model folder or .gguf file")
+            raise BadInput(f"{option} {text}: not a model folder or .gguf file")
         if not (path / "config.json").is_file():
-            raise BadInput(f"--model {text}: folder has no config.json (save it with save_pretrained)")
-        return str(path), text, str(path)
+            raise BadInput(f"{option} {text}: folder has no config.json (save it with save_pretrained)")
+        return path
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith(os.sep)
     if looks_local:
-        raise BadInput(f"--model {text}: no such folder")
-    return text, text, None
+        raise BadInput(f"{option} {text}: no such folder")
+    return None
 
 
 def load_model(spec: ModelSpec, *, notify: Notify | None = None) -> LoadedModel:
@@ -217,7 +234,25 @@ def load_model(spec: ModelSpec, *, notify: Notify | None = None) -> LoadedModel:
         n_layers=len(blocks),
         d_model=int(d_model),
         path=local,
+        identity=model_identity(spec.model, spec.revision),
     )
+
+
+def max_positions(config) -> int | None:
+    """The positions a model was trained for (its config's max_position_embeddings or equivalent), if it says."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config, seq_len: int, name: str) -> None:
+    """Refuse a --seq-len beyond a teacher's positions (its config): what it computes there is extrapolation."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise BadInput(f"--seq-len {seq_len}: more than the {limit} positions {name} was trained for")
 
 
 # --------------------------------------------------------------------------------------- residual stream

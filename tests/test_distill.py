@@ -447,14 +447,20 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out / "width8").eos_token == "<|endoftext|>"
-    # a rerun with everything cached does not load the teacher (its folder may even be gone)
-    model.rename(tmp_path / "gone")
-    try:
+    # a rerun with everything cached does not load the teacher (loading it would fail here), and the
+    # cache knows the teacher by its content: another spelling of its path is the same teacher
+    import kdtool.models
+
+    def no_loading(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kdtool.models, "load_model", no_loading)
         r2 = cli(
             "--json",
             "distill",
             "--model",
-            model,
+            f"{model.parent}/./{model.name}/",
             "--dataset",
             text,
             *TINY_ARGS,
@@ -465,8 +471,6 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
             "-o",
             tmp_path / "again",
         )
-    finally:
-        (tmp_path / "gone").rename(model)
     assert r2.exit_code == 0, r2.output
     assert "the teacher is not loaded" in r2.stderr
     assert json.loads(r2.stdout)["rows"] == rows
@@ -475,9 +479,11 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
     assert r3.exit_code == 2 and "--resume" in r3.stderr
     r4 = cli("--json", "distill", *args, "--resume")  # without the cache: other settings (topk)
     assert r4.exit_code == 2 and "topk" in r4.stderr
-    # a finished run resumes at its last step: nothing to train, same floors
+    # a finished run's --resume: nothing to train, left as it is (not a file rewritten), same floors
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     r4 = cli("--json", "distill", *args, "--resume", "--teacher-cache", tmp_path / "tc", "--topk", "16")
-    assert r4.exit_code == 0 and "resumed from step 6" in r4.stderr
+    assert r4.exit_code == 0 and "left as it is" in r4.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
     assert [row["floor"] for row in json.loads(r4.stdout)["rows"]] == [row["floor"] for row in rows]
 
 
@@ -555,12 +561,13 @@ def test_few_evaluations_warns_only_below_two():
 
 
 def test_run_key_and_rank_device(monkeypatch):
-    from kdtool.models import EMBEDDED_NAME, ModelSpec
+    from kdtool.models import ModelSpec
     from kdtool.text.tokens import DataSpec
 
     key = job.run_key(ModelSpec(dtype="float32"), DataSpec(dataset="x.txt"))
-    assert key["teacher"] == EMBEDDED_NAME and key["teacher_dtype"] == "float32" and key["revision"] is None
-    assert key["data"] == DataSpec(dataset="x.txt").describe()
+    assert key["teacher"]["source"] == "embedded" and key["teacher_dtype"] == "float32"
+    assert key["text"]["dataset"] == "x.txt" and key["text"]["fingerprint"].startswith("sha256:")
+    assert {**key["data"], "dataset": "x.txt"} == DataSpec(dataset="x.txt").describe()
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert job.rank_device("auto") == "auto"
     monkeypatch.setenv("WORLD_SIZE", "2")

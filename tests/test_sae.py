@@ -343,11 +343,10 @@ def test_resume_and_overwrite_guards(cli, tmp_path):
         "-o",
         tmp_path / "saes",
     )
-    r = cli(*base, "--resume")
-    assert r.exit_code == 2 and "no checkpoint" in r.stderr
-    assert cli("--quiet", *base).exit_code == 0
+    r = cli(*base, "--resume")  # nothing to resume: a fresh start, said so (scripts can always pass --resume)
+    assert r.exit_code == 0 and "no checkpoint" in r.stderr and "starting from the beginning" in r.stderr
     r = cli(*base)
-    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr and "finished" in r.stderr
     r = cli(*base, "--resume", "--l1", "0.5")
     assert r.exit_code == 2 and "l1: 0.0008 -> 0.5" in r.stderr
     assert cli("--quiet", *base, "--force", "--l1", "0.5").exit_code == 0
@@ -436,8 +435,79 @@ def test_train_returns_the_summary_table(tmp_path):
     assert table["layer"] == [3] and table["tokens"] == [at.tokens] and table["steps"] == [at.step]
     assert table["sae"] == [str(tmp_path / "saes" / "layer3")]
     assert table["mse"] == [trainer.runs["layer3"].rows[-1]["mse"]] and table["lambda"] == [cfg.l1]
-    with pytest.raises(BadInput, match="already exists"):  # prepare_output guards the folder
+    with pytest.raises(BadInput, match="holds a train-sae run"):  # prepare_output guards the folder
         train(cfg, CacheSource(tmp_path / "acts"), tmp_path / "saes")
+
+
+# ---- a resumed run never steps past --tokens, and repairs what a kill cut short ---------------------
+
+
+def _files(folder):
+    """Every file under `folder` (relative path -> bytes), checkpoint folders included."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("tokens", ["10000", "10240"])  # not a multiple of the batch, and a multiple
+def test_resume_of_a_finished_run_leaves_it_as_it_is(cli, tmp_path, tokens):
+    write_random(tmp_path / "acts", d=16, n=20_000, layers=(3, 5))
+    args = ("train-sae", "--acts", tmp_path / "acts", *TRAIN, "--tokens", tokens, "-o", tmp_path / "s")
+    assert cli("--quiet", *args).exit_code == 0
+    before = _files(tmp_path / "s")
+    steps = json.loads((tmp_path / "s" / "checkpoint.json").read_text())["step"]
+    assert steps == int(tokens) // 512  # 19 steps of 512 for 10000: the 20th would pass --tokens
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "left as it is" in r.stderr
+    assert _files(tmp_path / "s") == before  # not a byte rewritten, no extra step or log row
+
+
+def test_resume_rewrites_final_folders_a_kill_cut_short(cli, tmp_path):
+    write_random(tmp_path / "acts", d=16, n=20_000, layers=(3, 5))
+    args = ("train-sae", "--acts", tmp_path / "acts", *TRAIN, "--tokens", "10240", "-o", tmp_path / "s")
+    assert cli("--quiet", *args).exit_code == 0
+    ref = {L: _files(tmp_path / "s" / f"layer{L}") for L in (3, 5)}
+    # what kills during the final write left (issue 14): a folder without cfg.json, one with only its log
+    (tmp_path / "s" / "layer3" / "cfg.json").unlink()
+    (tmp_path / "s" / "layer5" / "cfg.json").unlink()
+    (tmp_path / "s" / "layer5" / "sae_weights.safetensors").unlink()
+    r = cli(*args)
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "rewrote them from the last checkpoint" in r.stderr
+    for L in (3, 5):
+        now = _files(tmp_path / "s" / f"layer{L}")
+        assert now.keys() == ref[L].keys()
+        wa, wb = _weights(tmp_path / "s" / f"layer{L}"), ref[L]["sae_weights.safetensors"]
+        from safetensors.torch import load as load_bytes
+
+        for name, t in load_bytes(wb).items():
+            assert torch.equal(wa[name], t), (L, name)
+        log = formats.read_table(tmp_path / "s" / f"layer{L}" / "train_log.parquet")
+        assert list(log["step"]) == [3, 6, 9, 12, 15, 18, 20]
+    assert (
+        cli(
+            "--quiet", "stats", "--acts", tmp_path / "acts", "--sae", tmp_path / "s", "-o", tmp_path / "st.parquet"
+        ).exit_code
+        == 0
+    )
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_resume(cli, tmp_path):
+    write_random(tmp_path / "acts", d=16, n=20_000, layers=(3, 5))
+    args = ("train-sae", "--acts", tmp_path / "acts", *TRAIN, "--tokens", "6K", "-o")
+    assert cli("--quiet", *args, tmp_path / "a").exit_code == 0
+    # a kill (or a full disk) during the first checkpoint: a partial checkpoint folder, no checkpoint.json
+    partial = tmp_path / "b" / "layer3" / "checkpoints" / "tokens-000000005632"
+    partial.mkdir(parents=True)
+    (partial / "sae_weights.safetensors").write_bytes(b"\0" * 10)
+    r = cli(*args, tmp_path / "b")
+    assert r.exit_code == 2 and "before its first checkpoint" in r.stderr and "--resume" in r.stderr
+    r = cli("--quiet", *args, tmp_path / "b", "--resume")
+    assert r.exit_code == 0, r.output
+    for L in (3, 5):
+        wa, wb = _weights(tmp_path / "a" / f"layer{L}"), _weights(tmp_path / "b" / f"layer{L}")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_train_sae_manners_overwrite_progress_and_a_next_hint_that_runs(cli, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from kdtool import formats
 from kdtool.acts import store as activations
-from kdtool.errors import UnknownFormat
+from kdtool.errors import BadInput
 from kdtool.sae.layouts import detect_layout, find_saes, hook_to_layer, load_sae
 from kdtool.sae.writers import EXPORTERS, saelens_cfg, save_kdtool
 
@@ -217,10 +217,12 @@ class Evil:
 def test_unsafe_or_unknown_files_are_refused(cli, tmp_path, known, acts):
     (tmp_path / "evil").mkdir()
     torch.save({"bias": Evil()}, tmp_path / "evil" / "ae.pt")
-    with pytest.raises(UnknownFormat, match="weights_only"):
+    refused = r"holds Python objects, not only tensors \(Unsupported global: GLOBAL print\).*never unpickles"
+    with pytest.raises(BadInput, match=refused) as err:
         load_sae(tmp_path / "evil")
+    assert "weights_only" not in str(err.value)  # PyTorch's advice to turn it off is never passed on
     r = cli("stats", "--sae", tmp_path / "evil", "--acts", acts, "-o", tmp_path / "s.parquet")
-    assert r.exit_code == 2 and "pwned" not in r.output
+    assert r.exit_code == 2 and "pwned" not in r.output and "weights_only" not in r.output
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "weights.bin").write_bytes(b"\0" * 16)
     r = cli("stats", "--sae", tmp_path / "junk", "--acts", acts, "-o", tmp_path / "s.parquet")

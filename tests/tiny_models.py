@@ -105,10 +105,13 @@ def make_model(arch: str, vocab_size: int, n_layers: int = 4, d: int = 32, seed:
     return tiny_lm(arch, seed=seed, vocab=vocab_size, layers=n_layers, width=d, heads=4, kv_heads=2)
 
 
-def make_model_dir(path: Path, arch: str = "llama", n_layers: int = 4) -> Path:
-    """A folder with make_tokenizer's tokenizer and make_model's model, as save_pretrained writes them."""
+def make_model_dir(path: Path, arch: str = "llama", n_layers: int = 4, seed: int = 0) -> Path:
+    """A folder with make_tokenizer's tokenizer and make_model's model, as save_pretrained writes them.
+
+    Another seed gives the same architecture and files of the same sizes with other weights.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(path)
-    make_model(arch, len(tok), n_layers=n_layers).save_pretrained(path)
+    make_model(arch, len(tok), n_layers=n_layers, seed=seed).save_pretrained(path)
     return path

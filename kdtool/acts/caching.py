@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from kdtool import locks
 from kdtool.acts.shuffle import TMP, clean_leftovers
 from kdtool.acts.store import MANIFEST, read_manifest
 from kdtool.acts.writer import BackgroundWriter, TrackedWriter
 from kdtool.errors import BadInput
-from kdtool.models import LoadedModel, check_layers, residual_stream
+from kdtool.identity import data_identity, describe, model_identity
+from kdtool.models import LoadedModel, check_layers, check_seq_len, residual_stream
 from kdtool.parsing import parse_int_list
 from kdtool.prefetch import Background
 from kdtool.text.tokens import DataSpec, token_batches
@@ -147,6 +149,7 @@ class CacheResult:
     dropped_outliers: int  # positions this run skipped for a norm above max_norm_ratio x the median
     model: str | None = None  # the teacher's name
     d_model: int | None = None
+    finished: bool = False  # --resume found the cache done (all --tokens, or its data had run out): untouched
     forwarded: int = 0  # token positions the teacher ran on (kept, dropped, and past --tokens in the last batch)
 
     @property
@@ -165,6 +168,7 @@ class CacheResult:
             "exhausted": self.exhausted,
             "dtype": self.dtype,
             "dropped_outliers": self.dropped_outliers,
+            "finished": self.finished,
             "forwarded": self.forwarded,
         }
 
@@ -179,7 +183,7 @@ def _remove_cache(root: Path) -> None:
     shutil.rmtree(root / TMP, ignore_errors=True)  # a killed shuffle's buckets and new shards
     for layer_dir in root.glob("layer*"):
         if layer_dir.is_dir():
-            for f in list(layer_dir.glob("shard-*.safetensors")) + list(layer_dir.glob(".shard-*.tmp")):
+            for f in layer_dir.glob("shard-*.safetensors"):
                 f.unlink()
             if not any(layer_dir.iterdir()):
                 layer_dir.rmdir()
@@ -187,9 +191,22 @@ def _remove_cache(root: Path) -> None:
         manifest.unlink()
 
 
+#: resume keys compared by content when the cache recorded it (kdtool/identity.py): name as typed -> identity
+_IDENTITY_KEYS = {"model": "model_identity", "dataset": "data_identity"}
+
+
 def _check_resume(root: Path, info: dict, cfg: CacheConfig, layers: list[int], dtype: str) -> None:
     old = read_manifest(root)
     for key in _RESUME_KEYS:
+        ident = _IDENTITY_KEYS.get(key)
+        if ident in old:  # the same model or text under another path spelling resumes; another one does not
+            if old[ident].get("fingerprint") != info[ident].get("fingerprint"):
+                raise BadInput(
+                    f"{root}: --resume with another {key} than the cached run (cached: {old.get(key)!r}, "
+                    f"{describe(old[ident])}; now: {info.get(key)!r}, {describe(info[ident])}); "
+                    "use another --output or --overwrite"
+                )
+            continue
         if old.get(key) != info.get(key):
             raise BadInput(
                 f"{root}: --resume with a different {key} ({info.get(key)!r}) than the cached run "
@@ -210,8 +227,10 @@ def _manifest_info(teacher: LoadedModel, data: DataSpec, cfg: CacheConfig) -> di
     described = data.describe()
     return {
         "model": teacher.name,
+        "model_identity": teacher.identity or model_identity(teacher.path or teacher.name, teacher.revision),
         "revision": teacher.revision,
         "dataset": described["dataset"],
+        "data_identity": data_identity(described, data.local_inputs()),
         "split": data.split,
         "text_column": data.text_column,
         "seq_len": data.seq_len,
@@ -295,6 +314,13 @@ def cache_activations(
     root = cfg.output
     if root.exists() and not root.is_dir():
         raise BadInput(f"--output {root}: exists and is not a folder")
+    check_seq_len(teacher.model.config, data.seq_len, teacher.name)
+    with locks.claim(root, command=provenance.get("command")):  # the cache's only writer until it is done
+        return _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress)
+
+
+def _cache(teacher, data, cfg, layers, first, dtype, provenance, on_progress) -> CacheResult:
+    root = cfg.output
     info = _manifest_info(teacher, data, cfg)
     resume_from = prepare_output(root, info, cfg, layers, dtype)
     writer = TrackedWriter(
@@ -309,10 +335,13 @@ def cache_activations(
     )
     start_tokens = done = writer.tokens
     started = time.perf_counter()
-    if done >= cfg.tokens:
+    old = read_manifest(root) if cfg.resume and (root / MANIFEST).exists() else {}
+    ran_out = old.get("complete") and done < int(old.get("target_tokens") or 0)  # its data had run out
+    if done >= cfg.tokens or ran_out:  # a finished cache: left as it is (not a byte rewritten)
         return CacheResult(
-            root, layers, done, 0, len(writer.shards), 0.0, False, dtype, 0, teacher.name, teacher.d_model
-        )
+            root, layers, done, 0, len(writer.shards), 0.0, bool(ran_out), dtype, 0, teacher.name, teacher.d_model,
+            finished=True,
+        )  # fmt: skip
     # Restart at the batch holding the first row not in a complete shard; recomputing that whole
     # batch keeps its composition (and so every float and the outlier medians) as in the first run.
     batch_index, discard = int(resume_from["batch"]), int(resume_from["row"])
@@ -349,10 +378,13 @@ def cache_activations(
                 if done >= cfg.tokens:
                     exhausted = False
                     break
-        ok = True
+        ok = done > 0  # no row at all: no cache (an empty "complete" one would fool train-sae)
     finally:
         batches.close()
         bg.finish(close=ok)
+    if not ok:
+        what = f"--dataset {data.dataset}" if data.dataset is not None else "the embedded corpus"
+        raise BadInput(f"{what}: no {data.seq_len}-token sequence of text in it (empty, or not text?); nothing cached")
     seconds = time.perf_counter() - started
     return CacheResult(
         root,

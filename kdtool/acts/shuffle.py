@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from kdtool import formats
+from kdtool import formats, locks
 from kdtool.acts import store
+from kdtool.atomic import rename
 from kdtool.errors import BadInput, RuntimeFailure
 
 TMP = ".shuffle-tmp"
@@ -120,7 +120,7 @@ def _load_raw(root: Path, layer: int, shard: dict, dtype: str, d_model: int) -> 
     path = store.layer_dir(root, layer) / shard["file"]
     if not path.exists():
         raise BadInput(f"{path}: shard listed in the manifest is missing")
-    x = load_file(str(path))["acts"]
+    x = formats.load_safetensors(path)["acts"]
     if str(x.dtype).removeprefix("torch.") != dtype or tuple(x.shape) != (shard["tokens"], d_model):
         raise BadInput(
             f"{path}: holds {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}, "
@@ -175,8 +175,15 @@ def shuffle_cache(
     provenance: dict | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ShuffleResult:
-    """Shuffle the finished cache in `root` in place (see the module docstring); returns what was done."""
-    root = Path(root)
+    """Shuffle the finished cache in `root` in place (see the module docstring); returns what was done.
+
+    As the cache's only writer (kdtool/locks.py): a second shuffle or a caching run into it is refused.
+    """
+    with locks.claim(root, command=(provenance or {}).get("command")):
+        return _shuffle_cache(Path(root), seed, bucket_tokens, provenance, on_progress)
+
+
+def _shuffle_cache(root: Path, seed, bucket_tokens, provenance, on_progress) -> ShuffleResult:
     if bucket_tokens < 1:
         raise BadInput(f"--shuffle-bucket must be >= 1, got {bucket_tokens}")
     manifest = check_shufflable(root, seed)
@@ -276,7 +283,7 @@ def shuffle_cache(
     # Commit: move the new shards beside the old ones, then swap the manifest atomically.
     for L in layers:
         for s in new_shards:
-            (tmp / f"layer{L}" / s["file"]).replace(store.layer_dir(root, L) / s["file"])
+            rename(tmp / f"layer{L}" / s["file"], store.layer_dir(root, L) / s["file"])
     seconds = time.perf_counter() - started
     record = {
         "seed": int(seed),

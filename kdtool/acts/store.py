@@ -78,9 +78,6 @@ class ShardWriter:
             if old["layers"] != self.layers or old["d_model"] != self.d_model or old["dtype"] != dtype:
                 raise BadInput(f"{self.root}: --resume with different layers/d_model/dtype than the cached run")
             self.shards = list(old["shards"])
-        if resume:  # a killed write (SIGKILL skips atomic_path's cleanup) leaves a hidden temp file behind
-            for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("layer*/.*.tmp")]:
-                tmp.unlink(missing_ok=True)
         self._pending: dict[int, list] = {layer: [] for layer in self.layers}
         self._pending_n = 0
 
@@ -181,13 +178,23 @@ class ActivationStore:
             raise BadInput(f"{self.root}: layer(s) {missing} not cached (cached: {self.layers})")
 
     def load_shard(self, layer: int, index: int):
-        """One shard as float32 [n, d_model]."""
-        from safetensors.torch import load_file  # lazy: see the module docstring
+        """One shard as float32 [n, d_model]; BadInput naming it when it is cut short or holds NaN/inf.
+
+        The finiteness check costs one pass over memory already loaded; without it a NaN row reaches
+        train-sae as "the loss diverged" and stats as NaN importances.
+        """
+        import torch  # lazy: see the module docstring
 
         path = layer_dir(self.root, layer) / self.shards[index]["file"]
         if not path.exists():
             raise BadInput(f"{path}: shard listed in the manifest is missing")
-        return load_file(str(path))["acts"].float()
+        tensors = formats.load_safetensors(path)
+        if "acts" not in tensors:
+            raise BadInput(f"{path}: no tensor 'acts' (not an activation shard)")
+        x = tensors["acts"].float()
+        if not bool(torch.isfinite(x).all()):
+            raise BadInput(f"{path}: holds NaN or infinite activations; re-cache it (cache-acts --overwrite)")
+        return x
 
     def iter_shards(self, layers: list[int]) -> Iterator[dict]:
         """Every token once, in order: {layer: [n, d]} per shard (for `stats`)."""

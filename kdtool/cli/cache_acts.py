@@ -138,6 +138,7 @@ def main(
 
     Example: kdtool cache-acts --shuffle-only -o acts --shuffle-seed 1
     """
+    from kdtool import locks
     from kdtool.acts import caching
     from kdtool.cli.options import load_teacher
     from kdtool.parsing import parse_count
@@ -163,35 +164,39 @@ def main(
     )
     if dspec.dataset is not None and not dspec.local_inputs() and flags.offline:
         common.warn(f"--dataset {flags.dataset}: not a local path; with --offline it must be in the datasets cache")
-    teacher = load_teacher(mspec)
-    cfg.layers = caching.parse_layers(layers, teacher.n_layers)
-    inputs = [p for p in (teacher.path,) if p] + dspec.local_inputs()
-    provenance = common.make_provenance(
-        inputs=inputs,
-        seed=flags.seed,
-        config={"cache": cfg.__dict__, "data": dspec.describe(), "teacher": teacher.describe()},
-    )
-    common.log(
-        f"caching hidden_states{cfg.layers} of {teacher.name} into {output}/ "
-        f"({n_tokens:,} tokens per layer, seq_len {flags.seq_len})"
-    )
-    with common.progress() as bar:
-        task = bar.add_task("cache-acts", total=n_tokens, rate="")
-        on_progress = _progress_reporter(bar, task)
-        result = caching.cache_activations(teacher, dspec, cfg, provenance=provenance, on_progress=on_progress)
-    if result.exhausted:
-        common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
-    if not common.STATE.json:
-        common.log(
-            f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({result.dtype}) in "
-            f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
-            f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
-            f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
+    # the output's one writer from before the teacher loads (a second run is refused at once) through --shuffle
+    with locks.claim(output, command=common.command_line()):
+        teacher = load_teacher(mspec)
+        cfg.layers = caching.parse_layers(layers, teacher.n_layers)
+        inputs = [p for p in (teacher.path,) if p] + dspec.local_inputs()
+        provenance = common.make_provenance(
+            inputs=inputs,
+            seed=flags.seed,
+            config={"cache": cfg.__dict__, "data": dspec.describe(), "teacher": teacher.describe()},
         )
-    if shuffle:
-        _shuffle(output, shuffle_seed, bucket_tokens, cached=result.record())
-    elif common.STATE.json:
-        common.emit_json(result.record())
+        common.log(
+            f"caching hidden_states{cfg.layers} of {teacher.name} into {output}/ "
+            f"({n_tokens:,} tokens per layer, seq_len {flags.seq_len})"
+        )
+        with common.progress() as bar:
+            task = bar.add_task("cache-acts", total=n_tokens, rate="")
+            on_progress = _progress_reporter(bar, task)
+            result = caching.cache_activations(teacher, dspec, cfg, provenance=provenance, on_progress=on_progress)
+        if result.finished:
+            common.log(f"{output}/ already holds its {result.tokens:,} tokens (a finished cache): left as it is")
+        if result.exhausted:
+            common.warn(f"the data ran out after {result.tokens:,} tokens (asked for {n_tokens:,})")
+        if not common.STATE.json and not result.finished:
+            common.log(
+                f"cached {result.tokens:,} tokens x {len(result.layers)} layers ({result.dtype}) in "
+                f"{result.shards} shards at {output}/ ; this run: {result.new_tokens:,} tokens in "
+                f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s), "
+                f"{result.dropped_outliers:,} outlier positions skipped (--max-norm-ratio {max_norm_ratio:g})"
+            )
+        if shuffle:
+            _shuffle(output, shuffle_seed, bucket_tokens, cached=result.record())
+        elif common.STATE.json:
+            common.emit_json(result.record())
 
 
 def _progress_reporter(bar, task):

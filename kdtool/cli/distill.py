@@ -261,6 +261,7 @@ class _Report:
         self.stack = contextlib.ExitStack()
         self.bar = self.task = self.start = None
         self.t0 = 0.0
+        self.finished = False  # a --resume found the run done: nothing was written
 
     def __enter__(self) -> _Report:
         return self
@@ -291,6 +292,9 @@ class _Report:
                 + (f" x {ev['world']} processes" if ev["world"] > 1 else "")
             )
             self._open_bar()
+        elif kind == "finished":
+            self.finished = True
+            common.log(f"{self.output}: already trained for {ev['step']} steps; left as it is")
         elif kind == "resumed":
             common.log(f"resumed from step {ev['step']} ({self.output}/checkpoint)")
             self.bar.update(self.task, completed=ev["step"])
@@ -318,8 +322,9 @@ class _Report:
         note = few_evaluations(self.cfg, result.floors)
         if note:
             common.warn(note)
-        common.log(f"wrote {self.output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
-        checkpoint_note(self.output)
+        if not self.finished:
+            common.log(f"wrote {self.output}/floors.parquet, curves.parquet and width*/ in {secs:.1f} s")
+            checkpoint_note(self.output)
         common.emit_summary(
             {k: result.floors[k] for k in shown(self.cfg)},
             fmt=fmt,

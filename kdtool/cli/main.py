@@ -11,14 +11,17 @@ import functools
 import importlib
 import inspect
 import os
+import signal
 import sys
 import traceback
 import warnings
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # Typer's own click
 
 from kdtool import __version__
+from kdtool.cli import signals
 from kdtool.cli.common import STATE
 from kdtool.cli.help_format import plain_metavars, tidy
 from kdtool.errors import KdtoolError
@@ -34,6 +37,30 @@ class KdtoolGroup(typer.core.TyperGroup):
     def list_commands(self, ctx):
         order = [name for name, _ in COMMANDS]
         return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Usage errors (unknown command or option, a bad value Typer checks itself) as one line, exit 2.
+
+        Typer would draw them as a multi-line box; kdtool's rule is one line naming the option, for
+        every error. Runs the command in click's non-standalone mode and does standalone's exits here.
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:  # bare `kdtool` or a bare group: the help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or "kdtool"
+            hint = f" (see {where} --help)" if isinstance(exc, UsageError) else ""
+            message = " ".join(exc.format_message().split())
+            print(f"{where}: error: {message}{hint}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("kdtool: aborted", file=sys.stderr, flush=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
@@ -131,16 +158,19 @@ def guarded(name: str, fn):
         STATE.command = f"kdtool {name}"
         STATE.params = dict(kwargs)
         try:
-            return fn(*args, **kwargs)
+            with signals.interruptible(name):
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except KdtoolError as exc:
             if STATE.debug:
                 traceback.print_exc()
             _fail(name, str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            print(f"kdtool {name}: interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (kdtool/cli/signals.py): one line, 130 or 143
+            signum = getattr(exc, "signum", signal.SIGINT)
+            hint = "; rerun it with --resume to continue" if "resume" in kwargs else ""
+            print(f"kdtool {name}: interrupted by {signals.describe(signum)}{hint}", file=sys.stderr, flush=True)
+            raise typer.Exit(signals.exit_code(signum)) from None
         except Exception as exc:
             if STATE.debug:
                 traceback.print_exc()

@@ -10,6 +10,8 @@ F and d* in the same file, and its mean ablation uses the mean activation the st
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -95,7 +97,7 @@ def main(
 
     Example: kdtool stats --sae saes/layer12 --fidelity --fidelity-tokens 16K -o stats.parquet
     """
-    from kdtool import formats
+    from kdtool import formats, locks
     from kdtool.errors import BadInput
     from kdtool.models import resolve_device
     from kdtool.sae import fidelity as fid
@@ -123,39 +125,41 @@ def main(
     if sources.wants_stream(acts=acts, stream=stream, model=flags.model, dataset=flags.dataset):
         mspec = replace(flags.model_spec(), device=device)
         teacher = sources.TeacherStream(mspec, flags.data_spec(), options.load_teacher, batch_size, drop_first)
-    with common.progress() as bar:
-        tasks = {}
+    claim = locks.claim(output, command=common.command_line()) if saved else contextlib.nullcontext()
+    with claim:  # one stats run writes OUTPUT at a time
+        with common.progress() as bar:
+            tasks = {}
 
-        def tick(name: str):
-            return lambda total, n: bar.update(tasks.setdefault(name, bar.add_task(name, total=total)), completed=n)
+            def tick(name: str):
+                return lambda total, n: bar.update(tasks.setdefault(name, bar.add_task(name, total=total)), completed=n)
 
-        result = sae_stats.run(cfg, sae, options.parse_layers(layer), acts, teacher, base_spec=flags.model_spec(),
-                               load=options.load_teacher, on_progress=tick("stats"), any_layer=any_layer,
-                               on_fidelity_progress=tick("fidelity"), on_sae=_log_sae)  # fmt: skip
-    for note in result.notes:
-        common.warn(note)
-    provenance = common.make_provenance(
-        inputs=result.inputs,
-        seed=flags.seed,
-        config={
-            "alive_threshold": cfg.alive_threshold,
-            "source": result.summary["source"],
-            "decoder_norm": cfg.decoder_norm,
-        },
-    )
-    title = f"SAE statistics ({output if saved else 'not saved: -o FILE.parquet saves the per-feature table'})"
-    if output is None:  # the data is the per-SAE summary: stdout (table on a TTY, CSV in a pipe, JSON with --json)
-        common.emit_table(result.table(), fmt=fmt, output=None, kind="kdtool.stats.summary", provenance=provenance,
-                          title=title, summary=result.summary)  # fmt: skip
-        return
-    if not saved:  # -o -: the per-feature table itself to stdout
-        common.emit_table(result.columns, fmt=fmt, output=output, kind=sae_stats.STATS_KIND, provenance=provenance,
-                          summary=result.summary)  # fmt: skip
-        common.show_table(result.table(), title="SAE statistics")
-        return
-    formats.write_parquet(
-        output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
-    )
+            result = sae_stats.run(cfg, sae, options.parse_layers(layer), acts, teacher, base_spec=flags.model_spec(),
+                                   load=options.load_teacher, on_progress=tick("stats"), any_layer=any_layer,
+                                   on_fidelity_progress=tick("fidelity"), on_sae=_log_sae)  # fmt: skip
+        for note in result.notes:
+            common.warn(note)
+        provenance = common.make_provenance(
+            inputs=result.inputs,
+            seed=flags.seed,
+            config={
+                "alive_threshold": cfg.alive_threshold,
+                "source": result.summary["source"],
+                "decoder_norm": cfg.decoder_norm,
+            },
+        )
+        title = f"SAE statistics ({output if saved else 'not saved: -o FILE.parquet saves the per-feature table'})"
+        if output is None:  # the data is the per-SAE summary: stdout (table on a TTY, CSV in a pipe, JSON with --json)
+            common.emit_table(result.table(), fmt=fmt, output=None, kind="kdtool.stats.summary", provenance=provenance,
+                              title=title, summary=result.summary)  # fmt: skip
+            return
+        if not saved:  # -o -: the per-feature table itself to stdout
+            common.emit_table(result.columns, fmt=fmt, output=output, kind=sae_stats.STATS_KIND,
+                              provenance=provenance, summary=result.summary)  # fmt: skip
+            common.show_table(result.table(), title="SAE statistics")
+            return
+        formats.write_parquet(
+            output, result.columns, kind=sae_stats.STATS_KIND, provenance=provenance, summary=result.summary
+        )
     common.log(
         f"wrote {output} ({len(result.columns['feature']):,} features, {len(result.summary['saes'])} SAE(s), "
         f"{result.tokens:,} tokens); next: kdtool predict {output} --widths 128,256,512"

@@ -82,6 +82,7 @@ def main(
 
     Example: kdtool survival --sae saes/layer12 --students students --stats stats.parquet --tokens 200K
     """
+    from kdtool import locks
     from kdtool.cli.options import load_teacher
     from kdtool.errors import BadInput
     from kdtool.survival import job, summary
@@ -106,7 +107,8 @@ def main(
         layers=None if layers is None else tuple(layers),
         output=output,
     )
-    with common.progress() as bar:
+    # one survival run writes OUTPUT at a time (kdtool/locks.py), its stale temporary files cleared first
+    with locks.claim(output, command=common.command_line()), common.progress() as bar:
         task = bar.add_task("survival", total=cfg.tokens, rate="")
         result = job.survival_files(
             inputs,

@@ -317,10 +317,11 @@ def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, forc
     if not d.main:
         return
     at = trainer.at
-    common.log(
-        f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
-        f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s): {_time_split(trainer, source)}"
-    )
+    if trainer.outcome == "trained":
+        common.log(
+            f"trained {len(trainer.runs)} SAE(s) on {at.tokens:,} tokens in {at.elapsed:.1f} s "
+            f"({at.tokens / max(at.elapsed, 1e-9):,.0f} tok/s): {_time_split(trainer, source)}"
+        )
     common.log(f"next: {_next_command(output, source, flags)}")
     common.emit_summary(trainer.summary(), kind="kdtool.sae.train_summary", provenance=provenance, title="train-sae")
 

@@ -62,17 +62,17 @@ class DistillConfig:
         if len(set(self.widths)) != len(self.widths):
             raise BadInput(f"--widths: repeated width in {self.widths}")
         checks = [
-            (self.temperature > 0, "--temperature must be > 0"),
+            (0 < self.temperature < math.inf, "--temperature must be a finite number > 0"),
             (self.steps >= 1, "--steps must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.seq_len >= 2, "--seq-len must be >= 2"),
             (self.micro_batch >= 0, "--micro-batch must be >= 0"),
-            (self.lr > 0, "--lr must be > 0"),
+            (0 < self.lr < math.inf, "--lr must be a finite number > 0"),
             (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
             (0 <= self.warmup < self.steps, f"--warmup ({self.warmup}) must be < --steps ({self.steps})"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0 <= self.weight_decay < math.inf, "--weight-decay must be a finite number >= 0"),
             (all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "--betas must be two numbers in [0, 1)"),
-            (self.grad_clip >= 0, "--grad-clip must be >= 0"),
+            (0 <= self.grad_clip < math.inf, "--grad-clip must be a finite number >= 0"),
             (0 <= self.ce_weight <= 1, "--ce-weight must be in [0, 1]"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
             (self.eval_batches >= 1, "--eval-batches must be >= 1"),

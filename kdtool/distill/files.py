@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,13 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from kdtool import formats
+from kdtool.atomic import atomic_dir
 from kdtool.distill import students as st
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.objectives import student_name
 from kdtool.distributed import Dist
 from kdtool.errors import BadInput
+from kdtool.identity import describe
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
@@ -50,9 +51,7 @@ RESUME_FIELDS = (
     "feature_weight",
     "feature_budget",
     "feature_weighting",
-    "sae",
-    "stats",
-)
+)  # the features loss's --sae and --stats are compared by content, in run_key (kdtool/distill/job.py)
 #: what a checkpoint written before --loss existed meant by the settings it lacks
 RESUME_DEFAULTS = {
     "losses": ["kl"],
@@ -61,8 +60,6 @@ RESUME_DEFAULTS = {
     "feature_weight": 1.0,
     "feature_budget": "auto",
     "feature_weighting": "importance",
-    "sae": None,
-    "stats": None,
 }
 
 
@@ -232,22 +229,15 @@ def write_outputs(out: Path, cfg: DistillConfig, modules, objectives, tokenizer,
 
 
 def _save_student(final: Path, module, tokenizer, info: dict, provenance) -> None:
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     hf_logging.disable_progress_bar()  # library code: no tqdm bars on stderr
-    module.lm.save_pretrained(tmp)
-    for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
-        formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
-    module.save_maps(tmp, provenance)  # after the stamp: the maps carry their own kind
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    formats.write_json(tmp / "kdtool.json", info)
-    old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        module.lm.save_pretrained(tmp)
+        for weights in tmp.glob("*.safetensors"):  # the weights say how they were made, as every kdtool file does
+            formats.stamp_safetensors(weights, kind="kdtool.distill.student.weights", provenance=info.get("provenance"))
+        module.save_maps(tmp, provenance)  # after the stamp: the maps carry their own kind
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        formats.write_json(tmp / "kdtool.json", info)
 
 
 def _rng_state() -> dict:
@@ -281,67 +271,50 @@ def save_checkpoint(
     out: Path, cfg: DistillConfig, modules, optims, scheds, step, tokens_seen, rows_log, d: Dist
 ) -> None:
     """checkpoint/: one file per student (model, maps, optimizer, scheduler) + state.pt (step, data position,
-    RNG, curves so far). Written to a new folder and swapped in, so a kill never leaves half a checkpoint."""
+    RNG, curves so far). Written to a new folder and swapped in (atomic.atomic_dir), so a kill never
+    leaves half a checkpoint."""
     if not d.main:
         return
-    final = out / "checkpoint"
-    tmp = out / ".checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for key, m in modules.items():
-        blob = {"model": m.lm.state_dict(), "optim": optims[key].state_dict(), "sched": scheds[key].state_dict()}
-        if m.maps:
-            blob["maps"] = m.maps.state_dict()
-        torch.save(blob, tmp / f"{student_name(key)}.pt")
-    torch.save(
-        {
-            "step": step,
-            "data_position": step,
-            "tokens_seen": tokens_seen,
-            "curves": rows_log,
-            "config": cfg.as_dict(),
-            "world": d.world,
-            "rng": _rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    formats.write_json(  # what the folder is, for `kdtool info` (the .pt files load only with weights_only=True)
-        tmp / "checkpoint.json",
-        {
-            "kind": "kdtool.distill.checkpoint",
-            "step": step,
-            "widths": sorted({key.width for key in modules}),
-            "students": [student_name(key) for key in modules],
-            "use": "kdtool distill --resume continues from here; delete the folder to reclaim its space",
-            "config": cfg.as_dict(),
-        },
-    )
-    old = out / ".checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out / "checkpoint") as tmp:
+        for key, m in modules.items():
+            blob = {"model": m.lm.state_dict(), "optim": optims[key].state_dict(), "sched": scheds[key].state_dict()}
+            if m.maps:
+                blob["maps"] = m.maps.state_dict()
+            torch.save(blob, tmp / f"{student_name(key)}.pt")
+        torch.save(
+            {
+                "step": step,
+                "data_position": step,
+                "tokens_seen": tokens_seen,
+                "curves": rows_log,
+                "config": cfg.as_dict(),
+                "world": d.world,
+                "rng": _rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        formats.write_json(  # what the folder is, for `kdtool info` (the .pt files load only with weights_only=True)
+            tmp / "checkpoint.json",
+            {
+                "kind": "kdtool.distill.checkpoint",
+                "step": step,
+                "widths": sorted({key.width for key in modules}),
+                "students": [student_name(key) for key in modules],
+                "use": "kdtool distill --resume continues from here; delete the folder to reclaim its space",
+                "config": cfg.as_dict(),
+            },
+        )
 
 
 def load_checkpoint(out: Path, cfg: DistillConfig, modules, optims, scheds, device) -> dict | None:
     """Restore every student's model/maps/optimizer/scheduler and the RNG; None when there is no checkpoint."""
-    folder = out / "checkpoint"
-    if not (folder / "state.pt").exists() and (out / ".checkpoint.old" / "state.pt").exists():
-        folder = out / ".checkpoint.old"  # killed between the two renames of save_checkpoint
+    folder = out / "checkpoint"  # a kill mid-swap left it aside: kdtool.locks.claim has put it back
     if not (folder / "state.pt").exists():
         return None
-    try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BadInput(f"--resume: {folder / 'state.pt'} is unreadable ({exc})") from exc
-    saved, now = state["config"], cfg.as_dict()
-    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k, RESUME_DEFAULTS.get(k))) != _norm(now.get(k))]
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:3])
-        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+    state = _load(folder / "state.pt", "cpu")
+    _check_same_run(state["config"], cfg, folder)
     for key in cfg.students:
-        blob = torch.load(folder / f"{student_name(key)}.pt", map_location=device, weights_only=True)
+        blob = _load(folder / f"{student_name(key)}.pt", device)
         modules[key].lm.load_state_dict(blob["model"])
         if modules[key].maps:
             modules[key].maps.load_state_dict(blob["maps"])
@@ -349,6 +322,69 @@ def load_checkpoint(out: Path, cfg: DistillConfig, modules, optims, scheds, devi
         scheds[key].load_state_dict(blob["sched"])
     _set_rng_state(state["rng"])
     return state
+
+
+def _check_same_run(saved: dict, cfg: DistillConfig, folder: Path) -> None:
+    """Refuse a --resume whose settings, teacher or text differ from the checkpoint's (both values shown)."""
+    now = cfg.as_dict()
+    saved = {k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_FIELDS}  # older checkpoints lack some
+    diff = [k for k in RESUME_FIELDS if _norm(saved.get(k)) != _norm(now.get(k))]
+    if diff:
+        shown = ", ".join(_difference(k, saved.get(k), now.get(k)) for k in diff[:3])
+        raise BadInput(f"--resume: {folder} was made with other settings ({shown}); use the same options or a new -o")
+
+
+def _difference(key: str, saved, now) -> str:
+    """One differing setting for a message; the teacher and text by their identities (kdtool/identity.py)."""
+    if key == "run_key" and isinstance(saved, dict) and isinstance(now, dict):
+        parts = []
+        for k in sorted(set(saved) | set(now)):
+            a, b = saved.get(k), now.get(k)
+            if _norm(a) != _norm(b):
+                a, b = (_shown(x) for x in (a, b))
+                parts.append(f"{k}: checkpoint {a} vs now {b}")
+        return ", ".join(parts)
+    return f"{key}: checkpoint {saved!r} vs now {now!r}"
+
+
+def _shown(v) -> str:
+    """An identity by its fingerprint and what it is; a dict of identities (the features loss's) each so."""
+    if isinstance(v, dict) and "fingerprint" in v:
+        return describe(v)
+    if isinstance(v, dict) and v and all(isinstance(x, dict) and "fingerprint" in x for x in v.values()):
+        return "{" + ", ".join(f"{k}: {describe(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def finished_run(out: Path, cfg: DistillConfig) -> dict | None:
+    """--resume of a run that is done and whole: {floors, curves, provenance} as written; else None.
+
+    None also when an output is missing (a kill during the final write): the loop then rewrites
+    them from the final checkpoint. A finished run resumed with other settings is refused like any.
+    """
+    folder = out / "checkpoint"
+    if not (folder / "state.pt").exists():
+        return None
+    state = _load(folder / "state.pt", "cpu")
+    _check_same_run(state["config"], cfg, folder)
+    students = (out / student_name(key) / "kdtool.json" for key in cfg.students)
+    outputs = [out / "curves.parquet", out / "floors.parquet", *students]
+    if int(state["step"]) < cfg.steps or not all(p.is_file() for p in outputs):
+        return None
+    floors, curves = (formats.read_table(out / name) for name in ("floors.parquet", "curves.parquet"))
+    return {
+        "floors": {k: v.tolist() for k, v in floors.items()},
+        "curves": {k: v.tolist() for k, v in curves.items()},
+        "provenance": formats.parquet_metadata(out / "floors.parquet")["provenance"],
+        "step": int(state["step"]),
+    }
+
+
+def _load(path: Path, device):
+    try:
+        return formats.load_torch(path, map_location=device)
+    except BadInput as exc:  # names the file: cut short, or not tensors
+        raise BadInput(f"--resume: {exc}; use --overwrite to start over") from None
 
 
 def _norm(v):

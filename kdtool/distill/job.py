@@ -9,6 +9,7 @@ provenance and runs kdtool.distill.loop.run. Under torchrun the caller joins the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -19,15 +20,18 @@ from typing import Any
 
 import torch
 
+from kdtool import locks
 from kdtool import provenance as _provenance
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import text_streams
 from kdtool.distill.features import FeaturePlan
+from kdtool.distill.files import finished_run
 from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
-from kdtool.distributed import Dist, world_size
+from kdtool.distributed import Dist, barrier, world_size
 from kdtool.errors import BadInput
-from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec
+from kdtool.identity import data_identity, describe, files_identity, model_identity
+from kdtool.models import EMBEDDED_NAME, LoadedModel, ModelSpec, check_seq_len
 from kdtool.text.tokens import DataSpec
 
 
@@ -39,12 +43,17 @@ def rank_device(device: str) -> str:
 
 
 def run_key(model: ModelSpec, data: DataSpec) -> dict[str, Any]:
-    """What identifies a run's teacher and text (DistillConfig.run_key): --resume and --teacher-cache check it."""
+    """What identifies a run's teacher and text (DistillConfig.run_key): --resume and --teacher-cache check it.
+
+    By content (kdtool/identity.py), not by the names typed: the same teacher or text under another
+    path spelling resumes, another teacher under the same name is refused.
+    """
+    described = data.describe()
     return {
-        "teacher": model.model or EMBEDDED_NAME,
-        "revision": model.revision,
+        "teacher": model_identity(model.model, model.revision),
         "teacher_dtype": model.dtype,
-        "data": data.describe(),
+        "text": data_identity(described, data.local_inputs()),
+        "data": {k: v for k, v in described.items() if k != "dataset"},  # how it is cut and shuffled
     }
 
 
@@ -71,7 +80,8 @@ class _TeacherParts:
 def _open_teacher(cfg: DistillConfig, cache, rows, load_teacher: Callable[[], LoadedModel], emit) -> _TeacherParts:
     if cache is not None and cache.covers(cfg.steps, cfg.eval_batches, rows):
         emit({"event": "teacher-cached", "cache": cache.root})
-        name = cfg.run_key.get("teacher")
+        key = cfg.run_key.get("teacher")
+        name = describe(key) if isinstance(key, dict) else str(key or EMBEDDED_NAME)
         return _TeacherParts(cache.load_teacher_config(), cache.load_tokenizer(), None, name, None, {"model": name})
     lm = load_teacher()
     config = lm.model.config
@@ -104,18 +114,30 @@ def distill_text(
     """
     d = dist or Dist()
     out = Path(out_dir)
-    emit = callback or (lambda event: None)
     check_output(out, resume=resume, overwrite=overwrite)
     if cache_dir is not None and cfg.topk < 1:
         raise BadInput("--teacher-cache needs --topk >= 1")
+    command = provenance().get("command")
+    owner = locks.claim(out, command=command) if d.main else contextlib.nullcontext()
+    with owner:  # rank 0 is `out`'s only writer, has put back a checkpoint a kill left aside, and can write
+        barrier(d)  # the other ranks read the checkpoint only after that
+        return _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, provenance, callback)
+
+
+def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, provenance, callback) -> DistillResult:
+    emit = callback or (lambda event: None)
+    features = None
+    if cfg.sae is not None:  # read and checked before the (slow) teacher load and the --resume check
+        features = FeaturePlan.load(cfg.sae, cfg.stats, cfg.widths, cfg.feature_budget, cfg.feature_weighting)
+        identity = {"sae": files_identity(cfg.sae), "stats": files_identity(cfg.stats)}  # by content
+        cfg = dataclasses.replace(cfg, run_key=cfg.run_key | {"features": identity})  # --resume checks them
+    done = finished_run(out, cfg) if resume else None
+    if done is not None:  # nothing to train: left as it is (the one rule for a finished run's --resume)
+        emit({"event": "finished", "step": done["step"]})
+        return DistillResult(done["floors"], done["curves"], out, done["step"], done["provenance"])
     if overwrite and d.main and (out / "checkpoint").exists():
         shutil.rmtree(out / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
     rows = rank_rows(cfg.batch_size, d)
-    features = None
-    if cfg.sae is not None:  # read and checked before the (slow) teacher load
-        features = FeaturePlan.load(cfg.sae, cfg.stats, cfg.widths, cfg.feature_budget, cfg.feature_weighting)
-        identity = {"sae": _provenance.fingerprint(cfg.sae), "stats": _provenance.fingerprint(cfg.stats)}
-        cfg = dataclasses.replace(cfg, run_key=cfg.run_key | {"features": identity})  # --resume checks them
     cache = None
     if cache_dir is not None:
         cache = TeacherCache(
@@ -126,12 +148,18 @@ def distill_text(
             provenance=provenance(seed=cfg.seed, config={"key": cfg.run_key}),
         )
     teacher = _open_teacher(cfg, cache, rows, load_teacher, emit)
+    check_seq_len(teacher.config, cfg.seq_len, teacher.name)
     train, held_out = text_streams(
         data,
         teacher.tokenizer,
         cfg.batch_size,
         on_new_epoch=lambda epoch, at: emit({"event": "epoch", "epoch": epoch, "at": at}),
     )
+    if teacher.model is not None and next(iter(train(0)), None) is None:
+        name = f"--dataset {data.dataset}" if data.dataset is not None else "the embedded corpus"
+        raise BadInput(
+            f"{name}: no training batch of {cfg.batch_size}x{cfg.seq_len} tokens in it (empty, or too little text)"
+        )
     record = provenance(
         inputs=[p for p in (teacher.path,) if p] + data.local_inputs(),
         seed=cfg.seed,

@@ -202,6 +202,11 @@ class Evaluator:
                 tok, m = check_shape(as_batch(next(it)), self.cfg, "held-out")
                 pos += 1
             except StopIteration:
+                if j == 0:
+                    raise BadInput(
+                        f"no held-out batch: the held-out text does not fill one batch of {self.cfg.batch_size}x"
+                        f"{self.cfg.seq_len} tokens; give more text (or a smaller --batch-size / --seq-len)"
+                    ) from None
                 raise RuntimeFailure(f"held-out data ran out after {j} batches; lower --eval-batches") from None
             out.append((tok[self.rows[0] : self.rows[1]], m[self.rows[0] : self.rows[1]]))
         self.batches = out

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from kdtool import formats
+from kdtool.atomic import rename
 from kdtool.distill.losses import FullTarget, TopKTarget
 from kdtool.errors import BadInput
 
@@ -108,13 +110,14 @@ class TeacherCache:
         """Keep the teacher's config (and tokenizer) so a fully cached rerun needs no teacher."""
         if self.has_teacher():
             return
-        tmp = self.root / f".teacher.tmp-{id(self)}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".tmp", dir=self.root))
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         try:
-            tmp.rename(self.teacher_dir)
-        except OSError:  # another rank got there first
+            rename(tmp, self.teacher_dir)
+        except OSError:  # another rank (or run sharing the cache) got there first
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_teacher_config(self):

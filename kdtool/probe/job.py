@@ -15,7 +15,7 @@ from pathlib import Path
 from kdtool import formats
 from kdtool import provenance as _provenance
 from kdtool.errors import BadInput, RuntimeFailure
-from kdtool.models import ModelSpec, load_model
+from kdtool.models import ModelSpec, check_model_path, load_model
 from kdtool.probe import concepts as cs
 from kdtool.probe import probes
 from kdtool.text import debian
@@ -58,6 +58,8 @@ def model_entries(
     def entry(name: str) -> probes.ModelEntry:
         is_teacher = name == "teacher" or (teacher is not None and name == teacher)
         spec = ModelSpec(model=teacher if is_teacher else name, dtype=dtype, device=device, offline=offline)
+        if spec.model is not None:  # a missing folder is refused now, not after the models before it ran
+            check_model_path(spec.model, "--teacher" if is_teacher else "--models")
         return probes.ModelEntry(
             name="teacher" if is_teacher else name,
             role="teacher" if is_teacher else "student",

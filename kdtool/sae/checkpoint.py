@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput
+from kdtool.identity import describe
 from kdtool.sae.config import SAESpec, TrainConfig
 from kdtool.sae.kernel_choice import KernelChoice
-from kdtool.sae.layouts import SAELENS_WEIGHTS
+from kdtool.sae.layouts import CFG, SAELENS_WEIGHTS
 from kdtool.sae.model import L1Controller, SparseAutoencoder
 from kdtool.sae.normalise import fold_scale
 from kdtool.sae.writers import saelens_cfg, save_kdtool
@@ -44,6 +44,8 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 #: config fields that may change between a run and its --resume
 RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
+#: source keys (kdtool/sae/sources.py `info`) that say where the activations are, not what they are
+SOURCE_MAY_CHANGE = ("acts",)
 #: config fields added after the first checkpoints were written: their value for an older checkpoint
 LEGACY_CONFIG = {"normalize": "none", "init_seed": None}
 
@@ -57,6 +59,7 @@ class Counters:
     position: dict | None = None  # the source's position after the latest batch
     elapsed: float = 0.0  # seconds of training, over all resumes
     scale_tokens: int = 0  # tokens s was estimated on (0 without normalisation)
+    finished: bool = False  # the checkpoint is the run's last one (its final SAEs follow it)
 
 
 @dataclass
@@ -110,8 +113,14 @@ class RunFiles:
         return formats.read_json(path) if path.exists() else None
 
     # ---- writing ----------------------------------------------------------------------------
-    def save_checkpoint(self, runs: dict[str, LayerRun], at: Counters, logs: dict[str, dict]) -> None:
-        """Per SAE: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last)."""
+    def save_checkpoint(
+        self, runs: dict[str, LayerRun], at: Counters, logs: dict[str, dict], *, finished: bool = False
+    ) -> None:
+        """Per SAE: an SAE folder + optimizer state + log + state.json; then checkpoint.json (written last).
+
+        finished=True marks the run's last checkpoint (written just before the final SAE folders):
+        a --resume that finds it only checks, or repairs, the final folders (`final_complete`).
+        """
         previous = self.read_pointer()
         for r in runs.values():
             ck = self.checkpoint_dir(r.name, at.tokens)
@@ -161,6 +170,7 @@ class RunFiles:
                 "layers": self.cfg.layers,
                 "saes": list(runs),
                 "dir": f"tokens-{at.tokens:012d}",
+                "finished": finished,
                 "config": self.cfg.as_dict(),
                 "source": self.source_info,
                 "provenance": self.provenance,
@@ -180,6 +190,19 @@ class RunFiles:
             cfg, kd = self._cfg_json(r, at, checkpoint=False)
             self._write_log(r, at, logs[r.name], folder / LOG_FILE)
             save_kdtool(folder, fold_scale(r.sae.tensors(), r.scale), cfg=cfg, kdtool=kd, provenance=self.provenance)
+
+    def final_complete(self, at: Counters) -> bool:
+        """Whether every SAE's final folder was written whole at `at` (cfg.json, written last, says so)."""
+        for name, _, _ in self.cfg.runs():
+            folder = self.out / name
+            try:
+                kd = formats.read_json(folder / CFG).get("kdtool") or {}
+            except BadInput:
+                return False
+            same = kd.get("tokens") == at.tokens and kd.get("steps") == at.step and not kd.get("checkpoint")
+            if not (same and (folder / SAELENS_WEIGHTS).is_file() and (folder / LOG_FILE).is_file()):
+                return False
+        return True
 
     def _cfg_json(self, r: LayerRun, at: Counters, *, checkpoint: bool) -> tuple[dict, dict]:
         info = self.source_info
@@ -265,7 +288,7 @@ class RunFiles:
         """The latest checkpoint; refuse if the config changed in a way that changes the result."""
         pointer = self.read_pointer()
         if pointer is None or pointer.get("kind") != CHECKPOINT_KIND:
-            raise BadInput(f"--resume: no checkpoint in {self.out} (no {CHECKPOINT}); run without --resume first")
+            raise BadInput(f"{self.out / CHECKPOINT}: not a train-sae checkpoint; use --overwrite to start over")
         wanted, held = [name for name, _, _ in self.cfg.runs()], _pointer_saes(pointer)
         if wanted != held:
             raise BadInput(
@@ -273,6 +296,7 @@ class RunFiles:
                 f"{', '.join(wanted)}; resume with the same --layer, --expansion/--features, --l1 and --init-seed, "
                 "or --overwrite to start over"
             )
+        self._check_source(pointer.get("source") or {})
         old = {**LEGACY_CONFIG, **pointer["config"]}
         changed = [k for k, v in self.cfg.as_dict().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         if changed:
@@ -286,19 +310,38 @@ class RunFiles:
             tokens=int(pointer["tokens"]),
             position=pointer["position"],
             elapsed=float(pointer.get("elapsed_s", 0.0)),
+            finished=bool(pointer.get("finished", False)),
         )
         runs = {}
         for name, L, spec in self.cfg.runs():
             runs[name], at.scale_tokens = self._load_sae(self.checkpoint_dir(name, at.tokens), name, L, spec, device)
         return at, runs
 
+    def _check_source(self, old: dict) -> None:
+        """Refuse to continue on other activations: the source's identity, not its path, must match.
+
+        Compared: every key the checkpoint recorded except where the source lives (SOURCE_MAY_CHANGE), so
+        a cache moved or named another way resumes, and a cache rebuilt with another model, text or
+        seq_len (or grown: other shards) is refused with both values.
+        """
+        now = self.source_info
+        by_name = {"model": "model_identity", "dataset": "data_identity"}  # as typed; skipped when identified
+        skip = {*SOURCE_MAY_CHANGE, *(name for name, ident in by_name.items() if old.get(ident))}
+        diffs = [k for k in old if k not in skip and _comparable(old.get(k)) != _comparable(now.get(k))]
+        if diffs:
+            shown = "; ".join(f"{k}: checkpoint {_shown(old.get(k))}, now {_shown(now.get(k))}" for k in diffs[:3])
+            raise BadInput(
+                f"--resume: the activations are not those of the checkpointed run in {self.out} ({shown}); "
+                "resume with the same source, or use --overwrite to start over"
+            )
+
     def _load_sae(self, ck: Path, name: str, layer: int, spec: SAESpec, device) -> tuple[LayerRun, int]:
         try:
             state = formats.read_json(ck / STATE)
-            weights = load_file(str(ck / SAELENS_WEIGHTS))
-            opt_t = load_file(str(ck / OPTIMIZER))
-        except (OSError, BadInput) as exc:
-            raise BadInput(f"--resume: checkpoint {ck} is incomplete ({exc})") from None
+            weights = formats.load_safetensors(ck / SAELENS_WEIGHTS)
+            opt_t = formats.load_safetensors(ck / OPTIMIZER)
+        except BadInput as exc:  # names the file: missing, cut short, not what it should be
+            raise BadInput(f"--resume: {exc}; use --overwrite to start over") from None
         scale = float(state.get("activation_scale", 1.0))
         if "train.b_enc" in opt_t:  # the SAE folder's biases have s folded in
             weights |= {"b_enc": opt_t["train.b_enc"], "b_dec": opt_t["train.b_dec"]}
@@ -338,6 +381,15 @@ class RunFiles:
         return run, int(state.get("scale_tokens", 0))
 
 
+def _comparable(v):
+    """An identity compares by its fingerprint; anything else as it is."""
+    return v.get("fingerprint") if isinstance(v, dict) and "fingerprint" in v else v
+
+
+def _shown(v) -> str:
+    return describe(v) if isinstance(v, dict) and "fingerprint" in v else repr(v)
+
+
 def _py(v):
     return v.item() if hasattr(v, "item") else v
 
@@ -347,29 +399,49 @@ def _pointer_saes(pointer: dict) -> list[str]:
     return list(pointer.get("saes") or [f"layer{L}" for L in pointer.get("layers", [])])
 
 
-def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bool, remove: bool = True) -> None:
-    """Refuse to overwrite a previous run unless --overwrite; --overwrite clears the old run's files for these SAEs.
+def prepare_output(out: str | Path, names: list[str], *, resume: bool, force: bool, remove: bool = True) -> bool:
+    """Decide what happens to a run already in `out`; True when training continues from its checkpoint.
 
-    `names`: the SAE folders the run writes (TrainConfig.runs). The previous run's own SAE folders
-    (listed by its checkpoint.json) are cleared too, so a run of other SAEs (say --expansion 4,8
-    after a single SAE) never leaves an old layer{L}/ beside the new ones. remove=False (ranks
-    other than 0) only checks.
+    `names`: the SAE folders the run writes (TrainConfig.runs). --overwrite clears the old run's files:
+    these SAEs' folders and the previous run's own (listed by its checkpoint.json), so a run of other
+    SAEs (say --expansion 4,8 after a single SAE) never leaves an old layer{L}/ beside the new ones.
+    With checkpoint.json: --resume continues (or, for a finished run, checks and repairs the final
+    folders); a plain rerun is refused. Without it, SAE folders with no final SAE are what a run
+    killed before its first checkpoint (or out of disk) left: --resume clears them and starts over,
+    a plain rerun says so. remove=False (ranks other than 0) only decides.
     """
     out = Path(out)
     pointer = out / CHECKPOINT
-    if resume:
-        return
     try:
         previous = formats.read_json(pointer) if pointer.exists() else {}
     except BadInput:  # an unreadable pointer: its run's folders are unknown, the pointer itself still blocks
         previous = {}
-    names = list(dict.fromkeys([*names, *_pointer_saes(previous)]))
-    existing = [out / name for name in names if (out / name).exists()]
-    if (existing or pointer.exists()) and not force:
-        what = ", ".join(str(p) for p in existing) or str(pointer)
-        raise BadInput(f"{what} already exists: use --resume to continue that run or --overwrite to replace it")
-    if force and remove:
+    every = list(dict.fromkeys([*names, *_pointer_saes(previous)]))
+    existing = [out / name for name in every if (out / name).exists()]
+    if force:
+        if remove:
+            for folder in existing:
+                shutil.rmtree(folder)
+            pointer.unlink(missing_ok=True)
+        return False
+    if pointer.exists():
+        if resume:
+            return True
+        p = formats.read_json(pointer)
+        state = "finished" if p.get("finished") else "stopped"
+        raise BadInput(
+            f"{out} holds a train-sae run {state} at {p.get('tokens', 0):,} tokens: use --resume to continue it "
+            "(a finished run is checked and left as is) or --overwrite to replace it"
+        )
+    finals = [f for f in existing if (f / CFG).exists()]
+    if finals:
+        raise BadInput(f"{finals[0]} already holds an SAE (and {out} no {CHECKPOINT}): use --overwrite to replace it")
+    if existing and not resume:
+        raise BadInput(
+            f"{existing[0]}: a run stopped before its first checkpoint left this (nothing to keep): "
+            "rerun with --resume to start it over, or --overwrite"
+        )
+    if remove:
         for folder in existing:
             shutil.rmtree(folder)
-        if pointer.exists():
-            pointer.unlink()
+    return False

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 
 from kdtool import formats
 from kdtool.errors import BadInput, UnknownFormat
@@ -162,11 +161,7 @@ def _read_cfg(path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> dict:
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise BadInput(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from exc
-    return {k: v.float() for k, v in tensors.items()}
+    return {k: v.float() for k, v in formats.load_safetensors(path).items()}
 
 
 def _need(tensors: dict, names: tuple[str, ...], where: Path) -> None:
@@ -182,6 +177,10 @@ def _check_shapes(sae: LoadedSAE) -> LoadedSAE:
         got = tuple(getattr(sae, name).shape)
         if got != want:
             raise BadInput(f"{sae.path}: {name} has shape {list(got)}, expected {list(want)} for W_enc {[d, F]}")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        t = getattr(sae, name)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise BadInput(f"{sae.path}: {name} holds NaN or infinite values (a diverged or damaged SAE)")
     if sae.threshold is not None and tuple(sae.threshold.shape) not in ((F,), ()):
         raise BadInput(f"{sae.path}: threshold has shape {list(sae.threshold.shape)}, expected [{F}]")
     if sae.activation in ("topk", "groupmax"):
@@ -310,13 +309,7 @@ def _load_sparsify(p: Path) -> LoadedSAE:
 
 
 def _torch_load_weights_only(path: Path) -> dict:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UnknownFormat(
-            f"{path}: not loadable as plain tensors with torch.load(weights_only=True) "
-            f"({str(exc).splitlines()[0][:200]}); kdtool never unpickles arbitrary objects"
-        ) from None
+    obj = formats.load_torch(path)  # weights_only=True: tensors, never code
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UnknownFormat(f"{path}: expected a state dict of tensors")
     return {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}

@@ -8,6 +8,8 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +20,9 @@ from typing import Protocol
 import torch
 
 from kdtool.acts.store import ActivationStore, Position
-from kdtool.errors import BadInput
-from kdtool.models import LoadedModel, ModelSpec, residual_stream
+from kdtool.errors import BadInput, RuntimeFailure
+from kdtool.identity import data_identity
+from kdtool.models import LoadedModel, ModelSpec, check_seq_len, residual_stream
 from kdtool.sae.mixing import Plan, prefetch_blocks, serve
 from kdtool.text.tokens import DataSpec, token_batches
 
@@ -58,6 +61,10 @@ class BatchSource(Protocol):
         """The layers to train: `requested` (--layer) checked against what the source has, or its default."""
         ...
 
+    def check_batch(self, batch_tokens: int) -> None:
+        """BadInput when no batch of `batch_tokens` rows can be formed (batches never straddle buffers)."""
+        ...
+
 
 class CacheSource:
     """Batches from an activation cache written by `kdtool cache-acts` (shuffled, resumable)."""
@@ -70,6 +77,9 @@ class CacheSource:
         self.info = {k: m.get(k) for k in ("model", "revision", "dataset", "seq_len", "dtype")} | {
             "acts": str(root),
             "source": "cache",
+            "model_identity": m.get("model_identity"),  # what the model and text are (kdtool/identity.py)
+            "data_identity": m.get("data_identity"),
+            "cache": cache_fingerprint(m),
         }
         self.inputs = [Path(root) / "manifest.json"]
 
@@ -83,6 +93,19 @@ class CacheSource:
     def approx_tokens(self):
         return self.store.n_tokens
 
+    def check_batch(self, batch_tokens):
+        sizes = sorted((int(s["tokens"]) for s in self.store.shards), reverse=True)
+        most = sum(sizes[: self.buffer_shards])  # the rows of the biggest buffer the reader mixes
+        if batch_tokens > self.store.n_tokens:
+            raise BadInput(
+                f"--batch-tokens {batch_tokens:,}: more than the {self.store.n_tokens:,} tokens in {self.store.root}"
+            )
+        if batch_tokens > most:
+            raise BadInput(
+                f"--batch-tokens {batch_tokens:,}: more than the {most:,} rows read at once "
+                f"(--shuffle-shards {self.buffer_shards} shards); raise --shuffle-shards or lower --batch-tokens"
+            )
+
     def select_layers(self, requested):
         """Default: every cached layer."""
         cached = self.store.layers
@@ -95,6 +118,17 @@ class CacheSource:
                 f"(cached: {','.join(map(str, cached))}; run `kdtool cache-acts --layers ...`)"
             )
         return requested
+
+
+def cache_fingerprint(manifest: dict) -> str:
+    """A short hash of what decides a cache's rows: its shards, layers, dtype, width and on-disk shuffle.
+
+    train-sae's checkpoint records it, so a resume on a cache that was rebuilt or grown (other shards,
+    so other batches) is refused even when the folder has the same name.
+    """
+    keys = ("shards", "layers", "d_model", "dtype", "seq_len", "drop_first", "max_norm_ratio", "model_identity")
+    what = {k: manifest.get(k) for k in keys} | {"shuffle_seed": (manifest.get("shuffle") or {}).get("seed")}
+    return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ModelSource:
@@ -117,6 +151,7 @@ class ModelSource:
         drop_first: bool = True,
         prefetch: bool | None = None,
     ):
+        check_seq_len(teacher.model.config, data.seq_len, teacher.name)
         self.teacher, self.data = teacher, data
         self.batch_size = int(batch_size)
         self.first = 1 if drop_first else 0
@@ -128,8 +163,10 @@ class ModelSource:
         self.d_in = teacher.d_model
         self.info = {
             "model": teacher.name,
+            "model_identity": teacher.identity,
             "revision": teacher.revision,
             "dataset": data.describe()["dataset"],
+            "data_identity": data_identity(data.describe(), data.local_inputs()),
             "seq_len": data.seq_len,
             "source": "stream",
             "drop_first": drop_first,
@@ -151,6 +188,11 @@ class ModelSource:
         with torch.no_grad():  # not inference_mode: its flag would leak into the trainer across yields
             hidden = residual_stream(self.teacher.model, ids.to(dev), None, layers)
             rows = {L: hidden[L][:, self.first :, :].reshape(-1, self.d_in).float() for L in layers}
+        bad = [L for L, x in rows.items() if not bool(torch.isfinite(x).all())]
+        if bad:  # not "the loss diverged": the teacher's own numbers overflowed
+            raise RuntimeFailure(
+                f"layer(s) {bad}: the teacher's activations hold NaN or infinite values (try --dtype float32)"
+            )
         if dev.type == "cuda":
             torch.cuda.current_stream(dev).synchronize()
         self.forward_seconds += time.perf_counter() - started
@@ -213,6 +255,11 @@ class ModelSource:
 
     def approx_tokens(self):
         return None
+
+    def check_batch(self, batch_tokens):
+        rows = self.info["buffer_tokens"]
+        if batch_tokens > rows:
+            raise BadInput(f"--batch-tokens {batch_tokens:,}: more than the {rows:,} rows of a --shuffle-buffer")
 
     def select_layers(self, requested):
         """No default: a model has too many layers to train them all by accident."""

@@ -20,6 +20,7 @@ W processes follow the one-process run up to float rounding. Only rank 0 writes 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kdtool import locks
 from kdtool.distributed import Dist, all_reduce, barrier
 from kdtool.errors import BadInput, RuntimeFailure
 from kdtool.formats import finite_or_none
@@ -112,6 +114,7 @@ class Trainer:
         self.stop_after_steps = stop_after_steps  # tests: simulate a killed run
         self.runs: dict[str, LayerRun] = {}  # by folder name, in cfg.runs() order (layer by layer)
         self.at = Counters()
+        self.outcome = "not run"  # set by run(): trained, finished or repaired
         self.step_seconds = 0.0  # this process: the SAE steps (gradients, optimizer, statistics)
         self.source_seconds = 0.0  # this process: waiting for batches (a streamed teacher's forward, or reading)
         d = self.dist
@@ -119,15 +122,21 @@ class Trainer:
         self.matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         if source.d_in != cfg.d_in:
             raise BadInput(f"activations have d={source.d_in} but the config says d_in={cfg.d_in}")
+        source.check_batch(cfg.batch_tokens)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, LayerRun]:
+        """Train until the budget (or the one pass) is done; a resumed run that already is, only its files.
+
+        Whether a step is left is checked before the first one and after each (`finished`), so no run,
+        fresh or resumed, steps past --tokens.
+        `outcome` says what happened: "trained", "finished" (left as it was) or "repaired" (the final
+        SAE folders rewritten from the last checkpoint, after a kill during their write).
+        """
         cfg, at = self.cfg, self.at
-        if cfg.tokens is not None and at.tokens >= cfg.tokens:
-            raise BadInput(
-                f"--tokens {cfg.tokens}: the checkpoint already has {at.tokens} tokens; "
-                "give a larger --tokens to continue"
-            )
+        if self.runs and self.finished():
+            return self._finish_files()
+        at.finished = False  # a finished run given a larger --tokens trains on
         start = time.perf_counter() - at.elapsed
         next_ckpt = self._next_milestone()
         # the batches this run will still take: a streamed teacher forwards no more than that
@@ -159,12 +168,11 @@ class Trainer:
                 for r in self.runs.values():
                     self._log_row(r)
             self.on_step(at.tokens, at.step, next(iter(self.runs.values())).last)
-            done = cfg.tokens is not None and at.tokens + cfg.batch_tokens > cfg.tokens
-            if next_ckpt is not None and at.tokens >= next_ckpt and not done:
+            if self.finished():
+                break  # the final checkpoint follows
+            if next_ckpt is not None and at.tokens >= next_ckpt:
                 self.save_checkpoint()
                 next_ckpt = self._next_milestone()
-            if done:
-                break
             if self.stop_after_steps is not None and ran >= self.stop_after_steps:
                 return self.runs  # simulated kill: no final files
         if not self.runs:
@@ -172,8 +180,32 @@ class Trainer:
         for r in self.runs.values():
             if r.interval.steps:
                 self._log_row(r)
+        at.finished = True
         self.save_checkpoint()
         self.save_final()
+        self.outcome = "trained"
+        return self.runs
+
+    def finished(self) -> bool:
+        """No step is left: the next batch would pass --tokens, or (no --tokens) the checkpoint ended the pass."""
+        if self.cfg.tokens is None:
+            return self.at.finished
+        return self.at.tokens + self.cfg.batch_tokens > self.cfg.tokens
+
+    def _finish_files(self) -> dict[str, LayerRun]:
+        """A resumed run with nothing left to train: leave its final folders, or rewrite them if a kill cut them."""
+        at = self.at
+        if self.files.final_complete(at):
+            self.outcome = "finished"
+            self.on_message(f"{self.out}: already trained on {at.tokens:,} tokens (step {at.step}); left as it is")
+        else:
+            if self.dist.main:
+                self.files.save_final(self.runs, at, self._logs())
+            self.outcome = "repaired"
+            self.on_message(
+                f"{self.out}: trained on {at.tokens:,} tokens but its final SAE files were cut short; "
+                "rewrote them from the last checkpoint"
+            )
         return self.runs
 
     def _start(self, stream: Iterator) -> Iterator:
@@ -292,7 +324,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.dist.main:
             return
-        self.files.save_checkpoint(self.runs, self.at, self._logs())
+        self.files.save_checkpoint(self.runs, self.at, self._logs(), finished=self.at.finished)
         self.on_message(f"checkpoint at {self.at.tokens:,} tokens (step {self.at.step})")
 
     def save_final(self) -> None:
@@ -338,20 +370,27 @@ def train(
     `dist`: the torchrun process group (kdtool.distributed.dist_init), None for one process.
     """
     dist = dist or Dist()
-    prepare_output(out, [name for name, _, _ in cfg.runs()], resume=resume, force=force, remove=dist.main)
-    barrier(dist)  # no rank starts before rank 0 has cleared an --overwrite'd run
-    trainer = Trainer(
-        cfg,
-        source,
-        out,
-        provenance=provenance,
-        on_step=on_step,
-        on_message=on_message,
-        stop_after_steps=stop_after_steps,
-        dist=dist,
-    )
-    if resume:
-        trainer.resume()
-    trainer.run()
-    barrier(dist)  # the other ranks wait for rank 0's files
+    source.check_batch(cfg.batch_tokens)  # before anything in `out` is touched (--overwrite removes the old run)
+    owner = locks.claim(out, command=(provenance or {}).get("command")) if dist.main else contextlib.nullcontext()
+    with owner:  # rank 0 is `out`'s only writer (kdtool/locks.py), and clears what a killed run left
+        continues = prepare_output(
+            out, [name for name, _, _ in cfg.runs()], resume=resume, force=force, remove=dist.main
+        )
+        barrier(dist)  # no rank starts before rank 0 has cleared an --overwrite'd run
+        trainer = Trainer(
+            cfg,
+            source,
+            out,
+            provenance=provenance,
+            on_step=on_step,
+            on_message=on_message,
+            stop_after_steps=stop_after_steps,
+            dist=dist,
+        )
+        if continues:
+            trainer.resume()
+        elif resume:
+            trainer.on_message(f"--resume: no checkpoint in {out}; starting from the beginning")
+        trainer.run()
+        barrier(dist)  # the other ranks wait for rank 0's files
     return trainer

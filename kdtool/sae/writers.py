@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kdtool import formats
+from kdtool.atomic import atomic_path
 from kdtool.sae.layouts import CFG, DL_CONFIG, DL_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, layer_to_hook
 
 KIND = "kdtool.sae"
@@ -126,7 +127,7 @@ def save_dictionary_learning(folder: str | Path, tensors: dict, *, layer: int | 
         "encoder.bias": tensors["b_enc"].contiguous(),
         "decoder.weight": tensors["W_dec"].t().contiguous(),
     }
-    with formats.atomic_path(folder / DL_WEIGHTS) as tmp:
+    with atomic_path(folder / DL_WEIGHTS) as tmp:
         torch.save(state, str(tmp))
     trainer = {"dict_class": "AutoEncoder", "activation_dim": int(d_in), "dict_size": int(d_sae)}
     if layer is not None:

@@ -199,8 +199,27 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
                 yield text if isinstance(text, str) else str(text)
 
 
+#: bytes read from the start of a text file to tell text from binary data
+_SNIFF_BYTES = 1 << 16
+
+
+def _check_text(path: Path) -> None:
+    """Refuse a .txt/.jsonl file that is not UTF-8 text (random bytes would be cached as replacement characters)."""
+    with _open_text(path) as fh:
+        head = fh.buffer.read(_SNIFF_BYTES) if hasattr(fh, "buffer") else b""
+    try:
+        head.decode("utf-8")
+        ok = True
+    except UnicodeDecodeError as exc:
+        ok = exc.start >= len(head) - 3  # only a character cut by the sniffing window
+    if b"\0" in head or not ok:
+        raise BadInput(f"--dataset {path}: not UTF-8 text (binary data?)")
+
+
 def _file_documents(path: Path, spec: DataSpec) -> Iterator[str]:
     suffix = _base_suffix(path)
+    if suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        _check_text(path)
     if suffix in TEXT_SUFFIXES:
         return _txt_documents(path, spec.txt_unit)
     if suffix in JSONL_SUFFIXES:

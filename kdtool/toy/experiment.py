@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from kdtool import formats
+from kdtool import formats, locks
 from kdtool.errors import BadInput
 from kdtool.theory import capacity as capacity_mod
 from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, settings_id, widths_label
 from kdtool.toy.kept_capacity import capacity_file
 from kdtool.toy.stats import MEASURE_COLUMN, fit_capacity, summarize
-from kdtool.toy.store import PartStore, curves_path, survival_path
+from kdtool.toy.store import PartStore, curves_path, parts_dir, survival_path
 from kdtool.toy.survival import KEPT_RULE, KEPT_THRESHOLD, check_threshold, kept_mask, summarize_survival
 from kdtool.toy.sweep import chunk_cost, convergence_check, default_workers, run_sweep, sample_configs
 
@@ -109,8 +109,17 @@ def run_experiment(
     notify: Notify | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
 ) -> ExperimentResult:
-    """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors."""
-    notify = notify or _silent
+    """Train what is pending, then write the output (and curves) and summarise measured vs predicted floors.
+
+    The sweep is the only writer of its output, parts folder and curves file (kdtool/locks.py): a
+    second sweep into them is refused instead of deleting the first one's parts.
+    """
+    companions = (parts_dir(config.output), curves_path(config.output), survival_path(config.output))
+    with locks.claim(config.output, command=provenance.get("command"), also=companions):
+        return _run(config, provenance, notify or _silent, on_progress)
+
+
+def _run(config: ExperimentConfig, provenance: dict, notify: Notify, on_progress) -> ExperimentResult:
     grid, cfg = config.grid, config.train
     store = PartStore(config.output, settings_id(cfg, grid.seeds, grid.student_widths), provenance)
     keys = grid.keys()
@@ -153,15 +162,38 @@ def run_experiment(
     if config.fit_capacity:
         summary["fit_capacity"] = fit_capacity(cols, "floor", cfg.zipf_exponent)
         doc = _capacity_doc(summary, config, provenance, notify)
-    rules = {"kept_threshold": config.kept_threshold, "kept_rule": KEPT_RULE}
-    store.merge(keys, summary, want_curves=config.log_curves, survival=(scols, rules))
+    left = config.resume and not pending and _whole(config, column, summary["rows"])
+    if left:
+        notify("info", f"{config.output}: every configuration is already in it; left as it is")
+    else:
+        rules = {"kept_threshold": config.kept_threshold, "kept_rule": KEPT_RULE}
+        store.merge(keys, summary, want_curves=config.log_curves, survival=(scols, rules))
     summary["survival_file"] = str(survival_path(config.output))
     if config.log_curves:
         summary["curves"] = str(curves_path(config.output))
     if doc is not None:
-        capacity_mod.write(config.capacity_out, doc)
+        if not (left and config.capacity_out.exists()):  # a finished sweep's capacity file is left too
+            capacity_mod.write(config.capacity_out, doc)
         summary["capacity_file"] = str(config.capacity_out)
     return ExperimentResult(summary=summary, table=cols)
+
+
+def _whole(config: ExperimentConfig, column: str, rows: int) -> bool:
+    """A finished sweep's output, as this run would write it: no parts left over, this grid's rows only, the
+    same floor column and capacity fit, its survival records, the curves file when --log-curves asks. Then
+    --resume leaves it."""
+    if not config.output.exists() or parts_dir(config.output).exists():
+        return False
+    spath = survival_path(config.output)
+    if not spath.exists() or (formats.parquet_metadata(spath)["summary"] or {}).get("kept_threshold") != (
+        config.kept_threshold
+    ):
+        return False
+    if config.log_curves and not curves_path(config.output).exists():
+        return False
+    stored = formats.parquet_metadata(config.output)["summary"] or {}
+    same = stored.get("floor_column") == column and stored.get("rows") == rows
+    return same and ("fit_capacity" in stored) == config.fit_capacity
 
 
 def _capacity_doc(summary: dict, config: ExperimentConfig, provenance: dict, notify: Notify) -> dict | None:

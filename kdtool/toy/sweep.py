@@ -29,6 +29,7 @@ import numpy as np
 from kdtool.errors import BadInput
 from kdtool.toy.config import Grid, ToyConfigKey, TrainConfig, student_widths
 from kdtool.toy.store import PartStore
+from kdtool.workers import die_with_parent, stop_pool
 
 
 def chunk_cost(keys: list[ToyConfigKey], widths_spec: str | tuple[int, ...] = "teacher") -> int:
@@ -56,7 +57,9 @@ def make_chunks(
     return sorted(chunks, key=lambda c: chunk_cost(c, widths_spec), reverse=True)
 
 
-def _worker_init():
+def _worker_init(parent: int):
+    """In each worker: die with the parent (kdtool/workers.py), ignore the terminal's Ctrl-C, one thread."""
+    die_with_parent(parent)
     import torch  # lazy: see the module docstring
 
     torch.set_num_threads(1)
@@ -93,14 +96,14 @@ def run_tasks(
         return time.perf_counter() - t0
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_timed_chunk, *task): i for i, task in enumerate(tasks)}
         for fut in as_completed(futures):
             result, seconds = fut.result()
             on_result(futures[fut], result, seconds)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+    except BaseException:  # Ctrl-C, SIGTERM (kdtool/cli/signals.py raises it here), a failed chunk
+        stop_pool(pool)
         raise
     pool.shutdown(wait=True)
     return time.perf_counter() - t0
