@@ -1,11 +1,14 @@
 """Nothing lost, nothing mixed (issue 14): kill each long command, resume it, compare with an uninterrupted run.
 
-Every long command (cache-acts with its on-disk shuffle, train-sae, distill, toy) runs a small job
-three ways: uninterrupted (the reference, counting its file renames: kdtool/killpoints.py's
+Every long command (cache-acts with its on-disk shuffle, train-sae, distill, toy, survival) runs a
+small job three ways: uninterrupted (the reference, counting its file renames: kdtool/killpoints.py's
 KDTOOL_RENAME_LOG), killed with SIGKILL just before its k-th rename (KDTOOL_KILL_AT_RENAME=k, the
-moments a file is published) or at a timed moment, and then resumed with --resume. The resumed
-output must equal the reference bit for bit (CPU), no temporary file may be left, and no process
-of the killed run may survive (each run's environment carries a tag that /proc/*/environ shows).
+moments a file is published) or at a timed moment, and then resumed with --resume (survival, which
+has no --resume, is simply run again: the dead run's lock taken over, its temporary file cleared).
+The killed run's output must be complete or absent, the resumed output must equal the reference bit
+for bit (CPU; survival's provenance modulo time and output path), no temporary or lock file may be
+left, and no process of the killed run may survive (each run's environment carries a tag that
+/proc/*/environ shows).
 
 The default run kills each command once (at its middle rename) and checks the lock and identity
 refusals; the full matrix, every rename and three timed kills per command, is marked `killmatrix`
@@ -33,6 +36,7 @@ from tiny_models import make_model_dir
 
 from kdtool import atomic, formats, locks
 from kdtool.acts import store as activations
+from kdtool.sae.writers import saelens_cfg, save_kdtool
 
 TIMEOUT = 600
 
@@ -206,14 +210,39 @@ def same_toy(ref: Path, out: Path) -> None:
     assert not out.with_name(out.name + ".parts").exists()
 
 
+#: provenance that legitimately differs between two runs of one survival job: when, and where it wrote
+#: (the command line names -o); everything else, inputs' fingerprints included, must be the same
+RUN_SPECIFIC = ("created", "command", "argv", "params")
+
+
+def same_survival(ref: Path, out: Path) -> None:
+    _tables_equal(ref, out)
+    ma, mb = formats.parquet_metadata(ref), formats.parquet_metadata(out)
+    assert ma["kind"] == mb["kind"] == "kdtool.survival"
+    assert ma["summary"] == mb["summary"]
+    pa, pb = ma["provenance"], mb["provenance"]
+    assert {k: v for k, v in pa.items() if k not in RUN_SPECIFIC} == {
+        k: v for k, v in pb.items() if k not in RUN_SPECIFIC
+    }
+    assert {k: v for k, v in pa["params"].items() if k != "output"} == {
+        k: v for k, v in pb["params"].items() if k != "output"
+    }
+
+
 @dataclass
 class Job:
-    """A small run of one long command: argv(output) -> arguments, the output's name, and its check."""
+    """A small run of one long command: argv(output) -> arguments, the output's name, and its check.
+
+    resume: the command has --resume (the run after a kill adds it); without it, the same command
+    line runs again. prepare: builds inputs only this job reads, once, before its first run.
+    """
 
     name: str
     argv: object  # Callable[[Path], list]
-    output: str  # a folder, or a file for the toy
+    output: str  # a folder, or a file for the toy and survival
     same: object  # Callable[[Path, Path], None]
+    resume: bool = True
+    prepare: object = None  # Callable[[], None] | None
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +254,44 @@ def inputs(tmp_path_factory) -> Path:
     )
     write_random(d / "acts", d=16, n=6_000, layers=(3, 5), shard=1_500)
     return d
+
+
+SURVIVAL_WORDS = "the a river stone light garden north winter music paper quiet bright slowly window market".split()
+
+
+def survival_inputs(d: Path) -> None:
+    """What `kdtool survival` reads, beside the tiny teacher: text with enough held-out documents, a random
+    SAE at layer 2, a distill-shaped students folder (width8/ kl and width8-tvd/) and a stats file.
+    Built once per module (run_here: warm imports), the first time a survival job runs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdtool.distill.students import StudentPolicy, build_student
+
+    s = d / "survival"
+    if (s / "stats.parquet").exists():
+        return
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(SURVIVAL_WORDS, size=int(rng.integers(20, 40)))) + "." for _ in range(1500)]
+    (s / "text.txt").parent.mkdir(parents=True)
+    (s / "text.txt").write_text("\n\n".join(docs) + "\n")
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(64, 32, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    t = {"W_enc": w_dec.t().contiguous(), "b_enc": torch.zeros(64), "W_dec": w_dec, "b_dec": torch.zeros(32)}
+    save_kdtool(s / "saes" / "layer2", t, cfg=saelens_cfg(32, 64, layer=2), kdtool={"layer": 2}, provenance=None)
+    tok, config = AutoTokenizer.from_pretrained(d / "tiny"), AutoConfig.from_pretrained(d / "tiny")
+    torch.manual_seed(0)
+    for folder, loss in (("width8", "kl"), ("width8-tvd", "tvd")):
+        build_student(config, 8, StudentPolicy(heads="head-dim:4")).save_pretrained(s / "students" / folder)
+        tok.save_pretrained(s / "students" / folder)
+        info = {"kind": "kdtool.distill.student", "floor": {"width": 8, "loss": loss, "seed": 0}}
+        formats.write_json(s / "students" / folder / "kdtool.json", info)
+    made = run_here(["stats", "--sae", s / "saes", *survival_data(d), "--tokens", "1K", "-o", s / "stats.parquet"])
+    assert made.returncode == 0, made.stderr
+
+
+def survival_data(d: Path) -> list:
+    return ["--model", d / "tiny", "--device", "cpu", "--dataset", d / "survival" / "text.txt", "--seq-len", "32"]
 
 
 def jobs(d: Path) -> dict[str, Job]:
@@ -340,22 +407,58 @@ def jobs(d: Path) -> dict[str, Job]:
             "toy.parquet",
             same_toy,
         ),
+        "survival": Job(
+            "survival",
+            lambda o: [
+                "survival",
+                *survival_data(d),
+                "--sae",
+                d / "survival" / "saes",
+                "--students",
+                d / "survival" / "students",
+                "--stats",
+                d / "survival" / "stats.parquet",
+                "--tokens",
+                "1K",
+                "-o",
+                o,
+            ],  # fmt: skip
+            "survival.parquet",
+            same_survival,
+            resume=False,
+            prepare=lambda: survival_inputs(d),
+        ),
     }
 
 
+#: the commands with --resume (the finished-run rule applies to them)
 COMMANDS = ["cache-acts", "train-sae", "distill", "toy"]
+#: every command the matrix kills
+KILLED = [*COMMANDS, "survival"]
+
+
+class References(dict):
+    """Each job run once, uninterrupted, the first time a test asks for it: its output and its renames."""
+
+    def __init__(self, inputs: Path, tmp_path_factory):
+        super().__init__()
+        self.inputs, self.tmp = inputs, tmp_path_factory
+
+    def __missing__(self, name: str) -> tuple[Path, Outcome]:
+        job = jobs(self.inputs)[name]
+        if job.prepare is not None:
+            job.prepare()
+        path = self.tmp.mktemp(f"ref-{name}") / job.output
+        done = run_here(job.argv(path))
+        assert done.returncode == 0, done.stderr
+        self[name] = (path, done)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
-def references(inputs, tmp_path_factory) -> dict[str, tuple[Path, Outcome]]:
-    """Each job run once, uninterrupted: its output and its renames."""
-    out = {}
-    for name, job in jobs(inputs).items():
-        path = tmp_path_factory.mktemp(f"ref-{name}") / job.output
-        done = run_here(job.argv(path))
-        assert done.returncode == 0, done.stderr
-        out[name] = (path, done)
-    return out
+def references(inputs, tmp_path_factory) -> References:
+    """Each job's uninterrupted run (made on first use: `-k survival` runs only survival's)."""
+    return References(inputs, tmp_path_factory)
 
 
 def kill_and_resume(job: Job, ref: Path, where: Path, **kill) -> Outcome:
@@ -366,7 +469,14 @@ def kill_and_resume(job: Job, ref: Path, where: Path, **kill) -> Outcome:
     """
     out = where / job.output
     killed = run(job.argv(out), **kill)
-    resumed = run_here([*job.argv(out), "--resume"])
+    if not job.resume:  # killed, the output is complete (the reference's) or absent; a plain rerun follows
+        if out.exists():
+            job.same(ref, out)
+        else:
+            assert killed.returncode != 0, killed.stderr
+        if kill.get("kill_at"):  # killed at a rename: its finished temporary file and its lock are left behind
+            assert leftovers(out) and locks.lock_path(out).exists(), (leftovers(out), killed.stderr)
+    resumed = run_here([*job.argv(out), *(["--resume"] if job.resume else [])])
     assert resumed.returncode == 0, (killed.returncode, killed.stderr, resumed.stderr)
     job.same(ref, out)
     toy = [
@@ -383,7 +493,7 @@ def kill_and_resume(job: Job, ref: Path, where: Path, **kill) -> Outcome:
 # ---- the default run: one kill per command ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", KILLED)
 def test_a_kill_at_the_middle_rename_resumes_bit_for_bit(name, inputs, references, tmp_path):
     ref, done = references[name]
     k = max(1, len(done.renames) // 2)
@@ -468,11 +578,12 @@ def test_distill_resume_refuses_another_teacher(inputs, references, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.killmatrix
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", KILLED)
 def test_kill_matrix_every_rename(name, inputs, references, tmp_path):
     ref, done = references[name]
     job = jobs(inputs)[name]
-    assert len(done.renames) >= 3, done.renames
+    # survival publishes one file, once; the others a series of files (shards, checkpoints, parts)
+    assert len(done.renames) >= (1 if name == "survival" else 3), done.renames
     for k in range(1, len(done.renames) + 1):
         killed = kill_and_resume(job, ref, tmp_path / f"k{k}", kill_at=k)
         assert killed.returncode == -signal.SIGKILL, (k, killed.stderr)
@@ -480,7 +591,7 @@ def test_kill_matrix_every_rename(name, inputs, references, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.killmatrix
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", KILLED)
 def test_kill_matrix_timed(name, inputs, references, tmp_path):
     """SIGKILL at 30%, 60% and 90% of an uninterrupted run's time, and SIGTERM (handled: exit 143) at 50%.
 

@@ -11,7 +11,6 @@ F and d* in the same file, and its mean ablation uses the mean activation the st
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
