@@ -136,3 +136,22 @@ def test_kernels_agree_on_cuda_and_auto_measures_there():
     forward_backward(sae, x, 0.01)  # calibration on CUDA, then the decision
     assert sae.kernel_choice.device == "cuda" and sae.kernel_choice.crossover is not None
     print(sae.kernel_choice.describe())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_optimizer_step_after_either_kernel_moves_the_sae_alike(fused):
+    """The gradients' layout matters, not only their values: fused Adam reads a grad with its parameter's
+    strides, and a transposed W_enc grad from the sparse kernel once trained every SAE on scrambled gradients
+    (the gradient test above could not see it)."""
+    x = torch.randn(256, 24) * 2 + 0.3
+    after = {}
+    for kernel in ("dense", "sparse"):
+        sae = sae_at_density(24, 300, x, 0.05)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2, fused=fused)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            forward_backward(sae, x, 0.01, kernel=kernel)
+            opt.step()
+        after[kernel] = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    for name, value in after["dense"].items():
+        torch.testing.assert_close(after["sparse"][name], value, rtol=1e-4, atol=1e-5)
