@@ -129,7 +129,10 @@ def test_fidelity_metrics_equal_a_hand_computation(tmp_path, teacher):
     assert res.info["cost_ratio"] > 1
 
 
-def test_stats_fidelity_from_a_cache_records_it_everywhere(cli, tmp_path, teacher):
+def test_stats_fidelity_from_a_cache_records_it_everywhere(cli, tmp_path, teacher, monkeypatch):
+    from kdtool.cli import common as cli_common
+
+    monkeypatch.setattr(cli_common, "LOG_EVERY_S", 0.0)  # every progress update logs a plain line
     model_dir, corpus = teacher
     common = ("--model", model_dir, "--dataset", corpus, "--seq-len", "16", "--batch-size", "4")
     r = cli("--quiet", "cache-acts", *common, "--layers", "2", "--tokens", "900", "--acts-dtype", "float32",
@@ -140,6 +143,9 @@ def test_stats_fidelity_from_a_cache_records_it_everywhere(cli, tmp_path, teache
     r = cli("--json", "stats", "--sae", tmp_path / "sae", "--acts", tmp_path / "acts", "--fidelity",
             "--fidelity-tokens", "100", "-o", out)  # fmt: skip
     assert r.exit_code == 0, r.output
+    progress = [line for line in r.stderr.splitlines() if line.startswith(("stats: ", "fidelity: "))]
+    assert progress and not [line for line in progress if ": 0/" in line]  # one task per phase, none left at 0
+    assert not [line for line in progress if "(10" in line and "(100%)" not in line]  # never past 100%
     row = json.loads(r.stdout)["rows"][0]
     fid = formats.parquet_metadata(out)["summary"]["saes"]["sae"]["fidelity"]
     assert row["ce_loss_score"] == pytest.approx(fid["ce_loss_score"]) and fid["tokens"] >= 100

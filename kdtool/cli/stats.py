@@ -130,7 +130,14 @@ def main(
             tasks = {}
 
             def tick(name: str):
-                return lambda total, n: bar.update(tasks.setdefault(name, bar.add_task(name, total=total)), completed=n)
+                def update(total, n):
+                    if name not in tasks:  # one task per phase (setdefault would add a task on every call)
+                        tasks[name] = bar.add_task(name, total=total)
+                    bar.update(
+                        tasks[name], completed=n, total=None if total is None else max(total, n)
+                    )  # the last batch may overshoot
+
+                return update
 
             result = sae_stats.run(cfg, sae, options.parse_layers(layer), acts, teacher, base_spec=flags.model_spec(),
                                    load=options.load_teacher, on_progress=tick("stats"), any_layer=any_layer,
