@@ -108,6 +108,8 @@ def test_report_has_an_objective_ablation_section_only_for_several_losses(two_se
     assert table.columns[:3] == ["d_S", "kl", "tvd"]
     assert table.rows[0][0] == 8 and table.rows[0][-1].startswith("yes: tvd") and table.rows[1][-1].startswith("no:")
     assert "std over 2 seeds" in table.note
+    floors = [t for t in report.tables if t.key == "distill_floors"]  # Table 3 names each row's loss
+    assert floors and all({r[floors[0].columns.index("loss")] for r in t.rows} == {"kl", "tvd"} for t in floors)
     html = (tmp_path / "report" / "index.html").read_text()
     assert "Objective ablation" in html and "1.0100 ± 0.0141" in html
     kl_only = tmp_path / "kl"

@@ -19,7 +19,7 @@ def _rows_table(art: Artifact, spec: list, key: str, section: str, title: str, o
     present = [s for s in spec if s[0] in cols]
     t = Table(key, section, title, [s[1] for s in present], [s[2] for s in present], sources=[art.rel])
     for i in order(cols):
-        t.add(*(number(cols[s[0]][i]) for s in present))
+        t.add(*(str(cols[s[0]][i]) if s[2] == "text" else number(cols[s[0]][i]) for s in present))
     return t
 
 
