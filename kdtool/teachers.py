@@ -55,10 +55,11 @@ def teacher_of(kind: str, summary: Any, provenance: Any = None) -> str | None:
     elif kind == "kdtool.sae":
         found = _get(summary, "kdtool", "source", "model") or _get(summary, "model_name")
     elif kind in ("kdtool.distill.floors", "kdtool.distill.curves"):
-        found = _get(summary, "config", "run_key", "teacher")
+        found = _named(_get(summary, "config", "run_key", "teacher"), provenance)
     elif kind == "kdtool.distill.student":
-        found = _get(provenance, "config", "distill", "run_key", "teacher") or _get(
-            provenance, "config", "key", "teacher"
+        found = _named(
+            _get(provenance, "config", "distill", "run_key", "teacher") or _get(provenance, "config", "key", "teacher"),
+            provenance,
         )
     elif kind == "kdtool.calibration":
         found = _get(summary, "inputs", "model")
@@ -70,6 +71,20 @@ def teacher_of(kind: str, summary: Any, provenance: Any = None) -> str | None:
     elif kind == "kdtool.teacher_cache":
         found = _get(summary, "model") or _get(summary, "run", "teacher")
     return normalise(_text(found))
+
+
+def _named(teacher: Any, provenance: Any) -> str | None:
+    """A distillation's teacher as a name: its run key holds a name (older files) or a content identity
+    (kdtool/identity.py), which names a hub model by id and the embedded one by its source; a folder or
+    GGUF file is named by the loaded model's name in the provenance."""
+    if isinstance(teacher, str):
+        return teacher
+    if isinstance(teacher, dict):
+        if teacher.get("source") == "hub" and _text(teacher.get("id")):
+            return teacher["id"]
+        if teacher.get("source") == "embedded":
+            return "SmolLM2-135M-Instruct (embedded)"
+    return _get(provenance, "config", "teacher", "model")
 
 
 def of_file(path: str | os.PathLike) -> str | None:

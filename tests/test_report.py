@@ -130,6 +130,7 @@ def write_students(folder: Path) -> dict:
         "n_evals": [2] * 4,
         "steps": [100] * 4,
         "tokens": [51_200] * 4,
+        "loss": ["kl"] * 4,  # as distill writes it (a string column: the headline once choked on it)
     }
     formats.write_parquet(
         folder / "floors.parquet",
@@ -793,3 +794,24 @@ def test_inputs_command_wraps_at_spaces_and_stays_whole_in_markdown(run):
     assert "break-all" not in css and "overflow-wrap:anywhere" not in css
     assert "td.cmd code{white-space:pre-wrap;word-break:normal" in css
     assert f"`{cmd}`" in md
+
+
+def test_headline_spreads_over_finished_saes_each_once():
+    """An SAE measured in two stats files counts once (by its folder); train-sae's token checkpoints are left out
+    of the headline's spread (they are plot sensitivity's tokens axis) and the note says how many."""
+    from types import SimpleNamespace
+
+    from kdtool.report import headline
+
+    def stats(rel, saes):
+        return SimpleNamespace(rel=rel, path=rel, summary={"saes": saes})
+
+    final = {"layer": 12, "sae": "/run/saes/layer12", "checkpoint": False, "d_star": 100.0}
+    wide = {"layer": 12, "sae": "/run/saes/layer12-x8", "checkpoint": False, "d_star": 150.0}
+    snap = {"layer": 12, "sae": "/run/saes/layer12/checkpoints/tokens-1", "checkpoint": True, "d_star": 400.0}
+    chosen, left_out = headline._chosen(
+        [stats("stats.parquet", {"layer12": final}), stats("widths.parquet", {"layer12": final, "x8": wide}),
+         stats("tokens.parquet", {"tokens-1": snap})]
+    )  # fmt: skip
+    assert [(a.rel, e.key) for a, e in chosen] == [("stats.parquet", "layer12"), ("widths.parquet", "x8")]
+    assert left_out == 1

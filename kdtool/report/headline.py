@@ -23,7 +23,7 @@ import numpy as np
 
 from kdtool import formats, teachers
 from kdtool.report.model import CALIB, FLOORS, PREDICT, STATS, Artifact, Table, model_groups, number
-from kdtool.sae.summary import entries
+from kdtool.sae.summary import Entry, entries
 from kdtool.theory import calibrated, theorem
 from kdtool.theory import importance as imp
 
@@ -48,12 +48,36 @@ def _mmm(values: list[float]) -> list[float | None]:
     return [float(v.min()), float(np.median(v)), float(v.max())]
 
 
-def _models(stats: list[Artifact]) -> dict[int, list[tuple[str, theorem.FloorModel]]]:
-    """Per layer, (SAE label, Eq. 2 model) of every SAE of the stats files (paper estimator, capacity g(alpha))."""
-    out: dict[int, list[tuple[str, theorem.FloorModel]]] = {}
+def _chosen(stats: list[Artifact]) -> tuple[list[tuple[Artifact, Entry]], int]:
+    """The SAEs the headline spreads over: every finished SAE of the stats files, each once (an SAE measured
+    in two files counts once, by its folder), train-sae's token checkpoints left out (snapshots on the way
+    to an SAE, plot sensitivity's tokens axis). Returns (file, entry) pairs and how many checkpoints were
+    left out."""
+    seen: set[str] = set()
+    out, checkpoints = [], 0
     for art in stats:
-        for lay in imp.from_stats(art.path):
-            label = f"{art.rel}:{lay.sae}" if lay.sae else f"{art.rel}:layer{lay.layer}"
+        for e in entries(art.summary):
+            if e.info.get("checkpoint"):
+                checkpoints += 1
+                continue
+            where = e.info.get("sae")
+            ident = f"{where}|{e.layer}" if where else f"{art.rel}|{e.key}|{e.layer}"
+            if ident not in seen:
+                seen.add(ident)
+                out.append((art, e))
+    return out, checkpoints
+
+
+def _models(chosen: list[tuple[Artifact, Entry]]) -> dict[int, list[tuple[str, theorem.FloorModel]]]:
+    """Per layer, (SAE label, Eq. 2 model) of the chosen SAEs (paper estimator, capacity g(alpha))."""
+    want = {(art.path, e.key, e.layer) for art, e in chosen}
+    out: dict[int, list[tuple[str, theorem.FloorModel]]] = {}
+    for path in dict.fromkeys(art.path for art, _ in chosen):
+        rel = next(a.rel for a, _ in chosen if a.path == path)
+        for lay in imp.from_stats(path):
+            if (path, lay.sae, lay.layer) not in want:
+                continue
+            label = f"{rel}:{lay.sae}" if lay.sae else f"{rel}:layer{lay.layer}"
             out.setdefault(lay.layer, []).append((label, imp.floor_model(lay)))
     return dict(sorted(out.items()))
 
@@ -73,7 +97,7 @@ def _observed(floors: list[Artifact]) -> dict[int, float]:
     got: dict[int, list[float]] = {}
     for art in floors:
         cols = formats.read_table(art.path, required=("width", "floor"))
-        losses = cols.get("loss") or ["kl"] * len(cols["width"])
+        losses = cols["loss"] if "loss" in cols else ["kl"] * len(cols["width"])
         for w, f, loss in zip(cols["width"], cols["floor"], losses, strict=True):
             if str(loss) == "kl" and number(f) is not None:
                 got.setdefault(int(w), []).append(float(f))
@@ -101,29 +125,34 @@ def _card(group: list[Artifact], options: dict) -> Card:
     cals = [a for a in group if a.kind == CALIB]
     if teacher is None:
         card.lines.append(
-            "These files do not record their teacher (made by an older kdtool): the headline does not combine "
-            "them; each section below shows its own file."
+            "These files name no teacher (the paper's own numbers by spec, a toy sweep, or files of an older "
+            "kdtool): the headline does not combine them; each section below shows its own file."
         )
         floors = preds = cals = []
     # d* per layer, spread over the SAEs of the run
     d = Table("headline_d_star", "Headline", "Critical width d* per layer, over the SAEs of the run",
               ["layer", "SAEs", "d*", "d* min", "d* max", "d* robust", "robust min", "robust max"],
               ["int", "int", "f1", "f1", "f1", "f1", "f1", "f1"], sources=[a.rel for a in stats])  # fmt: skip
+    chosen, checkpoints = _chosen(stats)
     by_layer: dict[int, list[dict]] = {}
-    for art in stats:
-        for e in entries(art.summary):
-            by_layer.setdefault(e.layer, []).append(e.info)
+    for _, e in chosen:
+        by_layer.setdefault(e.layer, []).append(e.info)
     for layer, infos in sorted(by_layer.items()):
         paper = _mmm([number(i.get("d_star")) for i in infos])
         robust = _mmm([number(i.get("d_star_robust")) for i in infos])
         d.add(layer, len(infos), paper[1], paper[0], paper[2], robust[1], robust[0], robust[2])
-    d.note = "d* = F / g(α): the width below which the student must drop features (median, min and max over SAEs)."
+    d.note = (
+        "d* = F / g(α): the width below which the student must drop features (median, min and max over the "
+        "run's finished SAEs, each counted once"
+        + (f"; {checkpoints} token checkpoint(s) left out: plot sensitivity draws them" if checkpoints else "")
+        + ")."
+    )
     if d.rows:
         card.tables.append(d)
     if teacher is None:
         return card
     widths = _widths(floors, preds)
-    models = _models(stats) if widths else {}
+    models = _models(chosen) if widths else {}
     observed = _observed(floors)
     cal_art = cals[0] if cals else None
     cal_params = cal_layer = None
