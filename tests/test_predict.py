@@ -224,3 +224,10 @@ def test_prediction_config_refuses_clashing_flags(kwargs, needle):
 
     with pytest.raises(BadInput, match=needle):
         PredictionConfig(**kwargs)
+
+
+def test_features_without_a_sparsity_asks_for_alpha_or_l0(cli):
+    """The missing input is the sparsity, not --sq-activation (issue 13)."""
+    r = cli("predict", "--features", "2304", "--widths", "64")
+    assert r.exit_code == 2 and "--alpha" in r.stderr and "--l0" in r.stderr
+    assert "--sq-activation is needed" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

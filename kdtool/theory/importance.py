@@ -101,7 +101,10 @@ def parametric(
         raise BadInput(f"--alpha must be in [0, 1), got {alpha}")
     if sq_activation is None:
         if alpha is None:
-            raise BadInput("--sq-activation is needed when alpha is unknown (its default is (1-alpha)/3)")
+            raise BadInput(
+                "--features needs the sparsity: give --alpha A or --l0 L0 (or --g G with --sq-activation S, "
+                "whose default (1-alpha)/3 needs alpha)"
+            )
         sq_activation = (1.0 - alpha) / 3.0
     if not (math.isfinite(sq_activation) and sq_activation > 0):
         raise BadInput(f"--sq-activation must be a positive number, got {sq_activation}")
