@@ -485,6 +485,11 @@ def test_cli_distill_writes_floors_and_reuses_the_teacher_cache(cli, tmp_path, t
     assert r4.exit_code == 0 and "left as it is" in r4.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
     assert [row["floor"] for row in json.loads(r4.stdout)["rows"]] == [row["floor"] for row in rows]
+    # --overwrite with other widths and losses: the earlier run's students go, folders kdtool did not write stay
+    (out / "width99-notes").mkdir()
+    r5 = cli("--quiet", "distill", *args, "--widths", "8", "--loss", "tvd", "--overwrite")
+    assert r5.exit_code == 0, r5.output
+    assert sorted(p.name for p in out.glob("width*")) == ["width8-tvd", "width99-notes"]
 
 
 def test_cli_distill_bad_options_are_one_line(cli, tmp_path, teacher_and_text):

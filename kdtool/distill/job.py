@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -55,6 +56,25 @@ def run_key(model: ModelSpec, data: DataSpec) -> dict[str, Any]:
         "text": data_identity(described, data.local_inputs()),
         "data": {k: v for k, v in described.items() if k != "dataset"},  # how it is cut and shuffled
     }
+
+
+#: what a student folder's kdtool.json says it is (kdtool/distill/files.py writes it)
+STUDENT_KIND = "kdtool.distill.student"
+
+
+def earlier_students(out: Path) -> list[Path]:
+    """The student folders a kdtool distill run left in `out` (their kdtool.json says so); other folders are
+    not ours to remove."""
+    found = []
+    for folder in sorted(out.glob("width*")) if out.is_dir() else []:
+        record = folder / "kdtool.json"
+        try:
+            kind = json.loads(record.read_text()).get("kind") if record.is_file() else None
+        except (OSError, ValueError):
+            kind = None
+        if kind == STUDENT_KIND:
+            found.append(folder)
+    return found
 
 
 def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -135,8 +155,11 @@ def _distill(cfg, data, load_teacher, out, cache_dir, resume, overwrite, d, prov
     if done is not None:  # nothing to train: left as it is (the one rule for a finished run's --resume)
         emit({"event": "finished", "step": done["step"]})
         return DistillResult(done["floors"], done["curves"], out, done["step"], done["provenance"])
-    if overwrite and d.main and (out / "checkpoint").exists():
-        shutil.rmtree(out / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
+    if overwrite and d.main:
+        if (out / "checkpoint").exists():
+            shutil.rmtree(out / "checkpoint")  # a kill before the first new checkpoint must not resume the old run
+        for folder in earlier_students(out):  # a run of other widths or losses must not leave its students beside
+            shutil.rmtree(folder)
     rows = rank_rows(cfg.batch_size, d)
     cache = None
     if cache_dir is not None:
