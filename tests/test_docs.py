@@ -107,3 +107,38 @@ def test_examples_need_no_checkout():
     for entry in ENTRIES:
         for example in reference.examples(entry.doc):
             assert "kdtool/data" not in example and "scripts/" not in example, f"{entry.name}: {example}"
+
+
+def _readme_commands(text: str) -> list[str]:
+    """The `kdtool ...` lines of the README's bash blocks, continuations joined and comments dropped."""
+    import shlex
+
+    out, block, pending = [], False, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = line.strip() == "```bash"
+            continue
+        if not block:
+            continue
+        line = pending + line.split(" #", 1)[0].strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("kdtool "):
+            out.append(shlex.split(line)[1:])
+    return out
+
+
+def test_readme_commands_name_real_commands_and_options():
+    """Every kdtool line in the README's bash blocks names a command and options that exist (issue 13)."""
+    from conftest import REPO
+
+    commands = _readme_commands((REPO / "README.md").read_text())
+    assert len(commands) >= 15
+    for argv in commands:
+        target, rest = _resolve(argv)
+        assert target is not None and not target.is_group, f"README names no kdtool command: {argv}"
+        used = {a.split("=", 1)[0] for a in rest if a.startswith("-") and not _is_number(a) and a != "-"}
+        unknown = used - (_options(target.command) | GLOBAL)
+        assert not unknown, f"README uses unknown option(s) {sorted(unknown)}: kdtool {' '.join(argv)}"
