@@ -47,10 +47,16 @@ def dist_init(device: str) -> Dist:
     return Dist(rank=td.get_rank(), world=td.get_world_size(), local_rank=local, started_here=started)
 
 
-def dist_close(d: Dist) -> None:
+def dist_close(d: Dist, *, finished: bool = True) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others: a rank that
+    tears its gloo connections down while a peer is still at work can abort that peer ("terminate called
+    without an active exception", seen on a resumed train-sae). After an error there is no waiting (the
+    other ranks may be in another collective; torchrun stops them)."""
     if d.started_here:
         import torch.distributed as td
 
+        if finished and d.world > 1:
+            td.barrier()
         td.destroy_process_group()
 
 

@@ -228,8 +228,10 @@ def main(
                 provenance=common.make_provenance,
                 callback=report.on_event,
             )
-    finally:
-        dist_close(d)
+    except BaseException:
+        dist_close(d, finished=False)
+        raise
+    dist_close(d)
     if d.main:
         report.done(result, fmt)
 

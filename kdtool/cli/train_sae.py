@@ -292,8 +292,10 @@ def main(
         _train(
             cfg, source, d, output=output, provenance=provenance, resume=resume, force=overwrite or force, flags=flags
         )
-    finally:
-        dist.dist_close(d)
+    except BaseException:
+        dist.dist_close(d, finished=False)
+        raise
+    dist.dist_close(d)
 
 
 def _train(cfg, source, d, *, output: Path, provenance: dict, resume: bool, force: bool, flags=None) -> None:
