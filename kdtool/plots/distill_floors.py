@@ -22,14 +22,24 @@ from kdtool.errors import BadInput
 from kdtool.plots import style as st
 from kdtool.plots.distill import CURVES_KIND, FLOORS_KIND, _expand, _want_widths, _width_ticks
 from kdtool.plots.inputs import read_stats
+from kdtool.sae.summary import entries, finished_saes
 
 PREDICT_KIND = "kdtool.predict"
 
 
 def _d_stars(stats_files: list[Path], options: dict) -> list[tuple[str, float, int | None]]:
+    """A d* mark per finished SAE of the stats files, each once (kdtool.sae.summary.finished_saes)."""
+    summaries = [
+        (p, formats.parquet_metadata(p).get("summary") if formats.is_parquet(p) else None) for p in stats_files
+    ]
+    chosen, _ = finished_saes(summaries)
+    kept = {(p, e.layer, e.key) for p, e in chosen}
+    described = {p for p, summary in summaries if entries(summary)}  # files without SAE entries: every layer
     out = []
     for p in stats_files:
         for ls in read_stats(p, options):
+            if p in described and not any(k[:2] == (p, ls.layer) and ls.sae in (None, k[2]) for k in kept):
+                continue
             out.append((f"$d^*$ (layer {ls.layer}{' ' + ls.sae if ls.sae else ''})", float(ls.d_star), ls.d_in))
     return out
 

@@ -147,12 +147,14 @@ def legend_below(legend_ax, handles, labels, **kwargs) -> None:
 
 
 def legend_outside(ax, handles=None, labels=None, **kwargs) -> None:
-    """A legend to the right of the axes, outside them: it never covers data (the saved figure grows to hold it;
-    save() crops with bbox_inches="tight")."""
+    """A legend to the right of the axes, outside them: it never covers data; the figure grows by its width."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+        legend = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+        fig = ax.figure  # widen the figure by the legend, or constrained layout shrinks the axes to make room
+        width = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+        fig.set_figwidth(fig.get_figwidth() + width + 0.1)
 
 
 def layer_style(index: int) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 
 from kdtool import formats, teachers
 from kdtool.report.model import CALIB, FLOORS, PREDICT, STATS, Artifact, Table, model_groups, number
-from kdtool.sae.summary import Entry, entries
+from kdtool.sae.summary import Entry, finished_saes
 from kdtool.theory import calibrated, theorem
 from kdtool.theory import importance as imp
 
@@ -49,23 +49,8 @@ def _mmm(values: list[float]) -> list[float | None]:
 
 
 def _chosen(stats: list[Artifact]) -> tuple[list[tuple[Artifact, Entry]], int]:
-    """The SAEs the headline spreads over: every finished SAE of the stats files, each once (an SAE measured
-    in two files counts once, by its folder), train-sae's token checkpoints left out (snapshots on the way
-    to an SAE, plot sensitivity's tokens axis). Returns (file, entry) pairs and how many checkpoints were
-    left out."""
-    seen: set[str] = set()
-    out, checkpoints = [], 0
-    for art in stats:
-        for e in entries(art.summary):
-            if e.info.get("checkpoint"):
-                checkpoints += 1
-                continue
-            where = e.info.get("sae")
-            ident = f"{where}|{e.layer}" if where else f"{art.rel}|{e.key}|{e.layer}"
-            if ident not in seen:
-                seen.add(ident)
-                out.append((art, e))
-    return out, checkpoints
+    """The SAEs the headline spreads over (kdtool.sae.summary.finished_saes)."""
+    return finished_saes([(art, art.summary) for art in stats])
 
 
 def _models(chosen: list[tuple[Artifact, Entry]]) -> dict[int, list[tuple[str, theorem.FloorModel]]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,27 @@ def entries(summary: dict | None) -> list[Entry]:
 #: per SAE of a stats file, the numbers `kdtool info` shows first (fidelity ones: "fidelity.<name>")
 OVERVIEW = ("layer", "F", "L0", "alpha", "d_star", "F_robust", "alpha_robust", "d_star_robust", "tokens",
             "fidelity.ce_loss_score", "fidelity.kl_div_score", "fidelity.kl", "fidelity.tokens")  # fmt: skip
+
+
+def finished_saes(files: list[tuple[Any, dict | None]]) -> tuple[list[tuple[Any, Entry]], int]:
+    """The finished SAEs of several stats summaries, each once: (file, entry) pairs and how many token
+    checkpoints were left out.
+
+    An SAE measured in two stats files counts once (by its folder and layer); train-sae's token checkpoints
+    are snapshots on the way to an SAE (plot sensitivity's tokens axis), not SAEs to spread a prediction over.
+    `files`: (anything naming the file, its summary)."""
+    seen: set[tuple] = set()
+    out, checkpoints = [], 0
+    for i, (name, summary) in enumerate(files):
+        for e in entries(summary):
+            if e.info.get("checkpoint"):
+                checkpoints += 1
+                continue
+            ident = (e.info["sae"], e.layer) if e.info.get("sae") else (i, e.key, e.layer)
+            if ident not in seen:
+                seen.add(ident)
+                out.append((name, e))
+    return out, checkpoints
 
 
 def overview(summary: dict | None) -> list[dict]:
