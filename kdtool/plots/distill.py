@@ -131,6 +131,9 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
     ax_eval = axes[0][0]
     series = list(dict.fromkeys(zip(widths[keep].tolist(), losses[keep].tolist(), strict=True)))
     series.sort(key=lambda wl: wl[0])  # by width; losses in file order
+    by_loss = (
+        {lo: _floors_table(floor_files[0], lo) for lo in dict.fromkeys(lo for _, lo in series)} if floor_files else {}
+    )
     for i, (w, loss) in enumerate(series):
         s = st.layer_style(i)
         label = f"$d_S$={w:,}" + (f" ({loss})" if several else "")
@@ -138,7 +141,7 @@ def curves(inputs: list[Path], output: Path, *, style: str, options: dict) -> No
         sel = mine & np.isfinite(ev)
         ax_eval.plot(x[sel], ev[sel], color=s["color"], linestyle="-", marker=s["marker"], markersize=2.5, label=label)
         floor = None
-        floors = _floors_table(floor_files[0], loss) if floor_files else None
+        floors = by_loss.get(loss)
         if floors is not None and w in floors["width"]:
             floor = float(floors["floor"][floors["width"] == w][0])
         elif start is not None:

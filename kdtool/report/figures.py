@@ -40,7 +40,7 @@ from kdtool.report.model import (
     model_groups,
     same_model,
 )
-from kdtool.sae.summary import entries
+from kdtool.sae.summary import entries, several_per_layer
 
 #: Figure format of the report (embedded in HTML and Markdown).
 FIGURE_SUFFIX = ".png"
@@ -93,8 +93,7 @@ FIGURES: tuple[FigureRule, ...] = (
 def several_saes_per_layer(arts: list[Artifact]) -> bool:
     """Whether the stats files among `arts` (one file: the sensitivity rule draws per file) hold several SAEs of
     a layer: widths, lambdas, seeds or token checkpoints of one layer measured together."""
-    layers = [e.layer for a in arts if a.kind == STATS for e in entries(a.summary)]
-    return len(set(layers)) != len(layers)
+    return several_per_layer([e for a in arts if a.kind == STATS for e in entries(a.summary)])
 
 
 def _slug(rel: str, *, path: bool = True) -> str:

@@ -13,9 +13,12 @@ from kdtool import formats
 from kdtool.report.model import CALIB, FLOORS, PREDICT, Artifact, Table, format_cell, number, of_kind
 
 
-def _rows_table(art: Artifact, spec: list, key: str, section: str, title: str, order: Callable) -> Table:
-    """One row per row of a width/floor table, in `order(cols)`; the spec's (column, header, format) it has."""
-    cols = formats.read_table(art.path, required=("width", "floor"))
+def _rows_table(
+    art: Artifact, spec: list, key: str, section: str, title: str, order: Callable, cols: dict | None = None
+) -> Table:
+    """One row per row of a width/floor table (`cols`, read here if not given), in `order(cols)`; the spec's
+    (column, header, format) it has."""
+    cols = cols if cols is not None else formats.read_table(art.path, required=("width", "floor"))
     present = [s for s in spec if s[0] in cols]
     t = Table(key, section, title, [s[1] for s in present], [s[2] for s in present], sources=[art.rel])
     for i in order(cols):
@@ -75,9 +78,10 @@ def distill_floors(arts: list[Artifact]) -> list[Table]:
     out = []
     for art in floors:
         title = "Distillation floors (Table 3)" + (f": {art.rel}" if len(floors) > 1 else "")
-        losses = set(formats.read_table(art.path).get("loss", ["kl"]))
+        cols = formats.read_table(art.path, required=("width", "floor"))
+        losses = set(cols.get("loss", ["kl"]))
         mine = spec if losses == {"kl"} else [spec[0], ("loss", "loss", "text"), *spec[1:]]  # say which loss
-        t = _rows_table(art, mine, "distill_floors", "Distillation", title, _by_width)
+        t = _rows_table(art, mine, "distill_floors", "Distillation", title, _by_width, cols)
         t.note = (
             "floor = per-token KL(teacher‖student) at temperature T, nats; raw KL = T² × KL summed over a "
             "sequence (the paper's raw value)."

@@ -190,6 +190,7 @@ def collect(
     memory stays bounded by chunk_tokens x d_sae whatever the shard size.
     """
     accs = [(layer, FeatureStats(sae.to(device), fold_decoder_norm, robust)) for layer, sae in saes]
+    layers = [layer for layer, _ in accs]
     seen = 0
     with torch.no_grad():
         for batch in batches:
@@ -200,8 +201,10 @@ def collect(
                     break
             for start in range(0, n, chunk_tokens):
                 stop = min(n, start + chunk_tokens)
+                # each layer's rows converted once, whatever the number of its SAEs
+                xs = {layer: batch[layer][start:stop].to(device, torch.float32) for layer in dict.fromkeys(layers)}
                 for layer, acc in accs:
-                    acc.update(batch[layer][start:stop].to(device, torch.float32))
+                    acc.update(xs[layer])
             seen += n
             if on_progress is not None:
                 on_progress(seen)

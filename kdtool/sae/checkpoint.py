@@ -247,7 +247,7 @@ class RunFiles:
             "expansion": r.spec.d_sae / self.cfg.d_in,
             "l1": r.spec.l1,
             "init_seed": r.spec.init_seed,
-            "seed": r.spec.init_seed * 1000 + r.layer,  # the generator seed of its initialisation
+            "seed": r.spec.generator_seed(r.layer),  # the generator seed of its initialisation
             "data_seed": self.cfg.seed,  # the batches' order, shared by every SAE of the run
             "trained_beside": siblings,
         }

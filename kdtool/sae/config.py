@@ -40,10 +40,14 @@ class SAESpec:
 
     d_sae: int  # latents
     l1: float  # lambda (fixed), or the controller's starting value
-    init_seed: int  # initialisation; the SAE of layer L draws from seed init_seed * 1000 + L
+    init_seed: int  # initialisation; the SAE of layer L draws from generator_seed(L)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def generator_seed(self, layer: int) -> int:
+        """The seed the SAE of `layer` is initialised from (training uses it, cfg.json records it)."""
+        return self.init_seed * 1000 + layer
 
 
 @dataclass

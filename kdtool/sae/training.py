@@ -75,7 +75,7 @@ SUMMARY_COLUMNS = (
 def _new_run(name: str, layer: int, spec: SAESpec, cfg: TrainConfig, first_batch, device, scale: float) -> LayerRun:
     # b_pre starts at the mean of the first (normalised) batch: the SAE begins by reconstructing the centre
     b_pre = (first_batch if scale == 1.0 else first_batch.float() / scale).mean(dim=0).cpu()
-    seed = spec.init_seed * 1000 + layer
+    seed = spec.generator_seed(layer)
     sae = SparseAutoencoder.initialise(cfg.d_in, spec.d_sae, seed=seed, device=device, b_pre=b_pre)
     return LayerRun(
         name=name,

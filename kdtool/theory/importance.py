@@ -204,17 +204,22 @@ def _paper(importance, keep, freq, rows, info, p, where, layer, key, latent) -> 
     if weights.size == 0:
         raise BadInput(f"{where} has no alive features")
     l0, alpha = info.get("L0"), info.get("alpha")
+    if alpha is None and l0 is None:
+        if freq is None:
+            raise BadInput(f"{p}: no alpha in its summary and no 'freq' column to compute it; give --alpha")
+        l0 = float(np.sum(freq[rows]))
+    alpha, l0 = _checked_alpha(alpha, l0, weights.size, where, "")
+    return LayerImportance(layer, weights, alpha, l0, str(p), key, "paper", latent[order])
+
+
+def _checked_alpha(alpha, l0, n_features: int, where: str, suffix: str) -> tuple[float, float | None]:
+    """alpha from the summary, else from L0 (alpha = 1 - L0/F); refused outside [0, 1). suffix: "" or "_robust"."""
     if alpha is None:
-        if l0 is None:
-            if freq is None:
-                raise BadInput(f"{p}: no alpha in its summary and no 'freq' column to compute it; give --alpha")
-            l0 = float(np.sum(freq[rows]))
-        alpha = alpha_from_l0(weights.size, float(l0), what=f"{where} L0")
+        alpha = alpha_from_l0(n_features, float(l0), what=f"{where} L0{suffix}")
     alpha = float(alpha)
     if not (math.isfinite(alpha) and 0 <= alpha < 1):
-        raise BadInput(f"{where} has alpha={alpha}, outside [0, 1)")
-    l0 = None if l0 is None else float(l0)
-    return LayerImportance(layer, weights, alpha, l0, str(p), key, "paper", latent[order])
+        raise BadInput(f"{where} has alpha{suffix}={alpha}, outside [0, 1)")
+    return alpha, None if l0 is None else float(l0)
 
 
 def _robust(cols, rows, info, p, where, layer, key, latent) -> LayerImportance:
@@ -231,14 +236,9 @@ def _robust(cols, rows, info, p, where, layer, key, latent) -> LayerImportance:
     alpha, l0 = info.get("alpha_robust"), info.get("L0_robust")
     if weights.size == 0:
         raise BadInput(f"{where} has no feature in its robust count")
-    if alpha is None:
-        if l0 is None:
-            raise BadInput(f"{where}: no alpha_robust in the stats summary (rerun `kdtool stats`)")
-        alpha = alpha_from_l0(weights.size, float(l0), what=f"{where} L0_robust")
-    alpha = float(alpha)
-    if not (math.isfinite(alpha) and 0 <= alpha < 1):
-        raise BadInput(f"{where} has alpha_robust={alpha}, outside [0, 1)")
-    l0 = None if l0 is None else float(l0)
+    if alpha is None and l0 is None:
+        raise BadInput(f"{where}: no alpha_robust in the stats summary (rerun `kdtool stats`)")
+    alpha, l0 = _checked_alpha(alpha, l0, weights.size, where, "_robust")
     return LayerImportance(layer, weights, alpha, l0, str(p), key, "robust", latent[counted[order]])
 
 
