@@ -55,8 +55,8 @@ def dist_close(d: Dist, *, finished: bool = True) -> None:
     if d.started_here:
         import torch.distributed as td
 
-        if finished and d.world > 1:
-            td.barrier()
+        if finished:
+            barrier(d)
         td.destroy_process_group()
 
 

@@ -24,6 +24,7 @@ from kdtool.identity import describe
 
 CURVES_KIND = "kdtool.distill.curves"
 FLOORS_KIND = "kdtool.distill.floors"
+STUDENT_KIND = "kdtool.distill.student"  # a student folder's kdtool.json
 #: config fields a --resume must agree on (eval/save cadence may change)
 RESUME_FIELDS = (
     "widths",
@@ -220,7 +221,7 @@ def write_outputs(out: Path, cfg: DistillConfig, modules, objectives, tokenizer,
     }
     for i, key in enumerate(cfg.students):
         row = {k: v[i] for k, v in floors.items()}
-        info = {"kind": "kdtool.distill.student", "floor": row, "provenance": provenance}
+        info = {"kind": STUDENT_KIND, "floor": row, "provenance": provenance}
         if key.loss != "kl" or len(cfg.losses) > 1:
             info["objective"] = objectives[key]
         _save_student(out / student_name(key), modules[key], tokenizer, info, provenance)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -21,12 +20,12 @@ from typing import Any
 
 import torch
 
-from kdtool import locks
+from kdtool import kinds, locks
 from kdtool import provenance as _provenance
 from kdtool.distill.config import DistillConfig
 from kdtool.distill.data import text_streams
 from kdtool.distill.features import FeaturePlan
-from kdtool.distill.files import finished_run
+from kdtool.distill.files import STUDENT_KIND, finished_run
 from kdtool.distill.loop import DistillResult, rank_rows, run
 from kdtool.distill.teacher_cache import TeacherCache
 from kdtool.distributed import Dist, barrier, world_size
@@ -58,23 +57,10 @@ def run_key(model: ModelSpec, data: DataSpec) -> dict[str, Any]:
     }
 
 
-#: what a student folder's kdtool.json says it is (kdtool/distill/files.py writes it)
-STUDENT_KIND = "kdtool.distill.student"
-
-
 def earlier_students(out: Path) -> list[Path]:
     """The student folders a kdtool distill run left in `out` (their kdtool.json says so); other folders are
     not ours to remove."""
-    found = []
-    for folder in sorted(out.glob("width*")) if out.is_dir() else []:
-        record = folder / "kdtool.json"
-        try:
-            kind = json.loads(record.read_text()).get("kind") if record.is_file() else None
-        except (OSError, ValueError):
-            kind = None
-        if kind == STUDENT_KIND:
-            found.append(folder)
-    return found
+    return [f for f in sorted(out.glob("width*")) if kinds.kind_of(f) == STUDENT_KIND] if out.is_dir() else []
 
 
 def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -114,9 +114,8 @@ def reverse_kl_per_token(student_logits: torch.Tensor, target: FullTarget, tempe
 
 
 def jsd_per_token(student_logits: torch.Tensor, target: FullTarget, temperature: float, beta: float) -> torch.Tensor:
-    """Generalised JSD(beta) at T for every position: [B, S] nats (beta 0 / 1: forward / reverse KL, as TRL)."""
-    if beta == 0.0:
-        return kl_per_token(student_logits, target, temperature)
+    """Generalised JSD(beta) at T for every position: [B, S] nats (beta 1: reverse KL, as TRL; beta 0, forward
+    KL, is sent to kl_per_token by divergence_per_token, which also serves top-k targets)."""
     if beta == 1.0:
         return reverse_kl_per_token(student_logits, target, temperature)
     logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, S, V]

@@ -34,14 +34,15 @@ def output_sums(logits, tokens, mask, target, spec: LossSpec | None, temperature
     div_sum = (div * m).sum()
     ce, valid = ce_per_token(logits, tokens, mask)
     ce_sum = (ce * valid.float()).sum()
-    is_kl = name == "kl" or (name == "jsd" and beta == 0.0)
+    div_value = div_sum.item()  # one device read
+    is_kl = name == "kl" or (name == "jsd" and beta == 0.0)  # jsd at beta 0 is forward KL (divergence_per_token)
     sums = LossSums(
-        div_sum.item() if is_kl else NAN,
+        div_value if is_kl else NAN,
         m.sum().item(),
         ce_sum.item(),
         valid.float().sum().item(),
         float((mask.sum(1) > 0).sum().item()),
-        div_sum.item(),
+        div_value,
         NAN,
     )
     return div_sum, ce_sum, sums
