@@ -277,18 +277,23 @@ def _getattr_path(obj, path: str):
     return obj
 
 
-def decoder_layers(model) -> list:
-    """The model's transformer blocks in order (an nn.ModuleList)."""
+def decoder_container(model) -> nn.ModuleList:
+    """The nn.ModuleList holding the model's transformer blocks (what a splice replaces entries of)."""
     for path in _BLOCK_PATHS:
         blocks = _getattr_path(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return list(blocks)
+            return blocks
     config = getattr(model, "config", None)
     n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if n and candidates:
-        return list(candidates[0])
+        return candidates[0]
     raise RuntimeFailure(f"{type(model).__name__}: cannot find its transformer blocks")
+
+
+def decoder_layers(model) -> list:
+    """The model's transformer blocks in order."""
+    return list(decoder_container(model))
 
 
 class _StopForward(Exception):

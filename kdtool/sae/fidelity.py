@@ -46,7 +46,7 @@ from torch import nn
 
 from kdtool.acts.caching import outlier_mask
 from kdtool.errors import BadInput
-from kdtool.models import LoadedModel, decoder_layers
+from kdtool.models import LoadedModel, decoder_container, decoder_layers
 from kdtool.sae.layouts import LoadedSAE
 from kdtool.text.tokens import DataSpec, token_batches
 
@@ -94,14 +94,6 @@ class FidelityResult:
     info: dict
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-
-
-def _container(model) -> nn.ModuleList:
-    blocks = decoder_layers(model)
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == len(blocks) and m[0] is blocks[0]:
-            return m
-    raise BadInput(f"{type(model).__name__}: cannot find the list of its blocks to splice into")
 
 
 class _Stub(nn.Module):
@@ -178,7 +170,7 @@ def spliced_forward(model, ids, layer: int, value, tail=None) -> torch.Tensor:
     Blocks before `layer` are not run (stubs hand `value` on); equal to a full forward with a hook
     that replaces the hidden state (tests/test_fidelity.py checks it).
     """
-    container = _container(model)
+    container = decoder_container(model)
     n = len(container)
     handles, swapped = [], []
     if layer == 0:
