@@ -15,6 +15,7 @@ description, the settings that tell them apart are added ("A (dense), d_sae 4,09
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ from kdtool.reproduce import presets
 from kdtool.reproduce.stage import compact
 from kdtool.sae.record import FIELDS
 from kdtool.sae.summary import entries
+
+
+@functools.cache
+def _paper_trials() -> dict:
+    """The preset trials of kdtool/data/presets/paper-sae-trials.toml, parsed once per process (read only)."""
+    return presets.load("paper-sae-trials")["trials"]
+
 
 #: what a label names after the lambda settings, in this order, when they tell trials apart
 _DETAIL = ("d_sae", "tokens", "init_seed", "data_seed", "normalize", "lr", "batch_tokens", "model", "dataset")
@@ -112,7 +120,7 @@ def preset_trial(record: dict | None) -> str | None:
     if not record or record.get("normalize", "none") != "none" or not isinstance(record.get("l1"), (int, float)):
         return None
     have = record.get("target_l0")
-    for name, opts in presets.load("paper-sae-trials")["trials"].items():
+    for name, opts in _paper_trials().items():
         want = opts.get("target-l0")
         if not math.isclose(record["l1"], float(opts["l1"]), rel_tol=1e-9):
             continue
@@ -143,7 +151,7 @@ def trials(paths: list[Path]) -> list[Trial]:
     for t in out:
         t.layers.sort(key=lambda x: x.layer)
     _tell_apart(out)
-    order = list(presets.load("paper-sae-trials")["trials"])
+    order = list(_paper_trials())
     out.sort(key=lambda t: (order.index(t.preset) if t.preset in order else len(order), t.label))
     return out
 
@@ -167,7 +175,7 @@ def _describe(record: dict | None, preset: str | None, path: Path) -> str:
     if record is None:
         return f"{path.name} (no training record)"
     if preset is not None:
-        name = presets.load("paper-sae-trials")["trials"][preset].get("name")
+        name = _paper_trials()[preset].get("name")
         return f"{preset} ({name})" if name else preset
     lam = _num(record.get("l1"))
     if record.get("target_l0") is not None:
