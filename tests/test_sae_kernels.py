@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from kdtool.sae import kernel_choice
+from kdtool.sae import kernel_choice, kernels
 from kdtool.sae.kernel_choice import KernelChoice, crossover_density
 from kdtool.sae.model import SparseAutoencoder, forward_backward
 
@@ -32,7 +32,7 @@ def grads(sae, x, kernel, l1=0.01):
 @pytest.mark.parametrize(
     "d,F,B,density",
     [
-        (24, 515, 333, 0.02),  # odd sizes: the int64-word scan falls back on odd blocks; many tokens fire nothing
+        (24, 515, 333, 0.02),  # odd sizes: the byte mask is padded to whole words; many tokens fire nothing
         (16, 256, 512, 0.0),  # nothing active at all
         (32, 1024, 700, 0.2),
     ],
@@ -52,6 +52,25 @@ def test_sparse_kernel_equals_dense_within_float_rounding(d, F, B, density):
         torch.testing.assert_close(gs[name], gd[name], rtol=1e-4, atol=1e-6)
     for key in ("sse", "sst", "l1_sum"):
         torch.testing.assert_close(getattr(ss, key), getattr(sd, key), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_active_pairs_are_exactly_the_positive_entries_in_order(n):
+    """The two-level mask scan finds every entry > 0 once, ascending; 0, -0.0 and NaN are not active."""
+    torch.manual_seed(n)
+    flat = torch.randn(n).where(torch.rand(n) < 0.3, torch.tensor(0.0))
+    flat[torch.rand(n) < 0.05] = -0.0
+    flat[torch.rand(n) < 0.02] = float("nan")
+    kernels._positive(torch.ones(3 * n + 5))  # a larger mask left in the workspace: the smaller one reuses its start
+    idx, vals = kernels.active_pairs(flat.view(1, n))
+    want = (flat > 0).nonzero().squeeze(1)
+    assert torch.equal(idx, want) and torch.equal(vals, flat[want])
+
+
+def test_cpu_transpose_in_tiles_is_the_transpose():
+    t = torch.randn(2 * kernels.TRANSPOSE_TILE + 3, 5)
+    out = kernels._transposed(t)
+    assert out.is_contiguous() and torch.equal(out, t.t())
 
 
 def test_crossover_is_where_the_sparse_line_meets_the_dense_time():
