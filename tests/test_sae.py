@@ -14,7 +14,7 @@ from kdtool.acts import store as activations
 from kdtool.errors import BadInput
 from kdtool.sae.config import TrainConfig, check_processes, sae_width
 from kdtool.sae.layouts import load_sae
-from kdtool.sae.model import L1Controller, SparseAutoencoder, forward_backward, loss_value
+from kdtool.sae.model import L1Controller, SparseAutoencoder, clip_grad_norm, forward_backward, loss_value
 from kdtool.sae.sources import CacheSource, TeacherStream, open_source, wants_stream
 from kdtool.sae.training import Trainer, train
 
@@ -119,6 +119,21 @@ def test_decoder_rows_are_unit_norm_after_every_step_and_grads_orthogonal(tmp_pa
     sae.project_decoder_grad()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
     assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm(dim=1).max()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0, float("nan")])
+def test_clip_grad_norm_gives_torchs_numbers_bit_for_bit(scale):
+    """Unclipped (the multiply by 1.0 skipped), clipped, and a non-finite norm (NaN everywhere, as torch)."""
+    torch.manual_seed(0)
+    shapes = [(16, 48), (48,), (48, 16), (16,)]
+    mine, theirs = ([torch.nn.Parameter(torch.zeros(s)) for s in shapes] for _ in range(2))
+    for a, b in zip(mine, theirs, strict=True):
+        a.grad = torch.randn(a.shape) * scale
+        b.grad = a.grad.clone()
+    clip_grad_norm(mine, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad) or (a.grad.isnan().all() and b.grad.isnan().all())
 
 
 def test_controller_law_and_validation():

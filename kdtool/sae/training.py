@@ -35,7 +35,7 @@ from kdtool.formats import finite_or_none
 from kdtool.models import resolve_device
 from kdtool.sae.checkpoint import CHECKPOINT, Counters, Interval, LayerRun, RunFiles, adam, prepare_output
 from kdtool.sae.config import SAESpec, TrainConfig, check_processes
-from kdtool.sae.model import SparseAutoencoder, forward_backward
+from kdtool.sae.model import SparseAutoencoder, apply_gradients, forward_backward
 from kdtool.sae.normalise import NORM_TOKENS, estimate_scale, normalised
 from kdtool.sae.sources import BatchSource
 
@@ -252,10 +252,7 @@ class Trainer:
         st = forward_backward(r.sae, mine, lam, kernel=cfg.kernel, matmul_dtype=self.matmul_dtype)
         if d.world > 1:
             self._reduce(r, st, x)
-        r.sae.project_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(list(r.sae.parameters()), cfg.grad_clip)
-        r.opt.step()
-        r.sae.normalise_decoder()
+        apply_gradients(r.sae, r.opt, cfg.grad_clip)
         nnz = int(st.nnz)
         B = st.tokens  # the global batch (all ranks' rows) after _reduce
         r.controller.update(nnz / B, self.at.step)
