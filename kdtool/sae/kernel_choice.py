@@ -17,6 +17,12 @@ crossover (the density changes slowly; the first step, on a fresh SAE with about
 active, is dense). Never above MAX_SPARSE_DENSITY, where the pair lists would take more memory
 than the dense blocks.
 
+The sparse kernel may find its active pairs with a bf16 screen instead of the fp32 product
+(kdtool/sae/screen.py, CPU only): `screens` decides that once per SAE, before the calibration,
+by checking the screen's error bound on the batch and timing both ways. When it screens, the
+calibration times each kernel with its own encoder product (the fp32 one for dense), since they
+no longer share it.
+
 Tiny problems (fewer than MIN_ELEMENTS [B, F] elements) take milliseconds either way: auto runs
 the dense kernel there without measuring, which also keeps them bit-for-bit reproducible across
 fresh runs. Above that, two fresh runs may pick differently and differ by float rounding (use
@@ -34,7 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kdtool.sae.kernels import dense_grads, encoder_product, sparse_grads
+from kdtool.sae import screen
+from kdtool.sae.kernels import active_pairs, dense_grads, encoder_product, sparse_grads
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdtool.sae.model import SparseAutoencoder
@@ -89,6 +96,7 @@ class KernelChoice:
     density: float | None = None  # the latest step's fraction of active pairs: it decides the next step
     device: str | None = None  # where the crossover was measured (another device is measured again)
     measured: dict = field(default_factory=dict)  # the calibration's timings, for reports
+    screen: bool | None = None  # sparse kernel: active pairs from the bf16 screen (True) or the fp32 product
 
     def decide(self, sae: SparseAutoencoder, x: torch.Tensor, l1: float, **how) -> bool:
         """True: run the sparse kernel on this batch. Calibrates first (`how`: calibrate's options) when it matters."""
@@ -98,6 +106,43 @@ class KernelChoice:
         if self.crossover is None or self.device != x.device.type:
             self.calibrate(sae, x, l1, **how)
         return self.density < self.crossover
+
+    def screens(self, sae: SparseAutoencoder, xc: torch.Tensor) -> bool:
+        """True: the sparse kernel finds its active pairs with kdtool/sae/screen.py. Decided once (saved).
+
+        Only on a CPU, for problems of MIN_ELEMENTS or more, when the screen's bound holds on this
+        batch against the fp32 product (`screen.check`) and the screen is faster than the fp32
+        product and its scan (fastest of ROUNDS interleaved timings of each).
+        """
+        if xc.device.type != "cpu":
+            return False
+        if self.screen is None:
+            self.screen = self._measure_screen(sae, xc)
+        return self.screen
+
+    def _measure_screen(self, sae: SparseAutoencoder, xc: torch.Tensor) -> bool:
+        if xc.shape[0] * sae.d_sae < MIN_ELEMENTS:
+            return False
+        with torch.no_grad():
+            try:
+                why = screen.check(sae, xc, encoder_product(sae, xc, None))
+            except RuntimeError as e:  # no bf16 matmul on this build
+                why = f"bf16 matmul failed ({e})"
+            if why is not None:
+                self.measured["screen"] = f"off: {why}"
+                return False
+            timer = wall_timer(xc.device)
+            fp32, bf16 = [], []
+            for _ in range(ROUNDS):
+                fp32.append(timer(lambda: active_pairs(encoder_product(sae, xc, None))))
+                bf16.append(timer(lambda: screen.screened_pairs(sae, xc)))
+        self.measured["screen_ms"] = {
+            "fp32 product": round(1000 * min(fp32), 3),
+            "bf16 screen": round(1000 * min(bf16), 3),
+        }
+        on = min(bf16) < min(fp32)
+        self.measured["screen"] = "on" if on else "off: slower than the fp32 product here"
+        return on
 
     def calibrate(
         self,
@@ -113,18 +158,24 @@ class KernelChoice:
         B, F = x.shape[0], sae.d_sae
         with torch.no_grad():
             xc = x - sae.b_pre  # [B, d]
+            # screened: the sparse kernel skips the fp32 product, so both kernels are timed with their encoders
+            screened = matmul_dtype is None and self.screens(sae, xc)
             pre = encoder_product(sae, xc, None).clone()  # [B, F] = xc W_enc + b_enc
             pick = torch.randint(pre.numel(), (1 << 16,), generator=torch.Generator().manual_seed(0))  # [65536]
             sample = pre.view(-1)[pick.to(pre.device)].cpu()  # a sample of the pre-activations
             shifts = {rho: float(torch.quantile(sample, 1 - rho)) for rho in CALIBRATION_DENSITIES}
             work = torch.empty_like(pre)
+            b_enc = sae.b_enc.detach().clone()
             dense, sparse, actual = [], {rho: [] for rho in shifts}, {}
 
             def run_dense():
+                if screened:
+                    return dense_grads(sae, x, xc, encoder_product(sae, xc, matmul_dtype), l1, matmul_dtype)
                 return dense_grads(sae, x, xc, work, l1, matmul_dtype)
 
             def run_sparse():
-                st = sparse_grads(sae, x, xc, work, l1)
+                pairs = screen.screened_pairs(sae, xc)[0] if screened else active_pairs(work)
+                st = sparse_grads(sae, x, xc, pairs, l1)
                 actual[rho] = int(st.nnz) / (B * F)
                 return st
 
@@ -133,13 +184,18 @@ class KernelChoice:
                 dense.append(timer(run_dense))
                 for rho, shift in shifts.items():
                     torch.sub(pre, shift, out=work)  # as if b_enc were lower by `shift`
+                    if screened:  # the screen computes its own product: lower b_enc itself, then restore it
+                        sae.b_enc.sub_(shift)
                     sparse[rho].append(timer(run_sparse))
+                    sae.b_enc.copy_(b_enc)
             for p in sae.parameters():
                 p.grad = None
         best = {actual[rho]: min(ts) for rho, ts in sparse.items()}
         self.crossover = crossover_density(min(dense), best)
         self.device = x.device.type
         self.measured = {
+            **{k: v for k, v in self.measured.items() if k.startswith("screen")},  # `screens`' own record
+            "timed": "each with its encoder product" if screened else "after the shared encoder product",
             "batch": B,
             "d_in": sae.d_in,
             "d_sae": F,
@@ -157,9 +213,17 @@ class KernelChoice:
         sparse = ", ".join(f"{100 * float(rho):.2g}% {t:.1f} ms" for rho, t in m.get("sparse_ms", {}).items())
         return (
             f"kernel auto on {m.get('device')} (batch {m.get('batch')}, d {m.get('d_in')}, F {m.get('d_sae')}): "
-            f"dense {m.get('dense_ms', float('nan')):.1f} ms, sparse {sparse} after the encoder: "
-            f"sparse below {100 * self.crossover:.2g}% active"
+            f"dense {m.get('dense_ms', float('nan')):.1f} ms, sparse {sparse} "
+            f"({m.get('timed', 'after the shared encoder product')}): "
+            f"sparse below {100 * self.crossover:.2g}% active{self._screen_note()}"
         )
+
+    def _screen_note(self) -> str:
+        m = self.measured
+        if "screen" not in m:
+            return ""
+        times = ", ".join(f"{k} {v:.1f} ms" for k, v in m.get("screen_ms", {}).items())
+        return f"; bf16 screen {m['screen']}" + (f" ({times})" if times else "")
 
     def state(self) -> dict:
         return asdict(self)

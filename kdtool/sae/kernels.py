@@ -25,7 +25,9 @@ of the product's size: it stays in the 32 MB L3 here), and torch.nonzero then sc
 eight bytes at a time (`_positive`), with no ReLU pass over the product; measured 14 -> 12 ms per
 batch on two threads. Gathers use index_select, 1.7x faster than advanced indexing at these
 sizes, and the W_enc gradient is transposed in tiles of rows (3.6 -> 1.9 ms for [4608, 576]).
-The dense path is the five plain matmuls, with reused [B, F] scratch (`_buffer`).
+The dense path is the five plain matmuls, with reused [B, F] scratch blocks (`scratch`).
+On a CPU with bf16 dot products the sparse kernel's active pairs may come from a bf16 screen
+instead of the fp32 product (kdtool/sae/screen.py).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch.nn.functional as nnf
 if TYPE_CHECKING:  # pragma: no cover
     from kdtool.sae.model import SparseAutoencoder
 
-#: Rows of the [F, d] W_enc gradient per tile of the CPU transpose (`_transposed`).
+#: Rows of the [F, d] W_enc gradient per tile of the CPU transpose (`transposed`).
 TRANSPOSE_TILE = 256
 
 
@@ -76,7 +78,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.
 _WORKSPACE: dict = {}
 
 
-def _buffer(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = dtype or like.dtype
     key = (name, dtype, like.device)
     n = math.prod(shape)
@@ -96,7 +98,7 @@ def encoder_product(sae: SparseAutoencoder, xc: torch.Tensor, matmul_dtype: torc
     """pre = xc @ W_enc + b_enc: [B, F] (fp32; a scratch buffer in fp32 mode). Shared by both kernels."""
     if matmul_dtype is not None:
         return _mm(xc, sae.W_enc, matmul_dtype).add_(sae.b_enc)
-    return torch.addmm(sae.b_enc, xc, sae.W_enc, out=_buffer("pre", (xc.shape[0], sae.d_sae), xc))
+    return torch.addmm(sae.b_enc, xc, sae.W_enc, out=scratch("pre", (xc.shape[0], sae.d_sae), xc))
 
 
 def _finish(sae: SparseAutoencoder, G: torch.Tensor, g_benc: torch.Tensor) -> None:
@@ -134,11 +136,11 @@ def dense_grads(
     e = x_hat.sub_(x)  # [B, d] x_hat - x
     sse = _sumsq(e)
     G = e.mul_(2.0 / B)  # dL/dx_hat, in place
-    scratch = matmul_dtype is None
-    dz = _mm(G, sae.W_dec.t(), matmul_dtype, out=_buffer("dz", (B, F), x) if scratch else None)  # [B, F]
+    reuse = matmul_dtype is None
+    dz = _mm(G, sae.W_dec.t(), matmul_dtype, out=scratch("dz", (B, F), x) if reuse else None)  # [B, F]
     dz.add_(l1 / B)
     # 1.0 where z > 0: a float mask (a bool one costs 3x more in conversions)
-    active = torch.sign(z, out=_buffer("active", (B, F), x)) if scratch else torch.sign(z)
+    active = torch.sign(z, out=scratch("active", (B, F), x)) if reuse else torch.sign(z)
     dz.mul_(active)
     fires = active.sum(dim=0)  # exact in float32 for B < 2^24
     sae.W_dec.grad = _mm(z.t(), G, matmul_dtype)  # [F, d]
@@ -148,17 +150,28 @@ def dense_grads(
 
 
 def _positive(flat: torch.Tensor) -> torch.Tensor:
-    """Indices of the entries > 0 of a flat float32 tensor, ascending (CPU).
-
-    Two levels over a byte mask: nonzero over the mask viewed as int64 words (eight entries each)
-    finds the words holding an active entry, then nonzero over just those words' bytes. torch's
-    nonzero costs about a nanosecond per element scanned on this CPU, so an eighth of the elements
-    is an eighth of the scan. The mask is padded to whole words with False.
-    """
+    """Indices of the entries > 0 of a flat float32 tensor, ascending (CPU)."""
     n = flat.numel()
-    mask = _buffer("mask", (-(-n // 8) * 8,), flat, dtype=torch.bool)
+    mask = word_mask(flat)
     torch.gt(flat, 0, out=mask[:n])  # NaN and -0.0 are not active
+    return true_indices(mask)
+
+
+def word_mask(flat: torch.Tensor) -> torch.Tensor:
+    """A reused bool scratch block for `flat`'s mask, padded with False to whole int64 words."""
+    n = flat.numel()
+    mask = scratch("mask", (-(-n // 8) * 8,), flat, dtype=torch.bool)
     mask[n:].fill_(False)
+    return mask
+
+
+def true_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of a flat bool mask of whole int64 words (`word_mask`), ascending.
+
+    Two levels: nonzero over the mask viewed as int64 words (eight entries each) finds the words
+    holding a True entry, then nonzero over just those words' bytes. torch's nonzero costs about a
+    nanosecond per element scanned on this CPU, so an eighth of the elements is an eighth of the scan.
+    """
     words = mask.view(torch.int64)
     hit = words.nonzero().squeeze(1)  # [n_hit] words with an active entry
     k = words.index_select(0, hit).view(torch.bool).nonzero().squeeze(1)  # [nnz] bytes of those words
@@ -180,7 +193,7 @@ def active_pairs(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, flat.index_select(0, idx)
 
 
-def _transposed(t: torch.Tensor) -> torch.Tensor:
+def transposed(t: torch.Tensor) -> torch.Tensor:
     """t.t() as a contiguous tensor; on CPU copied in tiles of rows, which stay in cache."""
     if t.device.type != "cpu":
         return t.t().contiguous()
@@ -194,12 +207,12 @@ def sparse_grads(
     sae: SparseAutoencoder,
     x: torch.Tensor,  # [B, d]
     xc: torch.Tensor,  # [B, d] = x - b_pre
-    pre: torch.Tensor,  # [B, F] = xc @ W_enc + b_enc; overwritten on a GPU (ReLU in place)
+    pairs: tuple[torch.Tensor, torch.Tensor],  # `active_pairs` of the encoder's product, or kdtool/sae/screen.py's
     l1: float,
 ) -> StepStats:
     """The step on the active pairs only: weighted row bags (embedding_bag) and sampled dot products."""
-    B, F = pre.shape
-    idx, vals = active_pairs(pre)  # [nnz] each, row-major (token, then latent)
+    B, F = x.shape[0], sae.d_sae
+    idx, vals = pairs  # [nnz] each, row-major (token, then latent): flat index b * F + j, and z there
     tok64 = idx.div(F, rounding_mode="floor")
     # int32 token and latent ids: embedding_bag's kernels ran up to 1.6x faster with them than with int64
     tok = tok64.to(torch.int32)  # [nnz] token of each pair
@@ -226,7 +239,7 @@ def sparse_grads(
     # [d, F], contiguous: torch's fused Adam (checkpoint.make_optimizer) reads a grad as if it had its
     # parameter's strides, so a transposed view trained W_enc on scrambled gradients (issue 15's kernel
     # shipped that way: the demo's SAE reached L0 227 / EV 0.61 instead of 141 / 0.82 with the dense kernel)
-    sae.W_enc.grad = _transposed(dW_enc_t)
+    sae.W_enc.grad = transposed(dW_enc_t)
     # per-latent sums of dz in a fixed order (index_add_ would use atomics, in any order, on a GPU)
     g_benc = torch.segment_reduce(dz, "sum", offsets=ccol.long()) if dz.numel() else torch.zeros_like(sae.b_enc)
     _finish(sae, G, g_benc)

@@ -30,7 +30,8 @@ from typing import Literal
 import torch
 
 from kdtool.sae.kernel_choice import KernelChoice
-from kdtool.sae.kernels import StepStats, dense_grads, encoder_product, sparse_grads
+from kdtool.sae.kernels import StepStats, active_pairs, dense_grads, encoder_product, sparse_grads
+from kdtool.sae.screen import screened_pairs
 
 Kernel = Literal["auto", "dense", "sparse"]
 
@@ -135,7 +136,9 @@ def forward_backward(
 
     x: [B, d_in] float32 on the SAE's device. The gradients are those of
     mean_b(||x_b - x_hat_b||^2 + l1 * sum_j z_bj), exactly (see `loss_value`), from the dense or
-    the sparse kernel (kdtool/sae/kernels.py); auto asks `sae.kernel_choice` (kdtool/sae/kernel_choice.py).
+    the sparse kernel (kdtool/sae/kernels.py); auto asks `sae.kernel_choice` (kdtool/sae/kernel_choice.py),
+    which also decides, once, whether the sparse kernel finds its active pairs with the bf16 screen
+    (kdtool/sae/screen.py) or from the fp32 product.
     """
     choice = sae.kernel_choice
     if kernel == "auto":
@@ -143,8 +146,14 @@ def forward_backward(
     else:
         use_sparse = kernel == "sparse"
     xc = x - sae.b_pre  # [B, d]
-    pre = encoder_product(sae, xc, matmul_dtype)  # [B, F] without b_enc
-    st = sparse_grads(sae, x, xc, pre, l1) if use_sparse else dense_grads(sae, x, xc, pre, l1, matmul_dtype)
+    if use_sparse and matmul_dtype is None and choice.screens(sae, xc):
+        st = sparse_grads(sae, x, xc, screened_pairs(sae, xc)[0], l1)
+    else:
+        pre = encoder_product(sae, xc, matmul_dtype)  # [B, F]
+        if use_sparse:
+            st = sparse_grads(sae, x, xc, active_pairs(pre), l1)
+        else:
+            st = dense_grads(sae, x, xc, pre, l1, matmul_dtype)
     choice.density = int(st.nnz) / (x.shape[0] * sae.d_sae)
     return st
 
