@@ -289,6 +289,23 @@ class Trainer:
         st.fires = stats[2:].round().to(torch.int64)
         st.sst = (x - x.mean(dim=0)).pow(2).sum()  # every rank holds the global batch
         st.tokens = x.shape[0]
+        self._agree_on_kernel(r, st, flat.device)
+
+    def _agree_on_kernel(self, r: LayerRun, st, device) -> None:
+        """Every rank decides its next kernel from the global batch's density and rank 0's measurements.
+
+        Why: each rank measured its own crossover and bf16 screen decision on its own shard, and a
+        resumed run loads rank 0's into every rank; with one density and one measurement everywhere,
+        the ranks choose alike before and after a resume (so resume stays exact).
+        """
+        choice = r.sae.kernel_choice
+        choice.density = int(st.nnz) / (st.tokens * r.sae.d_sae)
+        screen_code = {None: -1.0, False: 0.0, True: 1.0}[choice.screen]
+        crossover = -1.0 if choice.crossover is None else choice.crossover
+        mine = [crossover, screen_code] if self.dist.rank == 0 else [0.0, 0.0]
+        agreed = all_reduce(torch.tensor(mine, dtype=torch.float64, device=device), self.dist).tolist()
+        choice.crossover = None if agreed[0] < 0 else agreed[0]
+        choice.screen = {-1.0: None, 0.0: False, 1.0: True}[agreed[1]]
 
     def _log_row(self, r: LayerRun) -> None:
         at, iv = self.at, r.interval
