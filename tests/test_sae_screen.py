@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from kdtool.sae import screen
+from kdtool.sae import kernel_choice, screen
 from kdtool.sae.kernel_choice import KernelChoice
 from kdtool.sae.kernels import active_pairs, encoder_product
 from kdtool.sae.model import SparseAutoencoder, forward_backward
@@ -99,7 +101,7 @@ def test_check_refuses_a_backend_that_breaks_the_bound(monkeypatch):
     monkeypatch.setattr(screen, "screen_product", coarse)
     why = screen.check(sae, xc, encoder_product(sae, xc, None))
     assert why is not None and "bound" in why
-    choice = KernelChoice()
+    choice = KernelChoice(density=0.01)
     assert choice.screens(sae, xc) is False and choice.measured["screen"].startswith("off: ")
 
 
@@ -116,8 +118,9 @@ def test_sparse_step_with_the_screen_gives_the_dense_gradients():
     sae.b_enc.fill_(-40.5)  # pre is a multiple of 1/8 plus a half: never zero; about 2% active
     grads = {}
     for kernel, screened in (("dense", None), ("sparse", True), ("sparse", False)):
-        sae.kernel_choice = KernelChoice(screen=screened)
+        sae.kernel_choice = KernelChoice(screen_holds=screened, screen_crossover=1.0, density=0.02)
         st = forward_backward(sae, x, 0.01, kernel=kernel)
+        assert st.screened == bool(screened)
         grads[kernel, screened] = ({n: p.grad.clone() for n, p in sae.named_parameters()}, st)
     dense, sd = grads["dense", None]
     assert 0.005 < int(sd.nnz) / (B * F) < 0.05
@@ -129,24 +132,74 @@ def test_sparse_step_with_the_screen_gives_the_dense_gradients():
 
 
 def test_the_decision_is_saved_with_the_kernel_choice_and_made_once():
-    sae, xc = planted(16, 256, 64, 0.01)  # below MIN_ELEMENTS: off without measuring
-    choice = KernelChoice()
-    assert choice.screens(sae, xc) is False and choice.screen is False and "screen" not in choice.measured
-    again = KernelChoice.from_state({**choice.state(), "screen": True})
-    assert again.screens(sae, xc) is True  # a resumed run keeps the saved decision: resume stays exact
-    assert KernelChoice.from_state({"crossover": 0.1}).screen is None  # checkpoints from before the screen
+    sae, xc = planted(16, 256, 64, 0.01)  # below MIN_ELEMENTS: off without checking
+    choice = KernelChoice(density=0.01)
+    assert choice.screens(sae, xc) is False and choice.screen_holds is None and "screen" not in choice.measured
+    sae, xc = planted(64, 4096, 512, 0.01)
+    saved = KernelChoice(density=0.01, screen_holds=True, screen_crossover=0.05)
+    again = KernelChoice.from_state(saved.state())  # what a resumed run loads: no new measurement
+    assert again.screens(sae, xc) is True and again.measured == {}
+    again.density = 0.08  # the SAE got denser: above the screen's crossover
+    assert again.screens(sae, xc) is False
+    assert KernelChoice.from_state({"crossover": 0.1}).screen_holds is None  # checkpoints from before the screen
+    assert KernelChoice(density=None).screens(sae, xc) is False  # the first step: no density yet
+
+
+@needs_bf16
+def test_calibration_finds_where_the_screen_stops_paying():
+    """Fake times: the fp32 path 100 ms + 100 ms per unit density, the screen 60 ms + 1000 ms per unit density:
+    the lines cross at 4/90 (about 4.4%); the screen runs below it."""
+    sae, xc = planted(64, 4096, 512, 0.01)
+    choice = KernelChoice(density=0.01)
+
+    def fake_timer(fn):
+        out = fn()
+        (idx, _), *rest = out if isinstance(out[0], tuple) else (out,)
+        rho = idx.numel() / (512 * 4096)
+        return 0.060 + 1.0 * rho if rest else 0.100 + 0.1 * rho
+
+    choice.screen_holds = True
+    choice.calibrate_screen(sae, xc, timer=fake_timer)
+    assert choice.screen_crossover == pytest.approx(0.04 / 0.9, rel=0.05)
+    assert choice.screens(sae, xc) is True
+    choice.density = 0.06
+    assert choice.screens(sae, xc) is False
+    assert choice.measured["screen"] == f"below {100 * choice.screen_crossover:.2g}% active"
+
+
+@needs_bf16
+def test_modes_off_never_screens_on_screens_without_timing():
+    sae, xc = planted(64, 4096, 512, 0.01)
+    assert KernelChoice(density=0.01).screens(sae, xc, "off") is False
+    choice = KernelChoice(density=0.5)  # dense enough that auto would time it; on does not
+    assert choice.screens(sae, xc, "on") is True and "screen_ms" not in choice.measured
+    assert choice.measured["screen"] == "its bound holds"
 
 
 @needs_bf16
 def test_measured_decision_on_a_real_size_records_its_timings():
     sae, xc = planted(64, 4096, 512, 0.01)  # 2^21 pairs
-    choice = KernelChoice()
+    choice = KernelChoice(density=0.01)
     on = choice.screens(sae, xc)
-    assert choice.measured["screen"] == ("on" if on else "off: slower than the fp32 product here")
-    assert set(choice.measured["screen_ms"]) == {"fp32 product", "bf16 screen"}
+    assert choice.screen_holds is True and 0.0 <= choice.screen_crossover <= 1.0
+    assert on == (0.01 < choice.screen_crossover)
+    assert set(choice.measured["screen_ms"]) == {f"{rho:.5f}" for rho in kernel_choice.CALIBRATION_DENSITIES}
     x = xc + sae.b_pre.detach()
     b_enc = sae.b_enc.clone()
-    choice.calibrate(sae, x, 0.01)  # keeps the screen's record; times each kernel with its encoder when screened
-    assert torch.equal(sae.b_enc, b_enc)  # the calibration's density shifts are undone exactly
-    assert choice.measured["screen"].split(":")[0] in ("on", "off") and "bf16 screen" in choice.describe()
-    assert choice.measured["timed"] == ("each with its encoder product" if on else "after the shared encoder product")
+    choice.calibrate(sae, x, 0.01)  # keeps the screen's record; each kernel timed with its encoder
+    assert torch.equal(sae.b_enc, b_enc)  # the calibrations' density shifts are undone exactly
+    assert "bf16 screen: below" in choice.describe()
+
+
+def test_train_sae_takes_bf16_screen_and_a_resume_may_change_it(cli, tmp_path):
+    from synthetic_acts import write_random
+
+    write_random(tmp_path / "acts", d=16, n=4096)
+    base = ["train-sae", "--acts", tmp_path / "acts", "--layer", "3", "--expansion", "2", "--batch-tokens", "512"]
+    r = cli(*base, "--tokens", "1024", "--bf16-screen", "off", "--checkpoint-every", "512", "-o", tmp_path / "saes")
+    assert r.exit_code == 0, r.output
+    assert '"bf16_screen": "off"' in json.dumps(json.loads((tmp_path / "saes" / "layer3" / "cfg.json").read_text()))
+    r = cli(*base, "--tokens", "2048", "--bf16-screen", "on", "--resume", "-o", tmp_path / "saes")
+    assert r.exit_code == 0, r.output  # like --kernel, the screen may change on --resume
+    r = cli(*base, "--bf16-screen", "maybe", "-o", tmp_path / "other")
+    assert r.exit_code == 2 and "--bf16-screen" in r.output

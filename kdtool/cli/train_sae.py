@@ -43,6 +43,7 @@ RUN_PANEL = "Run"
 Precision = choices("Precision", "fp32", "bf16")
 NormalizeChoice = choices("NormalizeChoice", "none", "expected-norm")
 KernelChoice = choices("KernelChoice", "auto", "dense", "sparse")
+ScreenChoice = choices("ScreenChoice", "auto", "on", "off")
 
 LayerOpt = layers_option(
     "Layer(s) to train: 12 or 8,12,16 (hidden_states index), one SAE each (one per combination with several "
@@ -155,6 +156,16 @@ def main(
             rich_help_panel=RUN_PANEL,
         ),
     ] = KernelChoice.auto,
+    bf16_screen: Annotated[
+        ScreenChoice,
+        typer.Option(
+            "--bf16-screen",
+            help="Sparse kernel on a CPU: find the active latents with a bf16 product and an error margin, then "
+            "fp32 (kdtool/sae/screen.py). auto: if measured faster; on: whenever its bound holds on the batch "
+            "(no timing: every run chooses alike); off: from the fp32 product.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = ScreenChoice.auto,
     shuffle_shards: Annotated[
         int,
         typer.Option(
@@ -275,6 +286,7 @@ def main(
         device=device,
         precision=precision.value,
         kernel=kernel.value,
+        bf16_screen=bf16_screen.value,
         alive_window=window,
         normalize=normalize.value,
         init_seed=seeds,

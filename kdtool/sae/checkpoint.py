@@ -43,11 +43,11 @@ CHECKPOINT_KIND = "kdtool.sae.checkpoint"
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 #: config fields that may change between a run and its --resume
-RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel")
+RESUME_MAY_CHANGE = ("tokens", "checkpoint_every", "log_every", "device", "kernel", "bf16_screen")
 #: source keys (kdtool/sae/sources.py `info`) that say where the activations are, not what they are
 SOURCE_MAY_CHANGE = ("acts",)
 #: config fields added after the first checkpoints were written: their value for an older checkpoint
-LEGACY_CONFIG = {"normalize": "none", "init_seed": None}
+LEGACY_CONFIG = {"normalize": "none", "init_seed": None, "bf16_screen": "auto"}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Literal
 
 from kdtool.errors import BadInput
 from kdtool.parsing import short_float
-from kdtool.sae.model import Kernel, L1Controller
+from kdtool.sae.model import Kernel, L1Controller, Screen
 
 #: Default lambda: the paper's 8e-4 as written, in the form it writes (sum over features, mean over
 #: tokens), like the rest of this loss. The authors' code took a mean instead, so the runs behind
@@ -73,6 +73,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: big matmuls in bf16 (GPU), fp32 master weights
     kernel: Kernel = "auto"  # dense or sparse gradient kernels (see kdtool/sae/model.py)
+    bf16_screen: Screen = "auto"  # sparse kernel on CPU: active pairs from a bf16 screen (kdtool/sae/screen.py)
     alive_window: int = 1_000_000  # a feature is alive in the log if it fired within this many tokens
     normalize: Normalize = "none"  # expected-norm: train on x / s, s = mean ||x|| / sqrt(d_in) (folded at save)
     init_seed: int | list[int] | None = None  # SAE initialisation seed(s); None: seed; a list: one SAE per seed

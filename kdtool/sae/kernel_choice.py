@@ -18,17 +18,22 @@ active, is dense). Never above MAX_SPARSE_DENSITY, where the pair lists would ta
 than the dense blocks.
 
 The sparse kernel may find its active pairs with a bf16 screen instead of the fp32 product
-(kdtool/sae/screen.py, CPU only): `screens` decides that once per SAE, before the calibration,
-by checking the screen's error bound on the batch and timing both ways. When it screens, the
-calibration times each kernel with its own encoder product (the fp32 one for dense), since they
-no longer share it.
+(kdtool/sae/screen.py, CPU only; train-sae --bf16-screen). `screens` checks once per SAE that the
+screen's error bound holds on a real batch against the fp32 product, then (auto) times both ways
+at the same three densities: the screen's cost grows faster with the density (its candidates are
+recomputed in fp32), so the two lines cross, and each step screens iff the previous step's density
+is below that crossing. A run's density falls as its SAE sparsifies, so a decision made once at
+the first sparse step (often near 10%, where the screen loses) would be wrong for the rest of it.
+The kernel calibration times each kernel with its own encoder product (the fp32 one for dense,
+the screen where it would run for sparse).
 
 Tiny problems (fewer than MIN_ELEMENTS [B, F] elements) take milliseconds either way: auto runs
 the dense kernel there without measuring, which also keeps them bit-for-bit reproducible across
 fresh runs. Above that, two fresh runs may pick differently and differ by float rounding (use
---kernel dense or sparse to rule that out); a resumed run continues with the checkpoint's
-crossover and density (`state`), so resume stays exact. The calibration costs about eight steps'
-worth of work once per run: the first step's timing in the benchmarks excludes it.
+--kernel dense, or sparse with --bf16-screen on or off, to rule that out); a resumed run continues
+with the checkpoint's crossovers, screen check and density (`state`), so resume stays exact. The
+calibrations cost about twenty steps' worth of work once per run: the first steps' timing in the
+benchmarks excludes them.
 """
 
 from __future__ import annotations
@@ -72,6 +77,13 @@ def wall_timer(device: torch.device) -> Timer:
     return timed
 
 
+def _density_shifts(pre: torch.Tensor) -> dict[float, float]:
+    """For each of CALIBRATION_DENSITIES, how much lower b_enc must be for about that fraction of `pre` > 0."""
+    pick = torch.randint(pre.numel(), (1 << 16,), generator=torch.Generator().manual_seed(0))  # [65536]
+    sample = pre.reshape(-1)[pick.to(pre.device)].cpu()  # a sample of the pre-activations
+    return {rho: float(torch.quantile(sample, 1 - rho)) for rho in CALIBRATION_DENSITIES}
+
+
 def crossover_density(dense_s: float, sparse_s: dict[float, float]) -> float:
     """Where a least-squares line through the sparse times (seconds by density) meets the dense time.
 
@@ -88,6 +100,26 @@ def crossover_density(dense_s: float, sparse_s: dict[float, float]) -> float:
     return min(1.0, max(0.0, (dense_s - intercept) / slope))
 
 
+def lines_cross(flat: dict[float, float], steep: dict[float, float]) -> float:
+    """Density where a least-squares line through `steep`'s times (seconds by density) meets one through `flat`'s.
+
+    Below it `steep` is the faster. 0.0: `steep` is slower at every density; 1.0: faster at every one.
+    """
+    (a0, a1), (b0, b1) = _line(flat), _line(steep)
+    if b1 <= a1:  # not steeper within noise: one wins everywhere
+        return 1.0 if b0 + b1 * 0.5 < a0 + a1 * 0.5 else 0.0
+    return min(1.0, max(0.0, (a0 - b0) / (b1 - a1)))
+
+
+def _line(points: dict[float, float]) -> tuple[float, float]:
+    xs, ys = list(points), list(points.values())
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
+    return my - slope * mx, slope
+
+
 @dataclass
 class KernelChoice:
     """auto's state for one SAE: the measured crossover and the latest density (saved in checkpoints)."""
@@ -96,7 +128,8 @@ class KernelChoice:
     density: float | None = None  # the latest step's fraction of active pairs: it decides the next step
     device: str | None = None  # where the crossover was measured (another device is measured again)
     measured: dict = field(default_factory=dict)  # the calibration's timings, for reports
-    screen: bool | None = None  # sparse kernel: active pairs from the bf16 screen (True) or the fp32 product
+    screen_holds: bool | None = None  # the bf16 screen's bound held on a real batch (None: not checked)
+    screen_crossover: float | None = None  # the screen runs below this density (None: not measured)
 
     def decide(self, sae: SparseAutoencoder, x: torch.Tensor, l1: float, **how) -> bool:
         """True: run the sparse kernel on this batch. Calibrates first (`how`: calibrate's options) when it matters."""
@@ -107,42 +140,60 @@ class KernelChoice:
             self.calibrate(sae, x, l1, **how)
         return self.density < self.crossover
 
-    def screens(self, sae: SparseAutoencoder, xc: torch.Tensor) -> bool:
-        """True: the sparse kernel finds its active pairs with kdtool/sae/screen.py. Decided once (saved).
+    def screens(self, sae: SparseAutoencoder, xc: torch.Tensor, mode: str = "auto") -> bool:
+        """True: the sparse kernel finds this batch's active pairs with kdtool/sae/screen.py.
 
-        Only on a CPU, for problems of MIN_ELEMENTS or more, when the screen's bound holds on this
-        batch against the fp32 product (`screen.check`) and the screen is faster than the fp32
-        product and its scan (fastest of ROUNDS interleaved timings of each).
+        mode (train-sae --bf16-screen): off never screens; on screens whenever the screen's bound
+        held on a real batch against the fp32 product (`screen.check`, once per SAE); auto also asks
+        that the previous step's density be below the measured crossing (`calibrate_screen`). Never
+        on a GPU, below MIN_ELEMENTS [B, F] elements, or before the first step's density is known.
         """
-        if xc.device.type != "cpu":
+        if mode == "off" or xc.device.type != "cpu" or self.density is None:
             return False
-        if self.screen is None:
-            self.screen = self._measure_screen(sae, xc)
-        return self.screen
-
-    def _measure_screen(self, sae: SparseAutoencoder, xc: torch.Tensor) -> bool:
         if xc.shape[0] * sae.d_sae < MIN_ELEMENTS:
             return False
+        if self.screen_holds is None:
+            self.screen_holds = self._check_screen(sae, xc)
+        if not self.screen_holds:
+            return False
+        if mode == "on":
+            return True
+        if self.screen_crossover is None:
+            self.calibrate_screen(sae, xc)
+        return self.density < self.screen_crossover
+
+    def _check_screen(self, sae: SparseAutoencoder, xc: torch.Tensor) -> bool:
         with torch.no_grad():
             try:
                 why = screen.check(sae, xc, encoder_product(sae, xc, None))
             except RuntimeError as e:  # no bf16 matmul on this build
                 why = f"bf16 matmul failed ({e})"
-            if why is not None:
-                self.measured["screen"] = f"off: {why}"
-                return False
-            timer = wall_timer(xc.device)
-            fp32, bf16 = [], []
+        self.measured["screen"] = "its bound holds" if why is None else f"off: {why}"
+        return why is None
+
+    def calibrate_screen(self, sae: SparseAutoencoder, xc: torch.Tensor, timer: Timer | None = None) -> None:
+        """Time the active pairs from the fp32 product and from the screen at CALIBRATION_DENSITIES (b_enc
+        shifted, then restored exactly), ROUNDS interleaved, fastest of each; sets `screen_crossover`."""
+        timer = timer or wall_timer(xc.device)
+        fp32 = {rho: [] for rho in CALIBRATION_DENSITIES}
+        bf16 = {rho: [] for rho in CALIBRATION_DENSITIES}
+        with torch.no_grad():
+            shifts = _density_shifts(encoder_product(sae, xc, None))
+            b_enc = sae.b_enc.detach().clone()
             for _ in range(ROUNDS):
-                fp32.append(timer(lambda: active_pairs(encoder_product(sae, xc, None))))
-                bf16.append(timer(lambda: screen.screened_pairs(sae, xc)))
+                for rho, shift in shifts.items():
+                    sae.b_enc.sub_(shift)
+                    fp32[rho].append(timer(lambda: active_pairs(encoder_product(sae, xc, None))))
+                    bf16[rho].append(timer(lambda: screen.screened_pairs(sae, xc)))
+                    sae.b_enc.copy_(b_enc)
+        flat = {rho: min(ts) for rho, ts in fp32.items()}
+        steep = {rho: min(ts) for rho, ts in bf16.items()}
+        self.screen_crossover = lines_cross(flat, steep)
         self.measured["screen_ms"] = {
-            "fp32 product": round(1000 * min(fp32), 3),
-            "bf16 screen": round(1000 * min(bf16), 3),
+            f"{rho:.5f}": {"fp32 product": round(1000 * flat[rho], 3), "bf16 screen": round(1000 * steep[rho], 3)}
+            for rho in flat
         }
-        on = min(bf16) < min(fp32)
-        self.measured["screen"] = "on" if on else "off: slower than the fp32 product here"
-        return on
+        self.measured["screen"] = f"below {100 * self.screen_crossover:.2g}% active"
 
     def calibrate(
         self,
@@ -152,40 +203,36 @@ class KernelChoice:
         *,
         matmul_dtype: torch.dtype | None = None,
         timer: Timer | None = None,
+        screen_mode: str = "auto",
     ) -> None:
         """Time both kernels on this batch (see the module docstring); sets `crossover` and `measured`."""
         timer = timer or wall_timer(x.device)
         B, F = x.shape[0], sae.d_sae
         with torch.no_grad():
             xc = x - sae.b_pre  # [B, d]
-            # screened: the sparse kernel skips the fp32 product, so both kernels are timed with their encoders
-            screened = matmul_dtype is None and self.screens(sae, xc)
-            pre = encoder_product(sae, xc, None).clone()  # [B, F] = xc W_enc + b_enc
-            pick = torch.randint(pre.numel(), (1 << 16,), generator=torch.Generator().manual_seed(0))  # [65536]
-            sample = pre.view(-1)[pick.to(pre.device)].cpu()  # a sample of the pre-activations
-            shifts = {rho: float(torch.quantile(sample, 1 - rho)) for rho in CALIBRATION_DENSITIES}
-            work = torch.empty_like(pre)
+            if matmul_dtype is None:
+                self.screens(sae, xc, screen_mode)  # settles the screen's check and crossover first
+            can_screen = matmul_dtype is None and screen_mode != "off" and bool(self.screen_holds)
+            shifts = _density_shifts(encoder_product(sae, xc, None))
             b_enc = sae.b_enc.detach().clone()
             dense, sparse, actual = [], {rho: [] for rho in shifts}, {}
 
             def run_dense():
-                if screened:
-                    return dense_grads(sae, x, xc, encoder_product(sae, xc, matmul_dtype), l1, matmul_dtype)
-                return dense_grads(sae, x, xc, work, l1, matmul_dtype)
+                return dense_grads(sae, x, xc, encoder_product(sae, xc, matmul_dtype), l1, matmul_dtype)
 
             def run_sparse():
-                pairs = screen.screened_pairs(sae, xc)[0] if screened else active_pairs(work)
+                uses_screen = can_screen and (screen_mode == "on" or rho < (self.screen_crossover or 0.0))
+                pairs = (
+                    screen.screened_pairs(sae, xc)[0] if uses_screen else active_pairs(encoder_product(sae, xc, None))
+                )
                 st = sparse_grads(sae, x, xc, pairs, l1)
                 actual[rho] = int(st.nnz) / (B * F)
                 return st
 
             for _ in range(ROUNDS):
-                work.copy_(pre)
                 dense.append(timer(run_dense))
                 for rho, shift in shifts.items():
-                    torch.sub(pre, shift, out=work)  # as if b_enc were lower by `shift`
-                    if screened:  # the screen computes its own product: lower b_enc itself, then restore it
-                        sae.b_enc.sub_(shift)
+                    sae.b_enc.sub_(shift)  # as if the SAE were sparser: about rho of the pairs active
                     sparse[rho].append(timer(run_sparse))
                     sae.b_enc.copy_(b_enc)
             for p in sae.parameters():
@@ -195,7 +242,6 @@ class KernelChoice:
         self.device = x.device.type
         self.measured = {
             **{k: v for k, v in self.measured.items() if k.startswith("screen")},  # `screens`' own record
-            "timed": "each with its encoder product" if screened else "after the shared encoder product",
             "batch": B,
             "d_in": sae.d_in,
             "d_sae": F,
@@ -213,17 +259,13 @@ class KernelChoice:
         sparse = ", ".join(f"{100 * float(rho):.2g}% {t:.1f} ms" for rho, t in m.get("sparse_ms", {}).items())
         return (
             f"kernel auto on {m.get('device')} (batch {m.get('batch')}, d {m.get('d_in')}, F {m.get('d_sae')}): "
-            f"dense {m.get('dense_ms', float('nan')):.1f} ms, sparse {sparse} "
-            f"({m.get('timed', 'after the shared encoder product')}): "
+            f"dense {m.get('dense_ms', float('nan')):.1f} ms, sparse {sparse} (each with its encoder product): "
             f"sparse below {100 * self.crossover:.2g}% active{self._screen_note()}"
         )
 
     def _screen_note(self) -> str:
         m = self.measured
-        if "screen" not in m:
-            return ""
-        times = ", ".join(f"{k} {v:.1f} ms" for k, v in m.get("screen_ms", {}).items())
-        return f"; bf16 screen {m['screen']}" + (f" ({times})" if times else "")
+        return f"; bf16 screen: {m['screen']}" if "screen" in m else ""
 
     def state(self) -> dict:
         return asdict(self)

@@ -57,6 +57,7 @@ class StepStats:
     l1_sum: torch.Tensor  # sum over tokens and features of z
     fires: torch.Tensor  # [F] int64: tokens on which each feature was active
     sparse: bool  # which kernel ran
+    screened: bool = False  # the sparse kernel's active pairs came from the bf16 screen (kdtool/sae/screen.py)
 
     @property
     def nnz(self) -> torch.Tensor:

@@ -34,6 +34,7 @@ from kdtool.sae.kernels import StepStats, active_pairs, dense_grads, encoder_pro
 from kdtool.sae.screen import screened_pairs
 
 Kernel = Literal["auto", "dense", "sparse"]
+Screen = Literal["auto", "on", "off"]
 
 #: Safetensors names, SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec (= b_pre).
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -131,6 +132,7 @@ def forward_backward(
     *,
     kernel: Kernel = "auto",
     matmul_dtype: torch.dtype | None = None,
+    screen: Screen = "auto",
 ) -> StepStats:
     """Compute the loss's gradients into sae.<param>.grad and return the batch's statistics.
 
@@ -142,12 +144,13 @@ def forward_backward(
     """
     choice = sae.kernel_choice
     if kernel == "auto":
-        use_sparse = choice.decide(sae, x, l1, matmul_dtype=matmul_dtype)
+        use_sparse = choice.decide(sae, x, l1, matmul_dtype=matmul_dtype, screen_mode=screen)
     else:
         use_sparse = kernel == "sparse"
     xc = x - sae.b_pre  # [B, d]
-    if use_sparse and matmul_dtype is None and choice.screens(sae, xc):
+    if use_sparse and matmul_dtype is None and choice.screens(sae, xc, screen):
         st = sparse_grads(sae, x, xc, screened_pairs(sae, xc)[0], l1)
+        st.screened = True
     else:
         pre = encoder_product(sae, xc, matmul_dtype)  # [B, F]
         if use_sparse:

@@ -249,7 +249,9 @@ class Trainer:
             p.grad = None
         d = self.dist
         mine = x[d.rank :: d.world] if d.world > 1 else x
-        st = forward_backward(r.sae, mine, lam, kernel=cfg.kernel, matmul_dtype=self.matmul_dtype)
+        st = forward_backward(
+            r.sae, mine, lam, kernel=cfg.kernel, matmul_dtype=self.matmul_dtype, screen=cfg.bf16_screen
+        )
         if d.world > 1:
             self._reduce(r, st, x)
         apply_gradients(r.sae, r.opt, cfg.grad_clip)
@@ -300,12 +302,12 @@ class Trainer:
         """
         choice = r.sae.kernel_choice
         choice.density = int(st.nnz) / (st.tokens * r.sae.d_sae)
-        screen_code = {None: -1.0, False: 0.0, True: 1.0}[choice.screen]
-        crossover = -1.0 if choice.crossover is None else choice.crossover
-        mine = [crossover, screen_code] if self.dist.rank == 0 else [0.0, 0.0]
+        measured = [choice.crossover, choice.screen_crossover, choice.screen_holds]
+        codes = [-1.0 if v is None else float(v) for v in measured]  # None -> -1 (all are >= 0 otherwise)
+        mine = codes if self.dist.rank == 0 else [0.0] * len(codes)
         agreed = all_reduce(torch.tensor(mine, dtype=torch.float64, device=device), self.dist).tolist()
-        choice.crossover = None if agreed[0] < 0 else agreed[0]
-        choice.screen = {-1.0: None, 0.0: False, 1.0: True}[agreed[1]]
+        choice.crossover, choice.screen_crossover = (None if v < 0 else v for v in agreed[:2])
+        choice.screen_holds = None if agreed[2] < 0 else bool(agreed[2])
 
     def _log_row(self, r: LayerRun) -> None:
         at, iv = self.at, r.interval
