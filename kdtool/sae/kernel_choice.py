@@ -6,9 +6,9 @@ CPU's old 5% threshold sent auto to the dense kernel at 10% density, where spars
 faster), and a GPU's ratio of matmul speed to gather speed is another story again.
 
 How: once per SAE, on a real batch at the first step whose density could make sparse worth it,
-`calibrate` times the part of the step that differs between the kernels (everything after the
-shared encoder product) - the dense kernel once, the sparse kernel at three densities made by
-shifting the encoder bias (1/256, 1/64, 1/16 of the pairs active) - three interleaved rounds,
+`calibrate` times each kernel with its encoder product - the dense kernel once, the sparse
+kernel at three densities made by shifting the encoder bias (1/256, 1/64, 1/16 of the pairs
+active, the bias restored exactly afterwards) - three interleaved rounds,
 keeping each case's fastest time (load from other processes only ever adds time). The dense
 kernel's cost does not depend on the density; the sparse kernel's grows linearly with the number
 of active pairs, so a least-squares line through its three times meets the dense time at the
@@ -24,8 +24,7 @@ at the same three densities: the screen's cost grows faster with the density (it
 recomputed in fp32), so the two lines cross, and each step screens iff the previous step's density
 is below that crossing. A run's density falls as its SAE sparsifies, so a decision made once at
 the first sparse step (often near 10%, where the screen loses) would be wrong for the rest of it.
-The kernel calibration times each kernel with its own encoder product (the fp32 one for dense,
-the screen where it would run for sparse).
+The kernel calibration's sparse times use the screen at the densities where it would run.
 
 Tiny problems (fewer than MIN_ELEMENTS [B, F] elements) take milliseconds either way: auto runs
 the dense kernel there without measuring, which also keeps them bit-for-bit reproducible across
