@@ -103,7 +103,9 @@ class TrainConfig:
         if self.normalize not in NORMALIZE:
             raise BadInput(f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if self.precision == "bf16" and not str(self.device).startswith("cuda"):
-            raise BadInput("--precision bf16 needs a CUDA --device (bf16 matmuls are slower than fp32 on CPU)")
+            raise BadInput(
+                "--precision bf16 needs a CUDA --device (on CPU, --bf16-screen uses bf16 where it keeps fp32 results)"
+            )
         try:
             for lam in _as_list(self.l1):
                 self.controller(lam)
