@@ -196,10 +196,10 @@ def _above(hist: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     k = np.clip(np.floor(pos), -1, BINS).astype(np.int64)  # -1: below every bin; BINS: above
     above_bins = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [G, BINS] tokens in bins >= k
     out = np.zeros(hist.shape[0])
-    for i, (ki, pi) in enumerate(zip(k, pos, strict=True)):
-        if ki < 0:
-            out[i] = above_bins[i, 0]
-        elif ki < BINS:
-            higher = above_bins[i, ki + 1] if ki + 1 < BINS else 0
-            out[i] = higher + hist[i, ki] * (1.0 - (pi - ki))
+    below = k < 0  # the threshold is below every bin: all of the group's tokens
+    out[below] = above_bins[below, 0]
+    rows = np.flatnonzero((k >= 0) & (k < BINS))  # inside a bin: the higher bins and part of its own
+    kr = k[rows]
+    higher = np.where(kr + 1 < BINS, above_bins[rows, np.minimum(kr + 1, BINS - 1)], 0.0)
+    out[rows] = higher + hist[rows, kr] * (1.0 - (pos[rows] - kr))
     return out
