@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kdtool.sae import screen
-from kdtool.sae.kernels import active_pairs, dense_grads, encoder_product, sparse_grads
+from kdtool.sae.kernels import active_pairs, dense_grads, encoder_product, release_workspace, sparse_grads
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdtool.sae.model import SparseAutoencoder
@@ -91,14 +91,9 @@ def crossover_density(dense_s: float, sparse_s: dict[float, float]) -> float:
 
     0.0: sparse is slower even at the lowest density; 1.0: faster at any density.
     """
-    xs, ys = list(sparse_s), list(sparse_s.values())
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
-    intercept = my - slope * mx
+    intercept, slope = _line(sparse_s)
     if slope <= 0:  # flat within noise: one kernel wins everywhere
-        return 1.0 if my < dense_s else 0.0
+        return 1.0 if sum(sparse_s.values()) / len(sparse_s) < dense_s else 0.0
     return min(1.0, max(0.0, (dense_s - intercept) / slope))
 
 
@@ -114,6 +109,7 @@ def lines_cross(flat: dict[float, float], steep: dict[float, float]) -> float:
 
 
 def _line(points: dict[float, float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through {x: y} (slope 0 when all x are equal)."""
     xs, ys = list(points), list(points.values())
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
@@ -170,6 +166,7 @@ class KernelChoice:
                 why = screen.check(sae, xc, encoder_product(sae, xc, None))
             except RuntimeError as e:  # no bf16 matmul on this build
                 why = f"bf16 matmul failed ({e})"
+        release_workspace()  # the fp32 product's block: the kernel that runs next rebuilds what it uses
         self.measured["screen"] = "its bound holds" if why is None else f"off: {why}"
         return why is None
 
@@ -188,6 +185,7 @@ class KernelChoice:
                     fp32[rho].append(timer(lambda: active_pairs(encoder_product(sae, xc, None))))
                     bf16[rho].append(timer(lambda: screen.screened_pairs(sae, xc)))
                     sae.b_enc.copy_(b_enc)
+        release_workspace()  # both ways' blocks: the kernel that runs next rebuilds what it uses
         flat = {rho: min(ts) for rho, ts in fp32.items()}
         steep = {rho: min(ts) for rho, ts in bf16.items()}
         self.screen_crossover = lines_cross(flat, steep)
@@ -239,6 +237,7 @@ class KernelChoice:
                     sae.b_enc.copy_(b_enc)
             for p in sae.parameters():
                 p.grad = None
+        release_workspace()  # both kernels' [B, F] blocks (GBs at paper scale): the chosen one rebuilds its own
         best = {actual[rho]: min(ts) for rho, ts in sparse.items()}
         self.crossover = crossover_density(min(dense), best)
         self.device = x.device.type

@@ -91,7 +91,11 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.
 
 
 def release_workspace() -> None:
-    """Free the scratch tensors (they are rebuilt on the next step)."""
+    """Free the scratch tensors (each is rebuilt when a kernel next asks for it).
+
+    kernel_choice calls it after timing both kernels, so that a run keeps only the blocks of the
+    kernel it then runs (the dense kernel's dz and active blocks are [B, F] fp32 each).
+    """
     _WORKSPACE.clear()
 
 

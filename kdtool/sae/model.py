@@ -139,8 +139,8 @@ def forward_backward(
     x: [B, d_in] float32 on the SAE's device. The gradients are those of
     mean_b(||x_b - x_hat_b||^2 + l1 * sum_j z_bj), exactly (see `loss_value`), from the dense or
     the sparse kernel (kdtool/sae/kernels.py); auto asks `sae.kernel_choice` (kdtool/sae/kernel_choice.py),
-    which also decides, once, whether the sparse kernel finds its active pairs with the bf16 screen
-    (kdtool/sae/screen.py) or from the fp32 product.
+    which also decides, from the previous step's density, whether the sparse kernel finds its active
+    pairs with the bf16 screen (kdtool/sae/screen.py) or from the fp32 product.
     """
     choice = sae.kernel_choice
     if kernel == "auto":
